@@ -1,0 +1,152 @@
+"""The Chain-of-Experts layer: C routed passes through one pool of experts.
+
+SPEC section 2, as the reference code computes it:
+
+    u0 = RMSNorm(h)                        # once, before the chain
+    for t in 1..C:
+      m_t = RoutedExperts_t(u_{t-1}) + SharedExperts(u_{t-1})
+      u_t = (u_{t-1} if inner_residual else 0) + m_t
+    out = (h + u_C) if outer_residual else u_C        # residual_style='reference'
+    out = h + sum_t m_t                               # residual_style='textbook'
+
+The iterations run under `jax.lax.scan` over router weights stacked on a
+leading [C] axis (one router per iteration, or one broadcast router when
+`independent_gates=False`); the experts are shared by every iteration.
+C = 1 is the plain MoE layer.
+"""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from coe_jax import dispatch as dispatch_lib
+from coe_jax.experts import RoutedExperts, SharedExperts, SwiGLUWeights, swiglu
+from coe_jax.layers import RMSNorm, compute_dtype, torch_linear_default_init
+from coe_jax.model_config import ModelConfig
+from coe_jax.router import route
+
+
+@flax.struct.dataclass
+class CoEAux:
+  """Losses and cheap routing statistics of one CoE layer.
+
+  Attributes:
+    aux_loss: <float32>[] load-balancing loss summed over iterations.
+    z_loss: <float32>[] router z-loss summed over iterations.
+    dropped_fraction: <float32>[C] share of (token, slot) assignments dropped.
+    load_cv: <float32>[C] coefficient of variation of the per-expert load.
+    router_entropy: <float32>[C] mean entropy (nats) of the router's softmax.
+    expert_load: <float32>[C, N_routed] assignments per expert.
+    expert_dropped: <float32>[C, N_routed] dropped assignments per expert.
+  """
+
+  aux_loss: Array
+  z_loss: Array
+  dropped_fraction: Array
+  load_cv: Array
+  router_entropy: Array
+  expert_load: Array
+  expert_dropped: Array
+
+
+def _iteration_stats(probs, expert_ids, kept, num_experts):
+  one_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32)  # [b, s, k, e]
+  load = one_hot.sum(axis=(0, 1, 2))
+  dropped = (one_hot * (~kept)[..., None]).sum(axis=(0, 1, 2))
+  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1).mean()
+  load_cv = jnp.std(load) / jnp.maximum(jnp.mean(load), 1e-9)
+  return dict(dropped_fraction=(~kept).mean(dtype=jnp.float32), load_cv=load_cv,
+              router_entropy=entropy, expert_load=load, expert_dropped=dropped)
+
+
+class CoELayer(nn.Module):
+  """A Chain-of-Experts feed-forward block (norm included), usable in any Flax model.
+
+  Call: `(h <float>[batch, seq, hidden], train: bool) -> (out <compute dtype>[batch, seq, hidden], CoEAux)`.
+  `h` is the residual stream after attention. `train` picks the train or eval
+  capacity factor. Params: `norm/scale` [hidden]; `router` <float32>[C or 1,
+  N_routed, hidden]; `routed_experts/{gate,up,down}_proj`; `shared_experts/...`
+  when n_shared_experts > 0.
+
+  Sown into 'intermediates' (when that collection is mutable): `expert_ids`
+  <int32>[C, batch, seq, K], `combine_weights` <float32>[C, batch, seq, K],
+  `kept` <bool>[C, batch, seq, K], `router_probs` <float32>[C, batch, seq, N_routed].
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h: Float[Array, "batch seq hidden"], train: bool = False
+               ) -> tuple[Float[Array, "batch seq hidden"], CoEAux]:
+    cfg = self.config
+    dtype = compute_dtype(cfg.dtype)
+    batch, seq, hidden = h.shape
+    num_experts, k, chain = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.num_iterations
+
+    u0 = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(h)
+    router_weights = self.param("router", torch_linear_default_init(hidden),
+                                (cfg.num_router_weights, num_experts, hidden), jnp.float32)
+    if not cfg.independent_gates:
+      router_weights = jnp.broadcast_to(router_weights, (chain, num_experts, hidden))
+    routed = RoutedExperts(num_experts, hidden, cfg.moe_intermediate_size,
+                           cfg.initializer_range, name="routed_experts")().astype(dtype)
+    shared = None
+    if cfg.n_shared_experts > 0:
+      shared = SharedExperts(hidden, cfg.shared_intermediate_size, cfg.initializer_range,
+                             name="shared_experts")().astype(dtype)
+
+    capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
+    capacity = dispatch_lib.expert_capacity(batch * seq, k, num_experts, capacity_factor,
+                                            cfg.min_capacity)
+    sow_probs = self.is_mutable_collection("intermediates")
+
+    def iteration(carry, router_weight):
+      u, m_sum = carry
+      m, routing, kept = _expert_pass(u, router_weight, routed, shared, cfg, capacity)
+      u_next = (u + m) if cfg.inner_residual else m
+      per_iter = dict(expert_ids=routing.expert_ids, combine_weights=routing.combine_weights,
+                      kept=kept, aux_loss=routing.aux_loss, z_loss=routing.z_loss,
+                      **_iteration_stats(routing.probs, routing.expert_ids, kept, num_experts))
+      if sow_probs:
+        per_iter["router_probs"] = routing.probs
+      return (u_next, m_sum + m), per_iter
+
+    (u_last, m_sum), per_iter = jax.lax.scan(iteration, (u0, jnp.zeros_like(u0)), router_weights)
+
+    for name in ("expert_ids", "combine_weights", "kept", "router_probs"):
+      if name in per_iter:
+        self.sow("intermediates", name, per_iter[name])
+
+    if cfg.residual_style == "textbook":
+      out = h.astype(dtype) + m_sum
+    elif cfg.outer_residual:
+      out = h.astype(dtype) + u_last
+    else:
+      out = u_last
+    aux = CoEAux(aux_loss=per_iter["aux_loss"].sum(), z_loss=per_iter["z_loss"].sum(),
+                 dropped_fraction=per_iter["dropped_fraction"], load_cv=per_iter["load_cv"],
+                 router_entropy=per_iter["router_entropy"], expert_load=per_iter["expert_load"],
+                 expert_dropped=per_iter["expert_dropped"])
+    return out, aux
+
+
+def _expert_pass(u, router_weight, routed: SwiGLUWeights, shared: SwiGLUWeights | None,
+                 cfg: ModelConfig, capacity: int):
+  """m = RoutedExperts(u) + SharedExperts(u) for one iteration; returns (m, routing, kept)."""
+  batch, seq, hidden = u.shape
+  routing = route(u, router_weight, k=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+                  routed_scaling_factor=cfg.routed_scaling_factor,
+                  aux_loss_alpha=cfg.aux_loss_alpha, z_loss_coef=cfg.router_z_loss_coef)
+  flat_ids = routing.expert_ids.reshape(batch * seq, -1)
+  flat_weights = routing.combine_weights.reshape(batch * seq, -1)
+  result = dispatch_lib.dispatch_to_experts(
+      u.reshape(batch * seq, hidden), flat_ids, flat_weights, routed, mode=cfg.dispatch,
+      capacity=capacity, dropless_impl=cfg.dropless_impl)
+  m = result.output.reshape(batch, seq, hidden)
+  if shared is not None:
+    m = m + swiglu(shared, u)
+  return m.astype(u.dtype), routing, result.kept.reshape(batch, seq, -1)
