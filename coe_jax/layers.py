@@ -11,7 +11,8 @@ from jaxtyping import Array, Float
 
 
 def compute_dtype(name: str) -> jnp.dtype:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+  """'float32' | 'bfloat16' -> the dtype object."""
+  return jnp.dtype({"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name])
 
 
 def normal_init(std: float) -> nn.initializers.Initializer:
