@@ -1,0 +1,19 @@
+"""Data for coe_jax: the embedded synthetic corpus, tokenizers and the input pipeline.
+
+`build_datasets(config.data, workdir=..., seed=...)` is the entry point; see
+`input_pipeline` for the batch layout and `default_data_config()` for the fields.
+Heavy optional libraries (`datasets`, `tensorflow_datasets`) load only when a
+source needs them.
+"""
+
+from coe_jax.data.input_pipeline import (Datasets, TrainIterator, build_datasets,
+                                         default_data_config, format_example, format_prompt,
+                                         validate_data_config)
+from coe_jax.data.synthetic import addition_examples, generate_examples
+from coe_jax.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint
+
+__all__ = [
+    "Datasets", "TrainIterator", "addition_examples", "build_datasets", "default_data_config",
+    "eos_id", "format_example", "format_prompt", "generate_examples", "load_tokenizer", "pad_id",
+    "tokenizer_fingerprint", "validate_data_config",
+]

@@ -1,0 +1,466 @@
+"""The input pipeline: `config.data` -> tokenised, cached train/val splits -> numpy batches.
+
+Every example becomes `query : {query} response : {response}` (SPEC 6),
+tokenised without special tokens, right-truncated to `max_length` and padded
+with the tokenizer's pad id. Tokenisation runs once per (data, tokenizer,
+max_length, packing) and is cached as `.npy` files; later builds memory-map them.
+
+Batches are dicts of int32 `[B, L]` numpy arrays: `input_ids`, `attention_mask`
+(1 on real tokens), `segment_ids` (1, 2, ... per packed example, 0 on padding;
+equal to `attention_mask` without packing) and `positions` (restarting at 0 per
+packed example; `arange(L)` without packing). The train step takes targets
+`input_ids[:, 1:]` with weight `attention_mask[:, 1:] * (segment_ids[:, 1:] ==
+segment_ids[:, :-1])`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import ml_collections
+import numpy as np
+import tokenizers
+from ml_collections import config_dict
+
+from coe_jax.data import sources, synthetic, tokenized
+from coe_jax.data import tokenizer as tokenizer_lib
+from coe_jax.data.tokenized import Batch, Split, format_example, format_prompt
+from coe_jax.model_config import ConfigError
+
+__all__ = ["Batch", "Datasets", "Split", "TrainIterator", "build_datasets", "default_data_config",
+           "format_example", "format_prompt", "validate_data_config", "SOURCES"]
+
+SOURCES = ("synthetic", "json", "parquet", "hf", "tfds")
+CACHE_VERSION = 1  # bump when the cached layout or the text format changes
+_log = logging.getLogger(__name__)
+
+
+def _any_type(default: Any) -> config_dict.FieldReference:
+  """A field that takes a string or a list (ConfigDict otherwise locks the type)."""
+  return config_dict.FieldReference(default, field_type=object)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """`config.data`: the embedded synthetic corpus with a BPE tokenizer trained on it."""
+  return ml_collections.ConfigDict(dict(
+      # Where examples come from: 'synthetic' (embedded generator), 'json' / 'parquet'
+      # (local files), 'hf' (Hugging Face hub, hf_name) or 'tfds' (prepared TFDS, no TF).
+      source="synthetic",
+      # json/parquet training files: a path, a glob, a comma-separated string or a list.
+      train_files=_any_type(""),
+      # json/parquet validation files; '' holds out val_size random train rows (val_seed).
+      val_files=_any_type(""),
+      query_column="query",  # json/parquet/hf column holding the question
+      response_column="response",  # json/parquet/hf column holding the worked answer
+      # 'bpe' (byte-level BPE trained on the training texts), a tokenizer.json path (or its
+      # directory), or a hub name such as 'deepseek-ai/DeepSeek-V2-Lite' (needs a network).
+      tokenizer="bpe",
+      vocab_size=2048,  # vocabulary of the trained tokenizer when tokenizer='bpe'
+      max_length=512,  # tokens per row: longer examples are right-truncated, shorter padded
+      packing=False,  # pack several whole examples per row (segment_ids / positions)
+      cache_dir="",  # tokenised-data cache; '' = <workdir>/data_cache, else ~/.cache/coe_jax
+      hf_name="meta-math/MetaMathQA",  # hub dataset for source='hf'
+      hf_split="train",  # split of hf_name that train and validation are drawn from
+      val_size=1000,  # rows held out for validation (hf; json/tfds without a val split)
+      val_seed=42,  # random.Random(val_seed).sample(range(n), size) picks held-out rows (all sources)
+      tfds_name="math_dataset/arithmetic__add_or_sub",  # TFDS 'name[/config][:version]'
+      tfds_data_dir="",  # directory holding the prepared TFDS data; '' = TFDS default
+      tfds_query_feature="question",  # TFDS text feature used as the query
+      tfds_answer_feature="answer",  # TFDS text feature used as the response
+      tfds_train_split="train",  # TFDS split (slicing allowed, e.g. 'train[:10%]') to train on
+      tfds_val_split="test",  # TFDS validation split; '' holds out val_size train rows
+      synthetic_train_size=20000,  # generated training problems (source='synthetic')
+      synthetic_val_size=500,  # generated validation problems, disjoint from training
+      synthetic_seed=0,  # seed of the generated corpus (the train order uses config.seed)
+      max_train_examples=0,  # keep only the first N training examples; 0 = all
+      max_val_examples=0,  # keep only the first N validation examples; 0 = all
+  ))
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+def _fail(field: str, message: str) -> None:
+  raise ConfigError(f"data.{field}: {message}")
+
+
+def _check_int(data: ml_collections.ConfigDict, field: str, minimum: int) -> None:
+  value = data[field]
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    _fail(field, f"got {value!r}; must be an integer >= {minimum}")
+
+
+def _check_str(data: ml_collections.ConfigDict, field: str) -> None:
+  value = data[field]
+  if not isinstance(value, str) or not value:
+    _fail(field, f"got {value!r}; must be a non-empty string")
+
+
+def _check_files(data: ml_collections.ConfigDict, field: str, required: bool) -> None:
+  value = data[field]
+  if not isinstance(value, (str, list, tuple)):
+    _fail(field, f"got {value!r}; must be a path, a glob, a comma-separated string or a list")
+  if required and not sources.expand_files(value):
+    _fail(field, f"got {value!r}; source={data.source!r} needs at least one file")
+  items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+  for item in (i.strip() for i in items if i.strip()):
+    path = os.path.expanduser(item)
+    found = glob.glob(path) if glob.has_magic(path) else [path] if os.path.isfile(path) else []
+    if not found:
+      _fail(field, f"{item!r} matches no file (cwd {os.getcwd()!r})")
+
+
+def _check_tokenizer(data: ml_collections.ConfigDict) -> None:
+  _check_str(data, "tokenizer")
+  spec = data.tokenizer
+  if spec == "bpe":
+    _check_int(data, "vocab_size", 259)  # 256 bytes + pad + eos + at least one merge
+  elif tokenizer_lib.looks_like_path(spec):
+    path = os.path.expanduser(spec)
+    if not (os.path.isfile(path) or os.path.isfile(os.path.join(path, "tokenizer.json"))):
+      _fail("tokenizer", f"got {spec!r}, which is not a tokenizer.json file or a directory "
+            "holding one; allowed values: 'bpe', a tokenizer.json path, or a hub name")
+
+
+def _check_source_fields(data: ml_collections.ConfigDict) -> None:
+  source = data.source
+  if source in ("json", "parquet"):
+    _check_files(data, "train_files", required=True)
+    _check_files(data, "val_files", required=False)
+  if source in ("json", "parquet", "hf"):
+    _check_str(data, "query_column")
+    _check_str(data, "response_column")
+  if source == "hf":
+    _check_str(data, "hf_name")
+    _check_str(data, "hf_split")
+  if source == "tfds":
+    _check_tfds(data)
+  if source == "synthetic":
+    _check_int(data, "synthetic_train_size", 1)
+    _check_int(data, "synthetic_val_size", 1)
+    _check_int(data, "synthetic_seed", 0)
+
+
+def _check_tfds(data: ml_collections.ConfigDict) -> None:
+  for field in ("tfds_name", "tfds_query_feature", "tfds_answer_feature", "tfds_train_split"):
+    _check_str(data, field)
+  if not isinstance(data.tfds_val_split, str):
+    _fail("tfds_val_split", f"got {data.tfds_val_split!r}; must be a split name or ''")
+  if data.tfds_data_dir and not os.path.isdir(os.path.expanduser(data.tfds_data_dir)):
+    _fail("tfds_data_dir", f"got {data.tfds_data_dir!r}, which is not a directory")
+  if importlib.util.find_spec("tensorflow_datasets") is None:
+    _fail("source", "got 'tfds', but tensorflow-datasets is not installed "
+          "(pip install 'coe_jax[tfds]'; TensorFlow itself is not needed)")
+
+
+DataConfig = Union[ml_collections.ConfigDict, Mapping[str, Any]]
+
+
+def _as_config(data: DataConfig) -> ml_collections.ConfigDict:
+  """`data` over the defaults (missing fields take default values), as a fresh ConfigDict."""
+  allowed = default_data_config().to_dict()
+  unknown = sorted(set(data.keys()) - set(allowed))
+  if unknown:
+    raise ConfigError(f"data config: unknown field(s) {unknown}; "
+                      f"allowed fields: {sorted(allowed)}")
+  return ml_collections.ConfigDict({**allowed, **{k: data[k] for k in data.keys()}})
+
+
+def validate_data_config(data: DataConfig) -> None:
+  """Raises ConfigError naming the first bad `config.data` field; reads no data."""
+  data = _as_config(data)
+  if data.source not in SOURCES:
+    _fail("source", f"got {data.source!r}; allowed values: {', '.join(SOURCES)}")
+  _check_int(data, "max_length", 2)
+  if not isinstance(data.packing, bool):
+    _fail("packing", f"got {data.packing!r}; allowed values: True, False")
+  if not isinstance(data.cache_dir, str):
+    _fail("cache_dir", f"got {data.cache_dir!r}; must be a directory path or ''")
+  for field in ("max_train_examples", "max_val_examples", "val_seed"):
+    _check_int(data, field, 0)
+  _check_int(data, "val_size", 1)
+  _check_tokenizer(data)
+  _check_source_fields(data)
+
+
+# --- iteration ------------------------------------------------------------------------------------
+
+class TrainIterator:
+  """Endless, deterministic batches over a split's rows.
+
+  Epoch `e` visits the rows in `np.random.default_rng([seed, e]).permutation`
+  order; a batch that runs past an epoch's end continues into the next one, so
+  every epoch covers every row exactly once. `get_state()` / `set_state()` save
+  and restore the position for exact resumption.
+  """
+
+  def __init__(self, split: Split, batch_size: int, seed: int):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if split.num_rows < 1:
+      raise ValueError("the training split is empty")
+    self.split, self.batch_size, self.seed = split, batch_size, seed
+    self.epoch, self.index = 0, 0
+    self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._order_epoch:
+      self._order = np.random.default_rng([self.seed, epoch]).permutation(self.split.num_rows)
+      self._order_epoch = epoch
+    return self._order
+
+  def next_rows(self) -> np.ndarray:
+    """The row indices of the next batch (advances the state)."""
+    taken: list[np.ndarray] = []
+    need = self.batch_size
+    while need:
+      order = self._permutation(self.epoch)
+      chunk = order[self.index:self.index + need]
+      taken.append(chunk)
+      need -= len(chunk)
+      self.index += len(chunk)
+      if self.index == len(order):
+        self.epoch, self.index = self.epoch + 1, 0
+    return np.concatenate(taken)
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    return self.split.batch(self.next_rows())
+
+  def get_state(self) -> dict[str, int]:
+    """The position after the last batch, as JSON-serialisable ints."""
+    return {"epoch": int(self.epoch), "index": int(self.index)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from a `get_state()` result."""
+    epoch, index = int(state["epoch"]), int(state["index"])
+    if epoch < 0 or not 0 <= index < self.split.num_rows:
+      raise ValueError(f"iterator state {state} does not fit {self.split.num_rows} rows")
+    self.epoch, self.index = epoch, index
+
+
+# --- datasets -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Datasets:
+  """Tokenised train/val splits with their tokenizer."""
+
+  tokenizer: tokenizers.Tokenizer
+  train: Split
+  val: Split
+  cache_path: str  # directory holding the cached arrays
+  from_cache: bool  # True when the arrays were loaded, not tokenised, by this build
+  tokenize_seconds: float  # time spent reading and tokenising (0.0 on a cache hit)
+
+  @property
+  def pad_id(self) -> int:
+    return tokenizer_lib.pad_id(self.tokenizer)
+
+  @property
+  def eos_id(self) -> Optional[int]:
+    return tokenizer_lib.eos_id(self.tokenizer)
+
+  @property
+  def vocab_size(self) -> int:
+    """The tokenizer's vocabulary size, added tokens included."""
+    return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def train_iterator(self, batch_size: int, seed: int) -> TrainIterator:
+    """Endless shuffled training batches (see `TrainIterator`)."""
+    return TrainIterator(self.train, batch_size, seed)
+
+  def val_batches(self, batch_size: int) -> list[Batch]:
+    """Every validation row once, in order; the last batch is topped up with all-pad rows."""
+    batches = []
+    for start in range(0, self.val.num_rows, batch_size):
+      rows = range(start, min(start + batch_size, self.val.num_rows))
+      batches.append(self.val.batch(rows, pad_rows=batch_size - len(rows)))
+    return batches
+
+  def encode_prompt(self, query: str) -> list[int]:
+    """Token ids of `format_prompt(query)`, for generation."""
+    return self.tokenizer.encode(format_prompt(query), add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of token ids (pad and other special tokens dropped)."""
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _hash(value: Any) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_stats(files: list[str]) -> list[list[Any]]:
+  return [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+
+
+def _tfds_stats(data: ml_collections.ConfigDict) -> list[list[Any]]:
+  """Sizes and mtimes of the prepared TFDS files, so re-preparing invalidates the cache."""
+  default = os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
+  root = os.path.expanduser(data.tfds_data_dir or default)
+  base = data.tfds_name.split(":")[0]
+  files = sorted(glob.glob(os.path.join(root, base, "**", "*"), recursive=True))
+  return _file_stats([f for f in files if os.path.isfile(f)])
+
+
+def data_key(data: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Everything that fixes the raw examples of both splits (not the tokenizer)."""
+  key: dict[str, Any] = {"version": CACHE_VERSION, "source": data.source,
+                         "max_train": data.max_train_examples, "max_val": data.max_val_examples}
+  if data.source == "synthetic":
+    key.update(generator=synthetic.SYNTHETIC_VERSION, train=data.synthetic_train_size,
+               val=data.synthetic_val_size, seed=data.synthetic_seed)
+  elif data.source in ("json", "parquet"):
+    key.update(train=_file_stats(sources.expand_files(data.train_files)),
+               val=_file_stats(sources.expand_files(data.val_files)))
+  elif data.source == "hf":
+    key.update(name=data.hf_name, split=data.hf_split)
+  else:
+    key.update(name=data.tfds_name, data_dir=os.path.abspath(os.path.expanduser(data.tfds_data_dir))
+               if data.tfds_data_dir else "", train_split=data.tfds_train_split,
+               val_split=data.tfds_val_split, columns=[data.tfds_query_feature,
+                                                       data.tfds_answer_feature],
+               files=_tfds_stats(data))
+  if data.source in ("json", "parquet", "hf"):
+    key["columns"] = [data.query_column, data.response_column]
+  if _uses_holdout(data):
+    key.update(val_size=data.val_size, val_seed=data.val_seed)
+  return key
+
+
+def _uses_holdout(data: ml_collections.ConfigDict) -> bool:
+  if data.source in ("json", "parquet"):
+    return not sources.expand_files(data.val_files)
+  return data.source == "hf" or (data.source == "tfds" and not data.tfds_val_split)
+
+
+def _table_opener(data: ml_collections.ConfigDict, hf_cache: str
+                  ) -> Callable[[str], sources.Table]:
+  """A function opening the 'train' or 'val' side of a non-synthetic source."""
+  if data.source in ("json", "parquet"):
+    return lambda which: sources.file_table(
+        data.source, sources.expand_files(data[f"{which}_files"]), data.query_column,
+        data.response_column, hf_cache)
+  if data.source == "hf":
+    return lambda which: sources.hub_table(data.hf_name, data.hf_split, data.query_column,
+                                           data.response_column)
+  return lambda which: sources.tfds_table(
+      data.tfds_name, data[f"tfds_{which}_split"], data.tfds_data_dir, data.tfds_query_feature,
+      data.tfds_answer_feature)
+
+
+def _open_tables(data: ml_collections.ConfigDict, hf_cache: str
+                 ) -> tuple[sources.Table, list[int], sources.Table, list[int]]:
+  """(train table, train rows, val table, val rows) before the max_* limits."""
+  if data.source == "synthetic":
+    size = data.synthetic_train_size + data.synthetic_val_size
+    table = sources.synthetic_table(size, data.synthetic_seed)
+    train, val = sources.holdout(size, data.synthetic_val_size, data.val_seed, "synthetic_val_size")
+    return table, train, table, val
+  open_table = _table_opener(data, hf_cache)
+  train_table = open_table("train")
+  if _uses_holdout(data):
+    train, val = sources.holdout(train_table.num_rows, data.val_size, data.val_seed, "val_size")
+    return train_table, train, train_table, val
+  val_table = open_table("val")
+  return (train_table, list(range(train_table.num_rows)),
+          val_table, list(range(val_table.num_rows)))
+
+
+class _Texts:
+  """Reads and formats both splits' texts once, on first use."""
+
+  def __init__(self, data: ml_collections.ConfigDict, hf_cache: str):
+    self._data, self._hf_cache = data, hf_cache
+    self._texts: Optional[dict[str, list[str]]] = None
+
+  def get(self) -> dict[str, list[str]]:
+    if self._texts is None:
+      train_table, train, val_table, val = _open_tables(self._data, self._hf_cache)
+      if self._data.max_train_examples:
+        train = train[:self._data.max_train_examples]
+      if self._data.max_val_examples:
+        val = val[:self._data.max_val_examples]
+      self._texts = {"train": _format(train_table.read(train)), "val": _format(val_table.read(val))}
+    return self._texts
+
+  def train_texts(self) -> list[str]:
+    return self.get()["train"]
+
+
+def _format(pairs: sources.Pairs) -> list[str]:
+  return [format_example(q, r) for q, r in zip(*pairs)]
+
+
+def resolve_cache_dir(data: ml_collections.ConfigDict, workdir: Optional[str]) -> Path:
+  """`data.cache_dir`, else `<workdir>/data_cache`, else `~/.cache/coe_jax` (or $COE_JAX_CACHE)."""
+  if data.cache_dir:
+    return Path(os.path.expanduser(data.cache_dir))
+  if workdir:
+    return Path(workdir) / "data_cache"
+  return tokenizer_lib.default_cache_root()
+
+
+def _load_tokenizer(data: ml_collections.ConfigDict, cache: Path, raw_key: str,
+                    texts: _Texts) -> tokenizers.Tokenizer:
+  workdir = str(cache / "tokenizers" / f"bpe-{_hash([raw_key, data.vocab_size])}")
+  return tokenizer_lib.load_tokenizer(data.tokenizer, workdir=workdir, vocab_size=data.vocab_size,
+                                      train_texts=texts.train_texts, train_key=raw_key)
+
+
+def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
+                   seed: int = 0) -> Datasets:
+  """Validates `data`, loads or builds the tokenised splits and returns them.
+
+  `seed` does not change the data (the corpus and split are fixed by `data`,
+  so runs with different seeds compare on the same validation set); the
+  training order comes from `Datasets.train_iterator(batch_size, seed)`.
+  """
+  del seed
+  data = _as_config(data)
+  validate_data_config(data)
+  cache = resolve_cache_dir(data, workdir)
+  raw_key = _hash(data_key(data))
+  texts = _Texts(data, str(cache / "hf_datasets"))
+  tok = _load_tokenizer(data, cache, raw_key, texts)
+  if workdir:
+    _save_tokenizer_copy(tok, Path(workdir))
+  full_key = [raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.max_length, data.packing]
+  directory = cache / f"{data.source}-{_hash(full_key)}"
+  args = (data.max_length, tokenizer_lib.pad_id(tok), data.packing)
+  splits = tokenized.load_splits(directory, ("train", "val"), *args)
+  if splits is not None:
+    _log.info("Loaded tokenised data from cache %s", directory)
+    return Datasets(tok, splits["train"], splits["val"], str(directory), True, 0.0)
+  start = time.perf_counter()
+  splits = {name: tokenized.build_split(tok, t, *args) for name, t in texts.get().items()}
+  seconds = time.perf_counter() - start
+  meta = {"key": data_key(data), "tokenizer": full_key[1], "max_length": data.max_length,
+          "packing": data.packing, "seconds": seconds,
+          **{f"{n}_examples": s.num_examples for n, s in splits.items()}}
+  tokenized.save_splits(directory, splits, meta)
+  _log.info("Tokenised %d train / %d val examples in %.1f s; cached in %s",
+            splits["train"].num_examples, splits["val"].num_examples, seconds, directory)
+  return Datasets(tok, splits["train"], splits["val"], str(directory), False, seconds)
+
+
+def _save_tokenizer_copy(tok: tokenizers.Tokenizer, workdir: Path) -> None:
+  """Keeps the run's exact tokenizer as `<workdir>/tokenizer.json` (for decoding later)."""
+  path = workdir / "tokenizer.json"
+  text = tok.to_str()
+  if path.is_file() and path.read_text(encoding="utf-8") == text:
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".tokenizer.json.{os.getpid()}.tmp")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)

@@ -1,0 +1,147 @@
+"""Tokenizers: a local `tokenizer.json`, a byte-level BPE trained on the corpus, or a hub name.
+
+`load_tokenizer(spec, ...)` understands three kinds of `spec`:
+
+* a path to a `tokenizer.json` file, or to a directory holding one;
+* `"bpe"`: train a byte-level BPE (with `<|padding|>` and `<|endoftext|>`
+  special tokens) on the training texts, cached as `<workdir>/tokenizer.json`
+  and reused while the requested vocabulary size and training key match;
+* a Hugging Face hub name such as `deepseek-ai/DeepSeek-V2-Lite`, which needs
+  a network (or a warm hub cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from coe_jax.model_config import ConfigError
+
+PAD_TOKEN = "<|padding|>"
+EOS_TOKEN = "<|endoftext|>"
+PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>", "<｜▁pad▁｜>",
+                  "<|finetune_right_pad_id|>")
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|EOT|>", "<｜end▁of▁sentence｜>", "<|end_of_text|>",
+                  "<|eot_id|>", "<|im_end|>", "<eos>")
+_META_FILE = "tokenizer_meta.json"
+_LOCAL_EXAMPLE = "../shared/data/tokenizer/olmoe/tokenizer.json"
+
+
+def default_cache_root() -> Path:
+  """`$COE_JAX_CACHE` or `~/.cache/coe_jax`: where caches go when there is no workdir."""
+  return Path(os.environ.get("COE_JAX_CACHE", Path.home() / ".cache" / "coe_jax"))
+
+
+def looks_like_path(spec: str) -> bool:
+  """True when `spec` names a local file or directory rather than a hub repository."""
+  return (os.path.exists(os.path.expanduser(spec)) or spec.endswith(".json")
+          or spec.startswith((".", "/", "~")))
+
+
+def load_tokenizer(spec: str, *, workdir: Optional[str] = None,
+                   train_texts: Optional[Callable[[], Iterable[str]]] = None,
+                   vocab_size: int = 2048, train_key: str = "") -> tokenizers.Tokenizer:
+  """The tokenizer named by `spec` (see the module docstring).
+
+  For `"bpe"`, `train_texts` is called only when no matching cached tokenizer
+  exists; `train_key` (e.g. a hash of the corpus) is stored beside the cached
+  file so a different corpus retrains instead of reusing a stale vocabulary.
+  """
+  if spec == "bpe":
+    if workdir:
+      cache = Path(workdir)
+    else:
+      cache = default_cache_root() / "tokenizers" / _bpe_dirname(vocab_size, train_key)
+    return _cached_bpe(cache, train_texts, vocab_size, train_key)
+  if looks_like_path(spec):
+    return _from_file(spec)
+  return _from_hub(spec)
+
+
+def _bpe_dirname(vocab_size: int, train_key: str) -> str:
+  return "bpe-" + hashlib.sha256(f"{vocab_size}:{train_key}".encode()).hexdigest()[:16]
+
+
+def _from_file(spec: str) -> tokenizers.Tokenizer:
+  path = Path(os.path.expanduser(spec))
+  if path.is_dir():
+    path = path / "tokenizer.json"
+  if not path.is_file():
+    raise ConfigError(f"data.tokenizer: got {spec!r}, but {str(path)!r} does not exist; allowed "
+                      "values: 'bpe', a tokenizer.json path (or its directory), or a hub name")
+  return tokenizers.Tokenizer.from_file(str(path))
+
+
+def _from_hub(name: str) -> tokenizers.Tokenizer:
+  try:
+    return tokenizers.Tokenizer.from_pretrained(name)
+  except Exception as error:  # offline, unknown repo, no tokenizer.json, ...
+    raise ConfigError(
+        f"data.tokenizer: could not load {name!r} from the Hugging Face hub "
+        f"({type(error).__name__}: {str(error)[:200]}). Without a network, set "
+        f"config.data.tokenizer to a local tokenizer.json path, e.g. {_LOCAL_EXAMPLE}, "
+        "or to 'bpe' to train one on the training texts.") from error
+
+
+def _cached_bpe(cache: Path, train_texts: Optional[Callable[[], Iterable[str]]],
+                vocab_size: int, train_key: str) -> tokenizers.Tokenizer:
+  path, meta_path = cache / "tokenizer.json", cache / _META_FILE
+  meta = {"vocab_size": vocab_size, "train_key": train_key}
+  if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+    return tokenizers.Tokenizer.from_file(str(path))
+  if train_texts is None:
+    raise ValueError("tokenizer 'bpe' needs train_texts to train on (no cached tokenizer found)")
+  tok = train_bpe(train_texts(), vocab_size)
+  cache.mkdir(parents=True, exist_ok=True)
+  _atomic_write(path, tok.to_str())
+  _atomic_write(meta_path, json.dumps(meta))
+  return tok
+
+
+def _atomic_write(path: Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
+  """A byte-level BPE trained on `texts`: pad id 0 (`<|padding|>`), eos id 1 (`<|endoftext|>`)."""
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=2, show_progress=False,
+      special_tokens=[PAD_TOKEN, EOS_TOKEN],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer=trainer)
+  return tok
+
+
+def _first_id(tok: tokenizers.Tokenizer, candidates: tuple[str, ...]) -> Optional[int]:
+  for token in candidates:
+    token_id = tok.token_to_id(token)
+    if token_id is not None:
+      return token_id
+  return None
+
+
+def pad_id(tok: tokenizers.Tokenizer) -> int:
+  """The id of the tokenizer's padding token, or 0 when it has none."""
+  found = _first_id(tok, PAD_CANDIDATES)
+  return 0 if found is None else found
+
+
+def eos_id(tok: tokenizers.Tokenizer) -> Optional[int]:
+  """The id of the tokenizer's end-of-text token, or None when it has none."""
+  return _first_id(tok, EOS_CANDIDATES)
+
+
+def tokenizer_fingerprint(tok: tokenizers.Tokenizer) -> str:
+  """A stable 16-hex-digit hash of the tokenizer's JSON, for cache keys."""
+  return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,497 @@
+"""Tests for coe_jax.data: synthetic corpus, tokenizers, sources, caching, packing, iteration."""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import re
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tokenizers
+from tokenizers import processors
+
+from coe_jax.data import synthetic
+from coe_jax.data import tokenizer as tokenizer_lib
+from coe_jax.data.input_pipeline import (build_datasets, default_data_config, format_example,
+                                         validate_data_config)
+from coe_jax.data.tokenized import build_split
+from coe_jax.model_config import ConfigError
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+ANSWER_LINE = re.compile(r"\nThe answer is: (-?\d+)$")
+STEP = re.compile(r"(\d+(?: ?[-+*/] ?\d+)+) = (\d+)")
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+ROWS = [
+    {"question": "What is 2 + 3?", "solution": "2 + 3 = 5\nThe answer is: 5"},
+    {"question": "Tom has 4 apples and eats 1. How many are left?",
+     "solution": "4 - 1 = 3\nThe answer is: 3"},
+    {"question": "A pen costs $2. How much do 6 pens cost?",
+     "solution": "6 * 2 = 12\nThe answer is: 12"},
+    {"question": "What is 10 / 2?", "solution": "10 / 2 = 5\nThe answer is: 5"},
+    {"question": "Ünïcode café: what is 1 + 1?", "solution": "1 + 1 = 2\nThe answer is: 2"},
+]
+
+
+def small_config(tmp_path: Path, **changes):
+  """A fast synthetic config whose caches live in tmp_path."""
+  data = default_data_config()
+  data.synthetic_train_size = 300
+  data.synthetic_val_size = 40
+  data.vocab_size = 400
+  data.max_length = 96
+  data.cache_dir = str(tmp_path / "cache")
+  data.update(changes)
+  return data
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+  """Writes rows as .jsonl, .json (one array) or .parquet, by suffix."""
+  if path.suffix == ".jsonl":
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+  elif path.suffix == ".json":
+    path.write_text(json.dumps(rows), encoding="utf-8")
+  else:
+    pd.DataFrame(rows).to_parquet(path)
+  return path
+
+
+def texts_of(split, tok) -> list[str]:
+  return [tok.decode(split.example(e).tolist()) for e in range(split.num_examples)]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+  """One small synthetic build shared by the iterator and batching tests."""
+  tmp = tmp_path_factory.mktemp("synth")
+  return build_datasets(small_config(tmp), workdir=str(tmp / "run"), seed=0)
+
+
+# --- synthetic corpus -----------------------------------------------------------------------------
+
+def _check_steps(response: str) -> None:
+  """Every `a op b ... = c` step is correct and the last one is the final answer."""
+  steps = STEP.findall(response.replace("$", ""))
+  assert steps, response
+  for lhs, rhs in steps:
+    tokens = re.findall(r"\d+|[-+*/]", lhs)
+    value = Fraction(int(tokens[0]))
+    for op, x in zip(tokens[1::2], tokens[2::2]):
+      value = OPS[op](value, Fraction(int(x)))
+    assert value == int(rhs), (lhs, rhs, response)
+  assert ANSWER_LINE.search(response).group(1) == steps[-1][1]
+
+
+def test_synthetic_is_deterministic_varied_and_correct():
+  a = synthetic.generate_examples(600, seed=3)
+  assert a == synthetic.generate_examples(600, seed=3)
+  assert a != synthetic.generate_examples(600, seed=4)
+  assert synthetic.generate_examples(50, seed=3) == a[:50]
+  assert len({e["query"] for e in a}) == 600
+  for example in a:
+    assert set(example) == {"query", "response"}
+    assert ANSWER_LINE.search(example["response"]), example
+    _check_steps(example["response"])
+  joined = " ".join(e["query"] for e in a)
+  for marker in ("$", "years old", "%", "per hour", "/", "rows of", "What is", "cookies"):
+    assert marker in joined, marker
+  assert len({e["query"].split()[0] for e in a}) >= 20  # many names and openings
+  assert len(synthetic.template_names()) >= 6
+
+
+def test_addition_examples_format():
+  examples = synthetic.addition_examples(200, seed=7)
+  assert examples == synthetic.addition_examples(200, seed=7)
+  assert len({e["query"] for e in examples}) == 200
+  for e in examples:
+    a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", e["query"]).groups())
+    assert 10 <= a <= 99 and 10 <= b <= 99
+    assert e["response"] == f"{a} + {b} = {a + b}\nThe answer is: {a + b}"
+  three = synthetic.addition_examples(5, seed=0, digits=3)
+  assert all(len(e["query"].split()[2]) == 3 for e in three)
+
+
+# --- tokenizers -----------------------------------------------------------------------------------
+
+def test_bpe_tokenizer_is_cached_with_special_tokens(tmp_path):
+  texts = [format_example(e["query"], e["response"]) for e in synthetic.generate_examples(200, 0)]
+  calls = []
+
+  def train_texts():
+    calls.append(1)
+    return texts
+
+  tok = tokenizer_lib.load_tokenizer("bpe", workdir=str(tmp_path), train_texts=train_texts,
+                                     vocab_size=320)
+  assert (tmp_path / "tokenizer.json").is_file()
+  assert tok.get_vocab_size() == 320
+  assert tokenizer_lib.pad_id(tok) == tok.token_to_id("<|padding|>") == 0
+  assert tokenizer_lib.eos_id(tok) == tok.token_to_id("<|endoftext|>") == 1
+  again = tokenizer_lib.load_tokenizer("bpe", workdir=str(tmp_path), train_texts=train_texts,
+                                       vocab_size=320)
+  assert len(calls) == 1  # reused, not retrained
+  assert tokenizer_lib.tokenizer_fingerprint(again) == tokenizer_lib.tokenizer_fingerprint(tok)
+  bigger = tokenizer_lib.load_tokenizer("bpe", workdir=str(tmp_path), train_texts=train_texts,
+                                        vocab_size=360)
+  assert len(calls) == 2 and bigger.get_vocab_size() == 360
+  ids = tok.encode(texts[0], add_special_tokens=False).ids
+  assert tok.decode(ids) == texts[0]
+
+
+def test_load_tokenizer_paths_and_errors(tmp_path):
+  tok = tokenizer_lib.train_bpe(["query : a response : b"] * 5, 270)
+  (tmp_path / "tok").mkdir()
+  tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+  by_dir = tokenizer_lib.load_tokenizer(str(tmp_path / "tok"))
+  by_file = tokenizer_lib.load_tokenizer(str(tmp_path / "tok" / "tokenizer.json"))
+  assert tokenizer_lib.tokenizer_fingerprint(by_dir) == tokenizer_lib.tokenizer_fingerprint(by_file)
+  with pytest.raises(ConfigError, match="data.tokenizer"):
+    tokenizer_lib.load_tokenizer(str(tmp_path / "missing.json"))
+  bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+  assert tokenizer_lib.pad_id(bare) == 0 and tokenizer_lib.eos_id(bare) is None
+
+
+def test_hub_tokenizer_offline_error(monkeypatch):
+  import huggingface_hub.constants
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  with pytest.raises(ConfigError, match=r"config\.data\.tokenizer.*tokenizer\.json"):
+    tokenizer_lib.load_tokenizer("deepseek-ai/DeepSeek-V2-Lite-not-cached-anywhere")
+
+
+# --- text format, truncation, padding -------------------------------------------------------------
+
+def test_text_format_has_no_special_tokens(tmp_path):
+  base = tokenizer_lib.train_bpe([format_example(r["question"], r["solution"]) for r in ROWS], 300)
+  base.post_processor = processors.TemplateProcessing(  # would add eos if special tokens were on
+      single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 1)])
+  base.save(str(tmp_path / "tokenizer.json"))
+  files = write_rows(tmp_path / "rows.jsonl", ROWS)
+  data = small_config(tmp_path, source="json", train_files=str(files), val_files=str(files),
+                      query_column="question", response_column="solution",
+                      tokenizer=str(tmp_path / "tokenizer.json"))
+  ds = build_datasets(data, workdir=None, seed=0)
+  for e, row in enumerate(ROWS):
+    text = f"query : {row['question']} response : {row['solution']}"
+    ids = ds.train.example(e).tolist()
+    assert ids == ds.tokenizer.encode(text, add_special_tokens=False).ids
+    assert ids != ds.tokenizer.encode(text).ids  # the post-processor really adds one
+    assert ds.eos_id not in ids
+    assert ds.tokenizer.decode(ids) == text
+
+
+def test_truncation_padding_and_mask():
+  tok = tokenizer_lib.train_bpe(["query : aa bb cc response : dd"] * 4, 265)
+  long, short = "query : aa bb cc dd ee ff gg hh response : x", "query : a response : b"
+  full_long = tok.encode(long, add_special_tokens=False).ids
+  full_short = tok.encode(short, add_special_tokens=False).ids
+  length = len(full_short) + 3
+  assert len(full_long) > length
+  split = build_split(tok, [long, short], length, pad_id=0, packing=False)
+  batch = split.batch([0, 1])
+  assert all(v.dtype == np.int32 and v.shape == (2, length) for v in batch.values())
+  np.testing.assert_array_equal(batch["input_ids"][0], full_long[:length])  # right-truncated
+  n = len(full_short)
+  np.testing.assert_array_equal(batch["input_ids"][1, :n], full_short)
+  assert (batch["input_ids"][1, n:] == 0).all()
+  np.testing.assert_array_equal(batch["attention_mask"],
+                                [[1] * length, [1] * n + [0] * (length - n)])
+  np.testing.assert_array_equal(batch["segment_ids"], batch["attention_mask"])
+  np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(length), (2, 1)))
+
+
+# --- local file sources ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_local_file_sources(tmp_path, suffix):
+  train = write_rows(tmp_path / f"train{suffix}", ROWS[:4])
+  val = write_rows(tmp_path / f"val{suffix}", ROWS[4:])
+  source = "parquet" if suffix == ".parquet" else "json"
+  data = small_config(tmp_path, source=source, train_files=[str(train)], val_files=str(val),
+                      query_column="question", response_column="solution", vocab_size=300)
+  ds = build_datasets(data, workdir=str(tmp_path / "run"), seed=0)
+  assert (ds.train.num_examples, ds.val.num_examples) == (4, 1)
+  assert texts_of(ds.train, ds.tokenizer) == [format_example(r["question"], r["solution"])
+                                             for r in ROWS[:4]]
+  assert texts_of(ds.val, ds.tokenizer) == [format_example(ROWS[4]["question"],
+                                                           ROWS[4]["solution"])]
+  assert (tmp_path / "run" / "tokenizer.json").is_file()
+  data.query_column = "prompt"
+  with pytest.raises(ConfigError, match="data.query_column.*'prompt'.*question"):
+    build_datasets(data, workdir=None, seed=0)
+
+
+def test_globs_holdout_and_limits(tmp_path):
+  rows = [{"q": f"What is {i} + 1?", "a": f"{i} + 1 = {i + 1}\nThe answer is: {i + 1}"}
+          for i in range(30)]
+  write_rows(tmp_path / "part0.jsonl", rows[:15])
+  write_rows(tmp_path / "part1.jsonl", rows[15:])
+  data = small_config(tmp_path, source="json", train_files=str(tmp_path / "part*.jsonl"),
+                      query_column="q", response_column="a", val_size=5, val_seed=42,
+                      vocab_size=300)
+  ds = build_datasets(data, workdir=None, seed=0)
+  val_ids = __import__("random").Random(42).sample(range(30), 5)
+  expected_val = [format_example(rows[i]["q"], rows[i]["a"]) for i in val_ids]
+  assert texts_of(ds.val, ds.tokenizer) == expected_val
+  assert ds.train.num_examples == 25
+  assert not set(texts_of(ds.train, ds.tokenizer)) & set(expected_val)
+  data.max_train_examples, data.max_val_examples = 7, 2
+  limited = build_datasets(data, workdir=None, seed=0)
+  assert (limited.train.num_examples, limited.val.num_examples) == (7, 2)
+  assert texts_of(limited.val, limited.tokenizer) == expected_val[:2]
+
+
+# --- caching --------------------------------------------------------------------------------------
+
+def test_cache_is_reused_and_invalidated(tmp_path):
+  path = write_rows(tmp_path / "rows.jsonl", ROWS)
+  data = small_config(tmp_path, source="json", train_files=str(path), val_files=str(path),
+                      query_column="question", response_column="solution", vocab_size=300)
+  first = build_datasets(data, workdir=None, seed=0)
+  second = build_datasets(data, workdir=None, seed=0)
+  assert not first.from_cache and second.from_cache
+  assert second.cache_path == first.cache_path
+  np.testing.assert_array_equal(first.train.tokens, second.train.tokens)
+  np.testing.assert_array_equal(first.val.offsets, second.val.offsets)
+  data.max_length = 48
+  assert not build_datasets(data, workdir=None, seed=0).from_cache
+  assert build_datasets(data, workdir=None, seed=0).from_cache
+  write_rows(path, ROWS[::-1])  # new contents (and mtime) -> new key
+  os.utime(path, ns=(1, 1))
+  changed = build_datasets(data, workdir=None, seed=0)
+  assert not changed.from_cache and changed.cache_path != first.cache_path
+
+
+def test_synthetic_cache_and_workdir_default(tmp_path):
+  data = small_config(tmp_path, cache_dir="")
+  run = tmp_path / "run"
+  first = build_datasets(data, workdir=str(run), seed=0)
+  assert Path(first.cache_path).parent == run / "data_cache"
+  again = build_datasets(data, workdir=str(run), seed=1)
+  assert again.from_cache
+  assert first.train.num_examples == 300 and first.val.num_examples == 40
+  assert not set(texts_of(first.train, first.tokenizer)) & set(texts_of(first.val, first.tokenizer))
+
+
+# --- packing --------------------------------------------------------------------------------------
+
+def test_packing_segments_and_positions(tmp_path):
+  length = 128
+  packed = build_datasets(small_config(tmp_path, packing=True, max_length=length), workdir=None,
+                          seed=0)
+  split = packed.train
+  assert split.num_rows < split.num_examples
+  batch = split.batch(range(split.num_rows))
+  seen = []
+  for r in range(split.num_rows):
+    first, last = int(split.rows[r]), int(split.rows[r + 1])
+    used = 0
+    for k, e in enumerate(range(first, last)):
+      ids = split.example(e)
+      where = np.flatnonzero(batch["segment_ids"][r] == k + 1)
+      np.testing.assert_array_equal(where, np.arange(used, used + len(ids)))  # contiguous
+      np.testing.assert_array_equal(batch["input_ids"][r, where], ids)
+      np.testing.assert_array_equal(batch["positions"][r, where], np.arange(len(ids)))
+      used += len(ids)
+      seen.append(e)
+    assert (batch["segment_ids"][r, used:] == 0).all()
+    assert (batch["attention_mask"][r] == (batch["segment_ids"][r] > 0)).all()
+    assert (batch["input_ids"][r, used:] == packed.pad_id).all()
+    if last < split.num_examples:  # greedy: the next example would not have fit
+      assert used + len(split.example(last)) > length
+  assert seen == list(range(split.num_examples))
+  unpacked = build_datasets(small_config(tmp_path, max_length=length), workdir=None, seed=0)
+  np.testing.assert_array_equal(unpacked.train.tokens, split.tokens)
+
+
+# --- iteration ------------------------------------------------------------------------------------
+
+def test_train_iterator_is_deterministic_and_resumes(synth):
+  def take(iterator, n):
+    return [next(iterator)["input_ids"] for _ in range(n)]
+
+  a, b = synth.train_iterator(32, seed=5), synth.train_iterator(32, seed=5)
+  first, second = take(a, 12), take(b, 12)  # 12 * 32 > 300: crosses an epoch boundary
+  for x, y in zip(first, second):
+    np.testing.assert_array_equal(x, y)
+  other = take(synth.train_iterator(32, seed=6), 1)[0]
+  assert not np.array_equal(other, first[0])
+  probe = synth.train_iterator(32, seed=5)
+  take(probe, 5)
+  state = json.loads(json.dumps(probe.get_state()))
+  assert state == {"epoch": 0, "index": 160}
+  restored = synth.train_iterator(32, seed=5)
+  restored.set_state(state)
+  for x, y in zip(take(restored, 7), first[5:]):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_train_iterator_epochs_cover_every_row(synth):
+  iterator = synth.train_iterator(7, seed=0)
+  rows = np.concatenate([iterator.next_rows() for _ in range(2 * 300 // 7 + 1)])
+  np.testing.assert_array_equal(np.sort(rows[:300]), np.arange(300))
+  np.testing.assert_array_equal(np.sort(rows[300:600]), np.arange(300))
+  np.testing.assert_array_equal(rows[:300], np.random.default_rng([0, 0]).permutation(300))
+  assert iterator.get_state()["epoch"] == 2
+
+
+def test_val_batches_cover_every_example_once(synth):
+  batches = synth.val_batches(16)  # 40 examples -> 16 + 16 + 8 (+ 8 padding rows)
+  assert len(batches) == 3
+  assert all(b["input_ids"].shape == (16, 96) for b in batches)
+  masks = np.concatenate([b["attention_mask"] for b in batches])
+  ids = np.concatenate([b["input_ids"] for b in batches])
+  assert (masks[40:] == 0).all() and (ids[40:] == synth.pad_id).all()
+  for e in range(40):
+    n = int(masks[e].sum())
+    np.testing.assert_array_equal(ids[e, :n], synth.val.example(e))
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(source="csv"),
+     r"data\.source: got 'csv'; allowed values: synthetic, json, parquet, hf, tfds"),
+    (dict(source="json"), r"data\.train_files"),
+    (dict(source="json", train_files="/no/such/file.jsonl"), r"data\.train_files.*no/such"),
+    (dict(source="parquet", train_files=__file__, val_files=["/no/val*.parquet"]),
+     r"data\.val_files"),
+    (dict(max_length=1), r"data\.max_length: got 1"),
+    (dict(packing="yes"), r"data\.packing"),
+    (dict(tokenizer="/no/such/tokenizer.json"), r"data\.tokenizer"),
+    (dict(vocab_size=100), r"data\.vocab_size"),
+    (dict(val_size=0), r"data\.val_size"),
+    (dict(max_train_examples=-1), r"data\.max_train_examples"),
+    (dict(source="tfds", tfds_data_dir="/no/such/dir"), r"data\.tfds_data_dir"),
+    (dict(source="hf", hf_name=""), r"data\.hf_name"),
+    (dict(synthetic_train_size=0), r"data\.synthetic_train_size"),
+])
+def test_config_errors_name_the_field(tmp_path, changes, field):
+  data = small_config(tmp_path).to_dict()  # a plain dict, so wrongly typed values get through
+  data.update(changes)
+  with pytest.raises(ConfigError, match=field):
+    validate_data_config(data)
+  with pytest.raises(ConfigError, match=field):
+    build_datasets(data, workdir=str(tmp_path / "run"), seed=0)
+  assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing loaded
+
+
+def test_unknown_field_and_defaults(tmp_path):
+  data = small_config(tmp_path)
+  data.tokeniser = "bpe"
+  with pytest.raises(ConfigError, match="tokeniser"):
+    validate_data_config(data)
+  defaults = default_data_config()
+  validate_data_config(defaults)
+  assert defaults.max_length == 512 and defaults.val_seed == 42 and defaults.val_size == 1000
+  defaults.train_files = ["a.jsonl", "b.jsonl"]  # list or string both accepted
+  defaults.train_files = "a.jsonl"
+
+
+# --- remote / optional sources --------------------------------------------------------------------
+
+def test_hf_source_offline_error(tmp_path, monkeypatch):
+  import datasets
+  import huggingface_hub.constants
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  data = small_config(tmp_path, source="hf", hf_name="meta-math/MetaMathQA")
+  with pytest.raises(ConfigError) as error:
+    build_datasets(data, workdir=None, seed=0)
+  message = str(error.value)
+  assert "meta-math/MetaMathQA" in message
+  assert "config.data.source='json'" in message and "train_files" in message
+  assert "math_qa" in message
+
+
+TINY_QA = [("What is 1 + 1?", "2"), ("What is 2 * 3?", "6"), ("What is 9 - 4?", "5"),
+           ("What is 8 / 2?", "4"), ("What is 7 + 5?", "12"), ("What is 3 * 3?", "9")]
+
+
+def _prepare_tiny_tfds(data_dir: Path) -> str:
+  """Builds a 6 + 2 example question/answer TFDS dataset as array_record files, without TF."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class CoeJaxTinyQa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Tiny math questions with a train and a test split."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      features = tfds.features.FeaturesDict({"question": tfds.features.Text(),
+                                             "answer": tfds.features.Text()})
+      return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(TINY_QA),
+              "test": self._generate_examples([("What is 4 + 4?", "8"), ("What is 6 - 1?", "5")])}
+
+    def _generate_examples(self, pairs):
+      for i, (question, answer) in enumerate(pairs):
+        yield i, {"question": question, "answer": answer}
+
+  builder = CoeJaxTinyQa(data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare()
+  return builder.name
+
+
+def test_tfds_source_without_tensorflow(tmp_path):
+  name = _prepare_tiny_tfds(tmp_path / "tfds")
+  data = small_config(tmp_path, source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path / "tfds"),
+                      vocab_size=300)
+  ds = build_datasets(data, workdir=None, seed=0)
+  train = sorted(texts_of(ds.train, ds.tokenizer))
+  assert train == sorted(format_example(q, a) for q, a in TINY_QA)
+  assert sorted(texts_of(ds.val, ds.tokenizer)) == sorted(
+      [format_example("What is 4 + 4?", "8"), format_example("What is 6 - 1?", "5")])
+  data.tfds_val_split, data.val_size = "", 2  # hold out from train instead
+  held = build_datasets(data, workdir=None, seed=0)
+  assert (held.train.num_examples, held.val.num_examples) == (4, 2)
+  assert "tensorflow" not in sys.modules
+  data.tfds_query_feature = "problem"
+  with pytest.raises(ConfigError, match="data.tfds_query_feature"):
+    build_datasets(data, workdir=None, seed=0)
+
+
+def test_tensorflow_datasets_is_imported_lazily(tmp_path):
+  code = ("import sys; from coe_jax.data import build_datasets, default_data_config; "
+          "import coe_jax.data.sources; "
+          "assert 'tensorflow_datasets' not in sys.modules and 'datasets' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# --- the workplace's real data --------------------------------------------------------------------
+
+@pytest.mark.shared_data
+def test_shared_math_qa_with_olmoe_tokenizer(tmp_path):
+  math_qa = SHARED_DATA / "math_qa"
+  tok_path = SHARED_DATA / "tokenizer" / "olmoe" / "tokenizer.json"
+  if not (math_qa / "validation.jsonl").is_file() or not tok_path.is_file():
+    pytest.skip(f"shared data not found at {SHARED_DATA}")
+  data = small_config(tmp_path, source="json", train_files=str(math_qa / "train.jsonl"),
+                      val_files=[str(math_qa / "validation.jsonl")], tokenizer=str(tok_path),
+                      max_length=512, max_train_examples=20, max_val_examples=8)
+  ds = build_datasets(data, workdir=None, seed=0)
+  assert (ds.vocab_size, ds.pad_id, ds.eos_id) == (50280, 1, 50279)
+  assert (ds.train.num_examples, ds.val.num_examples) == (20, 8)
+  with open(math_qa / "validation.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(next(f)) for _ in range(8)]
+  batch = ds.val_batches(8)[0]
+  for e, row in enumerate(rows):
+    text = f"query : {row['query']} response : {row['response']}"
+    expected = ds.tokenizer.encode(text, add_special_tokens=False).ids[:512]
+    n = int(batch["attention_mask"][e].sum())
+    assert batch["input_ids"][e, :n].tolist() == expected
+    assert (batch["input_ids"][e, n:] == 1).all()
+    assert expected[:2] == ds.tokenizer.encode("query :", add_special_tokens=False).ids
