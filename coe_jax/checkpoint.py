@@ -1,0 +1,97 @@
+"""Orbax checkpoints of the train state plus the data iterator position.
+
+A checkpoint holds `state` (step, params, optimizer state) and `data` (the
+iterator's JSON state), so resuming reproduces the uninterrupted run exactly.
+The run's config is written beside it as `config.json`; a workdir whose saved
+model shape differs from the requested one refuses to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from coe_jax.model_config import ConfigError
+
+CONFIG_FILE = "config.json"
+# Fields that change array shapes or the meaning of saved weights.
+STRUCTURAL_MODEL_FIELDS = (
+    "vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
+    "moe_intermediate_size", "num_iterations", "independent_gates")
+
+
+class Checkpointer:
+  """Save/restore `(state, data_state)` under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, int]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["data"]), step
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params(workdir_or_dir: str, abstract_params: Any, step: Optional[int] = None) -> tuple[Any, int]:
+  """Only the params of a run's checkpoint (for analysis, generation, export)."""
+  directory = workdir_or_dir
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint path {workdir_or_dir!r} does not exist")
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {directory!r}")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(partial_restore=True, item={"params": abstract_params})))
+  manager.close()
+  return restored["state"]["params"], step
+
+
+def save_run_config(workdir: str, config_dict: dict) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+
+
+def load_run_config(workdir: str) -> Optional[dict]:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_resumable(saved: dict, requested: dict) -> None:
+  """Raises ConfigError if the saved run's model shape differs from the requested one."""
+  diffs = [f"model.{k}: saved {saved['model'].get(k)!r}, requested {requested['model'].get(k)!r}"
+           for k in STRUCTURAL_MODEL_FIELDS if saved["model"].get(k) != requested["model"].get(k)]
+  if diffs:
+    raise ConfigError("workdir holds a run with a different model shape; refusing to resume "
+                      "(use a new --workdir): " + "; ".join(diffs))

@@ -1,0 +1,140 @@
+"""The base training config and the two scales every paper run comes in.
+
+Each file in `configs/` is a few lines: `get_config(arg)` calls `build(arg,
+**changes)` with the fields its paper run varies. `arg` is the big_vision-style
+scale suffix: `configs/coe_c2.py` is the paper's scale, `configs/coe_c2.py:tiny`
+the same run shrunk to CPU size.
+
+Scales:
+  paper: SPEC 5/6. hidden 1024, 4 layers, N=64 (63 routed + 1 shared), f=704,
+    MLA dims of DeepSeek-V2-Lite, DeepSeek-V2 tokenizer (vocab 102400),
+    MetaMathQA, 64 x 512 tokens per step, 1000 steps, bf16 compute.
+  tiny: hidden 128, half the paper's layers (2; 4 and 6 for the deeper
+    ablations), N=32 (31 routed + 1 shared) so every paper K/N
+    ratio maps to a whole K (K=8/64 -> 4/32), f=96 (f/hidden ~ 704/1024), MLA
+    dims shrunk by 4-8x, 16 x 256 tokens per step, fp32; the embedded
+    synthetic corpus with a byte-level BPE tokenizer unless `config.data` is
+    pointed at local files. C and the layer-count ratios are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import ml_collections
+
+from coe_jax.data.input_pipeline import default_data_config
+from coe_jax.model_config import ConfigError, ModelConfig
+
+SCALES = ("paper", "tiny")
+PAPER_EXPERTS = 64  # the paper's N, shared expert included
+
+
+def parse_scale(arg: Optional[str]) -> str:
+  scale = (arg or "paper").strip()
+  if scale not in SCALES:
+    raise ConfigError(f"config argument (scale): got {arg!r}; allowed values: {', '.join(SCALES)}")
+  return scale
+
+
+def scale_experts(paper_k: int, paper_n: int, scale: str) -> dict[str, int]:
+  """Maps the paper's (K, N incl. shared) to this scale, keeping K/N and N_shared.
+
+  Dense-style runs (K = N = 8) keep every expert at both scales.
+  """
+  divisor = 1 if scale == "paper" else 2
+  if paper_k >= paper_n:  # dense-style: all experts run, no shared expert (SPEC 7)
+    k = paper_k // divisor
+    return dict(num_experts_per_tok=k, n_routed_experts=k, n_shared_experts=0)
+  n = paper_n // divisor
+  return dict(num_experts_per_tok=paper_k // divisor, n_routed_experts=n - 1, n_shared_experts=1)
+
+
+def _model_config(scale: str) -> ml_collections.ConfigDict:
+  model = ModelConfig().to_dict()
+  if scale == "paper":
+    model.update(dtype="bfloat16")
+  else:
+    model.update(
+        vocab_size=0, hidden_size=128, num_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, moe_intermediate_size=96,
+        rope_original_max_position=256, dtype="float32", num_layers=2)
+  model.update(scale_experts(8, PAPER_EXPERTS, scale))
+  return ml_collections.ConfigDict(model)
+
+
+def _train_config(scale: str) -> ml_collections.ConfigDict:
+  paper = scale == "paper"
+  return ml_collections.ConfigDict(dict(
+      steps=1000 if paper else 300,  # optimizer steps
+      batch_size=64 if paper else 16,  # sequences per step (64 x 512 = 32K tokens in the paper)
+      grad_accum_steps=1,  # micro-batches per step; batch_size must divide by it
+      lr=3e-4,  # peak learning rate (AdamW)
+      b1=0.9,  # AdamW beta1
+      b2=0.95,  # AdamW beta2
+      weight_decay=0.01,  # AdamW decoupled weight decay (not on norm scales)
+      warmup_fraction=0.1,  # linear warm-up over this share of steps
+      schedule="constant",  # after warm-up: 'constant' (paper) | 'cosine'
+      grad_clip=1.0,  # global-norm clipping; 0 disables
+      eval_every=10 if paper else 50,  # validation every N steps (and at the end); 0 = end only
+      eval_batch_size=64 if paper else 32,  # sequences per validation batch
+      max_eval_batches=0,  # 0 = the whole validation set
+      checkpoint_every=100,  # Orbax checkpoint every N steps (and at the end); 0 = end only
+      keep_checkpoints=3,  # how many checkpoints to keep
+      log_every=1,  # fetch and write train metrics every N steps
+      log_routing_stats=True,  # per-iteration load CV / entropy / dropped fraction in metrics
+  ))
+
+
+def paper_run(arg: Optional[str], *, name: str, paper_val_loss: Optional[float], c: int, k: int,
+              n: int = PAPER_EXPERTS, layers: int = 4, **model_changes: Any) -> ml_collections.ConfigDict:
+  """Config of one paper run CoE(C, K, N) with `layers` decoder layers at `arg`'s scale.
+
+  K, N and layers are the paper's; at tiny scale they are mapped keeping K/N
+  and the layer-count ratios (see `scale_experts`).
+  """
+  scale = parse_scale(arg)
+  num_layers = layers if scale == "paper" else layers // 2
+  config = build(arg, num_iterations=c, num_layers=num_layers, **scale_experts(k, n, scale),
+                 **model_changes)
+  config.paper = ml_collections.ConfigDict(dict(
+      name=name,  # the run's name in the paper
+      c=c, k=k, n=n, layers=layers,  # the paper's C, K, N (shared expert included), depth
+      val_loss=paper_val_loss if paper_val_loss is not None else float("nan"),  # SPEC 7; NaN: not in the paper
+  ))
+  return config
+
+
+def build(arg: Optional[str] = None, **model_changes: Any) -> ml_collections.ConfigDict:
+  """The full config at `arg`'s scale with `model_changes` applied to `config.model`."""
+  scale = parse_scale(arg)
+  config = ml_collections.ConfigDict()
+  config.scale = scale  # 'paper' | 'tiny'
+  config.seed = 0  # init, data order and step rngs all derive from it
+  config.model = _model_config(scale)
+  config.data = default_data_config()
+  if scale == "paper":
+    config.data.source = "hf"
+    config.data.tokenizer = "deepseek-ai/DeepSeek-V2-Lite"
+    config.data.max_length = 512
+  else:
+    config.data.source = "synthetic"
+    config.data.tokenizer = "bpe"
+    config.data.max_length = 256
+  config.train = _train_config(scale)
+  unknown = sorted(set(model_changes) - set(config.model.keys()))
+  if unknown:
+    raise ConfigError(f"model config: unknown field(s) {unknown}")
+  config.model.update(model_changes)
+  return config
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: Optional[int] = None) -> ModelConfig:
+  """ModelConfig from `config.model`; vocab_size=0 there means 'the tokenizer's size'."""
+  values = dict(config.model)
+  if values.get("vocab_size", 0) == 0:
+    if vocab_size is None:
+      values["vocab_size"] = 1  # placeholder for validation before the tokenizer is known
+    else:
+      values["vocab_size"] = vocab_size
+  return ModelConfig.from_dict(values)

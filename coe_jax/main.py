@@ -1,0 +1,36 @@
+"""Command line: `python -m coe_jax.main --config=configs/coe_c2.py[:tiny] --workdir=runs/x`.
+
+Any config field can be overridden, e.g. `--config.train.steps=50`.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from coe_jax import config_lib, train
+from coe_jax.model_config import ConfigError
+from coe_jax.params import count_params, format_counts
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (`file.py[:scale]`).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  config = _CONFIG.value
+  try:
+    model_config = train.validate_config(config)
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  print(f"Model ({'vocab from tokenizer' if config.model.vocab_size == 0 else 'vocab fixed'}):")
+  print(format_counts(count_params(model_config)))
+  train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

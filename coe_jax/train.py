@@ -1,0 +1,411 @@
+"""Training: state, the pure train step, evaluation and the loop (SPEC 6).
+
+The train step is a pure function `(state, batch, rng) -> (state, metrics)`,
+jitted once with the state donated. It optimises cross-entropy plus the summed
+router losses and reports them separately (`loss` is cross-entropy alone, as
+the paper reports it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from coe_jax import config_lib
+from coe_jax.model import CoECausalLM
+from coe_jax.model_config import ConfigError, ModelConfig
+
+Batch = dict[str, jax.Array]
+SCHEDULES = ("constant", "cosine")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. `tx` is static (not saved)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+
+# ---------------------------------------------------------------------------
+# Config validation
+# ---------------------------------------------------------------------------
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"{field}: {message}")
+
+
+def validate_train_config(train: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad `train.*` field."""
+  for field in ("steps", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every",
+                "keep_checkpoints"):
+    value = train[field]
+    _require(isinstance(value, int) and value >= 1, f"train.{field}",
+             f"got {value!r}; must be an integer >= 1")
+  for field in ("eval_every", "checkpoint_every", "max_eval_batches"):
+    value = train[field]
+    _require(isinstance(value, int) and value >= 0, f"train.{field}",
+             f"got {value!r}; must be an integer >= 0")
+  _require(train.batch_size % train.grad_accum_steps == 0, "train.batch_size",
+           f"got {train.batch_size}; must be divisible by train.grad_accum_steps="
+           f"{train.grad_accum_steps}")
+  _require(train.lr > 0 and math.isfinite(train.lr), "train.lr", f"got {train.lr!r}; must be > 0")
+  _require(0 <= train.warmup_fraction < 1, "train.warmup_fraction",
+           f"got {train.warmup_fraction!r}; must be in [0, 1)")
+  _require(train.schedule in SCHEDULES, "train.schedule",
+           f"got {train.schedule!r}; allowed values: {', '.join(SCHEDULES)}")
+  _require(0 <= train.b1 < 1 and 0 <= train.b2 < 1, "train.b1/b2", "must be in [0, 1)")
+  _require(train.weight_decay >= 0, "train.weight_decay", f"got {train.weight_decay!r}; must be >= 0")
+  _require(train.grad_clip >= 0, "train.grad_clip", f"got {train.grad_clip!r}; must be >= 0")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Validates model, data and train sections before anything loads or compiles."""
+  from coe_jax.data.input_pipeline import validate_data_config
+  for section in ("model", "data", "train"):
+    _require(section in config, f"config.{section}", "missing section")
+  _require(isinstance(config.get("seed", 0), int), "config.seed",
+           f"got {config.get('seed')!r}; must be an integer")
+  model_config = config_lib.model_config_from(config)
+  validate_data_config(config.data)
+  validate_train_config(config.train)
+  return model_config
+
+
+# ---------------------------------------------------------------------------
+# Optimiser
+# ---------------------------------------------------------------------------
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0 over warmup_fraction * steps, then constant or cosine to 0."""
+  warmup = int(train.warmup_fraction * train.steps)
+  rest = max(train.steps - warmup, 1)
+  if train.schedule == "cosine":
+    after = optax.cosine_decay_schedule(train.lr, rest)
+  else:
+    after = optax.constant_schedule(train.lr)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, train.lr, warmup), after], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices, not on RMSNorm scales (as the HF Trainer excludes norms)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) != "scale", params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  parts = []
+  if train.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train.grad_clip))
+  parts.append(optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=1e-8,
+                           weight_decay=train.weight_decay, mask=_decay_mask))
+  return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------
+# Loss and steps
+# ---------------------------------------------------------------------------
+
+def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """targets [b, s-1] and weights: predict token t+1 from t where t+1 is real and in t's segment."""
+  ids, mask, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
+  targets = ids[:, 1:]
+  weights = (mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
+  return targets, weights.astype(jnp.float32)
+
+
+def cross_entropy_sum(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """(sum of token cross-entropies, number of target tokens) of one batch."""
+  targets, weights = next_token_targets(batch)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+  return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _forward(model: CoECausalLM, params, batch: Batch, train: bool):
+  return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                     batch["positions"], batch["segment_ids"], train=train)
+
+
+def make_train_step(model: CoECausalLM, grad_accum_steps: int = 1,
+                    log_routing_stats: bool = True) -> Callable:
+  """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
+
+  The objective is mean token cross-entropy over the whole batch (all
+  micro-batches pooled, so accumulation is exact) plus the router losses,
+  averaged over micro-batches. `rng` is unused by the model (no dropout) and
+  kept so stochastic extensions need no signature change.
+  """
+
+  def objective(params, micro: Batch, total_tokens):
+    logits, aux = _forward(model, params, micro, train=True)
+    ce_sum, count = cross_entropy_sum(logits, micro)
+    router = (aux.aux_loss + aux.z_loss) / grad_accum_steps
+    return ce_sum / total_tokens + router, (ce_sum, count, aux)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    del rng
+    _, weights = next_token_targets(batch)
+    total_tokens = jnp.maximum(weights.sum(), 1.0)
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+
+    def accumulate(grads_sum, micro):
+      (_, (ce_sum, count, aux)), grads = grad_fn(state.params, micro, total_tokens)
+      return jax.tree.map(jnp.add, grads_sum, grads), (ce_sum, count, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (ce_sums, counts, auxes) = jax.lax.scan(accumulate, zeros, micro_batches)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics = {
+        "loss": ce_sums.sum() / jnp.maximum(counts.sum(), 1.0),
+        "aux_loss": auxes.aux_loss.mean(),
+        "z_loss": auxes.z_loss.mean(),
+        "grad_norm": optax.global_norm(grads),
+        "dropped_fraction": auxes.layers.dropped_fraction.mean(),
+        "target_tokens": counts.sum(),
+    }
+    if log_routing_stats:
+      # Per iteration, averaged over layers and micro-batches: shape [C].
+      metrics["dropped_fraction_iter"] = auxes.layers.dropped_fraction.mean(axis=(0, 1))
+      metrics["load_cv_iter"] = auxes.layers.load_cv.mean(axis=(0, 1))
+      metrics["router_entropy_iter"] = auxes.layers.router_entropy.mean(axis=(0, 1))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: CoECausalLM) -> Callable:
+  """`eval_step(params, batch) -> (CE sum, target count)` in eval mode (eval capacity)."""
+
+  def eval_step(params, batch: Batch):
+    logits, _ = _forward(model, params, batch, train=False)
+    return cross_entropy_sum(logits, batch)
+
+  return eval_step
+
+
+def evaluate(eval_step: Callable, params, batches: list[dict]) -> float:
+  """Mean token cross-entropy over `batches`."""
+  total, count = 0.0, 0.0
+  for batch in batches:
+    ce_sum, n = eval_step(params, batch)
+    total += float(ce_sum)
+    count += float(n)
+  return total / max(count, 1.0)
+
+
+def init_train_state(model: CoECausalLM, train: ml_collections.ConfigDict, seed: int,
+                     seq_len: int) -> TrainState:
+  params = model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))["params"]
+  return TrainState.create(params, make_optimizer(train))
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the next step and exits."""
+
+  def __init__(self):
+    self.signal: Optional[int] = None
+    self._previous = {}
+
+  def install(self) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. inside a notebook worker)
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def compiled_memory_bytes(compiled) -> Optional[int]:
+  """Peak bytes of a compiled XLA program: arguments + outputs + temporaries - aliased."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+             - stats.alias_size_in_bytes)
+
+
+def _check_finite(step: int, loss: float, last_checkpoint: Optional[int], workdir: str) -> None:
+  if not math.isfinite(loss):
+    where = (f"the last good checkpoint (step {last_checkpoint}) is intact under {workdir}/checkpoints"
+             if last_checkpoint is not None else "no checkpoint was written")
+    raise FloatingPointError(f"train loss became {loss} at step {step}; stopping. {where}.")
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: Optional[int] = None, progress: bool = True) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns a summary.
+
+  `stop_at_step` simulates an interruption: the run checkpoints there and
+  returns, as it does on SIGTERM/SIGINT.
+  """
+  from coe_jax.data.input_pipeline import build_datasets
+  from coe_jax.checkpoint import Checkpointer, check_resumable, load_run_config, save_run_config
+  from coe_jax.metrics import MetricWriter, plot_losses, truncate_metrics_after
+  from coe_jax.params import count_params
+
+  validate_config(config)
+  requested = _config_dict(config)
+  saved = load_run_config(workdir)
+  if saved is not None:
+    check_resumable(saved, requested)
+  train_cfg = config.train
+
+  datasets = build_datasets(config.data, workdir=workdir, seed=config.seed)
+  model_config = config_lib.model_config_from(config, datasets.vocab_size)
+  if datasets.vocab_size > model_config.vocab_size:
+    raise ConfigError(f"model.vocab_size: got {model_config.vocab_size}, smaller than the "
+                      f"tokenizer's {datasets.vocab_size}; use >= {datasets.vocab_size} or 0 (= tokenizer's)")
+  model = CoECausalLM(model_config)
+  save_run_config(workdir, requested)
+
+  state = init_train_state(model, train_cfg, config.seed, config.data.max_length)
+  checkpointer = Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+  iterator = datasets.train_iterator(train_cfg.batch_size, config.seed)
+  start = 0
+  if checkpointer.latest_step() is not None:
+    state, data_state, start = checkpointer.restore(state)
+    iterator.set_state(data_state)
+    truncate_metrics_after(workdir, start)
+    print(f"Resumed from {checkpointer.directory} at step {start}.")
+
+  step_fn = jax.jit(make_train_step(model, train_cfg.grad_accum_steps, train_cfg.log_routing_stats),
+                    donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model))
+  val_batches = datasets.val_batches(train_cfg.eval_batch_size)
+  if train_cfg.max_eval_batches:
+    val_batches = val_batches[:train_cfg.max_eval_batches]
+  base_rng = jax.random.key(config.seed + 1)
+
+  counts = count_params(model_config)
+  summary: dict[str, Any] = dict(params_total=counts.total, params_active=counts.active_per_token,
+                                 params_non_embedding=counts.non_embedding, vocab_size=model_config.vocab_size)
+  writer = MetricWriter(workdir)
+  stop = _StopFlag()
+  stop.install()
+  tokens_per_step = train_cfg.batch_size * config.data.max_length
+  last_checkpoint = start if start else None
+  step_times: list[float] = []
+  train_losses: list[float] = []
+  val_loss = None
+  try:
+    compiled = None
+    bar = _progress(range(start, train_cfg.steps), progress, initial=start, total=train_cfg.steps)
+    tick = time.perf_counter()
+    steps_since_log = 0
+    for step in bar:
+      batch = next(iterator)
+      rng = jax.random.fold_in(base_rng, step)
+      if compiled is None:
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch, rng).compile()
+        summary["compile_seconds"] = time.perf_counter() - t0
+        summary["train_step_peak_bytes"] = compiled_memory_bytes(compiled)
+        tick = time.perf_counter()
+      state, metrics = compiled(state, batch, rng)
+      steps_since_log += 1
+      done = step + 1
+      is_last = done == train_cfg.steps
+      checkpoint_due = is_last or (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)
+      eval_due = is_last or (train_cfg.eval_every and done % train_cfg.eval_every == 0)
+      interrupted = stop.signal is not None or (stop_at_step is not None and done >= stop_at_step)
+      if done % train_cfg.log_every == 0 or checkpoint_due or eval_due or interrupted:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - tick
+        step_time = elapsed / steps_since_log
+        step_times.append(step_time)
+        loss = float(metrics["loss"])
+        _check_finite(done, loss, last_checkpoint, workdir)
+        train_losses.append(loss)
+        row = {f"train/{k}": v for k, v in metrics.items()}
+        row["train/lr"] = float(learning_rate_schedule(train_cfg)(done - 1))
+        row["train/tokens_per_sec"] = tokens_per_step / step_time
+        row["train/step_seconds"] = step_time
+        if eval_due:
+          val_loss = evaluate(eval_step, state.params, val_batches)
+          row["val/loss"] = val_loss
+        writer.write(done, row)
+        if progress and hasattr(bar, "set_postfix"):
+          bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}",
+                          **({"val": f"{val_loss:.3f}"} if eval_due else {}))
+        tick = time.perf_counter()
+        steps_since_log = 0
+      if checkpoint_due or interrupted:
+        checkpointer.save(done, state, iterator.get_state())
+        last_checkpoint = done
+      if interrupted:
+        summary["interrupted_at"] = done
+        break
+  finally:
+    stop.restore()
+    writer.close()
+    checkpointer.close()
+
+  final_step = int(jax.device_get(state.step))
+  steady = step_times[1:] or step_times
+  summary.update(
+      step=final_step, first_train_loss=train_losses[0] if train_losses else None,
+      last_train_loss=train_losses[-1] if train_losses else None, final_val_loss=val_loss,
+      step_seconds_median=float(np.median(steady)) if steady else None,
+      tokens_per_sec=float(tokens_per_step / np.median(steady)) if steady else None,
+      completed=final_step >= train_cfg.steps)
+  summary["loss_png"] = plot_losses(workdir, title=os.path.basename(os.path.abspath(workdir)))
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  if progress:
+    print(f"\nRun directory: {os.path.abspath(workdir)}\n"
+          f"  metrics:     {os.path.join(workdir, 'metrics.jsonl')}\n"
+          f"  tensorboard: {os.path.join(workdir, 'tensorboard')}\n"
+          f"  loss curve:  {summary['loss_png']}\n"
+          f"  checkpoint:  {os.path.join(workdir, 'checkpoints')} (step {final_step})")
+  return summary
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+  if not enabled:
+    return iterable
+  from tqdm import tqdm
+  return tqdm(iterable, dynamic_ncols=True, **kwargs)
