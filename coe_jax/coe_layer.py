@@ -17,6 +17,8 @@ C = 1 is the plain MoE layer.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax
 import flax.linen as nn
 import jax
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from coe_jax import dispatch as dispatch_lib
+from coe_jax import sharding
 from coe_jax.experts import RoutedExperts, SharedExperts, SwiGLUWeights, swiglu
 from coe_jax.layers import RMSNorm, compute_dtype, torch_linear_default_init
 from coe_jax.model_config import ModelConfig
@@ -53,22 +56,29 @@ class CoEAux:
   expert_dropped: Array
 
 
-def _iteration_stats(probs, expert_ids, kept, num_experts):
-  one_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32)  # [b, s, k, e]
+def _iteration_stats(probs, expert_ids, kept, token_mask, num_experts):
+  """Routing statistics over real tokens (token_mask <float32>[b, s], 1 = real)."""
+  valid = token_mask[..., None]  # [b, s, 1]
+  one_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32) * valid[..., None]
   load = one_hot.sum(axis=(0, 1, 2))
   dropped = (one_hot * (~kept)[..., None]).sum(axis=(0, 1, 2))
-  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1).mean()
+  num_assignments = jnp.maximum(valid.sum() * expert_ids.shape[-1], 1.0)
+  entropy_per_token = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  entropy = jnp.sum(entropy_per_token * token_mask) / jnp.maximum(token_mask.sum(), 1.0)
   load_cv = jnp.std(load) / jnp.maximum(jnp.mean(load), 1e-9)
-  return dict(dropped_fraction=(~kept).mean(dtype=jnp.float32), load_cv=load_cv,
+  return dict(dropped_fraction=dropped.sum() / num_assignments, load_cv=load_cv,
               router_entropy=entropy, expert_load=load, expert_dropped=dropped)
 
 
 class CoELayer(nn.Module):
   """A Chain-of-Experts feed-forward block (norm included), usable in any Flax model.
 
-  Call: `(h <float>[batch, seq, hidden], train: bool) -> (out <compute dtype>[batch, seq, hidden], CoEAux)`.
-  `h` is the residual stream after attention. `train` picks the train or eval
-  capacity factor. Params: `norm/scale` [hidden]; `router` <float32>[C or 1,
+  Call: `(h <float>[batch, seq, hidden], train: bool, token_mask=None) ->
+  (out <compute dtype>[batch, seq, hidden], CoEAux)`. `h` is the residual
+  stream after attention. `train` picks the train or eval capacity factor.
+  `token_mask` <int|bool>[batch, seq] marks real tokens: padding takes no
+  expert capacity, gets no routed output and is left out of the statistics
+  (the load-balancing loss still sees every position, as in the reference). Params: `norm/scale` [hidden]; `router` <float32>[C or 1,
   N_routed, hidden]; `routed_experts/{gate,up,down}_proj`; `shared_experts/...`
   when n_shared_experts > 0.
 
@@ -80,7 +90,8 @@ class CoELayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, h: Float[Array, "batch seq hidden"], train: bool = False
+  def __call__(self, h: Float[Array, "batch seq hidden"], train: bool = False,
+               token_mask: Optional[Array] = None
                ) -> tuple[Float[Array, "batch seq hidden"], CoEAux]:
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
@@ -103,14 +114,18 @@ class CoELayer(nn.Module):
     capacity = dispatch_lib.expert_capacity(batch * seq, k, num_experts, capacity_factor,
                                             cfg.min_capacity)
     sow_probs = self.is_mutable_collection("intermediates")
+    real = jnp.ones((batch, seq), bool) if token_mask is None else token_mask > 0
+    expert_pass = _expert_pass_for_context(routed, shared, cfg, capacity, capacity_factor,
+                                           None if token_mask is None else real, real)
 
     def iteration(carry, router_weight):
       u, m_sum = carry
-      m, routing, kept = _expert_pass(u, router_weight, routed, shared, cfg, capacity)
+      m, routing, kept = expert_pass(u, router_weight)
       u_next = (u + m) if cfg.inner_residual else m
       per_iter = dict(expert_ids=routing.expert_ids, combine_weights=routing.combine_weights,
                       kept=kept, aux_loss=routing.aux_loss, z_loss=routing.z_loss,
-                      **_iteration_stats(routing.probs, routing.expert_ids, kept, num_experts))
+                      **_iteration_stats(routing.probs, routing.expert_ids, kept,
+                                         real.astype(jnp.float32), num_experts))
       if sow_probs:
         per_iter["router_probs"] = routing.probs
       return (u_next, m_sum + m), per_iter
@@ -134,9 +149,29 @@ class CoELayer(nn.Module):
     return out, aux
 
 
+def _expert_pass_for_context(routed: SwiGLUWeights, shared: SwiGLUWeights | None,
+                             cfg: ModelConfig, capacity: int, capacity_factor: float,
+                             token_mask, real):
+  """`(u, router_weight) -> (m, routing, kept)`: per device under a mesh, else `_expert_pass`.
+
+  Under `jax.set_mesh` (see `coe_jax.sharding`), when the batch splits evenly
+  over the mesh, the pass runs under shard_map with the experts split over
+  the `expert` axis; the capacity then comes from each device's token count.
+  """
+  mesh = sharding.active_mesh(batch_size=real.shape[0])
+  if mesh is None:
+    return lambda u, router_weight: _expert_pass(u, router_weight, routed, shared, cfg, capacity,
+                                                 token_mask)
+  sharded = sharding.shard_expert_pass(_expert_pass, cfg, capacity_factor, mesh)
+  return lambda u, router_weight: sharded(u, router_weight, routed, shared, real)
+
+
 def _expert_pass(u, router_weight, routed: SwiGLUWeights, shared: SwiGLUWeights | None,
-                 cfg: ModelConfig, capacity: int):
-  """m = RoutedExperts(u) + SharedExperts(u) for one iteration; returns (m, routing, kept)."""
+                 cfg: ModelConfig, capacity: int, token_mask=None, expert_axis=None):
+  """m = RoutedExperts(u) + SharedExperts(u) for one iteration; returns (m, routing, kept).
+
+  `expert_axis`: inside shard_map, the mesh axis `routed` is split over.
+  """
   batch, seq, hidden = u.shape
   routing = route(u, router_weight, k=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
                   routed_scaling_factor=cfg.routed_scaling_factor,
@@ -145,7 +180,8 @@ def _expert_pass(u, router_weight, routed: SwiGLUWeights, shared: SwiGLUWeights 
   flat_weights = routing.combine_weights.reshape(batch * seq, -1)
   result = dispatch_lib.dispatch_to_experts(
       u.reshape(batch * seq, hidden), flat_ids, flat_weights, routed, mode=cfg.dispatch,
-      capacity=capacity, dropless_impl=cfg.dropless_impl)
+      capacity=capacity, dropless_impl=cfg.dropless_impl,
+      token_mask=None if token_mask is None else token_mask.reshape(-1), expert_axis=expert_axis)
   m = result.output.reshape(batch, seq, hidden)
   if shared is not None:
     m = m + swiglu(shared, u)

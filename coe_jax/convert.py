@@ -66,6 +66,10 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     if kind != "yarn":
       raise ConfigError(f"config.json rope_scaling.type: got {kind!r}; allowed values: yarn, or null")
     values["rope_scaling"] = "yarn"
+    # Keys absent from config.json take the reference's defaults
+    # (DeepseekV2YarnRotaryEmbedding: mscale=1, mscale_all_dim=0), not our paper defaults.
+    values.update({"rope_original_max_position": 4096, "rope_beta_fast": 32.0,
+                   "rope_beta_slow": 1.0, "rope_mscale": 1.0, "rope_mscale_all_dim": 0.0})
     values.update({ours: rope[theirs] for ours, theirs in _ROPE_FIELDS.items() if theirs in rope})
   else:
     values["rope_scaling"] = "none"

@@ -18,7 +18,7 @@ Two interchangeable implementations (SPEC 3, config `model.dispatch`):
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import flax
 import jax
@@ -28,13 +28,17 @@ from jaxtyping import Array, Bool, Float, Int
 from coe_jax.experts import SwiGLUWeights, swiglu_grouped, swiglu_per_expert
 
 
+DISPATCH_MODES = ("capacity", "dropless")
+
+
 @flax.struct.dataclass
 class DispatchOutput:
   """Result of one dispatch.
 
   Attributes:
     output: <float>[tokens, hidden] sum_k weight_k * expert_k(x) over kept assignments.
-    kept: <bool>[tokens, K] whether each assignment was processed (all True if dropless).
+    kept: <bool>[tokens, K] whether each assignment was processed (all True if
+      dropless); assignments of masked-out (padding) tokens are never kept.
   """
 
   output: Float[Array, "tokens hidden"]
@@ -55,20 +59,25 @@ def resolve_dropless_impl(impl: str) -> str:
   return "gather" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
-def assignment_slots(expert_ids: Int[Array, "tokens k"], num_experts: int,
-                     capacity: int) -> tuple[Int[Array, "tokens k"], Bool[Array, "tokens k"]]:
+def assignment_slots(expert_ids: Int[Array, "tokens k"], num_experts: int, capacity: int,
+                     token_mask: Optional[Bool[Array, "tokens"]] = None
+                     ) -> tuple[Int[Array, "tokens k"], Bool[Array, "tokens k"]]:
   """Buffer slot (expert * capacity + position) of every assignment, and whether it fits.
 
-  Dropped assignments get the sentinel slot `num_experts * capacity`.
+  Dropped assignments get the sentinel slot `num_experts * capacity`. Tokens
+  with `token_mask` False (padding) are sorted into a virtual expert past the
+  last one, so they never take capacity from real tokens.
   """
   num_tokens, k = expert_ids.shape
+  if token_mask is not None:
+    expert_ids = jnp.where(token_mask[:, None], expert_ids, num_experts)
   flat = expert_ids.T.reshape(-1)  # slot-major priority; Shape: [k * tokens]
   order = jnp.argsort(flat, stable=True)
-  counts = jnp.bincount(flat, length=num_experts)
+  counts = jnp.bincount(flat, length=num_experts + 1)
   starts = jnp.cumsum(counts) - counts
   sorted_positions = jnp.arange(flat.shape[0], dtype=jnp.int32) - starts[flat[order]]
   positions = jnp.zeros_like(flat).at[order].set(sorted_positions.astype(flat.dtype))
-  kept = positions < capacity
+  kept = (positions < capacity) & (flat < num_experts)
   slots = jnp.where(kept, flat * capacity + positions, num_experts * capacity)
   return slots.reshape(k, num_tokens).T, kept.reshape(k, num_tokens).T
 
@@ -89,14 +98,15 @@ def _combine(expert_rows: Float[Array, "rows hidden"], row_of_assignment: Int[Ar
 def capacity_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "tokens k"],
                       combine_weights: Float[Array, "tokens k"],
                       expert_fn: Callable[[Array], Array], num_experts: int,
-                      capacity: int) -> DispatchOutput:
+                      capacity: int, token_mask: Optional[Bool[Array, "tokens"]] = None
+                      ) -> DispatchOutput:
   """Gather tokens into [experts, capacity, hidden], run `expert_fn`, gather back.
 
   Empty buffer rows are zero (never uninitialised memory).
   """
   num_tokens, hidden = x.shape
   k = expert_ids.shape[1]
-  slots, kept = assignment_slots(expert_ids, num_experts, capacity)
+  slots, kept = assignment_slots(expert_ids, num_experts, capacity, token_mask)
   # Which token fills each buffer slot; empty slots point at an appended zero row.
   token_of_assignment = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32)[:, None], (num_tokens, k))
   token_of_slot = jnp.full((num_experts * capacity,), num_tokens, jnp.int32)
@@ -110,9 +120,18 @@ def capacity_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "
 def ragged_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "tokens k"],
                     combine_weights: Float[Array, "tokens k"],
                     grouped_fn: Callable[[Array, Array], Array],
-                    num_experts: int) -> DispatchOutput:
-  """Sort assignments by expert, run `grouped_fn(rows, group_sizes)`, unsort, combine."""
+                    num_experts: int, token_mask: Optional[Bool[Array, "tokens"]] = None
+                    ) -> DispatchOutput:
+  """Sort assignments by expert, run `grouped_fn(rows, group_sizes)`, unsort, combine.
+
+  Masked-out tokens still run through their experts (the shapes are static)
+  but get zero combine weight, matching the capacity path.
+  """
   num_tokens, k = expert_ids.shape
+  kept = jnp.ones(expert_ids.shape, bool)
+  if token_mask is not None:
+    kept = jnp.broadcast_to(token_mask[:, None], expert_ids.shape)
+    combine_weights = jnp.where(kept, combine_weights, 0)
   flat = expert_ids.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   rows = x[order // k]  # Shape: [tokens * k, hidden]
@@ -121,12 +140,36 @@ def ragged_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "to
   row_of_assignment = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   return DispatchOutput(
       output=_combine(sorted_out, row_of_assignment.reshape(num_tokens, k), combine_weights),
-      kept=jnp.ones(expert_ids.shape, bool))
+      kept=kept)
+
+
+def run_on_expert_shards(buffer: Float[Array, "experts capacity hidden"],
+                         local_experts_fn: Callable[[Array], Array],
+                         axis_name: str) -> Float[Array, "experts capacity hidden"]:
+  """Runs each expert's buffer rows on the device that holds that expert.
+
+  Inside `jax.shard_map`, with n devices on `axis_name` each holding E/n
+  experts: `buffer` <float>[E, cap, d] (this device's rows for every expert)
+  goes out by all-to-all; `local_experts_fn` sees <float>[E/n, n * cap, d]
+  (every device's rows for this device's experts); a second all-to-all brings
+  the outputs back in the buffer's layout.
+  """
+  num_experts, capacity, hidden = buffer.shape
+  shards = jax.lax.axis_size(axis_name)
+  local = num_experts // shards
+  outgoing = buffer.reshape(shards, local, capacity, hidden)  # Shape: [dest shard, local, cap, d]
+  incoming = jax.lax.all_to_all(outgoing, axis_name, 0, 0, tiled=True)  # [source, local, cap, d]
+  rows = incoming.transpose(1, 0, 2, 3).reshape(local, shards * capacity, hidden)
+  out = local_experts_fn(rows).reshape(local, shards, capacity, hidden).transpose(1, 0, 2, 3)
+  returned = jax.lax.all_to_all(out, axis_name, 0, 0, tiled=True)  # [expert shard, local, cap, d]
+  return returned.reshape(num_experts, capacity, hidden)
 
 
 def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "tokens k"],
                         combine_weights: Float[Array, "tokens k"], weights: SwiGLUWeights, *,
-                        mode: str, capacity: int, dropless_impl: str = "auto") -> DispatchOutput:
+                        mode: str, capacity: int, dropless_impl: str = "auto",
+                        token_mask: Optional[Bool[Array, "tokens"]] = None,
+                        expert_axis: Optional[str] = None) -> DispatchOutput:
   """Routed-expert output for every token under the chosen dispatch mode.
 
   Args:
@@ -136,17 +179,37 @@ def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array,
     mode: 'capacity' or 'dropless'.
     capacity: per-expert capacity for mode='capacity' (see `expert_capacity`).
     dropless_impl: 'auto' | 'gather' | 'ragged_dot' for mode='dropless'.
+    token_mask: <bool>[tokens] False for padding: those tokens take no expert
+      capacity and get no routed output (None: every token is real).
+    expert_axis: inside `jax.shard_map`, the mesh axis the experts are split
+      over; `weights` are then this device's E/n experts and the buffer rows
+      travel by all-to-all (`run_on_expert_shards`). Dropless then uses the
+      buffer with capacity = tokens.
   """
   num_tokens = x.shape[0]
   num_experts = weights.gate.shape[0]
+  if expert_axis is not None:
+    if mode not in DISPATCH_MODES:
+      raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
+
+    def exchanged_experts(buffer):
+      return run_on_expert_shards(buffer, lambda rows: swiglu_per_expert(weights, rows),
+                                  expert_axis)
+
+    return capacity_dispatch(x, expert_ids, combine_weights, exchanged_experts,
+                             num_experts * jax.lax.axis_size(expert_axis),
+                             capacity if mode == "capacity" else num_tokens, token_mask)
   if mode == "capacity":
     return capacity_dispatch(x, expert_ids, combine_weights,
-                             lambda buf: swiglu_per_expert(weights, buf), num_experts, capacity)
+                             lambda buf: swiglu_per_expert(weights, buf), num_experts, capacity,
+                             token_mask)
   if mode != "dropless":
     raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
   impl = resolve_dropless_impl(dropless_impl)
   if impl == "ragged_dot":
     return ragged_dispatch(x, expert_ids, combine_weights,
-                           lambda rows, sizes: swiglu_grouped(weights, rows, sizes), num_experts)
+                           lambda rows, sizes: swiglu_grouped(weights, rows, sizes), num_experts,
+                           token_mask)
   return capacity_dispatch(x, expert_ids, combine_weights,
-                           lambda buf: swiglu_per_expert(weights, buf), num_experts, num_tokens)
+                           lambda buf: swiglu_per_expert(weights, buf), num_experts, num_tokens,
+                           token_mask)
