@@ -244,6 +244,64 @@ class MultiHeadLatentAttention(nn.Module):
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
     return self.o_proj(out.reshape(*out.shape[:2], -1))
 
+  # --------------------------------------------------------------------------
+  # Decoding with a latent cache (used by `coe_jax.model.CachedCoECausalLM`).
+  # --------------------------------------------------------------------------
+
+  def attend_absorbed(self, q_nope: Float[Array, "batch q heads nope"],
+                      q_pe: Float[Array, "batch q heads rope"],
+                      c_latent: Float[Array, "batch k rank"], k_pe: Float[Array, "batch k rope"],
+                      mask: Bool[Array, "#batch 1 q k"]) -> Float[Array, "batch q hidden"]:
+    """`attend` with kv_b_proj absorbed into the query and output (DeepSeek-V2 decoding).
+
+    Equal to `attend` (up to rounding) but never materialises k_nope/value for
+    the k cached tokens: q_nope is mapped into the latent space, q_lat = q_nope
+    W_uk^T [b, q, H, rank], scores = q_lat . c + q_pe . k_pe, and the output is
+    (probs . c) W_uv. Per step this costs O(k * H * rank) instead of the
+    O(k * rank * H * (nope + v)) up-projection of the whole cache.
+    """
+    config = self.config
+    if self.is_initializing():  # create kv_b_proj's kernel
+      self.kv_b_proj(c_latent[:, :1])
+    kernel = self.kv_b_proj.variables["params"]["kernel"].astype(q_nope.dtype)
+    kernel = kernel.reshape(config.kv_lora_rank, config.num_heads,
+                            config.qk_nope_head_dim + config.v_head_dim)
+    w_uk, w_uv = jnp.split(kernel, [config.qk_nope_head_dim], axis=-1)
+    f32 = jnp.float32
+    q_latent = jnp.einsum("bqhd,rhd->bqhr", q_nope, w_uk, preferred_element_type=f32)
+    c32 = c_latent.astype(f32)
+    scores = (jnp.einsum("bqhr,bkr->bhqk", q_latent, c32, preferred_element_type=f32)
+              + jnp.einsum("bqhd,bkd->bhqk", q_pe, k_pe.astype(q_pe.dtype),
+                           preferred_element_type=f32))
+    scores = jnp.where(mask, scores * softmax_scale(config), _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    context = jnp.einsum("bhqk,bkr->bqhr", probs, c32, preferred_element_type=f32)
+    out = jnp.einsum("bqhr,rhe->bqhe", context.astype(q_nope.dtype), w_uv)
+    return self.o_proj(out.reshape(*out.shape[:2], -1))
+
+  def attend_with_cache(self, x: Float[Array, "batch t hidden"], positions: Int[Array, "batch t"],
+                        mask: Bool[Array, "#batch 1 t k"], c_cache: Float[Array, "batch k rank"],
+                        kpe_cache: Float[Array, "batch k rope"], index: Int[Array, ""],
+                        absorb: bool = True
+                        ) -> tuple[Float[Array, "batch t hidden"], Float[Array, "batch t rank"],
+                                   Float[Array, "batch t rope"]]:
+    """Self-attention of `t` new tokens over a latent cache of `k` slots.
+
+    The new tokens' latent and rotary key are written at slots
+    [index, index + t) of a copy of the cache and attended to with the cached
+    ones; `mask` (True = attend) says which slots each new token sees.
+    Returns (output [b, t, hidden], new latent [b, t, rank], new k_pe [b, t, rope]);
+    the caller stores the last two in its cache.
+    """
+    cos, sin = rotary_cos_sin(positions, self.config)
+    q_nope, q_pe = self.project_queries(x, cos, sin)
+    c_new, kpe_new = self.project_latent_keys(x, cos, sin)
+    c_all = jax.lax.dynamic_update_slice_in_dim(c_cache, c_new.astype(c_cache.dtype), index, axis=1)
+    kpe_all = jax.lax.dynamic_update_slice_in_dim(kpe_cache, kpe_new.astype(kpe_cache.dtype),
+                                                  index, axis=1)
+    attend = self.attend_absorbed if absorb else self.attend
+    return attend(q_nope, q_pe, c_all, kpe_all, mask), c_new, kpe_new
+
 
 def _attention_probs(q_nope: Float[Array, "batch q heads nope"],
                      q_pe: Float[Array, "batch q heads rope"],

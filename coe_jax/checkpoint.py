@@ -18,11 +18,13 @@ import orbax.checkpoint as ocp
 from coe_jax.model_config import ConfigError
 
 CONFIG_FILE = "config.json"
-# Fields that change array shapes or the meaning of saved weights.
+# Fields that change array shapes or the meaning of saved weights (the function the
+# layers compute); execution choices (dispatch, capacity, dtype, remat) may change.
 STRUCTURAL_MODEL_FIELDS = (
     "vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
     "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
-    "moe_intermediate_size", "num_iterations", "independent_gates")
+    "moe_intermediate_size", "num_iterations", "independent_gates", "num_experts_per_tok",
+    "inner_residual", "outer_residual", "residual_style", "norm_topk_prob")
 
 
 class Checkpointer:
@@ -32,7 +34,10 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -45,9 +50,25 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
+    mismatches = self.param_shape_mismatches(step, abstract_state.params)
+    if mismatches:
+      raise ConfigError(
+          f"the checkpoint at step {step} under {self.directory} holds params of other shapes than "
+          "the requested model (model.vocab_size, or the tokenizer's vocabulary when it is 0, or "
+          "another structural field differs); refusing to resume (use a new --workdir): "
+          + "; ".join(mismatches))
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(_with_default_sharding(abstract_state)),
+        data=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["data"]), step
+
+  def param_shape_mismatches(self, step: int, abstract_params: Any) -> list[str]:
+    """'params<path>: saved <shape>, requested <shape>' for each param whose shapes differ."""
+    saved = _shapes(self.manager.item_metadata(step)["state"]["params"])
+    requested = _shapes(abstract_params)
+    return [f"params{path}: saved {saved.get(path)}, requested {requested.get(path)}"
+            for path in sorted(saved.keys() | requested.keys())
+            if saved.get(path) != requested.get(path)]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -55,6 +76,23 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _with_default_sharding(abstract: Any) -> Any:
+  """`abstract` as ShapeDtypeStructs; leaves without a sharding go to the first local device.
+
+  Without a target sharding Orbax would use the one saved in the checkpoint,
+  which names the devices of the machine that trained (e.g. a GPU).
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+      leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None) or device), abstract)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Array (or array metadata) shapes of a pytree, by key path."""
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def restore_params(workdir_or_dir: str, abstract_params: Any, step: Optional[int] = None) -> tuple[Any, int]:
@@ -68,8 +106,10 @@ def restore_params(workdir_or_dir: str, abstract_params: Any, step: Optional[int
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {directory!r}")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(partial_restore=True, item={"params": abstract_params})))
+  target = {"params": _with_default_sharding(abstract_params)}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      partial_restore=True, item=target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
   manager.close()
   return restored["state"]["params"], step
 

@@ -86,6 +86,19 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
   ))
 
 
+def _mesh_config() -> ml_collections.ConfigDict:
+  """Device mesh and multi-host start (see `coe_jax.sharding`); ignored on one device."""
+  return ml_collections.ConfigDict(dict(
+      data=-1,  # data-parallel ways; -1 = every device not used by fsdp/expert
+      fsdp=1,  # ways to split params and optimizer state (ZeRO-3 style, all-gathered at use)
+      expert=1,  # ways to split the routed experts (tokens exchanged by all-to-all); divides N_routed
+      distributed=False,  # call jax.distributed.initialize (also if JAX_COORDINATOR_ADDRESS is set)
+      coordinator_address="",  # host:port of process 0; '' = env JAX_COORDINATOR_ADDRESS or auto-detect
+      num_processes=0,  # 0 = env JAX_NUM_PROCESSES or auto-detect
+      process_id=-1,  # -1 = env JAX_PROCESS_ID or auto-detect
+  ))
+
+
 def paper_run(arg: Optional[str], *, name: str, paper_val_loss: Optional[float], c: int, k: int,
               n: int = PAPER_EXPERTS, layers: int = 4, **model_changes: Any) -> ml_collections.ConfigDict:
   """Config of one paper run CoE(C, K, N) with `layers` decoder layers at `arg`'s scale.
@@ -122,6 +135,7 @@ def build(arg: Optional[str] = None, **model_changes: Any) -> ml_collections.Con
     config.data.tokenizer = "bpe"
     config.data.max_length = 256
   config.train = _train_config(scale)
+  config.mesh = _mesh_config()
   unknown = sorted(set(model_changes) - set(config.model.keys()))
   if unknown:
     raise ConfigError(f"model config: unknown field(s) {unknown}")

@@ -28,7 +28,10 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   print(f"Model ({'vocab from tokenizer' if config.model.vocab_size == 0 else 'vocab fixed'}):")
   print(format_counts(count_params(model_config)))
-  train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except ConfigError as e:  # found once data is read, e.g. a workdir holding another model
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

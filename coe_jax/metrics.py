@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -25,16 +25,25 @@ def _scalars(values: Mapping[str, Any]) -> dict[str, float]:
 
 
 class MetricWriter:
-  """Appends one JSON object per call to `workdir/metrics.jsonl` and to TensorBoard."""
+  """Appends one JSON object per call to `workdir/metrics.jsonl` and to TensorBoard.
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  With `resume_step` (the step a run restarts from, 0 for a fresh start), rows
+  logged after it by an earlier, interrupted run are dropped from
+  metrics.jsonl and purged from TensorBoard, so a resumed run's steps appear
+  once.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: Optional[int] = None):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
+    if resume_step is not None:
+      truncate_metrics_after(workdir, resume_step)
     self._file = open(self.path, "a")
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      purge_step = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
   def write(self, step: int, values: Mapping[str, Any]) -> dict[str, float]:
     scalars = _scalars(values)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from coe_jax import config_lib
+from coe_jax import config_lib, sharding
 from coe_jax.model import CoECausalLM
 from coe_jax.model_config import ConfigError, ModelConfig
 
@@ -73,7 +73,8 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
            f"got {train.warmup_fraction!r}; must be in [0, 1)")
   _require(train.schedule in SCHEDULES, "train.schedule",
            f"got {train.schedule!r}; allowed values: {', '.join(SCHEDULES)}")
-  _require(0 <= train.b1 < 1 and 0 <= train.b2 < 1, "train.b1/b2", "must be in [0, 1)")
+  for field in ("b1", "b2"):
+    _require(0 <= train[field] < 1, f"train.{field}", f"got {train[field]!r}; must be in [0, 1)")
   _require(train.weight_decay >= 0, "train.weight_decay", f"got {train.weight_decay!r}; must be >= 0")
   _require(train.grad_clip >= 0, "train.grad_clip", f"got {train.grad_clip!r}; must be >= 0")
 
@@ -171,6 +172,7 @@ def make_train_step(model: CoECausalLM, grad_accum_steps: int = 1,
     total_tokens = jnp.maximum(weights.sum(), 1.0)
     micro_batches = jax.tree.map(
         lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+    micro_batches = sharding.constrain_micro_batches(micro_batches)  # no-op without a mesh
 
     def accumulate(grads_sum, micro):
       (_, (ce_sum, count, aux)), grads = grad_fn(state.params, micro, total_tokens)
@@ -221,8 +223,14 @@ def evaluate(eval_step: Callable, params, batches: list[dict]) -> float:
 
 def init_train_state(model: CoECausalLM, train: ml_collections.ConfigDict, seed: int,
                      seq_len: int) -> TrainState:
-  params = model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))["params"]
-  return TrainState.create(params, make_optimizer(train))
+  """Fresh params and optimizer state, initialised in one jitted program (not op by op)."""
+  tx = make_optimizer(train)
+
+  def create(key: jax.Array) -> TrainState:
+    params = model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return TrainState.create(params, tx)
+
+  return jax.jit(create)(jax.random.key(seed))
 
 
 # ---------------------------------------------------------------------------
@@ -264,11 +272,26 @@ def compiled_memory_bytes(compiled) -> Optional[int]:
              - stats.alias_size_in_bytes)
 
 
-def _check_finite(step: int, loss: float, last_checkpoint: Optional[int], workdir: str) -> None:
-  if not math.isfinite(loss):
-    where = (f"the last good checkpoint (step {last_checkpoint}) is intact under {workdir}/checkpoints"
-             if last_checkpoint is not None else "no checkpoint was written")
-    raise FloatingPointError(f"train loss became {loss} at step {step}; stopping. {where}.")
+def device_peak_bytes() -> Optional[int]:
+  """The first device's peak bytes in use so far, where it reports them (GPU/TPU; None on CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return int(peak) if peak is not None else None
+
+
+def _check_finite(step: int, loss: float, grad_norm: float, last_checkpoint: Optional[int],
+                  workdir: str) -> None:
+  """Raises before a step whose loss or gradient is NaN/Inf can be logged or checkpointed.
+
+  A non-finite gradient norm means the step's update already spoiled the
+  params even when the loss (computed before the update) is still finite.
+  """
+  if math.isfinite(loss) and math.isfinite(grad_norm):
+    return
+  where = (f"the last good checkpoint (step {last_checkpoint}) is intact under {workdir}/checkpoints"
+           if last_checkpoint is not None else "no checkpoint was written")
+  raise FloatingPointError(f"train loss became {loss} (gradient norm {grad_norm}) at step {step}; "
+                           f"stopping. {where}.")
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict:
@@ -284,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   from coe_jax.data.input_pipeline import build_datasets
   from coe_jax.checkpoint import Checkpointer, check_resumable, load_run_config, save_run_config
-  from coe_jax.metrics import MetricWriter, plot_losses, truncate_metrics_after
+  from coe_jax.metrics import MetricWriter, plot_losses
   from coe_jax.params import count_params
 
   validate_config(config)
@@ -300,21 +323,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"model.vocab_size: got {model_config.vocab_size}, smaller than the "
                       f"tokenizer's {datasets.vocab_size}; use >= {datasets.vocab_size} or 0 (= tokenizer's)")
   model = CoECausalLM(model_config)
-  save_run_config(workdir, requested)
+  parallel = sharding.Parallelism.for_run(config, model_config)  # config.mesh; no mesh on 1 device
 
-  state = init_train_state(model, train_cfg, config.seed, config.data.max_length)
+  state = parallel.init_state(
+      lambda: init_train_state(model, train_cfg, config.seed, config.data.max_length))
   checkpointer = Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
   iterator = datasets.train_iterator(train_cfg.batch_size, config.seed)
   start = 0
   if checkpointer.latest_step() is not None:
-    state, data_state, start = checkpointer.restore(state)
+    try:
+      state, data_state, start = checkpointer.restore(state)
+    except Exception:
+      checkpointer.close()
+      raise
     iterator.set_state(data_state)
-    truncate_metrics_after(workdir, start)
     print(f"Resumed from {checkpointer.directory} at step {start}.")
+  save_run_config(workdir, requested)  # only once the workdir's checkpoint fits this config
 
-  step_fn = jax.jit(make_train_step(model, train_cfg.grad_accum_steps, train_cfg.log_routing_stats),
-                    donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model))
+  step_fn = parallel.jit_train_step(
+      make_train_step(model, train_cfg.grad_accum_steps, train_cfg.log_routing_stats), state)
+  eval_step = parallel.jit_eval_step(make_eval_step(model))
   val_batches = datasets.val_batches(train_cfg.eval_batch_size)
   if train_cfg.max_eval_batches:
     val_batches = val_batches[:train_cfg.max_eval_batches]
@@ -323,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   counts = count_params(model_config)
   summary: dict[str, Any] = dict(params_total=counts.total, params_active=counts.active_per_token,
                                  params_non_embedding=counts.non_embedding, vocab_size=model_config.vocab_size)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start)
   stop = _StopFlag()
   stop.install()
   tokens_per_step = train_cfg.batch_size * config.data.max_length
@@ -333,11 +361,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   val_loss = None
   try:
     compiled = None
-    bar = _progress(range(start, train_cfg.steps), progress, initial=start, total=train_cfg.steps)
+    end = train_cfg.steps if stop_at_step is None else max(start, min(train_cfg.steps, stop_at_step))
+    bar = _progress(range(start, end), progress, initial=start, total=train_cfg.steps)
     tick = time.perf_counter()
     steps_since_log = 0
     for step in bar:
-      batch = next(iterator)
+      batch = parallel.shard_batch(next(iterator))
       rng = jax.random.fold_in(base_rng, step)
       if compiled is None:
         t0 = time.perf_counter()
@@ -358,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         step_time = elapsed / steps_since_log
         step_times.append(step_time)
         loss = float(metrics["loss"])
-        _check_finite(done, loss, last_checkpoint, workdir)
+        _check_finite(done, loss, float(metrics["grad_norm"]), last_checkpoint, workdir)
         train_losses.append(loss)
         row = {f"train/{k}": v for k, v in metrics.items()}
         row["train/lr"] = float(learning_rate_schedule(train_cfg)(done - 1))
@@ -391,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       last_train_loss=train_losses[-1] if train_losses else None, final_val_loss=val_loss,
       step_seconds_median=float(np.median(steady)) if steady else None,
       tokens_per_sec=float(tokens_per_step / np.median(steady)) if steady else None,
-      completed=final_step >= train_cfg.steps)
+      completed=final_step >= train_cfg.steps, device_peak_bytes=device_peak_bytes())
   summary["loss_png"] = plot_losses(workdir, title=os.path.basename(os.path.abspath(workdir)))
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)

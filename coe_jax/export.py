@@ -1,0 +1,214 @@
+"""Export a run to the authors' Hugging Face format, and import their checkpoints.
+
+    python -m coe_jax.export --workdir=RUN --out=DIR [--step=N]
+    python -m coe_jax.export --from_hf=DIR --out=RUN [--config=configs/coe_c2.py[:tiny]]
+
+Export writes `DIR/config.json` (the authors' `CoeForCausalLM` field names,
+`convert.config_to_hf`), `DIR/model.safetensors` (their state-dict names and
+torch [out, in] layouts, float32, `convert.to_hf`) and the run's
+`tokenizer.json`, so that the authors' PyTorch code loads the directory with
+`CoeForCausalLM.from_pretrained(DIR)`.
+
+Import reads such a directory (`model.safetensors`, or the shards of
+`model.safetensors.index.json`) with `convert.from_hf` and writes a run
+directory: `config.json` (the base `--config`, default `configs/base.py`'s,
+with the imported architecture), a step-0 Orbax checkpoint holding the
+weights and a fresh optimiser state of that config, `summary.json` and the
+tokenizer. `coe_jax.evaluate` and `coe_jax.generate` use it as is;
+`python -m coe_jax.main --config=<the same config> --workdir=RUN` plus the
+`--config.model.*` overrides that import prints fine-tunes from the imported
+weights (training resumes from the step-0 checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+
+from coe_jax.convert import config_to_hf, from_hf, to_hf
+from coe_jax.model_config import ConfigError, ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Our execution knobs that the authors' config.json does not carry; import keeps the base
+# config's. (residual_style is not one: their code computes the 'reference' form only.)
+OUR_KNOBS = ("dispatch", "dropless_impl", "capacity_factor_train", "capacity_factor_eval",
+             "min_capacity", "dtype", "remat", "router_z_loss_coef")
+
+
+def check_exportable(config: ModelConfig) -> None:
+  """Raises ConfigError when the authors' model cannot compute what `config` computes."""
+  if config.residual_style != "reference":
+    raise ConfigError(
+        f"model.residual_style: got {config.residual_style!r}; the authors' CoeForCausalLM only "
+        "computes residual_style='reference' (its inner_residual/outer_residual switches cannot "
+        "express out = h + sum_t m_t), so the exported model would compute something else")
+
+
+def save_hf(out_dir: str, config: ModelConfig, params: Any, tokenizer_path: Optional[str] = None
+            ) -> dict[str, str]:
+  """Writes config.json + model.safetensors (+ tokenizer.json) in the authors' layout.
+
+  Raises ConfigError (before writing) if their model cannot compute `config`'s function.
+  The authors' code routes dropless: our capacity settings do not travel.
+  """
+  from safetensors.numpy import save_file
+  check_exportable(config)
+  os.makedirs(out_dir, exist_ok=True)
+  hf_config, state_dict = to_hf(config, {"params": params})
+  hf_config["torch_dtype"] = "float32"
+  paths = {"config": os.path.join(out_dir, CONFIG_FILE), "weights": os.path.join(out_dir, WEIGHTS_FILE)}
+  if tokenizer_path and os.path.exists(tokenizer_path):
+    paths["tokenizer"] = os.path.join(out_dir, "tokenizer.json")
+    shutil.copyfile(tokenizer_path, paths["tokenizer"])
+    hf_config.update(_special_token_ids(paths["tokenizer"]))
+  with open(paths["config"], "w") as f:
+    json.dump(hf_config, f, indent=2)
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()},
+            paths["weights"], metadata={"format": "pt"})  # transformers needs format=pt
+  return paths
+
+
+def _special_token_ids(tokenizer_path: str) -> dict[str, int]:
+  import tokenizers
+  from coe_jax.data import tokenizer as tokenizer_lib
+  tok = tokenizers.Tokenizer.from_file(tokenizer_path)
+  ids = {"pad_token_id": tokenizer_lib.pad_id(tok)}
+  eos = tokenizer_lib.eos_id(tok)
+  if eos is not None:
+    ids["eos_token_id"] = eos
+  return ids
+
+
+def export_run(workdir: str, out_dir: str, step: Optional[int] = None) -> dict[str, str]:
+  """Exports the run's checkpoint (latest unless `step`) to `out_dir`; returns the paths."""
+  from coe_jax.generate import load_run
+  run = load_run(workdir, step, with_tokenizer=False)
+  paths = save_hf(out_dir, run.model_config, run.params, os.path.join(workdir, "tokenizer.json"))
+  paths["step"] = str(run.step)
+  return paths
+
+
+def read_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
+  """Every tensor of `hf_dir/model.safetensors` or of its sharded index, as float32 numpy."""
+  from safetensors.numpy import load_file
+  index = os.path.join(hf_dir, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(os.path.join(hf_dir, WEIGHTS_FILE)):
+    files = [WEIGHTS_FILE]
+  else:
+    raise FileNotFoundError(f"{hf_dir!r} has neither {WEIGHTS_FILE} nor {INDEX_FILE} "
+                            "(PyTorch .bin checkpoints: convert them to safetensors first)")
+  state_dict: dict[str, np.ndarray] = {}
+  for name in files:
+    state_dict.update(load_file(os.path.join(hf_dir, name)))
+  return state_dict
+
+
+def load_hf(hf_dir: str, **overrides: Any) -> tuple[ModelConfig, Any]:
+  """(ModelConfig, params) from the authors' config.json and safetensors in `hf_dir`.
+
+  `overrides` set our own knobs (dispatch, dtype, ...) that config.json lacks.
+  """
+  with open(os.path.join(hf_dir, CONFIG_FILE)) as f:
+    hf_config = json.load(f)
+  model, variables = from_hf(hf_config, read_hf_state_dict(hf_dir), **overrides)
+  return model.config, variables["params"]
+
+
+def _base_config(config=None):
+  from coe_jax import config_lib
+  return config_lib.build("paper") if config is None else config
+
+
+def import_hf(hf_dir: str, workdir: str, config=None, tokenizer: Optional[str] = None
+              ) -> dict[str, Any]:
+  """Turns the authors' checkpoint in `hf_dir` into a coe_jax run directory (step 0).
+
+  Args:
+    hf_dir: holds config.json and model.safetensors (or sharded safetensors).
+    workdir: the run directory to create (must hold no checkpoint yet).
+    config: the ml_collections run config whose data/train sections and our
+      model knobs (`OUR_KNOBS`) to keep (default `config_lib.build('paper')`).
+    tokenizer: a tokenizer.json to copy (default `hf_dir/tokenizer.json` if any).
+  Returns:
+    {"model_config", "overrides" (the --config.model.* flags main.py needs), "workdir"}.
+  """
+  import jax
+  from coe_jax import train
+  from coe_jax.checkpoint import Checkpointer, save_run_config
+  config = _base_config(config).copy_and_resolve_references()
+  knobs = {k: config.model[k] for k in OUR_KNOBS if k in config.model}
+  model_config, params = load_hf(hf_dir, **knobs)
+  checkpointer = Checkpointer(workdir, async_save=False)
+  if checkpointer.latest_step() is not None:
+    checkpointer.close()
+    raise FileExistsError(f"{workdir!r} already holds checkpoints; import into a new directory")
+  overrides = {k: v for k, v in model_config.to_dict().items() if config.model.get(k) != v}
+  config.model.update(model_config.to_dict())
+  tokenizer = tokenizer or os.path.join(hf_dir, "tokenizer.json")
+  if os.path.exists(tokenizer):
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
+    config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+  save_run_config(workdir, json.loads(config.to_json_best_effort()))
+  state = train.TrainState.create(jax.tree.map(jax.numpy.asarray, params),
+                                  train.make_optimizer(config.train))
+  checkpointer.save(0, state, {"epoch": 0, "index": 0})
+  checkpointer.close()
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump({"vocab_size": model_config.vocab_size, "step": 0, "imported_from": os.path.abspath(hf_dir)},
+              f, indent=2)
+  return {"model_config": model_config, "overrides": overrides, "workdir": os.path.abspath(workdir)}
+
+
+def override_flags(overrides: dict[str, Any]) -> str:
+  """`--config.model.k=v` flags for main.py."""
+  return " ".join(f"--config.model.{k}={v}" for k, v in sorted(overrides.items()))
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+
+def _define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+  flags.DEFINE_string("workdir", None, "Run directory to export (export mode).")
+  flags.DEFINE_string("out", None, "Output: the HF directory (export) or the new run directory (import).")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
+  flags.DEFINE_string("from_hf", None, "Import mode: the authors' checkpoint directory.")
+  flags.DEFINE_string("tokenizer", None, "Import mode: tokenizer.json to copy into the run.")
+  config_flags.DEFINE_config_file("config", None, "Import mode: base run config (`file.py[:scale]`).")
+  flags.mark_flags_as_required(["out"])
+
+
+def main(argv) -> None:
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if f.from_hf:
+    result = import_hf(f.from_hf, f.out, f.config, f.tokenizer)
+    print(f"Imported {f.from_hf} into {result['workdir']} (step 0).\nFine-tune with:\n"
+          f"  python -m coe_jax.main --config=<the same config file> --workdir={f.out} "
+          f"{override_flags(result['overrides'])}")
+    return
+  if not f.workdir:
+    raise app.UsageError("pass --workdir=RUN (export) or --from_hf=DIR (import)")
+  paths = export_run(f.workdir, f.out, f.step)
+  print(f"Exported step {paths.pop('step')} of {f.workdir}:\n" + "\n".join(
+      f"  {k}: {v}" for k, v in paths.items()))
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

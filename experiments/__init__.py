@@ -1,0 +1,1 @@
+"""Experiment drivers: the paper's ablation suite (`experiments.ablation`)."""

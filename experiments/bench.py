@@ -1,0 +1,431 @@
+"""Train-step benchmark: time, tokens/s, FLOPs, MFU, peak memory, dispatch cost.
+
+    python -m experiments.bench --config=configs/coe_c2.py:tiny [--dispatch=capacity,dropless]
+    python -m experiments.bench --suite --scale=tiny --out=bench.json
+
+For every (config, dispatch mode) it compiles the real train step
+(`coe_jax.train.make_train_step`, state donated, AdamW included) on a fixed
+random batch and reports: compile seconds; the median, min and max of
+`--steps` step times after `--warmup` warm-up steps, each timed with
+`block_until_ready`; tokens/s (batch x length positions per step); the
+analytic training FLOPs per token (`train_flops_per_token`); the achieved
+FLOP/s; the machine's own matmul FLOP/s, measured in the same run with a large
+square `jnp.dot` in the compute dtype; their ratio (MFU); the peak memory of
+the compiled step (`compiled.memory_analysis()`, plus the device's
+`peak_bytes_in_use` where it reports one); and the dropped-assignment fraction.
+The JSON also holds each program's CPU time per call and the MFU computed
+from CPU seconds on both sides (`mfu_cpu_time`): on a CPU shared with other
+processes that ratio moves much less than the wall-clock one.
+
+All timed programs (every train step and the matmul probe) run round-robin,
+one call each per round, so every ratio (MFU, CoE/MoE) compares numbers taken
+under the same machine load. `--suite` benchmarks MoE(K=8), CoE(C=2,K=4) and
+CoE(C=2,K=8) at equal N (the paper's K; `:tiny` maps them to K=4/2/4 of 31+1).
+
+`--layer_cost` also times one CoE layer's forward+backward twice: as is, and
+with the routed and shared expert MLPs replaced by the identity (everything
+else, i.e. norm, router, top-K, sorting, gather/scatter and combine, kept).
+The ratio of the two is the share of the layer's time spent on dispatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from coe_jax import coe_layer, config_lib, dispatch, train
+from coe_jax.coe_layer import CoELayer
+from coe_jax.layers import compute_dtype
+from coe_jax.model import CoECausalLM
+from coe_jax.model_config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = (("MoE(K=8)", "configs/moe_k8.py"), ("CoE(C=2,K=4)", "configs/coe_c2.py"),
+         ("CoE(C=2,K=8)", "configs/coe_c2_k8.py"))
+DISPATCHES = ("capacity", "dropless")
+
+
+# ---------------------------------------------------------------------------
+# Analytic FLOPs
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class FlopCount:
+  """Forward FLOPs per token of every part of the model (2 FLOPs per multiply-add).
+
+  Attributes:
+    attention_proj: q_proj, kv_a_proj_with_mqa, kv_b_proj and o_proj, all layers.
+    attention_scores: q.k over q_head_dim and probs.v over v_head_dim against
+      all `seq` keys (what the dense masked kernel computes), all layers.
+    routed_experts: K routed SwiGLU experts per iteration, C iterations, all layers.
+    shared_experts: the shared SwiGLU expert(s), run every iteration, all layers.
+    router: one [hidden, N_routed] router matmul per iteration, all layers.
+    head: the [hidden, vocab] output projection.
+  """
+
+  attention_proj: float
+  attention_scores: float
+  routed_experts: float
+  shared_experts: float
+  router: float
+  head: float
+
+  @property
+  def forward(self) -> float:
+    return sum(dataclasses.astuple(self))
+
+  @property
+  def train(self) -> float:
+    """Forward + backward = 3x forward (the backward pass does two matmuls per forward one).
+
+    Remat recomputation and capacity padding are not counted: MFU counts useful work.
+    """
+    return 3.0 * self.forward
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
+  """Matmul FLOPs of one token's forward pass (embedding lookup, norms, softmax excluded)."""
+  d, f, layers, chain = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_layers, cfg.num_iterations
+  heads = cfg.num_heads
+  proj_params = (d * heads * cfg.q_head_dim + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+                 + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+                 + heads * cfg.v_head_dim * d)
+  swiglu_macs = 3 * d * f
+  return FlopCount(
+      attention_proj=2.0 * layers * proj_params,
+      attention_scores=2.0 * layers * seq_len * heads * (cfg.q_head_dim + cfg.v_head_dim),
+      routed_experts=2.0 * layers * chain * cfg.num_experts_per_tok * swiglu_macs,
+      shared_experts=2.0 * layers * chain * cfg.n_shared_experts * swiglu_macs,
+      router=2.0 * layers * chain * d * cfg.n_routed_experts,
+      head=2.0 * d * cfg.vocab_size,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Timing machinery
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Timed:
+  """A compiled program benchmarked round-robin: `call()` runs it once, blocking.
+
+  `seconds` is wall-clock time per call; `cpu_seconds` the CPU time this
+  process spent in it (all threads), which other processes on a shared CPU
+  barely change. `xla_flops` is XLA's own count (`cost_analysis()`), if known.
+  """
+
+  name: str
+  call: Callable[[], Any]
+  seconds: list[float] = dataclasses.field(default_factory=list)
+  cpu_seconds: list[float] = dataclasses.field(default_factory=list)
+  xla_flops: Optional[float] = None
+
+  def run_once(self) -> None:
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    jax.block_until_ready(self.call())
+    self.seconds.append(time.perf_counter() - t0)
+    self.cpu_seconds.append(time.process_time() - cpu0)
+
+
+def run_round_robin(programs: list[Timed], warmup: int, steps: int) -> None:
+  """`warmup` untimed then `steps` timed calls of every program, interleaved call by call."""
+  for _ in range(warmup):
+    for program in programs:
+      jax.block_until_ready(program.call())
+  for _ in range(steps):
+    for program in programs:
+      program.run_once()
+
+
+def spread(seconds: list[float]) -> dict[str, float]:
+  return dict(median=statistics.median(seconds), min=min(seconds), max=max(seconds),
+              iqr=float(np.subtract(*np.percentile(seconds, [75, 25]))))
+
+
+def matmul_probe(dtype: jnp.dtype, size: int) -> tuple[Timed, float]:
+  """A [size, size] @ [size, size] matmul in `dtype` and its FLOPs (2 size^3)."""
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.random.normal(k, (size, size), jnp.float32).astype(dtype) for k in keys)
+  compiled = jax.jit(jnp.dot).lower(a, b).compile()
+  return Timed(f"matmul[{size}]", lambda: compiled(a, b)), 2.0 * size ** 3
+
+
+# ---------------------------------------------------------------------------
+# The train step of one config
+# ---------------------------------------------------------------------------
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` -> `get_config(arg)` (paths relative to the repo root too)."""
+  path, _, arg = spec.partition(":")
+  file = Path(path) if Path(path).exists() else REPO / path
+  module_spec = importlib.util.spec_from_file_location(f"bench_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def bench_model_config(config: ml_collections.ConfigDict, dispatch_mode: str,
+                       overrides: dict[str, Any]) -> ModelConfig:
+  """The config's ModelConfig with the dispatch and overrides applied.
+
+  `model.vocab_size == 0` (the tokenizer's size) becomes the BPE size the data
+  config asks for (`data.vocab_size`): the bench feeds random token ids.
+  """
+  model = config_lib.model_config_from(config, config.data.get("vocab_size", 2048))
+  changes = {k: v for k, v in overrides.items() if v is not None}
+  return model.replace(dispatch=dispatch_mode, **changes)
+
+
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, jax.Array]:
+  ids = jax.random.randint(jax.random.key(seed), (batch, seq), 0, vocab, jnp.int32)
+  ones = jnp.ones((batch, seq), jnp.int32)
+  return dict(input_ids=ids, attention_mask=ones, segment_ids=ones,
+              positions=jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)))
+
+
+@dataclasses.dataclass
+class StepBench:
+  """One config's compiled train step, its state and what is known before timing."""
+
+  label: str
+  model_config: ModelConfig
+  batch_shape: tuple[int, int]
+  compile_seconds: float
+  compiled_peak_bytes: Optional[int]
+  timed: Timed
+  last_metrics: dict
+
+
+def build_step_bench(label: str, config: ml_collections.ConfigDict, model_config: ModelConfig,
+                     batch: int, seq: int) -> StepBench:
+  model = CoECausalLM(model_config)
+  state = train.init_train_state(model, config.train, config.seed, seq)
+  data = random_batch(batch, seq, model_config.vocab_size)
+  rng = jax.random.key(1)
+  step_fn = jax.jit(train.make_train_step(model, 1, log_routing_stats=False), donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, data, rng).compile()
+  compile_seconds = time.perf_counter() - t0
+  holder = {"state": state, "metrics": {}}
+
+  def call():
+    holder["state"], holder["metrics"] = compiled(holder["state"], data, rng)
+    return holder["state"], holder["metrics"]
+
+  return StepBench(label=label, model_config=model_config, batch_shape=(batch, seq),
+                   compile_seconds=compile_seconds,
+                   compiled_peak_bytes=train.compiled_memory_bytes(compiled),
+                   timed=Timed(label, call), last_metrics=holder)
+
+
+def summarize_step(bench: StepBench, matmul_flops_per_s: float,
+                   matmul_flops_per_cpu_s: float) -> dict[str, Any]:
+  """The JSON record of one train step; `mfu_cpu_time` uses CPU seconds on both sides."""
+  batch, seq = bench.batch_shape
+  flops = flops_per_token(bench.model_config, seq)
+  times = spread(bench.timed.seconds)
+  tokens_per_s = batch * seq / times["median"]
+  achieved = flops.train * tokens_per_s
+  achieved_per_cpu_s = flops.train * batch * seq / spread(bench.timed.cpu_seconds)["median"]
+  metrics = jax.device_get(bench.last_metrics["metrics"])
+  return dict(
+      label=bench.label, dispatch=bench.model_config.dispatch,
+      dropless_impl=dispatch.resolve_dropless_impl(bench.model_config.dropless_impl)
+      if bench.model_config.dispatch == "dropless" else None,
+      C=bench.model_config.num_iterations, K=bench.model_config.num_experts_per_tok,
+      N_routed=bench.model_config.n_routed_experts, dtype=bench.model_config.dtype,
+      remat=bench.model_config.remat, batch=batch, seq=seq,
+      compile_seconds=bench.compile_seconds, step_seconds=times,
+      step_cpu_seconds=spread(bench.timed.cpu_seconds),
+      tokens_per_sec=tokens_per_s, train_flops_per_token=flops.train,
+      flops_breakdown_forward=dataclasses.asdict(flops),
+      achieved_flops_per_sec=achieved, matmul_flops_per_sec=matmul_flops_per_s,
+      mfu=achieved / matmul_flops_per_s, mfu_cpu_time=achieved_per_cpu_s / matmul_flops_per_cpu_s,
+      compiled_peak_bytes=bench.compiled_peak_bytes,
+      dropped_fraction=float(metrics["dropped_fraction"]),
+      loss=float(metrics["loss"]))
+
+
+# ---------------------------------------------------------------------------
+# Dispatch share of one layer
+# ---------------------------------------------------------------------------
+
+def _identity_per_expert(weights, x):
+  del weights
+  return x
+
+
+def _identity_grouped(weights, x, group_sizes):
+  del weights, group_sizes
+  return x
+
+
+@contextlib.contextmanager
+def identity_experts() -> Iterator[None]:
+  """While tracing: every routed and shared expert MLP returns its input unchanged."""
+  with mock.patch.object(dispatch, "swiglu_per_expert", _identity_per_expert), \
+       mock.patch.object(dispatch, "swiglu_grouped", _identity_grouped), \
+       mock.patch.object(coe_layer, "swiglu", _identity_per_expert):
+    yield
+
+
+def layer_program(cfg: ModelConfig, batch: int, seq: int, experts_as_identity: bool) -> Timed:
+  """One CoE layer's forward + backward (params and input), compiled, in train mode."""
+  layer = CoELayer(cfg)
+  dtype = compute_dtype(cfg.dtype)
+  h = jax.random.normal(jax.random.key(0), (batch, seq, cfg.hidden_size), jnp.float32).astype(dtype)
+  params = layer.init(jax.random.key(1), h)["params"]
+  probe = jax.random.normal(jax.random.key(2), h.shape, jnp.float32).astype(dtype)
+
+  def loss(params_, h_):
+    out, aux = layer.apply({"params": params_}, h_, train=True)
+    return jnp.sum((out * probe).astype(jnp.float32)) + aux.aux_loss
+
+  grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  with identity_experts() if experts_as_identity else contextlib.nullcontext():
+    compiled = grad_fn.lower(params, h).compile()
+  name = f"layer{'[identity experts]' if experts_as_identity else ''}"
+  return Timed(name, lambda: compiled(params, h), xla_flops=xla_flops(compiled))
+
+
+def xla_flops(compiled) -> Optional[float]:
+  """FLOPs XLA counts for a compiled program (None where the backend gives no estimate)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  if isinstance(analysis, list):  # older JAX returns one dict per program
+    analysis = analysis[0] if analysis else None
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/coe_c2.py:tiny",
+                      help="config file[:scale] (ignored with --suite)")
+  parser.add_argument("--suite", action="store_true",
+                      help="MoE(K=8) vs CoE(C=2,K=4) vs CoE(C=2,K=8) in one process")
+  parser.add_argument("--scale", default="tiny", help="scale of the --suite configs: tiny | paper")
+  parser.add_argument("--dispatch", default="capacity",
+                      help="comma-separated dispatch modes: capacity,dropless")
+  parser.add_argument("--dropless_impl", default=None, help="auto | gather | ragged_dot")
+  parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: config)")
+  parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: config)")
+  parser.add_argument("--dtype", default=None, help="compute dtype override: float32 | bfloat16")
+  parser.add_argument("--remat", default=None, help="none | full | dots")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per program")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps per program first")
+  parser.add_argument("--matmul_size", type=int, default=None,
+                      help="side of the matmul probe (default 2048 on CPU, 8192 elsewhere)")
+  parser.add_argument("--layer_cost", action="store_true",
+                      help="also time one layer with the expert MLPs replaced by the identity")
+  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  specs = ([(label, f"{path}:{args.scale}") for label, path in SUITE] if args.suite
+           else [(args.config, args.config)])
+  overrides = dict(dtype=args.dtype, remat=args.remat, dropless_impl=args.dropless_impl)
+  benches = []
+  for label, spec in specs:
+    config = load_config(spec)
+    batch = args.batch or config.train.batch_size
+    seq = args.seq or config.data.max_length
+    for mode in args.dispatch.split(","):
+      model_config = bench_model_config(config, mode, overrides)
+      benches.append(build_step_bench(f"{label} {mode}", config, model_config, batch, seq))
+  dtype = compute_dtype(benches[0].model_config.dtype)
+  size = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
+  probe, probe_flops = matmul_probe(dtype, size)
+  layer_programs = []
+  if args.layer_cost:
+    first = benches[0]
+    layer_programs = [layer_program(first.model_config, *first.batch_shape, identity)
+                      for identity in (False, True)]
+  run_round_robin([b.timed for b in benches] + [probe] + layer_programs, args.warmup, args.steps)
+  matmul_rate = probe_flops / statistics.median(probe.seconds)
+  matmul_cpu_rate = probe_flops / statistics.median(probe.cpu_seconds)
+  results = dict(
+      backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+      device_count=jax.device_count(), jax_version=jax.__version__,
+      steps=args.steps, warmup=args.warmup,
+      matmul=dict(size=size, dtype=str(dtype), seconds=spread(probe.seconds),
+                  flops_per_sec=matmul_rate, flops_per_cpu_sec=matmul_cpu_rate),
+      device_peak_bytes=train.device_peak_bytes(),
+      runs=[summarize_step(b, matmul_rate, matmul_cpu_rate) for b in benches])
+  if layer_programs:
+    full, identity = (spread(p.seconds)["median"] for p in layer_programs)
+    full_cpu, identity_cpu = (spread(p.cpu_seconds)["median"] for p in layer_programs)
+    results["layer_cost"] = dict(config=benches[0].label, layer_seconds=full,
+                                 identity_experts_seconds=identity,
+                                 dispatch_fraction=identity / full,
+                                 dispatch_fraction_cpu_time=identity_cpu / full_cpu,
+                                 layer_xla_flops=layer_programs[0].xla_flops,
+                                 identity_experts_xla_flops=layer_programs[1].xla_flops)
+  return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """A fixed-width table of the runs, plus the matmul probe and dispatch share."""
+  header = (f"{'run':<26s} {'compile s':>9s} {'step ms':>9s} {'+-iqr':>7s} {'tok/s':>9s} "
+            f"{'GFLOP/tok':>9s} {'GFLOP/s':>8s} {'MFU':>6s} {'peak MiB':>9s} {'dropped':>7s} "
+            f"{'1k steps':>8s}")
+  lines = [header, "-" * len(header)]
+  for r in results["runs"]:
+    peak = r["compiled_peak_bytes"]
+    lines.append(
+        f"{r['label']:<26s} {r['compile_seconds']:9.1f} {1e3 * r['step_seconds']['median']:9.1f} "
+        f"{1e3 * r['step_seconds']['iqr']:7.1f} {r['tokens_per_sec']:9.0f} "
+        f"{r['train_flops_per_token'] / 1e9:9.4f} {r['achieved_flops_per_sec'] / 1e9:8.1f} "
+        f"{r['mfu']:6.1%} {(peak or 0) / 2**20:9.1f} {r['dropped_fraction']:7.3f} "
+        f"{1000 * r['step_seconds']['median'] / 60:6.1f} m")
+  mm = results["matmul"]
+  lines.append(f"matmul probe: {mm['size']}^2 {mm['dtype']} at {mm['flops_per_sec'] / 1e9:.1f} GFLOP/s "
+               f"({results['backend']}, {results['device']}); {results['steps']} timed steps each")
+  runs = results["runs"]
+  if len(runs) > 1:
+    base = runs[0]
+    for r in runs[1:]:
+      lines.append(f"step time {r['label']} / {base['label']}: "
+                   f"{r['step_seconds']['median'] / base['step_seconds']['median']:.2f}x")
+  if "layer_cost" in results:
+    lc = results["layer_cost"]
+    lines.append(f"dispatch share of one layer ({lc['config']}): {lc['dispatch_fraction']:.1%} "
+                 f"({1e3 * lc['identity_experts_seconds']:.2f} of {1e3 * lc['layer_seconds']:.2f} ms "
+                 f"fwd+bwd)")
+  if results["device_peak_bytes"] is not None:
+    lines.append(f"device peak memory: {results['device_peak_bytes'] / 2**30:.2f} GiB")
+  return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  results = run(args)
+  print(format_table(results))
+  if args.out:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+  return results
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

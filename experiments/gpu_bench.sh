@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole GPU performance check in one script (< 8 minutes on one H200).
+#
+# Paper scale (hidden 1024, 4 layers, N=64, 64 x 512 = 32K tokens per step,
+# bf16 compute, fp32 params and router): MoE(K=8), CoE(C=2,K=4), CoE(C=2,K=8),
+# each with capacity dispatch and dropless dispatch (ragged_dot on GPU), timed
+# round-robin in one process, plus the matmul probe and the dispatch share of
+# one layer. Prints the table last and writes $OUT/bench.json.
+#
+#   experiments/gpu_bench.sh                          # the GPU check
+#   SCALE=tiny STEPS=2 BATCH=2 SEQ=32 experiments/gpu_bench.sh   # CPU-sized form (tests)
+#
+# Environment: SCALE (paper|tiny), STEPS (timed steps, default 20), WARMUP (3),
+# BATCH / SEQ (default: the configs'), DISPATCH (capacity,dropless), LAYER_COST
+# (1: also time the dispatch share of one layer), OUT (runs/gpu_bench), PYTHON (python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCALE=${SCALE:-paper}
+STEPS=${STEPS:-20}
+WARMUP=${WARMUP:-3}
+DISPATCH=${DISPATCH:-capacity,dropless}
+LAYER_COST=${LAYER_COST:-1}
+OUT=${OUT:-runs/gpu_bench}
+PYTHON=${PYTHON:-python}
+
+backend=$("$PYTHON" -c "import jax; print(jax.default_backend())")
+if [[ "$SCALE" == "paper" && "$backend" == "cpu" ]]; then
+  echo "gpu_bench.sh: no accelerator (jax backend: cpu); run with SCALE=tiny on CPU" >&2
+  exit 2
+fi
+echo "gpu_bench.sh: backend=$backend scale=$SCALE steps=$STEPS dispatch=$DISPATCH" >&2
+"$PYTHON" -c "import jax; print(jax.devices())" >&2
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >&2 || true
+fi
+
+mkdir -p "$OUT"
+args=(--suite --scale="$SCALE" --dispatch="$DISPATCH" --steps="$STEPS" --warmup="$WARMUP"
+      --out="$OUT/bench.json")
+[[ "$LAYER_COST" == "1" ]] && args+=(--layer_cost)
+[[ -n "${BATCH:-}" ]] && args+=(--batch="$BATCH")
+[[ -n "${SEQ:-}" ]] && args+=(--seq="$SEQ")
+
+# The bench prints its table last; keep a copy beside the JSON.
+"$PYTHON" -m experiments.bench "${args[@]}" | tee "$OUT/table.txt"

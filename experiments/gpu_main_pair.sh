@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The paper's headline pair on one GPU: MoE(K=8, N=64) vs CoE(C=2, K=4, N=64) at the paper's
+# scale (hidden 1024, 4 layers, 64 x 512 tokens per step, bf16), 1000 steps, validation every 10
+# steps on the whole validation file. Writes experiments/results/$SCALE/table.{md,csv} and the
+# figures through experiments.ablation, whose table takes the train step's peak memory from the
+# device's memory stats on GPU.
+#
+#   bash experiments/gpu_main_pair.sh                       # the paper-scale pair
+#   SCALE=tiny STEPS=20 bash experiments/gpu_main_pair.sh   # the same runner at CPU scale
+#
+# Environment (defaults in brackets): SCALE [paper], STEPS [1000], SEEDS [1],
+# DATA [../shared/data/math_qa if present, else the config's MetaMathQA from the hub],
+# TOKENIZER [../shared/data/tokenizer/olmoe/tokenizer.json if present, else the config's],
+# RUNS_DIR [runs/ablation/$SCALE], RESULTS_DIR [experiments/results/$SCALE].
+# Any further arguments go to experiments.ablation unchanged (e.g. --eval_batches=4).
+# Finished runs are skipped and unfinished ones resume, so the script can be rerun after a stop.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCALE="${SCALE:-paper}"
+STEPS="${STEPS:-1000}"
+SEEDS="${SEEDS:-1}"
+SHARED_DATA="../shared/data"
+if [[ -z "${DATA+x}" ]]; then
+  DATA=""
+  [[ -f "$SHARED_DATA/math_qa/train.jsonl" ]] && DATA="$SHARED_DATA/math_qa"
+fi
+if [[ -z "${TOKENIZER+x}" ]]; then
+  TOKENIZER=""
+  [[ -f "$SHARED_DATA/tokenizer/olmoe/tokenizer.json" ]] && TOKENIZER="$SHARED_DATA/tokenizer/olmoe/tokenizer.json"
+fi
+PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
+
+exec "$PYTHON" -m experiments.ablation --suite=main --scale="$SCALE" --steps="$STEPS" \
+  --seeds="$SEEDS" --data="$DATA" --tokenizer="$TOKENIZER" \
+  --runs_dir="${RUNS_DIR:-runs/ablation/$SCALE}" \
+  --results_dir="${RESULTS_DIR:-experiments/results/$SCALE}" "$@"

@@ -1,0 +1,80 @@
+"""Tests for experiments/bench.py (FLOP accounting) and experiments/gpu_bench.sh (CPU form)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from coe_jax.model_config import ModelConfig
+from experiments import bench
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def test_flops_per_token_matches_a_hand_count():
+  cfg = ModelConfig(vocab_size=100, hidden_size=8, num_layers=2, num_heads=2, kv_lora_rank=4,
+                    qk_nope_head_dim=2, qk_rope_head_dim=2, v_head_dim=3, n_routed_experts=6,
+                    n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=5,
+                    num_iterations=3)
+  flops = bench.flops_per_token(cfg, seq_len=10)
+  # Per layer: q 8*2*4=64, kv_a 8*6=48, kv_b 4*2*5=40, o 2*3*8=48 -> 200 weights; 2 layers, 2 FLOPs each.
+  assert flops.attention_proj == 2 * 2 * 200
+  assert flops.attention_scores == 2 * 2 * 10 * 2 * (4 + 3)  # 2 layers, 10 keys, 2 heads, q.k + p.v
+  assert flops.routed_experts == 2 * 2 * 3 * 2 * (3 * 8 * 5)  # 2 layers, C=3, K=2, SwiGLU 3*d*f
+  assert flops.shared_experts == 2 * 2 * 3 * 1 * (3 * 8 * 5)
+  assert flops.router == 2 * 2 * 3 * 8 * 6
+  assert flops.head == 2 * 8 * 100
+  assert flops.forward == 800 + 560 + 2880 + 1440 + 576 + 1600
+  assert flops.train == 3 * flops.forward
+
+
+def test_coe_c2_k4_costs_what_moe_k8_costs_in_routed_flops():
+  moe = bench.flops_per_token(ModelConfig(num_experts_per_tok=8), 512)
+  coe = bench.flops_per_token(ModelConfig(num_experts_per_tok=4, num_iterations=2), 512)
+  assert coe.routed_experts == moe.routed_experts
+  assert coe.shared_experts == 2 * moe.shared_experts  # the shared expert runs every iteration
+  assert coe.router == 2 * moe.router
+
+
+def _run_gpu_bench(tmp_path, **env_overrides) -> subprocess.CompletedProcess:
+  env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu", **env_overrides)
+  return subprocess.run(["bash", str(REPO / "experiments" / "gpu_bench.sh")], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_bench_refuses_paper_scale_without_an_accelerator(tmp_path):
+  proc = _run_gpu_bench(tmp_path, SCALE="paper")
+  assert proc.returncode == 2
+  assert "SCALE=tiny" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_bench_runs_in_cpu_form_and_prints_the_table_last(tmp_path):
+  proc = _run_gpu_bench(tmp_path, SCALE="tiny", STEPS="2", WARMUP="1", BATCH="2", SEQ="16",
+                        DISPATCH="capacity", XLA_FLAGS=FAST_COMPILE_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "bench.json").read_text())
+  labels = [run["label"] for run in results["runs"]]
+  assert labels == [f"{name} capacity" for name, _ in bench.SUITE]
+  last_lines = proc.stdout.strip().splitlines()
+  table_rows = [line for line in last_lines if line.split(" capacity")[0] in dict(bench.SUITE)]
+  assert len(table_rows) == 3
+  assert last_lines[-1].startswith("dispatch share of one layer")
+  for run in results["runs"]:
+    assert run["mfu"] > 0 and run["compiled_peak_bytes"] > 0 and run["batch"] * run["seq"] == 32
+    assert run["train_flops_per_token"] == bench.flops_per_token(_suite_model_config(run), 16).train
+  # The identity-expert layer really skips the expert matmuls (XLA's own FLOP count).
+  cost = results["layer_cost"]
+  assert cost["identity_experts_xla_flops"] < 0.5 * cost["layer_xla_flops"]
+
+
+def _suite_model_config(run: dict) -> ModelConfig:
+  """The ModelConfig of a suite run, rebuilt from its config file."""
+  name = run["label"].rsplit(" ", 1)[0]
+  config = bench.load_config(f"{dict(bench.SUITE)[name]}:tiny")
+  return bench.bench_model_config(config, run["dispatch"], {})

@@ -1,0 +1,159 @@
+"""Tests for coe_jax.checkpoint and resumption: exact resume, refusals, the NaN stop.
+
+Uses the shrunk config and compilation settings of test_train (see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from coe_jax import config_lib, train
+from coe_jax.checkpoint import Checkpointer, restore_params
+from coe_jax.data import input_pipeline
+from coe_jax.metrics import read_metrics
+from coe_jax.model import CoECausalLM
+from coe_jax.model_config import ConfigError
+from test_train import (fast_compilation, metric_rows, shared_trained_run,  # noqa: F401 (fixture)
+                        small_config, tensorboard_scalars)
+
+STEPS = 30  # small_config's train.steps; checkpoints every 5, the last 2 kept
+
+pytestmark = pytest.mark.slow  # end-to-end training runs
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+  """A workdir trained for all 30 steps in one go (read only)."""
+  return shared_trained_run(tmp_path_factory)
+
+
+def abstract_state(config):
+  model = CoECausalLM(config_lib.model_config_from(config, config.data.vocab_size))
+  return jax.eval_shape(lambda: train.init_train_state(model, config.train, config.seed,
+                                                       config.data.max_length))
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+  checkpointer = Checkpointer(str(workdir))
+  try:
+    return list(checkpointer.manager.all_steps())
+  finally:
+    checkpointer.close()
+
+
+def max_abs_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_resume_gives_the_metrics_and_params_of_an_uninterrupted_run(reference_run, tmp_path):
+  first = train.train_and_evaluate(small_config(), str(tmp_path), stop_at_step=13, progress=False)
+  assert first["interrupted_at"] == 13 and not first["completed"]
+  assert checkpoint_steps(tmp_path) == [10, 13]  # the interruption saved off the 5-step schedule
+  second = train.train_and_evaluate(small_config(), str(tmp_path), progress=False)
+  assert second["completed"] and second["step"] == STEPS
+
+  assert [row["step"] for row in read_metrics(str(tmp_path))] == list(range(1, STEPS + 1))
+  expected, resumed = metric_rows(reference_run), metric_rows(tmp_path)
+  assert all(resumed[step].keys() == expected[step].keys() for step in expected)
+  diff = max(abs(resumed[s][k] - expected[s][k]) for s in expected for k in expected[s])
+  assert diff == 0.0, f"metrics differ by up to {diff}"
+  abstract = abstract_state(small_config()).params
+  params_diff = max_abs_diff(restore_params(str(tmp_path), abstract)[0],
+                             restore_params(str(reference_run), abstract)[0])
+  assert params_diff == 0.0, f"final params differ by up to {params_diff}"
+
+
+def test_checkpoint_holds_state_and_iterator_position_and_keeps_the_last_two(reference_run):
+  assert checkpoint_steps(reference_run) == [25, STEPS]
+  config = small_config()
+  checkpointer = Checkpointer(str(reference_run))
+  try:
+    state, data_state, step = checkpointer.restore(abstract_state(config))
+  finally:
+    checkpointer.close()
+  rows_seen = STEPS * config.train.batch_size  # 240 of the 400 training rows: still epoch 0
+  assert step == STEPS and data_state == {"epoch": rows_seen // 400, "index": rows_seen % 400}
+  assert int(state.step) == STEPS and int(state.opt_state[1][0].count) == STEPS
+  params, params_step = restore_params(str(reference_run), abstract_state(config).params)
+  assert params_step == STEPS and max_abs_diff(params, state.params) == 0.0
+
+
+def snapshot(workdir: Path) -> tuple[str, list[int], str]:
+  return ((workdir / "config.json").read_text(), checkpoint_steps(workdir),
+          (workdir / "metrics.jsonl").read_text())
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("model.hidden_size", 48, "model.hidden_size: saved 32, requested 48"),
+    ("model.num_iterations", 1, "model.num_iterations: saved 2, requested 1"),
+    ("model.num_experts_per_tok", 3, "model.num_experts_per_tok: saved 2, requested 3"),
+])
+def test_workdir_of_another_model_shape_refuses_to_resume(reference_run, tmp_path, dotted, value,
+                                                          message):
+  workdir = Path(shutil.copytree(reference_run, tmp_path / "run"))
+  before = snapshot(workdir)
+  with pytest.raises(ConfigError, match="refusing to resume") as error:
+    train.train_and_evaluate(small_config(**{dotted.replace(".", "__"): value}), str(workdir),
+                             progress=False)
+  assert message in str(error.value)
+  assert snapshot(workdir) == before
+
+
+def test_vocabulary_changed_through_the_tokenizer_refuses_to_resume(reference_run, tmp_path):
+  # model.vocab_size=0 in both configs, so only the checkpoint's shapes reveal the change.
+  workdir = Path(shutil.copytree(reference_run, tmp_path / "run"))
+  before = snapshot(workdir)
+  with pytest.raises(ConfigError, match=r"refusing to resume") as error:
+    train.train_and_evaluate(small_config(data__vocab_size=320), str(workdir), progress=False)
+  assert ("params['lm_head']['kernel']: saved (32, 300), requested (32, 320)" in str(error.value)
+          and "params['embed_tokens']['embedding']: saved (300, 32), requested (320, 32)"
+          in str(error.value))
+  assert snapshot(workdir) == before
+
+
+def batches_with_hook(monkeypatch, at_batch: int, hook) -> None:
+  """Calls `hook(batch)` on the `at_batch`-th training batch (1-based) and on every later one."""
+  original = input_pipeline.TrainIterator.__next__
+  served = []
+
+  def next_batch(iterator):
+    batch = original(iterator)
+    served.append(1)
+    return hook(batch) if len(served) >= at_batch else batch
+
+  monkeypatch.setattr(input_pipeline.TrainIterator, "__next__", next_batch)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference_run, tmp_path,
+                                                                   monkeypatch):
+  def poison(batch):  # token ids past the vocabulary: the embedding gather returns NaN
+    return {**batch, "input_ids": np.full_like(batch["input_ids"], 10_000)}
+
+  batches_with_hook(monkeypatch, 8, poison)
+  handler_before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(FloatingPointError,
+                     match=r"at step 8; stopping. the last good checkpoint \(step 5\) is intact"):
+    train.train_and_evaluate(small_config(), str(tmp_path), progress=False)
+  assert signal.getsignal(signal.SIGTERM) is handler_before  # the run's stop handler is gone
+  assert checkpoint_steps(tmp_path) == [5]
+  params, _ = restore_params(str(tmp_path), abstract_state(small_config()).params)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+  rows = read_metrics(str(tmp_path))
+  assert [row["step"] for row in rows] == list(range(1, 8))
+  assert all(math.isfinite(v) for row in rows for v in row.values())
+
+  # Resuming drops the rows the failed run logged after its checkpoint (6, 7) and rewrites them.
+  monkeypatch.undo()
+  train.train_and_evaluate(small_config(), str(tmp_path), stop_at_step=10, progress=False)
+  assert [row["step"] for row in read_metrics(str(tmp_path))] == list(range(1, 11))
+  expected = metric_rows(reference_run)
+  assert metric_rows(tmp_path) == {step: expected[step] for step in range(1, 11)}
+  assert [step for step, _ in tensorboard_scalars(tmp_path)["train/loss"]] == list(range(1, 11))

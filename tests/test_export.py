@@ -1,0 +1,129 @@
+"""Tests for coe_jax.export: run -> the authors' HF layout -> run, with identical logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from coe_jax import config_lib, export, train
+from coe_jax.checkpoint import Checkpointer, save_run_config
+from coe_jax.data.tokenizer import train_bpe
+from coe_jax.generate import load_run
+from coe_jax.model import CoECausalLM
+from coe_jax.model_config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP = 7
+
+
+def _tiny_config(vocab_size: int):
+  """A tiny CoE(C=2) run config with an explicit vocabulary."""
+  config = config_lib.build("tiny", vocab_size=vocab_size, hidden_size=16, num_heads=2,
+                            kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4,
+                            moe_intermediate_size=8, n_routed_experts=5, n_shared_experts=1,
+                            num_experts_per_tok=2, num_iterations=2, num_layers=2)
+  config.data.max_length = 16
+  return config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A run directory as training leaves it: config.json, tokenizer.json, a checkpoint at STEP."""
+  workdir = tmp_path_factory.mktemp("run")
+  tok = train_bpe([f"query : What is {a} + {a + 3}? response : {2 * a + 3}" for a in range(60)], 262)
+  tok.save(str(workdir / "tokenizer.json"))
+  config = _tiny_config(tok.get_vocab_size())
+  model_config = config_lib.model_config_from(config)
+  params = ref.random_params(CoECausalLM(model_config).init, jnp.zeros((1, 8), jnp.int32), seed=1)
+  state = train.TrainState.create(jax.tree.map(jnp.asarray, params), train.make_optimizer(config.train))
+  state = state.replace(step=jnp.asarray(STEP, jnp.int32))
+  save_run_config(str(workdir), json.loads(config.to_json_best_effort()))
+  checkpointer = Checkpointer(str(workdir), async_save=False)
+  checkpointer.save(STEP, state, {"epoch": 0, "index": 0})
+  checkpointer.close()
+  return workdir, config, model_config, params
+
+
+def _logits(model_config, params):
+  ids = np.random.default_rng(0).integers(0, model_config.vocab_size, (2, 9)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 6:] = 0
+  fn = ref.fast_jit(lambda p: CoECausalLM(model_config).apply({"params": p}, ids, mask)[0])
+  return np.asarray(fn(params))
+
+
+def test_export_writes_the_authors_names_and_layouts(run_dir, tmp_path):
+  workdir, _, model_config, params = run_dir
+  paths = export.export_run(str(workdir), str(tmp_path / "hf"))
+  assert paths["step"] == str(STEP)
+  hf = json.loads(Path(paths["config"]).read_text())
+  assert hf["architectures"] == ["CoeForCausalLM"]
+  assert (hf["inner_iter"], hf["use_igate"], hf["num_hidden_layers"]) == (2, True, 2)
+  assert hf["vocab_size"] == model_config.vocab_size and "eos_token_id" in hf
+  assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
+  from safetensors import safe_open
+  with safe_open(paths["weights"], "np") as f:
+    assert f.metadata() == {"format": "pt"}
+    names = set(f.keys())
+    gate = f.get_tensor("model.layers.1.mlp.experts.3.gate_proj.weight")
+    router = f.get_tensor("model.layers.0.mlp.gate.1.weight")
+  assert "model.layers.0.self_attn.kv_b_proj.weight" in names and "lm_head.weight" in names
+  # torch Linear layout [out, in]; our stacked kernels are [layers, experts, in, out].
+  np.testing.assert_array_equal(gate, params["layers"]["mlp"]["routed_experts"]["gate_proj"][1, 3].T)
+  np.testing.assert_array_equal(router, params["layers"]["mlp"]["router"][0, 1])
+
+
+def test_export_then_import_gives_identical_logits(run_dir, tmp_path):
+  workdir, config, model_config, params = run_dir
+  export.export_run(str(workdir), str(tmp_path / "hf"))
+  imported_config, imported = export.load_hf(str(tmp_path / "hf"))
+  assert imported_config == model_config
+  np.testing.assert_array_equal(_logits(imported_config, imported), _logits(model_config, params))
+
+  result = export.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=_tiny_config(0))
+  assert result["overrides"] == {"vocab_size": model_config.vocab_size}
+  run = load_run(str(tmp_path / "run2"))
+  assert run.step == 0 and run.model_config == model_config and run.tokenizer is not None
+  np.testing.assert_array_equal(_logits(run.model_config, run.params), _logits(model_config, params))
+
+
+def test_imported_run_resumes_as_a_training_state(run_dir, tmp_path):
+  """train_and_evaluate restores the step-0 checkpoint: fine-tuning starts from the import."""
+  workdir, _, model_config, params = run_dir
+  export.export_run(str(workdir), str(tmp_path / "hf"))
+  config = _tiny_config(0)
+  export.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=config)
+  config.model.vocab_size = model_config.vocab_size  # the printed --config.model.* override
+  template = jax.eval_shape(lambda: train.init_train_state(CoECausalLM(model_config),
+                                                         config.train, 0, 8))
+  checkpointer = Checkpointer(str(tmp_path / "run2"))
+  state, data_state, step = checkpointer.restore(template)
+  checkpointer.close()
+  assert step == 0 and data_state == {"epoch": 0, "index": 0}
+  jax.tree.map(np.testing.assert_array_equal, state.params, params)
+
+
+def test_export_refuses_what_the_authors_model_cannot_compute(run_dir, tmp_path):
+  _, _, model_config, params = run_dir
+  with pytest.raises(ConfigError, match="residual_style"):
+    export.save_hf(str(tmp_path / "hf"), model_config.replace(residual_style="textbook"), params)
+  assert not (tmp_path / "hf").exists()
+
+
+def test_command_line_export(run_dir, tmp_path):
+  workdir = run_dir[0]
+  out = tmp_path / "cli"
+  done = subprocess.run([sys.executable, "-m", "coe_jax.export", f"--workdir={workdir}",
+                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+  assert f"Exported step {STEP}" in done.stdout

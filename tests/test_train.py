@@ -1,0 +1,385 @@
+"""Tests for coe_jax.train: validation, optimiser, the train step and the training loop.
+
+Every test trains a shrunk CoE(C=2) (`small_config`): one layer, hidden 32,
+7 routed experts + 1 shared, 32-token rows, a 300-token BPE. Compilation is the
+cost on CPU, so these modules compile without XLA's slow optimisation passes
+and share one persistent compilation cache (`fast_compilation`): runs of the
+same config, in-process or in a CLI subprocess (`jax_cache_env`), compile once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from coe_jax import config_lib, train
+from coe_jax.model import CoECausalLM
+from coe_jax.model_config import ConfigError
+from coe_jax.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CONFIG_FILE = REPO / "configs" / "coe_c2.py"
+
+# Dotted field -> value, applied to `configs/coe_c2.py:tiny`; test_cli passes the same
+# values as --config.<field>=<value> flags, so its subprocess hits the compilation cache.
+SMALL = {
+    "model.hidden_size": 32, "model.num_layers": 1, "model.n_routed_experts": 7,
+    "model.moe_intermediate_size": 32, "model.kv_lora_rank": 16, "model.qk_nope_head_dim": 8,
+    "model.qk_rope_head_dim": 8, "model.v_head_dim": 8, "model.num_heads": 2,
+    # capacity = tokens (cf 3.5 = N/K): nothing drops, so micro-batches route exactly as the
+    # whole batch (the accumulation test compares them).
+    "model.capacity_factor_train": 3.5,
+    "data.max_length": 32, "data.vocab_size": 300, "data.synthetic_train_size": 400,
+    "data.synthetic_val_size": 32,
+    "train.batch_size": 8, "train.eval_batch_size": 16, "train.max_eval_batches": 2,
+    # 30 steps at the paper's 3e-4 barely move this model; 3e-3 shows learning clearly.
+    "train.lr": 3e-3, "train.steps": 30, "train.eval_every": 10, "train.checkpoint_every": 5,
+    "train.keep_checkpoints": 2,
+}
+# Metrics every train row of metrics.jsonl must hold (the issue's list).
+REQUIRED_TRAIN_KEYS = ("train/loss", "train/aux_loss", "train/lr", "train/grad_norm",
+                       "train/tokens_per_sec", "train/dropped_fraction")
+# Timing-dependent columns; everything else in metrics.jsonl is a deterministic number.
+TIMING_KEYS = ("train/tokens_per_sec", "train/step_seconds")
+
+
+def load_config_file(path: Path, arg: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, as `--config=path:arg` loads it."""
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  section, field = dotted.split(".")
+  config[section][field] = value
+
+
+def small_config(**changes: Any) -> ml_collections.ConfigDict:
+  """`configs/coe_c2.py:tiny` with `SMALL` and then `changes` (dotted names with '__' for '.')."""
+  config = load_config_file(CONFIG_FILE, "tiny")
+  for dotted, value in SMALL.items():
+    set_field(config, dotted, value)
+  for name, value in changes.items():
+    set_field(config, name.replace("__", "."), value)
+  return config
+
+
+def jax_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+  """One compilation cache for the whole pytest session."""
+  return tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+
+
+def jax_cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+  """Environment variables giving a subprocess the settings of `fast_compilation`."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(jax_cache_dir(tmp_path_factory)),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+          "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation(tmp_path_factory):
+  """Within this module: no slow XLA passes, and a persistent cache shared by the session."""
+  settings = {"jax_compilation_cache_dir": str(jax_cache_dir(tmp_path_factory)),
+              "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0,
+              "jax_disable_most_optimizations": True}
+  previous = {name: jax.config.values[name] for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # re-read the cache directory
+  yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def shared_trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+  """A workdir of `small_config()` trained for its 30 steps in one go, once per session.
+
+  Tests read it; a test that would write to it works on a copy.
+  """
+  workdir = tmp_path_factory.getbasetemp() / "small_config_trained"
+  if not (workdir / "summary.json").is_file():
+    train.train_and_evaluate(small_config(), str(workdir), progress=False)
+  return workdir
+
+
+def tensorboard_scalars(workdir: Path) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...] in logging order} from the run's TensorBoard event files.
+
+  As TensorBoard does, a SessionLog START event at step s (a resumed run's
+  purge marker) drops the values logged earlier at steps >= s.
+  """
+  from tensorboardX.proto import event_pb2
+  scalars: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])  # then a 4-byte length CRC
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4  # record and its 4-byte CRC
+      if event.session_log.status == event_pb2.SessionLog.START:
+        for values in scalars.values():
+          values[:] = [(step, value) for step, value in values if step < event.step]
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def metric_rows(workdir: Path) -> dict[int, dict]:
+  """metrics.jsonl by step, without the timing columns."""
+  return {row["step"]: {k: v for k, v in row.items() if k not in TIMING_KEYS}
+          for row in read_metrics(str(workdir))}
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dotted, value, expected", [
+    ("train.steps", 0, "train.steps: got 0; must be an integer >= 1"),
+    ("train.schedule", "linear", "train.schedule: got 'linear'; allowed values: constant, cosine"),
+    ("train.grad_accum_steps", 3, "train.batch_size: got 8; must be divisible by "
+                                  "train.grad_accum_steps=3"),
+    ("train.b2", 1.0, "train.b2: got 1.0; must be in [0, 1)"),
+    ("train.warmup_fraction", 1.5, "train.warmup_fraction: got 1.5; must be in [0, 1)"),
+    ("model.dispatch", "ragged",
+     "model.dispatch: got 'ragged'; allowed values: capacity, dropless"),
+    ("model.dtype", "float16", "model.dtype: got 'float16'; allowed values: float32, bfloat16"),
+    ("model.num_experts_per_tok", 9, "model.num_experts_per_tok: got K=9; must be between 1 and "
+                                     "n_routed_experts=7"),
+    ("data.source", "csv", "data.source: got 'csv'; allowed values: synthetic, json, parquet, hf, "
+                           "tfds"),
+    ("data.max_length", 1, "data.max_length: got 1; must be an integer >= 2"),
+])
+def test_validate_config_names_the_bad_field_and_allowed_values(dotted, value, expected):
+  config = small_config()
+  set_field(config, dotted, value)
+  with pytest.raises(ConfigError) as error:
+    train.validate_config(config)
+  assert str(error.value) == expected
+
+
+def test_validate_config_accepts_the_small_config_and_resolves_the_model():
+  model_config = train.validate_config(small_config())
+  assert (model_config.num_iterations, model_config.num_experts_per_tok,
+          model_config.n_routed_experts, model_config.hidden_size) == (2, 2, 7, 32)
+
+
+# ---------------------------------------------------------------------------
+# Optimiser
+# ---------------------------------------------------------------------------
+
+def test_learning_rate_warms_up_linearly_over_ten_percent_then_stays_constant():
+  schedule = train.learning_rate_schedule(small_config(train__steps=200, train__lr=3e-4).train)
+  lrs = np.array([schedule(step) for step in range(200)])
+  np.testing.assert_allclose(lrs[:21], 3e-4 * np.arange(21) / 20, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(lrs[20:], 3e-4, rtol=1e-6)
+
+
+def test_cosine_schedule_decays_from_peak_to_zero_after_warm_up():
+  config = small_config(train__steps=100, train__lr=1e-3, train__schedule="cosine")
+  schedule = train.learning_rate_schedule(config.train)
+  assert float(schedule(5)) == pytest.approx(5e-4, rel=1e-6)
+  assert float(schedule(10)) == pytest.approx(1e-3, rel=1e-6)
+  assert float(schedule(55)) == pytest.approx(5e-4, rel=1e-5)  # half-way through the cosine
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+def abstract_params(config: ml_collections.ConfigDict) -> Any:
+  model = CoECausalLM(config_lib.model_config_from(config, config.data.vocab_size))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  return variables["params"]
+
+
+def test_adamw_decays_matrices_but_not_norm_scales():
+  config = small_config(train__warmup_fraction=0.0, train__lr=0.1, train__weight_decay=0.01)
+  params = jax.tree.map(lambda s: jnp.full(s.shape, 2.0, s.dtype), abstract_params(config))
+  tx = train.make_optimizer(config.train)
+
+  @jax.jit
+  def one_step_without_gradient(params):
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    return optax.apply_updates(params, updates)
+
+  new = one_step_without_gradient(params)
+  flat = {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(new)}
+  scales = [name for name in flat if name.endswith("['scale']")]
+  assert sorted(scales) == [
+      "['layers']['input_layernorm']['scale']", "['layers']['mlp']['norm']['scale']",
+      "['layers']['self_attn']['kv_a_layernorm']['scale']", "['norm']['scale']"]
+  for name, leaf in flat.items():
+    expected = 2.0 if name in scales else 2.0 * (1 - 0.1 * 0.01)  # decoupled decay: p -= lr*wd*p
+    np.testing.assert_allclose(leaf, expected, rtol=1e-6, err_msg=name)
+
+
+def test_optimizer_clips_the_global_gradient_norm_to_one():
+  config = small_config(train__warmup_fraction=0.0)
+  params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(5)}
+  grads = {"w": jnp.full((4, 3), 3.0), "b": jnp.arange(5.0)}  # global norm sqrt(108 + 30)
+  tx = train.make_optimizer(config.train)
+  _, state = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
+  first_moment = state[1][0].mu  # adamw's mu after one step: (1 - b1) * clipped gradient
+  scale = 1 / math.sqrt(138.0)
+  for name in grads:
+    np.testing.assert_allclose(first_moment[name] / (1 - config.train.b1), grads[name] * scale,
+                               rtol=1e-5, err_msg=name)
+
+
+# ---------------------------------------------------------------------------
+# The train step
+# ---------------------------------------------------------------------------
+
+def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, jax.Array]:
+  """int32 [B, L] batch of random tokens; row i has i trailing pad positions."""
+  batch, length = config.train.batch_size, config.data.max_length
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, config.data.vocab_size, (batch, length))
+  mask = (np.arange(length)[None, :] < length - np.arange(batch)[:, None]).astype(np.int32)
+  positions = np.broadcast_to(np.arange(length), (batch, length))
+  return {"input_ids": jnp.asarray(ids * mask, jnp.int32), "attention_mask": jnp.asarray(mask),
+          "segment_ids": jnp.asarray(mask), "positions": jnp.asarray(positions, jnp.int32)}
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+  """(config, fp32 initial state, a batch)."""
+  config = small_config()
+  model = CoECausalLM(config_lib.model_config_from(config, config.data.vocab_size))
+  state = train.init_train_state(model, config.train, config.seed, config.data.max_length)
+  return config, state, random_batch(config)
+
+
+def run_step(config, state, batch, grad_accum_steps=1, dtype="float32"):
+  """One donated, jitted train step on a copy of `state`; returns (old copy, new state, metrics)."""
+  model_config = config_lib.model_config_from(config, config.data.vocab_size).replace(dtype=dtype)
+  step = jax.jit(train.make_train_step(CoECausalLM(model_config), grad_accum_steps),
+                 donate_argnums=0)
+  before = jax.tree.map(jnp.copy, state)
+  after, metrics = step(before, batch, jax.random.key(0))
+  return before, after, jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def fp32_step(step_setup):
+  return run_step(*step_setup)
+
+
+def test_train_step_donates_its_input_state(fp32_step):
+  before, after, _ = fp32_step
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(before.params))
+  assert int(after.step) == 1
+
+
+def test_gradient_accumulation_matches_one_batch(step_setup, fp32_step):
+  _, one, one_metrics = fp32_step
+  _, two, two_metrics = run_step(*step_setup, grad_accum_steps=2)
+  assert one_metrics["dropped_fraction"] == two_metrics["dropped_fraction"] == 0.0
+  for key in ("loss", "aux_loss", "grad_norm", "target_tokens"):
+    assert two_metrics[key] == pytest.approx(one_metrics[key], rel=1e-5, abs=1e-8), key
+  # After one AdamW step mu = (1 - b1) * clipped gradient: the accumulated gradient, leaf by leaf.
+  mu_one, mu_two = one.opt_state[1][0].mu, two.opt_state[1][0].mu
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mu_one), jax.tree.leaves(mu_two)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-8, err_msg=jax.tree_util.keystr(path))
+  assert float(optax.global_norm(mu_one)) > 0
+
+
+def test_bf16_compute_keeps_fp32_params_and_optimizer_state(step_setup, fp32_step):
+  _, _, fp32_metrics = fp32_step
+  _, after, metrics = run_step(*step_setup, dtype="bfloat16")
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves((after.params, after.opt_state))
+            if jnp.issubdtype(leaf.dtype, jnp.floating)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+  assert metrics["loss"] != fp32_metrics["loss"]  # the forward really ran in bfloat16 ...
+  assert metrics["loss"] == pytest.approx(fp32_metrics["loss"], abs=0.05)  # ... to bf16 precision
+  assert metrics["grad_norm"] == pytest.approx(fp32_metrics["grad_norm"], rel=0.1)
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """(workdir, summary) of the small config trained for 30 steps."""
+  workdir = shared_trained_run(tmp_path_factory)
+  return workdir, json.loads((workdir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_loss_falls_clearly_within_thirty_steps(trained_run):
+  workdir, summary = trained_run
+  rows = read_metrics(str(workdir))
+  losses = [row["train/loss"] for row in rows]
+  uniform = math.log(300)  # the BPE's vocabulary; the N(0, 0.02) init predicts ~uniformly
+  assert summary["completed"] and summary["step"] == 30 and len(losses) == 30
+  assert losses[0] == pytest.approx(uniform, abs=0.1)
+  assert np.mean(losses[-5:]) < losses[0] - 1.0
+  val = [row["val/loss"] for row in rows if "val/loss" in row]
+  assert len(val) == 3 and val[-1] < uniform - 1.0 and val[-1] < val[0]
+  assert summary["final_val_loss"] == val[-1]
+
+
+@pytest.mark.slow
+def test_metrics_jsonl_tensorboard_and_loss_png_are_written(trained_run):
+  workdir, summary = trained_run
+  rows = read_metrics(str(workdir))
+  assert [row["step"] for row in rows] == list(range(1, 31))
+  for row in rows:
+    missing = [key for key in REQUIRED_TRAIN_KEYS if key not in row]
+    assert not missing, (row["step"], missing)
+    assert all(math.isfinite(value) for value in row.values())
+  assert [row["step"] for row in rows if "val/loss" in row] == [10, 20, 30]
+  schedule = train.learning_rate_schedule(small_config().train)
+  assert [row["train/lr"] for row in rows] == pytest.approx([float(schedule(s)) for s in range(30)])
+  assert rows[0]["train/lr"] == 0.0 and rows[-1]["train/lr"] == pytest.approx(3e-3)
+  assert {f"train/load_cv_iter/{i}" for i in range(2)} <= set(rows[0])  # per CoE iteration
+  board = tensorboard_scalars(workdir)
+  for key in (*REQUIRED_TRAIN_KEYS, "val/loss"):
+    logged = [(row["step"], row[key]) for row in rows if key in row]
+    assert [step for step, _ in board[key]] == [step for step, _ in logged], key
+    np.testing.assert_allclose([value for _, value in board[key]],  # TensorBoard keeps float32
+                               [value for _, value in logged], rtol=1e-6, err_msg=key)
+  png = workdir / "loss.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and summary["loss_png"] == str(png)
+  assert summary["params_total"] > summary["params_active"] > 0
+  assert summary["compile_seconds"] > 0 and summary["tokens_per_sec"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_trains_on_real_math_text_with_the_olmoe_tokenizer(tmp_path):
+  math_qa = SHARED_DATA / "math_qa"
+  tokenizer = SHARED_DATA / "tokenizer" / "olmoe" / "tokenizer.json"
+  if not (math_qa / "train.jsonl").is_file() or not tokenizer.is_file():
+    pytest.skip(f"real math text or the olmoe tokenizer is not under {SHARED_DATA}")
+  config = small_config(
+      data__source="json", data__train_files=str(math_qa / "train.jsonl"),
+      data__val_files=str(math_qa / "validation.jsonl"), data__tokenizer=str(tokenizer),
+      data__max_train_examples=256, data__max_val_examples=8, train__batch_size=4,
+      train__eval_batch_size=8, train__steps=8, train__eval_every=0, train__checkpoint_every=0,
+      train__lr=1e-2)
+  summary = train.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert summary["vocab_size"] == 50280  # model.vocab_size=0: the tokenizer's
+  assert summary["first_train_loss"] == pytest.approx(math.log(50280), abs=0.2)
+  assert summary["last_train_loss"] < summary["first_train_loss"] - 0.5
+  assert math.isfinite(summary["final_val_loss"]) and summary["completed"]
+  assert (tmp_path / "tokenizer.json").is_file()
