@@ -78,7 +78,13 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-  """The authors' config.json fields for `cfg` (DeepSeek-V2 names plus the CoE switches)."""
+  """The authors' config.json fields for `cfg` (DeepSeek-V2 names plus the CoE switches).
+
+  Raises ConfigError for residual_style='textbook', which their code cannot compute.
+  """
+  if cfg.residual_style != "reference":
+    raise ConfigError(f"model.residual_style: got {cfg.residual_style!r}; the authors' format "
+                      "allows only 'reference'")
   hf: dict[str, Any] = {theirs: getattr(cfg, ours) for ours, theirs in _SAME_FIELDS.items()}
   hf.update({
       "architectures": ["CoeForCausalLM"],
