@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 MESHES = ((8, 1), (2, 4), (1, 8))  # (data, expert)
+FSDP_MESH = dict(data=2, fsdp=2, expert=2)
 TRAIN_MESH = (2, 4)
 TRAIN_STEPS = 3
 FP32_RTOL = 2e-5
@@ -71,16 +72,20 @@ def _loss_and_grad_results(model, params, batch) -> dict:
   value_and_grad = jax.value_and_grad(loss_fn)
   loss, grads = jax.jit(value_and_grad)(params, batch)
   results = {"single": {"loss": float(loss)}}
-  for shape in MESHES:
-    parallel = sharding.Parallelism(sharding.make_mesh(data=shape[0], expert=shape[1]))
+  meshes = {f"{d}x{e}": dict(data=d, expert=e) for d, e in MESHES}
+  meshes["fsdp"] = FSDP_MESH
+  for name, axes in meshes.items():
+    parallel = sharding.Parallelism(sharding.make_mesh(**axes))
     sharded_params = jax.device_put(params, sharding.state_shardings(params, parallel.mesh))
     sharded_batch = parallel.shard_batch(batch)
     compiled = sharding.MeshJit(jax.jit(value_and_grad), parallel).lower(
         sharded_params, sharded_batch).compile()
     mesh_loss, mesh_grads = compiled(sharded_params, sharded_batch)
-    results[f"{shape[0]}x{shape[1]}"] = dict(
+    hlo = compiled.as_text()
+    results[name] = dict(
         loss=float(mesh_loss), grad_rel_error=_max_relative_error(mesh_grads, grads),
-        has_all_to_all="all-to-all" in compiled.as_text())
+        has_all_to_all="all-to-all" in hlo, has_all_gather="all-gather" in hlo,
+        head_spec=[str(a) for a in sharded_params["lm_head"]["kernel"].sharding.spec])
   return results
 
 
@@ -164,6 +169,15 @@ def test_mesh_loss_and_gradients_match_one_device(worker_results, shape):
   assert mesh["grad_rel_error"] < 1e-4, mesh
   # Tokens reach sharded experts by all-to-all, and only when experts are split.
   assert mesh["has_all_to_all"] == (shape[1] > 1)
+
+
+def test_fsdp_mesh_matches_one_device_and_gathers_split_params(worker_results):
+  runs = worker_results["loss_and_grad"]
+  fsdp = runs["fsdp"]
+  np.testing.assert_allclose(fsdp["loss"], runs["single"]["loss"], rtol=FP32_RTOL)
+  assert fsdp["grad_rel_error"] < 1e-4, fsdp
+  assert "fsdp" in fsdp["head_spec"]
+  assert fsdp["has_all_gather"] and fsdp["has_all_to_all"]
 
 
 def test_training_on_2x4_mesh_matches_one_device(worker_results):
