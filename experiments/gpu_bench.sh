@@ -12,7 +12,7 @@
 #
 # Environment: SCALE (paper|tiny), STEPS (timed steps, default 20), WARMUP (3),
 # BATCH / SEQ (default: the configs'), DISPATCH (capacity,dropless), LAYER_COST
-# (1: also time the dispatch share of one layer), OUT (runs/gpu_bench), PYTHON (python).
+# (1: also time the dispatch share of one layer), OUT (runs/gpu_bench), PYTHON (the repo .venv python, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +22,7 @@ WARMUP=${WARMUP:-3}
 DISPATCH=${DISPATCH:-capacity,dropless}
 LAYER_COST=${LAYER_COST:-1}
 OUT=${OUT:-runs/gpu_bench}
-PYTHON=${PYTHON:-python}
+PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
 
 backend=$("$PYTHON" -c "import jax; print(jax.default_backend())")
 if [[ "$SCALE" == "paper" && "$backend" == "cpu" ]]; then

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ def test_coe_c2_k4_costs_what_moe_k8_costs_in_routed_flops():
 
 
 def _run_gpu_bench(tmp_path, **env_overrides) -> subprocess.CompletedProcess:
-  env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu", **env_overrides)
+  env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu", PYTHON=sys.executable,
+             **env_overrides)
   return subprocess.run(["bash", str(REPO / "experiments" / "gpu_bench.sh")], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=600)
 
