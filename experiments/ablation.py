@@ -181,14 +181,18 @@ def train_command(name: str, seed: int, recipe: Recipe, workdir: Path, cache_dir
 
 def run_suite(names: Sequence[str], seeds: int, recipe: Recipe, runs_dir: Path,
               log=print) -> list[Path]:
-  """Trains every (config, seed) not yet finished, sequentially; returns the workdirs."""
+  """Trains every (config, seed) not yet finished, sequentially; returns the workdirs.
+
+  Seed 0 of every config runs before seed 1 of any, so a partial suite already
+  has a whole table.
+  """
   cache_dir = runs_dir / "data_cache"
   env = dict(os.environ)
   env.setdefault("JAX_COMPILATION_CACHE_DIR", str(runs_dir / "jax_cache"))  # seeds share programs
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
   workdirs = []
-  for name in names:
-    for seed in range(seeds):
+  for seed in range(seeds):
+    for name in names:
       workdir = run_dir(runs_dir, name, seed)
       workdirs.append(workdir)
       if is_finished(workdir):

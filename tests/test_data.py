@@ -355,6 +355,66 @@ def test_val_batches_cover_every_example_once(synth):
     np.testing.assert_array_equal(ids[e, :n], synth.val.example(e))
 
 
+# --- vocabulary trimming --------------------------------------------------------------------------
+
+def _bpe_for_trimming() -> tuple[tokenizers.Tokenizer, list[str]]:
+  texts = [format_example(e["query"], e["response"]) for e in synthetic.generate_examples(300, 0)]
+  return tokenizer_lib.train_bpe(texts, 700), texts
+
+
+def test_trim_vocabulary_keeps_frequent_tokens_and_encodes_everything():
+  tok, texts = _bpe_for_trimming()
+  trimmed = tokenizer_lib.trim_vocabulary(tok, texts, keep=40)
+  size = trimmed.get_vocab_size(with_added_tokens=True)
+  assert 256 + 2 + 40 <= size < tok.get_vocab_size(with_added_tokens=True)
+  # specials keep working under their new ids
+  assert tokenizer_lib.pad_id(trimmed) == trimmed.token_to_id("<|padding|>")
+  assert tokenizer_lib.eos_id(trimmed) == trimmed.token_to_id("<|endoftext|>")
+  assert sorted(trimmed.get_vocab(with_added_tokens=True).values()) == list(range(size))
+  # the 40 most frequent tokens survive, with the same strings
+  counts: dict[int, int] = {}
+  for enc in tok.encode_batch(texts, add_special_tokens=False):
+    for i in enc.ids:
+      counts[i] = counts.get(i, 0) + 1
+  top = sorted(counts, key=lambda i: (-counts[i], i))[:40]
+  assert all(trimmed.token_to_id(tok.id_to_token(i)) is not None for i in top)
+  # every text still round-trips (dropped tokens are spelled with smaller kept pieces) ...
+  unseen = ["Ünïcode zebra quokka 12345", "query : xyz response : 7 * 8 = 56"]
+  for text in texts[:50] + unseen:
+    ids = trimmed.encode(text, add_special_tokens=False).ids
+    assert max(ids) < size and trimmed.decode(ids) == tok.decode(tok.encode(text).ids) == text
+  # ... and a text made only of kept tokens is split exactly as before
+  kept_only = [t for t in texts if all(trimmed.token_to_id(tok.id_to_token(i)) is not None
+                                       for i in tok.encode(t, add_special_tokens=False).ids)]
+  for text in kept_only + ["query : 2 + 3 = 5"]:
+    before = [tok.id_to_token(i) for i in tok.encode(text, add_special_tokens=False).ids]
+    after = [trimmed.id_to_token(i) for i in trimmed.encode(text, add_special_tokens=False).ids]
+    if all(trimmed.token_to_id(t) is not None for t in before):
+      assert after == before
+
+
+def test_trim_vocabulary_rejects_non_bpe():
+  word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+  with pytest.raises(ConfigError, match="data.trim_vocab"):
+    tokenizer_lib.trim_vocabulary(word_level, ["a b"], keep=1)
+
+
+def test_trim_vocab_config_builds_a_smaller_cached_tokenizer(tmp_path):
+  full = build_datasets(small_config(tmp_path, max_length=512), workdir=str(tmp_path / "full"),
+                        seed=0)  # long rows: nothing truncated, so the texts compare whole
+  data = small_config(tmp_path, max_length=512, trim_vocab=60)
+  trimmed = build_datasets(data, workdir=str(tmp_path / "run"), seed=0)
+  assert trimmed.vocab_size < full.vocab_size
+  assert int(trimmed.train.tokens.max()) < trimmed.vocab_size
+  assert trimmed.train.tokens.size >= full.train.tokens.size  # rare tokens take more pieces
+  assert texts_of(trimmed.val, trimmed.tokenizer) == texts_of(full.val, full.tokenizer)
+  saved = tokenizers.Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json"))
+  assert tokenizer_lib.tokenizer_fingerprint(saved) == tokenizer_lib.tokenizer_fingerprint(
+      trimmed.tokenizer)  # generation and evaluation decode with the run's own copy
+  again = build_datasets(data, workdir=str(tmp_path / "run2"), seed=0)
+  assert again.from_cache and again.vocab_size == trimmed.vocab_size
+
+
 # --- validation -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("changes, field", [
@@ -370,6 +430,7 @@ def test_val_batches_cover_every_example_once(synth):
     (dict(vocab_size=100), r"data\.vocab_size"),
     (dict(val_size=0), r"data\.val_size"),
     (dict(max_train_examples=-1), r"data\.max_train_examples"),
+    (dict(trim_vocab=-5), r"data\.trim_vocab: got -5"),
     (dict(source="tfds", tfds_data_dir="/no/such/dir"), r"data\.tfds_data_dir"),
     (dict(source="hf", hf_name=""), r"data\.hf_name"),
     (dict(synthetic_train_size=0), r"data\.synthetic_train_size"),
@@ -495,3 +556,23 @@ def test_shared_math_qa_with_olmoe_tokenizer(tmp_path):
     assert batch["input_ids"][e, :n].tolist() == expected
     assert (batch["input_ids"][e, n:] == 1).all()
     assert expected[:2] == ds.tokenizer.encode("query :", add_special_tokens=False).ids
+
+
+@pytest.mark.shared_data
+def test_shared_olmoe_tokenizer_trimmed(tmp_path):
+  math_qa = SHARED_DATA / "math_qa"
+  tok_path = SHARED_DATA / "tokenizer" / "olmoe" / "tokenizer.json"
+  if not (math_qa / "validation.jsonl").is_file() or not tok_path.is_file():
+    pytest.skip(f"shared data not found at {SHARED_DATA}")
+  data = small_config(tmp_path, source="json", train_files=str(math_qa / "train.jsonl"),
+                      val_files=str(math_qa / "validation.jsonl"), tokenizer=str(tok_path),
+                      max_length=2048, max_train_examples=400, max_val_examples=20,
+                      trim_vocab=1000)
+  ds = build_datasets(data, workdir=None, seed=0)
+  assert 1000 < ds.vocab_size < 3000  # + 256 bytes, 28 added tokens and merge halves
+  assert ds.pad_id == ds.tokenizer.token_to_id("<|padding|>")
+  assert ds.eos_id == ds.tokenizer.token_to_id("<|endoftext|>")
+  with open(math_qa / "validation.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(next(f)) for _ in range(20)]
+  expected = [format_example(r["query"], r["response"]) for r in rows]
+  assert texts_of(ds.val, ds.tokenizer) == expected

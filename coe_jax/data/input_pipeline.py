@@ -65,6 +65,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       # directory), or a hub name such as 'deepseek-ai/DeepSeek-V2-Lite' (needs a network).
       tokenizer="bpe",
       vocab_size=2048,  # vocabulary of the trained tokenizer when tokenizer='bpe'
+      # Keep only the N tokens most frequent in the training texts (plus special tokens, byte
+      # symbols and the BPE pieces they are merged from; see tokenizer.trim_vocabulary) to
+      # shrink the output head of small models; 0 = the tokenizer's whole vocabulary.
+      trim_vocab=0,
       max_length=512,  # tokens per row: longer examples are right-truncated, shorter padded
       packing=False,  # pack several whole examples per row (segment_ids / positions)
       cache_dir="",  # tokenised-data cache; '' = <workdir>/data_cache, else ~/.cache/coe_jax
@@ -184,7 +188,7 @@ def validate_data_config(data: DataConfig) -> None:
     _fail("packing", f"got {data.packing!r}; allowed values: True, False")
   if not isinstance(data.cache_dir, str):
     _fail("cache_dir", f"got {data.cache_dir!r}; must be a directory path or ''")
-  for field in ("max_train_examples", "max_val_examples", "val_seed"):
+  for field in ("max_train_examples", "max_val_examples", "val_seed", "trim_vocab"):
     _check_int(data, field, 0)
   _check_int(data, "val_size", 1)
   _check_tokenizer(data)
@@ -414,8 +418,19 @@ def resolve_cache_dir(data: ml_collections.ConfigDict, workdir: Optional[str]) -
 def _load_tokenizer(data: ml_collections.ConfigDict, cache: Path, raw_key: str,
                     texts: _Texts) -> tokenizers.Tokenizer:
   workdir = str(cache / "tokenizers" / f"bpe-{_hash([raw_key, data.vocab_size])}")
-  return tokenizer_lib.load_tokenizer(data.tokenizer, workdir=workdir, vocab_size=data.vocab_size,
-                                      train_texts=texts.train_texts, train_key=raw_key)
+  tok = tokenizer_lib.load_tokenizer(data.tokenizer, workdir=workdir, vocab_size=data.vocab_size,
+                                     train_texts=texts.train_texts, train_key=raw_key)
+  if not data.trim_vocab:
+    return tok
+  key = _hash([raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.trim_vocab])
+  path = cache / "tokenizers" / f"trim-{key}" / "tokenizer.json"
+  if path.is_file():
+    return tokenizers.Tokenizer.from_file(str(path))
+  trimmed = tokenizer_lib.trim_vocabulary(tok, texts.train_texts(), data.trim_vocab)
+  _write_atomic(path, trimmed.to_str())
+  _log.info("Trimmed the tokenizer to %d tokens (data.trim_vocab=%d); cached in %s",
+            trimmed.get_vocab_size(with_added_tokens=True), data.trim_vocab, path)
+  return trimmed
 
 
 def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
@@ -460,7 +475,11 @@ def _save_tokenizer_copy(tok: tokenizers.Tokenizer, workdir: Path) -> None:
   text = tok.to_str()
   if path.is_file() and path.read_text(encoding="utf-8") == text:
     return
-  workdir.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".tokenizer.json.{os.getpid()}.tmp")
+  _write_atomic(path, text)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   tmp.write_text(text, encoding="utf-8")
   os.replace(tmp, path)
