@@ -353,11 +353,18 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def seed_sd(result: RunResult) -> float:
+  """Sample standard deviation of `result`'s final val loss over its seeds (0 with one seed)."""
+  values = np.asarray(result.val_losses)
+  return float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+
+
 def claim_rows(results: dict[str, RunResult]) -> list[list[str]]:
   """Per claim with both runs finished: the paper's A-B difference, ours per seed, and agreement.
 
   'same sign, every seed' means every seed's paired difference has the paper's sign;
-  'opposite, every seed' the reverse; 'mixed' otherwise.
+  'opposite, every seed' the reverse; 'mixed' otherwise. 'beyond seed spread' compares the
+  mean difference with the seed-to-seed spread of the two runs' losses (their pooled sd).
   """
   rows = []
   for claim, a, b in CLAIMS:
@@ -370,12 +377,18 @@ def claim_rows(results: dict[str, RunResult]) -> list[list[str]]:
     signs = np.sign(diffs) * np.sign(paper)
     verdict = ("same sign, every seed" if np.all(signs > 0) else
                "opposite, every seed" if np.all(signs < 0) else "mixed")
+    mean = float(np.mean(diffs))
+    spread = float(np.sqrt((seed_sd(results[a]) ** 2 + seed_sd(results[b]) ** 2) / 2))
+    beyond = "n/a (1 seed)" if diffs.size < 2 else (
+        f"yes ({abs(mean) / spread:.1f} sd)" if spread and abs(mean) > spread else
+        f"no ({abs(mean) / spread:.1f} sd)" if spread else "yes")
     rows.append([claim, f"{a} - {b}", f"{paper:+.3f}", " / ".join(f"{d:+.4f}" for d in diffs),
-                 f"{float(np.mean(diffs)):+.4f}", verdict])
+                 f"{mean:+.4f}", verdict, beyond])
   return rows
 
 
-CLAIM_COLUMNS = ("paper's claim", "A - B", "paper", "ours per seed", "ours mean", "ours vs paper")
+CLAIM_COLUMNS = ("paper's claim", "A - B", "paper", "ours per seed", "ours mean", "ours vs paper",
+                 "beyond seed spread")
 
 
 def write_table(results: Sequence[RunResult], results_dir: Path, recipe_line: str) -> None:

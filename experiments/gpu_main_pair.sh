@@ -11,7 +11,10 @@
 # Environment (defaults in brackets): SCALE [paper], STEPS [1000], SEEDS [1],
 # DATA [../shared/data/math_qa if present, else the config's MetaMathQA from the hub],
 # TOKENIZER [../shared/data/tokenizer/olmoe/tokenizer.json if present, else the config's],
-# RUNS_DIR [runs/ablation/$SCALE], RESULTS_DIR [experiments/results/$SCALE].
+# RUNS_DIR [runs/ablation/$SCALE], RESULTS_DIR [experiments/results/$SCALE],
+# DISPATCH [dropless: every chosen expert sees its token, as in the reference (SPEC 3); on a
+# GPU this is ragged_dot; 'capacity' drops over-capacity tokens and is the fallback if the
+# dropless backward needs too much memory].
 # Any further arguments go to experiments.ablation unchanged (e.g. --eval_batches=4).
 # Finished runs are skipped and unfinished ones resume, so the script can be rerun after a stop.
 set -euo pipefail
@@ -20,6 +23,7 @@ cd "$(dirname "$0")/.."
 SCALE="${SCALE:-paper}"
 STEPS="${STEPS:-1000}"
 SEEDS="${SEEDS:-1}"
+DISPATCH="${DISPATCH:-dropless}"
 SHARED_DATA="../shared/data"
 if [[ -z "${DATA+x}" ]]; then
   DATA=""
@@ -32,6 +36,6 @@ fi
 PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
 
 exec "$PYTHON" -m experiments.ablation --suite=main --scale="$SCALE" --steps="$STEPS" \
-  --seeds="$SEEDS" --data="$DATA" --tokenizer="$TOKENIZER" \
+  --seeds="$SEEDS" --data="$DATA" --tokenizer="$TOKENIZER" --set=model.dispatch="$DISPATCH" \
   --runs_dir="${RUNS_DIR:-runs/ablation/$SCALE}" \
   --results_dir="${RESULTS_DIR:-experiments/results/$SCALE}" "$@"

@@ -191,7 +191,8 @@ def test_claim_verdicts_compare_every_seed_with_the_papers_sign():
              "moe_k16": run("moe_k16", 1.166, [6.9, 7.2])}
   rows = {row[1]: row for row in ablation.claim_rows(results)}
   assert set(rows) == {"coe_c2 - moe_k8", "coe_c2 - moe_k16"}  # moe_k24 has no runs
-  assert rows["coe_c2 - moe_k8"][2:] == ["-0.075", "-0.1000 / -0.1000", "-0.1000", "same sign, every seed"]
-  assert rows["coe_c2 - moe_k16"][5] == "mixed"
+  assert rows["coe_c2 - moe_k8"][2:] == ["-0.075", "-0.1000 / -0.1000", "-0.1000",
+                                         "same sign, every seed", "yes (1.4 sd)"]
+  assert rows["coe_c2 - moe_k16"][5:] == ["mixed", "no (0.0 sd)"]  # seed sd 0.07 and 0.21
   flipped = dict(results, moe_k8=run("moe_k8", 1.196, [6.0, 6.0]))
   assert ablation.claim_rows(flipped)[0][5] == "opposite, every seed"
