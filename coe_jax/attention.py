@@ -204,7 +204,7 @@ class MultiHeadLatentAttention(nn.Module):
     cos, sin = rotary_cos_sin(positions, self.config)
     q_nope, q_pe = self.project_queries(x, cos, sin)
     c_latent, k_pe = self.project_latent_keys(x, cos, sin)
-    return self.attend(q_nope, q_pe, c_latent, k_pe, mask)
+    return self.attend(q_nope, q_pe, c_latent, k_pe, mask, causal_self=True)
 
   def project_queries(self, x: Float[Array, "batch seq hidden"],
                       cos: Float[Array, "batch seq rope"], sin: Float[Array, "batch seq rope"]
@@ -229,19 +229,22 @@ class MultiHeadLatentAttention(nn.Module):
   def attend(self, q_nope: Float[Array, "batch q heads nope"],
              q_pe: Float[Array, "batch q heads rope"],
              c_latent: Float[Array, "batch k rank"], k_pe: Float[Array, "batch k rope"],
-             mask: Bool[Array, "#batch 1 q k"]) -> Float[Array, "batch q hidden"]:
+             mask: Bool[Array, "#batch 1 q k"], causal_self: bool = False
+             ) -> Float[Array, "batch q hidden"]:
     """Up-projects the latent to k_nope/value, attends, and applies o_proj.
 
     Query and key lengths may differ (a decoder's cached keys); `mask` is
-    [batch or 1, 1, q, k] with True = attend.
+    [batch or 1, 1, q, k] with True = attend. `causal_self=True` says query i
+    is key i and `mask` is causal, so each block of
+    `config.attention_query_block` queries skips the keys after its last query.
     """
     config = self.config
     kv = self.kv_b_proj(c_latent).reshape(
         *c_latent.shape[:2], config.num_heads, config.qk_nope_head_dim + config.v_head_dim)
     k_nope, value = jnp.split(kv, [config.qk_nope_head_dim], axis=-1)
-    probs = _attention_probs(q_nope, q_pe, k_nope, k_pe.astype(q_pe.dtype), mask,
-                             softmax_scale(config)).astype(value.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+    query_block = config.attention_query_block if causal_self else 0
+    out = _attention(q_nope, q_pe, k_nope, k_pe.astype(q_pe.dtype), value, mask,
+                     softmax_scale(config), query_block)
     return self.o_proj(out.reshape(*out.shape[:2], -1))
 
   # --------------------------------------------------------------------------
@@ -303,19 +306,44 @@ class MultiHeadLatentAttention(nn.Module):
     return attend(q_nope, q_pe, c_all, kpe_all, mask), c_new, kpe_new
 
 
-def _attention_probs(q_nope: Float[Array, "batch q heads nope"],
-                     q_pe: Float[Array, "batch q heads rope"],
-                     k_nope: Float[Array, "batch k heads nope"],
-                     k_pe: Float[Array, "batch k rope"],
-                     mask: Bool[Array, "#batch 1 q k"], scale: float
-                     ) -> Float[Array, "batch heads q k"]:
-  """float32 softmax over keys of ([q_nope, q_pe] . [k_nope, k_pe]) * scale, masked.
+def _attention(q_nope: Float[Array, "batch q heads nope"],
+               q_pe: Float[Array, "batch q heads rope"],
+               k_nope: Float[Array, "batch k heads nope"], k_pe: Float[Array, "batch k rope"],
+               value: Float[Array, "batch k heads v"], mask: Bool[Array, "#batch 1 q k"],
+               scale: float, query_block: int = 0) -> Float[Array, "batch q heads v"]:
+  """softmax(([q_nope, q_pe] . [k_nope, k_pe]) * scale, masked) . value, float32 softmax.
 
-  Equal to concatenating the nope and rope parts; the shared k_pe is not
-  broadcast to heads. Rows with no allowed key come out uniform (finite).
+  The shared k_pe is broadcast to the heads and joined to k_nope so the scores
+  are one matmul over nope + rope dims. With `query_block > 0` (causal self-
+  attention only: query i is key i) the queries go in blocks of that many and
+  each block sees keys 0 .. its last query: the keys after it are all masked,
+  so skipping them changes nothing but the cost. Rows with no allowed key (all
+  padding) come out as a uniform average of the keys they were scored against
+  (finite; they carry no loss).
   """
-  f32 = jnp.float32
-  scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=f32)
-            + jnp.einsum("bqhd,bkd->bhqk", q_pe, k_pe, preferred_element_type=f32))
-  scores = jnp.where(mask, scores * scale, _MASK_VALUE)
-  return jax.nn.softmax(scores, axis=-1)
+  heads = q_nope.shape[2]
+  query = jnp.concatenate([q_nope, q_pe], axis=-1)
+  key = jnp.concatenate(
+      [k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], heads, k_pe.shape[-1]))],
+      axis=-1)
+  q_len = query.shape[1]
+  if query_block <= 0 or query_block >= q_len:
+    return _attend_block(query, key, value, mask, scale)
+  if key.shape[1] != q_len:
+    raise ValueError(f"blocked causal attention needs as many keys as queries, got "
+                     f"{key.shape[1]} keys for {q_len} queries")
+  outs = []
+  for start in range(0, q_len, query_block):
+    end = min(start + query_block, q_len)
+    outs.append(_attend_block(query[:, start:end], key[:, :end], value[:, :end],
+                              mask[:, :, start:end, :end], scale))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _attend_block(query: Float[Array, "batch q heads d"], key: Float[Array, "batch k heads d"],
+                  value: Float[Array, "batch k heads v"], mask: Bool[Array, "#batch 1 q k"],
+                  scale: float) -> Float[Array, "batch q heads v"]:
+  """Dense masked attention of `query` over `key`/`value` (float32 scores and softmax)."""
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(jnp.where(mask, scores * scale, _MASK_VALUE), axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)

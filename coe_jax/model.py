@@ -184,7 +184,7 @@ class CachedDecoderLayer(nn.Module):
       cos_sin = rotary_cos_sin(positions, cfg)
       q_nope, q_pe = attn.project_queries(normed, *cos_sin)
       c_new, kpe_new = attn.project_latent_keys(normed, *cos_sin)
-      attn_out = attn.attend(q_nope, q_pe, c_new, kpe_new, mask)
+      attn_out = attn.attend(q_nope, q_pe, c_new, kpe_new, mask, causal_self=True)
     else:
       attn_out, c_new, kpe_new = attn.attend_with_cache(normed, positions, mask, c_cache,
                                                         kpe_cache, index, absorb=self.absorb)

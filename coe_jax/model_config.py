@@ -76,6 +76,11 @@ class ModelConfig:
   capacity_factor_train: float = 1.25
   capacity_factor_eval: float = 2.0
   min_capacity: int = 4
+  # --- attention kernel ---
+  # Queries per causal block in training/prefill self-attention: block i attends only to keys
+  # 0 .. (its last query), skipping the all-masked keys after it (~(1 - (n+1)/2n) of the score
+  # work with n blocks). 0 = one dense block (every query against every key).
+  attention_query_block: int = 64
   # --- numerics and compilation ---
   dtype: str = "float32"  # compute dtype; params and router are always float32
   remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
@@ -135,6 +140,10 @@ def validate(config: ModelConfig) -> None:
   _require(isinstance(config.qk_rope_head_dim, int) and config.qk_rope_head_dim >= 2
            and config.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
            f"got {config.qk_rope_head_dim!r}; must be an even integer >= 2")
+  _require(isinstance(config.attention_query_block, int)
+           and not isinstance(config.attention_query_block, bool)
+           and config.attention_query_block >= 0, "attention_query_block",
+           f"got {config.attention_query_block!r}; must be an integer >= 0 (0 = dense)")
   _require(isinstance(config.n_shared_experts, int) and config.n_shared_experts >= 0,
            "n_shared_experts", f"got {config.n_shared_experts!r}; must be an integer >= 0")
   _require(config.num_experts_per_tok <= config.n_routed_experts, "num_experts_per_tok",

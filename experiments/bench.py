@@ -70,7 +70,8 @@ class FlopCount:
   Attributes:
     attention_proj: q_proj, kv_a_proj_with_mqa, kv_b_proj and o_proj, all layers.
     attention_scores: q.k over q_head_dim and probs.v over v_head_dim against
-      all `seq` keys (what the dense masked kernel computes), all layers.
+      the (seq + 1) / 2 keys a causal query sees on average, all layers (keys
+      a kernel scores and then masks, or skips, are not useful work).
     routed_experts: K routed SwiGLU experts per iteration, C iterations, all layers.
     shared_experts: the shared SwiGLU expert(s), run every iteration, all layers.
     router: one [hidden, N_routed] router matmul per iteration, all layers.
@@ -107,7 +108,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
   swiglu_macs = 3 * d * f
   return FlopCount(
       attention_proj=2.0 * layers * proj_params,
-      attention_scores=2.0 * layers * seq_len * heads * (cfg.q_head_dim + cfg.v_head_dim),
+      attention_scores=2.0 * layers * (seq_len + 1) / 2 * heads * (cfg.q_head_dim + cfg.v_head_dim),
       routed_experts=2.0 * layers * chain * cfg.num_experts_per_tok * swiglu_macs,
       shared_experts=2.0 * layers * chain * cfg.n_shared_experts * swiglu_macs,
       router=2.0 * layers * chain * d * cfg.n_routed_experts,
@@ -331,6 +332,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: config)")
   parser.add_argument("--dtype", default=None, help="compute dtype override: float32 | bfloat16")
   parser.add_argument("--remat", default=None, help="none | full | dots")
+  parser.add_argument("--attention_query_block", default=None,
+                      help="model.attention_query_block override; a comma-separated list "
+                           "benchmarks each value side by side (e.g. 0,64)")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per program")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per program first")
   parser.add_argument("--matmul_size", type=int, default=None,
@@ -350,9 +354,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(spec)
     batch = args.batch or config.train.batch_size
     seq = args.seq or config.data.max_length
+    blocks = (args.attention_query_block or "").split(",")
     for mode in args.dispatch.split(","):
-      model_config = bench_model_config(config, mode, overrides)
-      benches.append(build_step_bench(f"{label} {mode}", config, model_config, batch, seq))
+      for block in blocks:
+        changes = dict(overrides, attention_query_block=int(block) if block else None)
+        model_config = bench_model_config(config, mode, changes)
+        name = f"{label} {mode}" + (f" qb={block}" if len(blocks) > 1 else "")
+        benches.append(build_step_bench(name, config, model_config, batch, seq))
   dtype = compute_dtype(benches[0].model_config.dtype)
   size = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
   probe, probe_flops = matmul_probe(dtype, size)

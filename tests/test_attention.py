@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -165,8 +166,9 @@ def test_matches_numpy_reference(overrides):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
-def test_matches_numpy_reference_with_padding():
-  cfg = SMALL
+@pytest.mark.parametrize("query_block", [0, 4, 5, 64], ids=lambda b: f"block{b}")
+def test_matches_numpy_reference_with_padding(query_block):
+  cfg = SMALL.replace(attention_query_block=query_block)  # 5: a ragged last block; 64: one block
   params = init_params(cfg)
   x, positions = random_inputs(cfg)
   attention_mask = np.ones((2, SEQ), np.int32)
@@ -264,6 +266,29 @@ def test_packed_segments_do_not_attend_across():
     alone = forward(SMALL, params, x[:, lo:hi], positions[:, lo:hi],
                     make_attention_mask(seq_len=hi - lo))
     np.testing.assert_allclose(packed[:, lo:hi], np.asarray(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_blocks_match_dense_with_packing_and_gradients():
+  """Skipping the keys after each query block changes neither outputs nor gradients."""
+  dense, blocked = SMALL.replace(attention_query_block=0), SMALL.replace(attention_query_block=5)
+  params = init_params(SMALL)
+  x, positions = random_inputs(SMALL)
+  segment_ids = np.array([[1] * 4 + [2] * 6 + [0] * 2, [0] * 3 + [1] * 9], np.int32)
+  real = jnp.asarray(segment_ids > 0, jnp.float32)[..., None]
+  mask = make_attention_mask(jnp.asarray((segment_ids > 0).astype(np.int32)),
+                             jnp.asarray(segment_ids))
+  weights = jax.random.normal(jax.random.key(7), (2, SEQ, SMALL.hidden_size))
+
+  def loss(cfg, params, x):
+    out = MultiHeadLatentAttention(cfg).apply({"params": params}, x, positions, mask)
+    return jnp.sum(out * weights * real)
+
+  want, want_grads = jax.value_and_grad(functools.partial(loss, dense), argnums=(0, 1))(params, x)
+  got, got_grads = jax.value_and_grad(functools.partial(loss, blocked), argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  assert max(float(jnp.abs(w).max()) for w in jax.tree.leaves(want_grads)) > 1e-2
 
 
 def test_bfloat16_close_to_float32():

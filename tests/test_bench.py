@@ -25,12 +25,13 @@ def test_flops_per_token_matches_a_hand_count():
   flops = bench.flops_per_token(cfg, seq_len=10)
   # Per layer: q 8*2*4=64, kv_a 8*6=48, kv_b 4*2*5=40, o 2*3*8=48 -> 200 weights; 2 layers, 2 FLOPs each.
   assert flops.attention_proj == 2 * 2 * 200
-  assert flops.attention_scores == 2 * 2 * 10 * 2 * (4 + 3)  # 2 layers, 10 keys, 2 heads, q.k + p.v
+  # 2 layers, 5.5 keys (causal average of 10), 2 heads, q.k + p.v
+  assert flops.attention_scores == 2 * 2 * 5.5 * 2 * (4 + 3)
   assert flops.routed_experts == 2 * 2 * 3 * 2 * (3 * 8 * 5)  # 2 layers, C=3, K=2, SwiGLU 3*d*f
   assert flops.shared_experts == 2 * 2 * 3 * 1 * (3 * 8 * 5)
   assert flops.router == 2 * 2 * 3 * 8 * 6
   assert flops.head == 2 * 8 * 100
-  assert flops.forward == 800 + 560 + 2880 + 1440 + 576 + 1600
+  assert flops.forward == 800 + 308 + 2880 + 1440 + 576 + 1600
   assert flops.train == 3 * flops.forward
 
 
