@@ -534,19 +534,26 @@ def test_tensorflow_datasets_is_imported_lazily(tmp_path):
 
 # --- the workplace's real data --------------------------------------------------------------------
 
+MATH_QA = SHARED_DATA / "math_qa"
+
+
+def shared_math_qa_config(tmp_path: Path, **changes):
+  """`small_config` over ../shared's math_qa and olmoe tokenizer; skips when they are absent."""
+  tok_path = SHARED_DATA / "tokenizer" / "olmoe" / "tokenizer.json"
+  if not (MATH_QA / "validation.jsonl").is_file() or not tok_path.is_file():
+    pytest.skip(f"shared data not found at {SHARED_DATA}")
+  return small_config(tmp_path, source="json", train_files=str(MATH_QA / "train.jsonl"),
+                      val_files=[str(MATH_QA / "validation.jsonl")], tokenizer=str(tok_path),
+                      **changes)
+
+
 @pytest.mark.shared_data
 def test_shared_math_qa_with_olmoe_tokenizer(tmp_path):
-  math_qa = SHARED_DATA / "math_qa"
-  tok_path = SHARED_DATA / "tokenizer" / "olmoe" / "tokenizer.json"
-  if not (math_qa / "validation.jsonl").is_file() or not tok_path.is_file():
-    pytest.skip(f"shared data not found at {SHARED_DATA}")
-  data = small_config(tmp_path, source="json", train_files=str(math_qa / "train.jsonl"),
-                      val_files=[str(math_qa / "validation.jsonl")], tokenizer=str(tok_path),
-                      max_length=512, max_train_examples=20, max_val_examples=8)
+  data = shared_math_qa_config(tmp_path, max_length=512, max_train_examples=20, max_val_examples=8)
   ds = build_datasets(data, workdir=None, seed=0)
   assert (ds.vocab_size, ds.pad_id, ds.eos_id) == (50280, 1, 50279)
   assert (ds.train.num_examples, ds.val.num_examples) == (20, 8)
-  with open(math_qa / "validation.jsonl", encoding="utf-8") as f:
+  with open(MATH_QA / "validation.jsonl", encoding="utf-8") as f:
     rows = [json.loads(next(f)) for _ in range(8)]
   batch = ds.val_batches(8)[0]
   for e, row in enumerate(rows):
@@ -560,19 +567,13 @@ def test_shared_math_qa_with_olmoe_tokenizer(tmp_path):
 
 @pytest.mark.shared_data
 def test_shared_olmoe_tokenizer_trimmed(tmp_path):
-  math_qa = SHARED_DATA / "math_qa"
-  tok_path = SHARED_DATA / "tokenizer" / "olmoe" / "tokenizer.json"
-  if not (math_qa / "validation.jsonl").is_file() or not tok_path.is_file():
-    pytest.skip(f"shared data not found at {SHARED_DATA}")
-  data = small_config(tmp_path, source="json", train_files=str(math_qa / "train.jsonl"),
-                      val_files=str(math_qa / "validation.jsonl"), tokenizer=str(tok_path),
-                      max_length=2048, max_train_examples=400, max_val_examples=20,
-                      trim_vocab=1000)
+  data = shared_math_qa_config(tmp_path, max_length=2048, max_train_examples=400,
+                               max_val_examples=20, trim_vocab=1000)
   ds = build_datasets(data, workdir=None, seed=0)
   assert 1000 < ds.vocab_size < 3000  # + 256 bytes, 28 added tokens and merge halves
   assert ds.pad_id == ds.tokenizer.token_to_id("<|padding|>")
   assert ds.eos_id == ds.tokenizer.token_to_id("<|endoftext|>")
-  with open(math_qa / "validation.jsonl", encoding="utf-8") as f:
+  with open(MATH_QA / "validation.jsonl", encoding="utf-8") as f:
     rows = [json.loads(next(f)) for _ in range(20)]
   expected = [format_example(r["query"], r["response"]) for r in rows]
   assert texts_of(ds.val, ds.tokenizer) == expected
