@@ -379,9 +379,12 @@ def claim_rows(results: dict[str, RunResult]) -> list[list[str]]:
                "opposite, every seed" if np.all(signs < 0) else "mixed")
     mean = float(np.mean(diffs))
     spread = float(np.sqrt((seed_sd(results[a]) ** 2 + seed_sd(results[b]) ** 2) / 2))
-    beyond = "n/a (1 seed)" if diffs.size < 2 else (
-        f"yes ({abs(mean) / spread:.1f} sd)" if spread and abs(mean) > spread else
-        f"no ({abs(mean) / spread:.1f} sd)" if spread else "yes")
+    if diffs.size < 2:
+      beyond = "n/a (1 seed)"
+    elif spread == 0:
+      beyond = "yes" if mean else "no"
+    else:
+      beyond = f"{'yes' if abs(mean) > spread else 'no'} ({abs(mean) / spread:.1f} sd)"
     rows.append([claim, f"{a} - {b}", f"{paper:+.3f}", " / ".join(f"{d:+.4f}" for d in diffs),
                  f"{mean:+.4f}", verdict, beyond])
   return rows

@@ -383,14 +383,15 @@ def test_trim_vocabulary_keeps_frequent_tokens_and_encodes_everything():
   for text in texts[:50] + unseen:
     ids = trimmed.encode(text, add_special_tokens=False).ids
     assert max(ids) < size and trimmed.decode(ids) == tok.decode(tok.encode(text).ids) == text
-  # ... and a text made only of kept tokens is split exactly as before
-  kept_only = [t for t in texts if all(trimmed.token_to_id(tok.id_to_token(i)) is not None
-                                       for i in tok.encode(t, add_special_tokens=False).ids)]
-  for text in kept_only + ["query : 2 + 3 = 5"]:
+  # ... and a text made only of kept tokens is split exactly as before: trimmed on a few texts
+  # with room for all their tokens, those texts keep every token and their splitting
+  few = texts[:5]
+  exact = tokenizer_lib.trim_vocabulary(tok, few, keep=10_000)
+  assert exact.get_vocab_size() < tok.get_vocab_size()  # still trimmed to these texts
+  for text in few:
     before = [tok.id_to_token(i) for i in tok.encode(text, add_special_tokens=False).ids]
-    after = [trimmed.id_to_token(i) for i in trimmed.encode(text, add_special_tokens=False).ids]
-    if all(trimmed.token_to_id(t) is not None for t in before):
-      assert after == before
+    after = [exact.id_to_token(i) for i in exact.encode(text, add_special_tokens=False).ids]
+    assert after == before and len(set(before)) > 20
 
 
 def test_trim_vocabulary_rejects_non_bpe():

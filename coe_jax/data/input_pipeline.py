@@ -427,7 +427,7 @@ def _load_tokenizer(data: ml_collections.ConfigDict, cache: Path, raw_key: str,
   if path.is_file():
     return tokenizers.Tokenizer.from_file(str(path))
   trimmed = tokenizer_lib.trim_vocabulary(tok, texts.train_texts(), data.trim_vocab)
-  _write_atomic(path, trimmed.to_str())
+  tokenizer_lib.write_text_atomic(path, trimmed.to_str())
   _log.info("Trimmed the tokenizer to %d tokens (data.trim_vocab=%d); cached in %s",
             trimmed.get_vocab_size(with_added_tokens=True), data.trim_vocab, path)
   return trimmed
@@ -475,11 +475,4 @@ def _save_tokenizer_copy(tok: tokenizers.Tokenizer, workdir: Path) -> None:
   text = tok.to_str()
   if path.is_file() and path.read_text(encoding="utf-8") == text:
     return
-  _write_atomic(path, text)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
+  tokenizer_lib.write_text_atomic(path, text)

@@ -99,12 +99,14 @@ def _cached_bpe(cache: Path, train_texts: Optional[Callable[[], Iterable[str]]],
     raise ValueError("tokenizer 'bpe' needs train_texts to train on (no cached tokenizer found)")
   tok = train_bpe(train_texts(), vocab_size)
   cache.mkdir(parents=True, exist_ok=True)
-  _atomic_write(path, tok.to_str())
-  _atomic_write(meta_path, json.dumps(meta))
+  write_text_atomic(path, tok.to_str())
+  write_text_atomic(meta_path, json.dumps(meta))
   return tok
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and a rename (creating parent directories)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   tmp.write_text(text, encoding="utf-8")
   os.replace(tmp, path)
