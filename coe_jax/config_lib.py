@@ -79,6 +79,12 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
       eval_every=10 if paper else 50,  # validation every N steps (and at the end); 0 = end only
       eval_batch_size=64 if paper else 32,  # sequences per validation batch
       max_eval_batches=0,  # 0 = the whole validation set
+      # Also log val/loss_paper, the reference's validation number: the mean of per-batch mean
+      # losses over the first paper_val_batches x paper_val_batch_size rows of a seed-0 shuffle
+      # of the validation set (SPEC 6). val/loss stays the pooled mean over the whole set.
+      paper_val=paper,
+      paper_val_batches=2,  # batches the reference scores
+      paper_val_batch_size=64,  # rows per reference validation batch
       checkpoint_every=100,  # Orbax checkpoint every N steps (and at the end); 0 = end only
       keep_checkpoints=3,  # how many checkpoints to keep
       log_every=1,  # fetch and write train metrics every N steps
@@ -125,6 +131,9 @@ def build(arg: Optional[str] = None, **model_changes: Any) -> ml_collections.Con
   config.scale = scale  # 'paper' | 'tiny'
   config.seed = 0  # init, data order and step rngs all derive from it
   config.model = _model_config(scale)
+  # The reference routes dropless in training and evaluation (SPEC 3); capacity dispatch is
+  # one override away: --config.model.dispatch=capacity.
+  config.model.dispatch = "dropless"
   config.data = default_data_config()
   if scale == "paper":
     config.data.source = "hf"

@@ -61,6 +61,12 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
     value = train[field]
     _require(isinstance(value, int) and value >= 1, f"train.{field}",
              f"got {value!r}; must be an integer >= 1")
+  for field in ("paper_val_batches", "paper_val_batch_size"):
+    value = train[field]
+    _require(isinstance(value, int) and value >= 1, f"train.{field}",
+             f"got {value!r}; must be an integer >= 1")
+  _require(isinstance(train.paper_val, bool), "train.paper_val",
+           f"got {train.paper_val!r}; allowed values: True, False")
   for field in ("eval_every", "checkpoint_every", "max_eval_batches"):
     value = train[field]
     _require(isinstance(value, int) and value >= 0, f"train.{field}",
@@ -221,6 +227,16 @@ def evaluate(eval_step: Callable, params, batches: list[dict]) -> float:
   return total / max(count, 1.0)
 
 
+def evaluate_batch_means(eval_step: Callable, params, batches: list[dict]) -> float:
+  """Mean over `batches` of each batch's mean token cross-entropy: the reference's
+  validation number (SPEC 6), unlike `evaluate`'s pooled mean over every target."""
+  means = []
+  for batch in batches:
+    ce_sum, n = eval_step(params, batch)
+    means.append(float(ce_sum) / max(float(n), 1.0))
+  return float(np.mean(means)) if means else float("nan")
+
+
 def init_train_state(model: CoECausalLM, train: ml_collections.ConfigDict, seed: int,
                      seq_len: int) -> TrainState:
   """Fresh params and optimizer state, initialised in one jitted program (not op by op)."""
@@ -346,6 +362,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   val_batches = datasets.val_batches(train_cfg.eval_batch_size)
   if train_cfg.max_eval_batches:
     val_batches = val_batches[:train_cfg.max_eval_batches]
+  paper_val_batches = (datasets.reference_val_batches(train_cfg.paper_val_batch_size,
+                                                      train_cfg.paper_val_batches)
+                       if train_cfg.paper_val else [])
   base_rng = jax.random.key(config.seed + 1)
 
   counts = count_params(model_config)
@@ -396,6 +415,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if eval_due:
           val_loss = evaluate(eval_step, state.params, val_batches)
           row["val/loss"] = val_loss
+          if paper_val_batches:
+            row["val/loss_paper"] = evaluate_batch_means(eval_step, state.params, paper_val_batches)
+            summary["final_val_loss_paper"] = row["val/loss_paper"]
         writer.write(done, row)
         if progress and hasattr(bar, "set_postfix"):
           bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}",

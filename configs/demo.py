@@ -11,4 +11,5 @@ def get_config(arg=None):
   config.train.steps = 300
   config.train.eval_every = 50
   config.train.checkpoint_every = 100
+  config.train.paper_val = True  # log the reference's validation number beside the pooled one
   return config

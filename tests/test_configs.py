@@ -61,6 +61,10 @@ def test_config_loads_and_validates(name, scale):
   model_config = train.validate_config(config)
   assert config.scale == scale
   assert model_config.num_iterations == config.paper.c
+  # The paper's runs are the reference's: dropless routing and end-of-text targets (SPEC 3, 6).
+  assert model_config.dispatch == "dropless"
+  assert config.data.eos_target
+  assert config.train.paper_val == (scale == "paper")
 
 
 def test_suite_lists_every_paper_config_file():

@@ -178,6 +178,7 @@ def test_text_format_has_no_special_tokens(tmp_path):
   data = small_config(tmp_path, source="json", train_files=str(files), val_files=str(files),
                       query_column="question", response_column="solution",
                       tokenizer=str(tmp_path / "tokenizer.json"))
+  data.eos_target = False
   ds = build_datasets(data, workdir=None, seed=0)
   for e, row in enumerate(ROWS):
     text = f"query : {row['question']} response : {row['solution']}"
@@ -186,6 +187,10 @@ def test_text_format_has_no_special_tokens(tmp_path):
     assert ids != ds.tokenizer.encode(text).ids  # the post-processor really adds one
     assert ds.eos_id not in ids
     assert ds.tokenizer.decode(ids) == text
+  data.eos_target = True  # the reference's end-of-text target: the text, then one EOS
+  with_eos = build_datasets(data, workdir=None, seed=0)
+  for e in range(len(ROWS)):
+    assert with_eos.train.example(e).tolist() == ds.train.example(e).tolist() + [ds.eos_id]
 
 
 def test_truncation_padding_and_mask():
@@ -559,7 +564,7 @@ def test_shared_math_qa_with_olmoe_tokenizer(tmp_path):
   batch = ds.val_batches(8)[0]
   for e, row in enumerate(rows):
     text = f"query : {row['query']} response : {row['response']}"
-    expected = ds.tokenizer.encode(text, add_special_tokens=False).ids[:512]
+    expected = (ds.tokenizer.encode(text, add_special_tokens=False).ids + [50279])[:512]
     n = int(batch["attention_mask"][e].sum())
     assert batch["input_ids"][e, :n].tolist() == expected
     assert (batch["input_ids"][e, n:] == 1).all()

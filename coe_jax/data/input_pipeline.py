@@ -2,15 +2,19 @@
 
 Every example becomes `query : {query} response : {response}` (SPEC 6),
 tokenised without special tokens, right-truncated to `max_length` and padded
-with the tokenizer's pad id. Tokenisation runs once per (data, tokenizer,
-max_length, packing) and is cached as `.npy` files; later builds memory-map them.
+with the tokenizer's pad id. With `data.eos_target` (default, as the reference
+trains) every example that is not truncated ends in the tokenizer's end-of-text
+token, so its last real token learns to predict EOS (SPEC 6). Tokenisation runs
+once per (data, tokenizer, max_length, packing, eos_target) and is cached as
+`.npy` files; later builds memory-map them.
 
 Batches are dicts of int32 `[B, L]` numpy arrays: `input_ids`, `attention_mask`
 (1 on real tokens), `segment_ids` (1, 2, ... per packed example, 0 on padding;
 equal to `attention_mask` without packing) and `positions` (restarting at 0 per
 packed example; `arange(L)` without packing). The train step takes targets
 `input_ids[:, 1:]` with weight `attention_mask[:, 1:] * (segment_ids[:, 1:] ==
-segment_ids[:, :-1])`.
+segment_ids[:, :-1])`: exactly the reference's `loss_mask = attention_mask[:, :-1]`
+targets when the EOS it pads with is kept as the example's last real token.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ __all__ = ["Batch", "Datasets", "Split", "TrainIterator", "build_datasets", "def
            "format_example", "format_prompt", "validate_data_config", "SOURCES"]
 
 SOURCES = ("synthetic", "json", "parquet", "hf", "tfds")
-CACHE_VERSION = 1  # bump when the cached layout or the text format changes
+CACHE_VERSION = 2  # bump when the cached layout or the text format changes
 _log = logging.getLogger(__name__)
 
 
@@ -70,6 +74,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       # shrink the output head of small models; 0 = the tokenizer's whole vocabulary.
       trim_vocab=0,
       max_length=512,  # tokens per row: longer examples are right-truncated, shorter padded
+      # Append the tokenizer's end-of-text token to every example before truncation, as the
+      # reference does by padding with EOS and scoring the first pad (SPEC 6): untruncated
+      # examples learn to stop; truncated ones get no EOS. False = no end-of-text target.
+      eos_target=True,
       packing=False,  # pack several whole examples per row (segment_ids / positions)
       cache_dir="",  # tokenised-data cache; '' = <workdir>/data_cache, else ~/.cache/coe_jax
       hf_name="meta-math/MetaMathQA",  # hub dataset for source='hf'
@@ -184,8 +192,9 @@ def validate_data_config(data: DataConfig) -> None:
   if data.source not in SOURCES:
     _fail("source", f"got {data.source!r}; allowed values: {', '.join(SOURCES)}")
   _check_int(data, "max_length", 2)
-  if not isinstance(data.packing, bool):
-    _fail("packing", f"got {data.packing!r}; allowed values: True, False")
+  for field in ("packing", "eos_target"):
+    if not isinstance(data[field], bool):
+      _fail(field, f"got {data[field]!r}; allowed values: True, False")
   if not isinstance(data.cache_dir, str):
     _fail("cache_dir", f"got {data.cache_dir!r}; must be a directory path or ''")
   for field in ("max_train_examples", "max_val_examples", "val_seed", "trim_vocab"):
@@ -290,6 +299,20 @@ class Datasets:
       rows = range(start, min(start + batch_size, self.val.num_rows))
       batches.append(self.val.batch(rows, pad_rows=batch_size - len(rows)))
     return batches
+
+  def reference_val_batches(self, batch_size: int = 64, num_batches: int = 2,
+                            seed: int = 0) -> list[Batch]:
+    """The rows the reference scores for its validation number (SPEC 6).
+
+    The validation rows shuffled once (`np.random.default_rng(seed)`; the
+    reference's torch sampler draws another permutation, so the rows differ but
+    the protocol is the same), then the first `num_batches` full batches of
+    `batch_size` rows (fewer when the split is smaller). Score them with
+    `train.evaluate_batch_means`: the mean of the per-batch mean losses.
+    """
+    order = np.random.default_rng(seed).permutation(self.val.num_rows)
+    return [self.val.batch(order[start:start + batch_size])
+            for start in range(0, min(len(order), batch_size * num_batches), batch_size)]
 
   def encode_prompt(self, query: str) -> list[int]:
     """Token ids of `format_prompt(query)`, for generation."""
@@ -450,7 +473,9 @@ def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
   tok = _load_tokenizer(data, cache, raw_key, texts)
   if workdir:
     _save_tokenizer_copy(tok, Path(workdir))
-  full_key = [raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.max_length, data.packing]
+  eos = _eos_target_id(data, tok)
+  full_key = [raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.max_length, data.packing,
+              eos]
   directory = cache / f"{data.source}-{_hash(full_key)}"
   args = (data.max_length, tokenizer_lib.pad_id(tok), data.packing)
   splits = tokenized.load_splits(directory, ("train", "val"), *args)
@@ -458,15 +483,28 @@ def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
     _log.info("Loaded tokenised data from cache %s", directory)
     return Datasets(tok, splits["train"], splits["val"], str(directory), True, 0.0)
   start = time.perf_counter()
-  splits = {name: tokenized.build_split(tok, t, *args) for name, t in texts.get().items()}
+  splits = {name: tokenized.build_split(tok, t, *args, eos_id=eos)
+            for name, t in texts.get().items()}
   seconds = time.perf_counter() - start
   meta = {"key": data_key(data), "tokenizer": full_key[1], "max_length": data.max_length,
-          "packing": data.packing, "seconds": seconds,
+          "packing": data.packing, "eos_target_id": eos, "seconds": seconds,
           **{f"{n}_examples": s.num_examples for n, s in splits.items()}}
   tokenized.save_splits(directory, splits, meta)
   _log.info("Tokenised %d train / %d val examples in %.1f s; cached in %s",
             splits["train"].num_examples, splits["val"].num_examples, seconds, directory)
   return Datasets(tok, splits["train"], splits["val"], str(directory), False, seconds)
+
+
+def _eos_target_id(data: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -> Optional[int]:
+  """The id appended to every example (`data.eos_target`), or None when off."""
+  if not data.eos_target:
+    return None
+  eos = tokenizer_lib.eos_id(tok)
+  if eos is None:
+    _fail("eos_target", f"is True, but the tokenizer {data.tokenizer!r} has no end-of-text token "
+          f"(looked for {', '.join(tokenizer_lib.EOS_CANDIDATES)}); allowed values: False, or a "
+          "tokenizer that has one")
+  return eos
 
 
 def _save_tokenizer_copy(tok: tokenizers.Tokenizer, workdir: Path) -> None:

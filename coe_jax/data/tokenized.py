@@ -2,8 +2,8 @@
 
 A split is stored without padding:
 
-* `tokens` (int32 `[T]`): every example's token ids (already right-truncated
-  to `max_length`), concatenated;
+* `tokens` (int32 `[T]`): every example's token ids, each followed by the
+  end-of-text token when one is given, right-truncated to `max_length`, concatenated;
 * `offsets` (int64 `[E + 1]`): example `e` is `tokens[offsets[e]:offsets[e + 1]]`;
 * `rows` (int64 `[R + 1]`): row `r` holds examples `rows[r]` .. `rows[r + 1] - 1`.
   Without packing every row holds one example; with packing, consecutive
@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import tokenizers
@@ -40,14 +40,21 @@ def format_prompt(query: str) -> str:
 
 
 def encode(tok: tokenizers.Tokenizer, texts: Sequence[str], max_length: int,
-           chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens, offsets): `texts` tokenised without special tokens, each cut to `max_length`."""
+           eos_id: Optional[int] = None, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, offsets): `texts` tokenised without special tokens, each cut to `max_length`.
+
+  With `eos_id`, every example is `text ids + [eos_id]` cut to `max_length`:
+  the reference pads with its end-of-text token and scores the first pad
+  (SPEC 6), so an example shorter than `max_length` learns to end with EOS and
+  a truncated one (text ids >= max_length) has no EOS target.
+  """
+  suffix = [] if eos_id is None else [int(eos_id)]
   pieces: list[np.ndarray] = []
   lengths = np.zeros(len(texts), np.int64)
   for start in range(0, len(texts), chunk):
     for i, enc in enumerate(tok.encode_batch(list(texts[start:start + chunk]),
                                              add_special_tokens=False)):
-      ids = np.asarray(enc.ids[:max_length], np.int32)
+      ids = np.asarray((enc.ids + suffix)[:max_length], np.int32)
       lengths[start + i] = len(ids)
       pieces.append(ids)
   tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
@@ -135,9 +142,9 @@ class Split:
 
 
 def build_split(tok: tokenizers.Tokenizer, texts: Sequence[str], max_length: int, pad_id: int,
-                packing: bool) -> Split:
-  """Tokenises `texts` and lays them out in rows."""
-  tokens, offsets = encode(tok, texts, max_length)
+                packing: bool, eos_id: Optional[int] = None) -> Split:
+  """Tokenises `texts` (each ending in `eos_id` unless truncated) and lays them out in rows."""
+  tokens, offsets = encode(tok, texts, max_length, eos_id)
   rows = pack_rows(np.diff(offsets), max_length, packing)
   return Split(tokens, offsets, rows, max_length, pad_id, packing)
 
