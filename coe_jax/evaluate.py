@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from coe_jax.run_dir import load_run
+
 TASKS = ("val_loss", "gsm8k", "math")
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "math": 512}
 DEFAULT_STOP_STRINGS = ("query :",)
@@ -294,7 +296,7 @@ def _bar(iterable: Iterable, enabled: bool, **kwargs):
 
 def validation_loss(run, problems: Optional[list[Problem]] = None, *, batch_size: int = 0,
                     max_length: int = 0, progress: bool = False) -> dict[str, float]:
-  """Token cross-entropy and perplexity of `run` (a `generate.LoadedRun`).
+  """Token cross-entropy and perplexity of `run` (a `run_dir.Run`).
 
   Without `problems`: the run's own validation split and eval batch size.
   """
@@ -312,14 +314,15 @@ def validation_loss(run, problems: Optional[list[Problem]] = None, *, batch_size
     if run.tokenizer is None:
       raise FileNotFoundError(f"{run.workdir}: no tokenizer.json; cannot tokenise --data")
     texts = [format_example(p.query, p.response) for p in problems]
-    split = build_split(run.tokenizer, texts, max_length, tokenizer_lib.pad_id(run.tokenizer), False)
+    eos = tokenizer_lib.eos_id(run.tokenizer) if run.config.data.get("eos_target", False) else None
+    split = build_split(run.tokenizer, texts, max_length, tokenizer_lib.pad_id(run.tokenizer), False,
+                        eos_id=eos)  # the run's own targets: with EOS iff it trained with them
   eval_step = jax.jit(train.make_eval_step(run.model))
-  total, count = 0.0, 0.0
-  for start in _bar(range(0, split.num_rows, batch_size), progress, desc="val_loss", unit="batch"):
-    rows = range(start, min(start + batch_size, split.num_rows))
-    ce_sum, n = eval_step(run.params, split.batch(rows, pad_rows=batch_size - len(rows)))
-    total, count = total + float(ce_sum), count + float(n)
-  loss = total / max(count, 1.0)
+  batches = (split.batch(range(start, min(start + batch_size, split.num_rows)),
+                         pad_rows=max(0, start + batch_size - split.num_rows))
+             for start in _bar(range(0, split.num_rows, batch_size), progress, desc="val_loss",
+                               unit="batch"))
+  loss, count = train.evaluate(eval_step, run.params, batches, with_count=True)
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count,
           "examples": split.num_examples}
 
@@ -385,7 +388,6 @@ def evaluate_run(workdir: str, task: str, *, data: Optional[str] = None, limit: 
 
   `limit` keeps the first N problems (after few-shot exemplars are set aside).
   """
-  from coe_jax.generate import load_run
   if task not in TASKS:
     raise ValueError(f"--task: got {task!r}; allowed values: {', '.join(TASKS)}")
   start = time.perf_counter()

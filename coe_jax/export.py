@@ -31,6 +31,7 @@ import numpy as np
 
 from coe_jax.convert import config_to_hf, from_hf, to_hf
 from coe_jax.model_config import ConfigError, ModelConfig
+from coe_jax.run_dir import load_run
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -87,7 +88,6 @@ def _special_token_ids(tokenizer_path: str) -> dict[str, int]:
 
 def export_run(workdir: str, out_dir: str, step: Optional[int] = None) -> dict[str, str]:
   """Exports the run's checkpoint (latest unless `step`) to `out_dir`; returns the paths."""
-  from coe_jax.generate import load_run
   run = load_run(workdir, step, with_tokenizer=False)
   paths = save_hf(out_dir, run.model_config, run.params, os.path.join(workdir, "tokenizer.json"))
   paths["step"] = str(run.step)

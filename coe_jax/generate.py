@@ -56,6 +56,7 @@ from jaxtyping import Array, Bool, Float, Int
 from coe_jax.layers import compute_dtype
 from coe_jax.model import CachedCoECausalLM, CoECausalLM, init_decode_cache
 from coe_jax.model_config import ModelConfig
+from coe_jax.run_dir import load_run
 
 DEFAULT_BUCKET = 32
 
@@ -393,74 +394,6 @@ def complete(params: Any, config: ModelConfig, tokenizer, prompts: Sequence[str]
       text = tokenizer.decode(token_ids, skip_special_tokens=True)
       results[i] = Completion(cut_at_stop(text, stop_strings), token_ids, bool(finished[r]))
   return results  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------
-# Loading a trained run.
-# ----------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class LoadedRun:
-  """A run directory's model, params, tokenizer and config."""
-
-  workdir: str
-  config: Any  # ml_collections.ConfigDict of the run (config.json)
-  model_config: ModelConfig
-  params: Any
-  step: int
-  tokenizer: Any  # tokenizers.Tokenizer, or None when the run has none
-
-  @property
-  def model(self) -> CoECausalLM:
-    return CoECausalLM(self.model_config)
-
-
-def run_vocab_size(workdir: str, config) -> int:
-  """The run's vocabulary: config.model.vocab_size, else summary.json, else its tokenizer's."""
-  if config.model.get("vocab_size", 0):
-    return int(config.model.vocab_size)
-  summary = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary):
-    with open(summary) as f:
-      value = json.load(f).get("vocab_size")
-    if value:
-      return int(value)
-  tokenizer = load_run_tokenizer(workdir, config)
-  if tokenizer is None:
-    raise FileNotFoundError(f"{workdir}: model.vocab_size is 0 and neither summary.json nor "
-                            "tokenizer.json says the vocabulary size")
-  return tokenizer.get_vocab_size(with_added_tokens=True)
-
-
-def load_run_tokenizer(workdir: str, config=None):
-  """`workdir/tokenizer.json` (what a run saves), else `config.data.tokenizer` if it is a file
-  or hub name (not 'bpe'), else None."""
-  import tokenizers
-  path = os.path.join(workdir, "tokenizer.json")
-  if os.path.exists(path):
-    return tokenizers.Tokenizer.from_file(path)
-  spec = config.data.get("tokenizer", "bpe") if config is not None and "data" in config else "bpe"
-  if spec == "bpe":
-    return None
-  from coe_jax.data.tokenizer import load_tokenizer
-  return load_tokenizer(spec)
-
-
-def load_run(workdir: str, step: Optional[int] = None, *, with_tokenizer: bool = True) -> LoadedRun:
-  """The params of a run's checkpoint (latest unless `step`) with its config and tokenizer."""
-  import ml_collections
-  from coe_jax import config_lib
-  from coe_jax.checkpoint import load_run_config, restore_params
-  saved = load_run_config(workdir)
-  if saved is None:
-    raise FileNotFoundError(f"{workdir!r} has no config.json; is it a coe_jax run directory?")
-  config = ml_collections.ConfigDict(saved)
-  model_config = config_lib.model_config_from(config, run_vocab_size(workdir, config))
-  abstract = jax.eval_shape(lambda: CoECausalLM(model_config).init(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  params, step = restore_params(workdir, abstract, step)
-  tokenizer = load_run_tokenizer(workdir, config) if with_tokenizer else None
-  return LoadedRun(os.path.abspath(workdir), config, model_config, params, int(step), tokenizer)
 
 
 # ----------------------------------------------------------------------------

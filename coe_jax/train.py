@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import flax
 import jax
@@ -217,14 +217,16 @@ def make_eval_step(model: CoECausalLM) -> Callable:
   return eval_step
 
 
-def evaluate(eval_step: Callable, params, batches: list[dict]) -> float:
-  """Mean token cross-entropy over `batches`."""
+def evaluate(eval_step: Callable, params, batches: Iterable[dict], *,
+             with_count: bool = False) -> float | tuple[float, float]:
+  """Mean token cross-entropy over `batches` (and the number of targets if `with_count`)."""
   total, count = 0.0, 0.0
   for batch in batches:
     ce_sum, n = eval_step(params, batch)
     total += float(ce_sum)
     count += float(n)
-  return total / max(count, 1.0)
+  loss = total / max(count, 1.0)
+  return (loss, count) if with_count else loss
 
 
 def evaluate_batch_means(eval_step: Callable, params, batches: list[dict]) -> float:

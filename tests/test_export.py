@@ -17,7 +17,7 @@ import numpy_reference as ref
 from coe_jax import config_lib, export, train
 from coe_jax.checkpoint import Checkpointer, save_run_config
 from coe_jax.data.tokenizer import train_bpe
-from coe_jax.generate import load_run
+from coe_jax.run_dir import load_run
 from coe_jax.model import CoECausalLM
 from coe_jax.model_config import ConfigError
 

@@ -9,10 +9,10 @@
     analysis.plot_co_selection(stats.co_selection, layer=0)  # a matplotlib Figure
 
 `routing` gathers what the CoE layers sow, `statistics` turns it into arrays
-and tables, `plots` into figures, `loading` restores a run from its directory.
+and tables, `plots` into figures; `load_run` (from `coe_jax.run_dir`) opens a run directory.
 """
 
-from coe_jax.analysis.loading import Run, encode_texts, load_run, validation_batch
+from coe_jax.analysis.loading import encode_texts, validation_batch
 from coe_jax.analysis.plots import (plot_co_selection, plot_dropped, plot_iteration_summary,
                                     plot_load)
 from coe_jax.analysis.routing import (Routing, collect_routing, concatenate_routing,
@@ -23,6 +23,7 @@ from coe_jax.analysis.statistics import (Combinations, ConfidenceStats, CoSelect
                                          expert_combinations, expert_load, expert_table,
                                          iteration_table, layer_table, possible_combinations,
                                          reselection, router_confidence)
+from coe_jax.run_dir import Run, load_run
 
 __all__ = [
     "Combinations", "ConfidenceStats", "CoSelection", "Drops", "LoadStats", "Reselection",
