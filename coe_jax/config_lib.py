@@ -19,6 +19,9 @@ Scales:
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 import ml_collections
@@ -150,6 +153,23 @@ def build(arg: Optional[str] = None, **model_changes: Any) -> ml_collections.Con
     raise ConfigError(f"model config: unknown field(s) {unknown}")
   config.model.update(model_changes)
   return config
+
+
+def load_config_file(spec: str, root: Optional[Path] = None) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` -> that file's `get_config(arg)`, as `--config=` loads it.
+
+  A relative path is looked up from the working directory, then from `root`.
+  """
+  path, _, arg = str(spec).partition(":")
+  file = Path(path).expanduser()
+  if not file.is_file() and root is not None and (root / path).is_file():
+    file = root / path
+  if not file.is_file():
+    raise ConfigError(f"config file: {path!r} does not exist (cwd {os.getcwd()!r})")
+  module_spec = importlib.util.spec_from_file_location(f"coe_jax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: Optional[int] = None) -> ModelConfig:

@@ -2,19 +2,17 @@
 
 A router scores every routed expert for every token in float32, keeps the
 greedy top-K and returns the combine weights plus the losses of SPEC section 3.
-The pure function `route` is what the CoE layer scans over; `Router` is a
-one-iteration Flax wrapper for use on its own.
+The pure function `route` is what the CoE layer scans over; the layer owns the
+router weights (`[C or 1, N_routed, hidden]`, PyTorch's default Linear init).
 """
 
 from __future__ import annotations
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from coe_jax.layers import torch_linear_default_init
 
 
 @flax.struct.dataclass
@@ -83,28 +81,3 @@ def route(x: Float[Array, "batch seq hidden"], weight: Float[Array, "experts hid
       aux_loss=sequence_load_balancing_loss(probs, expert_ids, aux_loss_alpha),
       z_loss=router_z_loss(logits, z_loss_coef),
   )
-
-
-class Router(nn.Module):
-  """One router: weight [N_routed, hidden] (torch Linear layout), no bias.
-
-  Attributes:
-    num_experts: N_routed.
-    k: experts chosen per token.
-    norm_topk_prob / routed_scaling_factor / aux_loss_alpha / z_loss_coef: see `route`.
-  """
-
-  num_experts: int
-  k: int
-  norm_topk_prob: bool = False
-  routed_scaling_factor: float = 1.0
-  aux_loss_alpha: float = 0.001
-  z_loss_coef: float = 0.0
-
-  @nn.compact
-  def __call__(self, x: Float[Array, "batch seq hidden"]) -> RouterOutput:
-    weight = self.param("weight", torch_linear_default_init(x.shape[-1]),
-                        (self.num_experts, x.shape[-1]), jnp.float32)
-    return route(x, weight, k=self.k, norm_topk_prob=self.norm_topk_prob,
-                 routed_scaling_factor=self.routed_scaling_factor,
-                 aux_loss_alpha=self.aux_loss_alpha, z_loss_coef=self.z_loss_coef)

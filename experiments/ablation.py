@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -153,10 +152,7 @@ def suite_configs(suite: str) -> tuple[str, ...]:
 
 def load_config(name: str, scale: str) -> ml_collections.ConfigDict:
   """`configs/<name>.py`'s `get_config(scale)`."""
-  spec = importlib.util.spec_from_file_location(f"configs.{name}", CONFIG_DIR / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(scale)
+  return config_lib.load_config_file(f"{CONFIG_DIR / name}.py:{scale}")
 
 
 def run_dir(runs_dir: Path, name: str, seed: int) -> Path:

@@ -314,14 +314,6 @@ class Datasets:
     return [self.val.batch(order[start:start + batch_size])
             for start in range(0, min(len(order), batch_size * num_batches), batch_size)]
 
-  def encode_prompt(self, query: str) -> list[int]:
-    """Token ids of `format_prompt(query)`, for generation."""
-    return self.tokenizer.encode(format_prompt(query), add_special_tokens=False).ids
-
-  def decode(self, ids: Sequence[int]) -> str:
-    """Text of token ids (pad and other special tokens dropped)."""
-    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
 
 def _hash(value: Any) -> str:
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
