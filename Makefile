@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test demo notebook bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[all]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[all]"
 	touch $(STAMP)
 
 venv: $(STAMP)
