@@ -3,7 +3,9 @@
 A checkpoint holds `state` (step, params, optimizer state) and `data` (the
 iterator's JSON state), so resuming reproduces the uninterrupted run exactly.
 The run's config is written beside it as `config.json`; a workdir whose saved
-model shape differs from the requested one refuses to resume.
+model differs from the requested one in any function field (`ModelConfig`
+metadata, see `model_config`) refuses to resume; execution fields (dispatch,
+capacity, dtype, remat, ...) may change.
 """
 
 from __future__ import annotations
@@ -15,16 +17,13 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from coe_jax.model_config import ConfigError
+from coe_jax.model_config import FUNCTION, ConfigError, ModelConfig, fields_of_kind
 
 CONFIG_FILE = "config.json"
-# Fields that change array shapes or the meaning of saved weights (the function the
-# layers compute); execution choices (dispatch, capacity, dtype, remat) may change.
-STRUCTURAL_MODEL_FIELDS = (
-    "vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
-    "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
-    "moe_intermediate_size", "num_iterations", "independent_gates", "num_experts_per_tok",
-    "inner_residual", "outer_residual", "residual_style", "norm_topk_prob")
+# Fields that change the parameters or the function the layers compute (derived from the
+# ModelConfig field metadata); execution choices (dispatch, capacity, dtype, remat) may change.
+FUNCTION_MODEL_FIELDS = fields_of_kind(FUNCTION)
+_DEFAULTS = ModelConfig.__dataclass_fields__
 
 
 class Checkpointer:
@@ -129,9 +128,21 @@ def load_run_config(workdir: str) -> Optional[dict]:
 
 
 def check_resumable(saved: dict, requested: dict) -> None:
-  """Raises ConfigError if the saved run's model shape differs from the requested one."""
-  diffs = [f"model.{k}: saved {saved['model'].get(k)!r}, requested {requested['model'].get(k)!r}"
-           for k in STRUCTURAL_MODEL_FIELDS if saved["model"].get(k) != requested["model"].get(k)]
+  """Raises ConfigError if a function field of the saved run's model differs from the request.
+
+  Args:
+    saved, requested: run configs as dicts ({'model': {...}, ...}). A field the
+      saved config lacks (written before the field existed) counts as its default.
+  """
+  diffs = [f"model.{k}: saved {a!r}, requested {b!r}"
+           for k, a, b in ((k, _model_value(saved, k), _model_value(requested, k))
+                           for k in FUNCTION_MODEL_FIELDS) if a != b]
   if diffs:
-    raise ConfigError("workdir holds a run with a different model shape; refusing to resume "
-                      "(use a new --workdir): " + "; ".join(diffs))
+    raise ConfigError(
+        "workdir holds a run of a different model (a field that changes the parameters or the "
+        "function the model computes differs); refusing to resume (use a new --workdir): "
+        + "; ".join(diffs))
+
+
+def _model_value(config: dict, name: str) -> Any:
+  return config["model"].get(name, _DEFAULTS[name].default)

@@ -13,44 +13,56 @@ from typing import Any, Mapping
 import numpy as np
 
 from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ConfigError, ModelConfig
+from coe_jax.model_config import ConfigError, ModelConfig, hf_fixed_values, hf_keys
 
-# Our ModelConfig field <- authors' config.json field (same meaning).
-_SAME_FIELDS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "kv_lora_rank": "kv_lora_rank",
-    "qk_nope_head_dim": "qk_nope_head_dim",
-    "qk_rope_head_dim": "qk_rope_head_dim",
-    "v_head_dim": "v_head_dim",
-    "rope_theta": "rope_theta",
-    "rms_norm_eps": "rms_norm_eps",
-    "initializer_range": "initializer_range",
-    "n_routed_experts": "n_routed_experts",
-    "num_experts_per_tok": "num_experts_per_tok",
-    "moe_intermediate_size": "moe_intermediate_size",
-    "num_iterations": "inner_iter",
-    "independent_gates": "use_igate",
-    "inner_residual": "inner_residual",
-    "outer_residual": "outer_residual",
-    "norm_topk_prob": "norm_topk_prob",
-    "routed_scaling_factor": "routed_scaling_factor",
-    "aux_loss_alpha": "aux_loss_alpha",
-}
-_ROPE_FIELDS = {
-    "rope_factor": "factor",
-    "rope_original_max_position": "original_max_position_embeddings",
-    "rope_beta_fast": "beta_fast",
-    "rope_beta_slow": "beta_slow",
-    "rope_mscale": "mscale",
-    "rope_mscale_all_dim": "mscale_all_dim",
-}
+MODEL_TYPE = "coe_deepseekv2"  # the authors' CoeConfig.model_type
+DEEPSEEK_V2 = "deepseek_v2"  # plain DeepSeek-V2 checkpoints (C=1), also accepted on import
+MODEL_TYPES = (MODEL_TYPE, DEEPSEEK_V2)
+AUTO_MAP = {"AutoConfig": "configuration_coe.CoeConfig",
+            "AutoModel": "modeling_coe.CoeModel",
+            "AutoModelForCausalLM": "modeling_coe.CoeForCausalLM"}
+# The authors' routing (SPEC 3): every chosen expert processes the token. Import uses it unless
+# the caller overrides `dispatch`.
+IMPORT_DISPATCH = "dropless"
+# Fields whose config.json form needs conversion code below (n_shared_experts: null for 0;
+# rope_scaling: a dict or null).
+_CONVERTED = ("n_shared_experts", "rope_scaling")
+# Our ModelConfig field <- authors' config.json key (same meaning), from the field metadata.
+_SAME_FIELDS = {ours: theirs for ours, theirs in hf_keys().items()
+                if "." not in theirs and ours not in _CONVERTED}
+_ROPE_FIELDS = {ours: theirs.split(".", 1)[1] for ours, theirs in hf_keys().items()
+                if theirs.startswith("rope_scaling.")}
+# What DeepSeek-V2's own decoder layer computes, in our fields: one expert pass with one gate
+# per layer (`mlp.gate.weight`) and out = h + experts(norm(h)).
+_DEEPSEEK_V2_CHAIN = {"num_iterations": 1, "independent_gates": False, "inner_residual": False,
+                      "outer_residual": True}
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-  """ModelConfig from the authors' config.json dict; `overrides` set our own knobs (dispatch...)."""
+  """ModelConfig from the authors' config.json dict; `overrides` set our own knobs.
+
+  Routes dropless (`IMPORT_DISPATCH`, the authors' routing) unless `overrides`
+  names another `dispatch`. `model_type` 'coe_deepseekv2' reads the CoE switches
+  (inner_iter, use_igate, inner_residual, outer_residual); 'deepseek_v2' is plain
+  DeepSeek-V2, i.e. C=1 with its residual (`_DEEPSEEK_V2_CHAIN`).
+  """
+  _check_hf_values(hf)
+  values: dict[str, Any] = {ours: hf[theirs] for ours, theirs in _SAME_FIELDS.items() if theirs in hf}
+  if hf["model_type"] == DEEPSEEK_V2:
+    values.update(_deepseek_v2_chain(hf))
+  values["n_shared_experts"] = int(hf.get("n_shared_experts") or 0)
+  values.update(_rope_from_hf(hf.get("rope_scaling")))
+  values.update(hf_fixed_values())
+  values["dispatch"] = IMPORT_DISPATCH
+  values.update(overrides)
+  return ModelConfig(**values)
+
+
+def _check_hf_values(hf: Mapping[str, Any]) -> None:
+  """Raises ConfigError for config.json values our model cannot compute."""
+  if hf.get("model_type") not in MODEL_TYPES:
+    raise ConfigError(f"config.json model_type: got {hf.get('model_type')!r}; allowed values: "
+                      f"{', '.join(MODEL_TYPES)}")
   if hf.get("q_lora_rank") not in (None, 0):
     raise ConfigError(f"config.json q_lora_rank: got {hf['q_lora_rank']!r}; allowed values: null")
   if hf.get("first_k_dense_replace", 0) not in (0, None):
@@ -58,37 +70,65 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
                       "allowed values: 0 (every layer is a CoE layer)")
   if hf.get("tie_word_embeddings", False):
     raise ConfigError("config.json tie_word_embeddings: got true; allowed values: false")
-  values: dict[str, Any] = {ours: hf[theirs] for ours, theirs in _SAME_FIELDS.items() if theirs in hf}
-  values["n_shared_experts"] = int(hf.get("n_shared_experts") or 0)
-  rope = hf.get("rope_scaling")
-  if rope:
-    kind = rope.get("type", rope.get("rope_type"))
-    if kind != "yarn":
-      raise ConfigError(f"config.json rope_scaling.type: got {kind!r}; allowed values: yarn, or null")
-    values["rope_scaling"] = "yarn"
-    # Keys absent from config.json take the reference's defaults
-    # (DeepseekV2YarnRotaryEmbedding: mscale=1, mscale_all_dim=0), not our paper defaults.
-    values.update({"rope_original_max_position": 4096, "rope_beta_fast": 32.0,
-                   "rope_beta_slow": 1.0, "rope_mscale": 1.0, "rope_mscale_all_dim": 0.0})
-    values.update({ours: rope[theirs] for ours, theirs in _ROPE_FIELDS.items() if theirs in rope})
-  else:
-    values["rope_scaling"] = "none"
-  values.update(overrides)
-  return ModelConfig(**values)
+
+
+def _deepseek_v2_chain(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """`_DEEPSEEK_V2_CHAIN`; a CoE key in a deepseek_v2 config.json must agree with it.
+
+  DeepSeek-V2's code ignores those keys, so a disagreeing one means the file
+  describes a CoE model under the wrong model_type.
+  """
+  for ours, want in _DEEPSEEK_V2_CHAIN.items():
+    theirs = hf_keys()[ours]
+    if theirs in hf and hf[theirs] != want:
+      raise ConfigError(
+          f"config.json {theirs}: got {hf[theirs]!r} with model_type {DEEPSEEK_V2!r}, whose code "
+          f"computes {theirs}={want!r} (one expert pass, out = h + experts(norm(h))); allowed "
+          f"values: {want!r} or absent. A Chain-of-Experts checkpoint has model_type {MODEL_TYPE!r}")
+  return dict(_DEEPSEEK_V2_CHAIN)
+
+
+def _rope_from_hf(rope: Any) -> dict[str, Any]:
+  """Our rope fields from config.json's rope_scaling (a dict, or null for none)."""
+  if not rope:
+    return {"rope_scaling": "none"}
+  kind = rope.get("type", rope.get("rope_type"))
+  if kind != "yarn":
+    raise ConfigError(f"config.json rope_scaling.type: got {kind!r}; allowed values: yarn, or null")
+  # Keys absent from config.json take the reference's defaults
+  # (DeepseekV2YarnRotaryEmbedding: mscale=1, mscale_all_dim=0), not our paper defaults.
+  values = {"rope_scaling": "yarn", "rope_original_max_position": 4096, "rope_beta_fast": 32.0,
+            "rope_beta_slow": 1.0, "rope_mscale": 1.0, "rope_mscale_all_dim": 0.0}
+  values.update({ours: rope[theirs] for ours, theirs in _ROPE_FIELDS.items() if theirs in rope})
+  return values
+
+
+def check_authors_can_compute(cfg: ModelConfig) -> None:
+  """Raises ConfigError when a field config.json lacks is not the authors' only value.
+
+  E.g. residual_style='textbook': the authors' CoeForCausalLM only computes
+  'reference' (its inner_residual/outer_residual switches cannot express
+  out = h + sum_t m_t), so the exported model would compute something else.
+  """
+  for name, only in hf_fixed_values().items():
+    value = getattr(cfg, name)
+    if value != only:
+      raise ConfigError(
+          f"model.{name}: got {value!r}; the authors' CoeForCausalLM only computes "
+          f"{name}={only!r}, so the exported model would compute something else")
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """The authors' config.json fields for `cfg` (DeepSeek-V2 names plus the CoE switches).
 
-  Raises ConfigError for residual_style='textbook', which their code cannot compute.
+  Raises ConfigError (`check_authors_can_compute`), e.g. for residual_style='textbook'.
   """
-  if cfg.residual_style != "reference":
-    raise ConfigError(f"model.residual_style: got {cfg.residual_style!r}; the authors' format "
-                      "allows only 'reference'")
+  check_authors_can_compute(cfg)
   hf: dict[str, Any] = {theirs: getattr(cfg, ours) for ours, theirs in _SAME_FIELDS.items()}
   hf.update({
       "architectures": ["CoeForCausalLM"],
-      "model_type": "deepseek_v2",
+      "model_type": MODEL_TYPE,
+      "auto_map": dict(AUTO_MAP),
       "n_shared_experts": cfg.n_shared_experts or None,
       "q_lora_rank": None,
       "num_key_value_heads": cfg.num_heads,
@@ -151,7 +191,8 @@ def from_hf(config: Mapping[str, Any], state_dict: Mapping[str, Any], **override
     config: the authors' config.json fields.
     state_dict: name -> array (numpy, or anything `np.asarray` takes; torch
       tensors via `.numpy()` first), in their naming and [out, in] layout.
-    overrides: our own ModelConfig knobs, e.g. dispatch='dropless', dtype.
+    overrides: our own ModelConfig knobs, e.g. dtype, or dispatch='capacity' (default
+      'dropless', the authors' routing: the logits equal theirs).
   Returns:
     `CoECausalLM` and `{'params': ...}` with float32 numpy leaves.
   """

@@ -1,18 +1,23 @@
 """Export a run to the authors' Hugging Face format, and import their checkpoints.
 
     python -m coe_jax.export --workdir=RUN --out=DIR [--step=N]
-    python -m coe_jax.export --from_hf=DIR --out=RUN [--config=configs/coe_c2.py[:tiny]]
+    python -m coe_jax.export --from_hf=DIR --out=RUN [--config=configs/coe_c2.py[:tiny]] \
+        [--dispatch=dropless|capacity]
 
 Export writes `DIR/config.json` (the authors' `CoeForCausalLM` field names,
-`convert.config_to_hf`), `DIR/model.safetensors` (their state-dict names and
+`model_type` 'coe_deepseekv2' and their `auto_map`, `convert.config_to_hf`),
+`DIR/model.safetensors` (their state-dict names and
 torch [out, in] layouts, float32, `convert.to_hf`) and the run's
 `tokenizer.json`, so that the authors' PyTorch code loads the directory with
-`CoeForCausalLM.from_pretrained(DIR)`.
+`CoeForCausalLM.from_pretrained(DIR)` (for `AutoModelForCausalLM` with
+`trust_remote_code`, put their `configuration_coe.py` and `modeling_coe.py`,
+which `auto_map` names and which are not copied here, beside config.json).
 
 Import reads such a directory (`model.safetensors`, or the shards of
 `model.safetensors.index.json`) with `convert.from_hf` and writes a run
 directory: `config.json` (the base `--config`, default `configs/base.py`'s,
-with the imported architecture), a step-0 Orbax checkpoint holding the
+with the imported architecture and, unless `--dispatch=capacity`, the
+authors' dropless routing), a step-0 Orbax checkpoint holding the
 weights and a fresh optimiser state of that config, `summary.json` and the
 tokenizer. `coe_jax.evaluate` and `coe_jax.generate` use it as is;
 `python -m coe_jax.main --config=<the same config> --workdir=RUN` plus the
@@ -29,26 +34,22 @@ from typing import Any, Optional
 
 import numpy as np
 
-from coe_jax.convert import config_to_hf, from_hf, to_hf
-from coe_jax.model_config import ConfigError, ModelConfig
+from coe_jax.convert import IMPORT_DISPATCH, check_authors_can_compute, from_hf, to_hf
+from coe_jax.model_config import ModelConfig, our_knobs
 from coe_jax.run_dir import load_run
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Our execution knobs that the authors' config.json does not carry; import keeps the base
-# config's. (residual_style is not one: their code computes the 'reference' form only.)
-OUR_KNOBS = ("dispatch", "dropless_impl", "capacity_factor_train", "capacity_factor_eval",
-             "min_capacity", "dtype", "remat", "router_z_loss_coef")
+# Our knobs that the authors' config.json neither carries nor fixes (from the ModelConfig field
+# metadata: execution fields and router_z_loss_coef); import keeps the base config's, except
+# `dispatch` (see `import_hf`). residual_style is not one: their code computes 'reference' only.
+OUR_KNOBS = our_knobs()
 
 
 def check_exportable(config: ModelConfig) -> None:
   """Raises ConfigError when the authors' model cannot compute what `config` computes."""
-  if config.residual_style != "reference":
-    raise ConfigError(
-        f"model.residual_style: got {config.residual_style!r}; the authors' CoeForCausalLM only "
-        "computes residual_style='reference' (its inner_residual/outer_residual switches cannot "
-        "express out = h + sum_t m_t), so the exported model would compute something else")
+  check_authors_can_compute(config)
 
 
 def save_hf(out_dir: str, config: ModelConfig, params: Any, tokenizer_path: Optional[str] = None
@@ -115,7 +116,8 @@ def read_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
 def load_hf(hf_dir: str, **overrides: Any) -> tuple[ModelConfig, Any]:
   """(ModelConfig, params) from the authors' config.json and safetensors in `hf_dir`.
 
-  `overrides` set our own knobs (dispatch, dtype, ...) that config.json lacks.
+  `overrides` set our own knobs (dtype, ...) that config.json lacks; dispatch is
+  'dropless' (the authors' routing) unless overridden.
   """
   with open(os.path.join(hf_dir, CONFIG_FILE)) as f:
     hf_config = json.load(f)
@@ -128,8 +130,8 @@ def _base_config(config=None):
   return config_lib.build("paper") if config is None else config
 
 
-def import_hf(hf_dir: str, workdir: str, config=None, tokenizer: Optional[str] = None
-              ) -> dict[str, Any]:
+def import_hf(hf_dir: str, workdir: str, config=None, tokenizer: Optional[str] = None,
+              dispatch: str = IMPORT_DISPATCH) -> dict[str, Any]:
   """Turns the authors' checkpoint in `hf_dir` into a coe_jax run directory (step 0).
 
   Args:
@@ -138,6 +140,8 @@ def import_hf(hf_dir: str, workdir: str, config=None, tokenizer: Optional[str] =
     config: the ml_collections run config whose data/train sections and our
       model knobs (`OUR_KNOBS`) to keep (default `config_lib.build('paper')`).
     tokenizer: a tokenizer.json to copy (default `hf_dir/tokenizer.json` if any).
+    dispatch: the imported run's routing, whatever the base config says: 'dropless'
+      (default; the authors' routing, so the logits equal theirs) or 'capacity'.
   Returns:
     {"model_config", "overrides" (the --config.model.* flags main.py needs), "workdir"}.
   """
@@ -146,6 +150,7 @@ def import_hf(hf_dir: str, workdir: str, config=None, tokenizer: Optional[str] =
   from coe_jax.checkpoint import Checkpointer, save_run_config
   config = _base_config(config).copy_and_resolve_references()
   knobs = {k: config.model[k] for k in OUR_KNOBS if k in config.model}
+  knobs["dispatch"] = dispatch
   model_config, params = load_hf(hf_dir, **knobs)
   checkpointer = Checkpointer(workdir, async_save=False)
   if checkpointer.latest_step() is not None:
@@ -186,6 +191,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
   flags.DEFINE_string("from_hf", None, "Import mode: the authors' checkpoint directory.")
   flags.DEFINE_string("tokenizer", None, "Import mode: tokenizer.json to copy into the run.")
+  flags.DEFINE_enum("dispatch", IMPORT_DISPATCH, ["dropless", "capacity"],
+                    "Import mode: the imported run's routing ('dropless' = the authors').")
   config_flags.DEFINE_config_file("config", None, "Import mode: base run config (`file.py[:scale]`).")
   flags.mark_flags_as_required(["out"])
 
@@ -196,7 +203,7 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   if f.from_hf:
-    result = import_hf(f.from_hf, f.out, f.config, f.tokenizer)
+    result = import_hf(f.from_hf, f.out, f.config, f.tokenizer, f.dispatch)
     print(f"Imported {f.from_hf} into {result['workdir']} (step 0).\nFine-tune with:\n"
           f"  python -m coe_jax.main --config=<the same config file> --workdir={f.out} "
           f"{override_flags(result['overrides'])}")

@@ -3,6 +3,28 @@
 `ModelConfig` is what every Flax module in `coe_jax` takes. Field names follow
 the authors' Hugging Face `config.json` where one exists (see `convert.py`).
 Training configs (`configs/*.py`) hold the same fields under `config.model`.
+
+Every field carries metadata (`dataclasses.fields(ModelConfig)[i].metadata`):
+
+- `kind`: `FUNCTION` or `EXECUTION`. The rule: a field is a FUNCTION field when
+  changing it changes the parameters (their shapes, their initial
+  distribution) or the exact function the model defines and trains: what the
+  layers compute from given parameters when nothing is dropped and arithmetic
+  is exact (sizes, attention and rope, norms, experts, the chain, the router
+  and its losses, the initializer). It is an EXECUTION field when it only
+  chooses how that function is evaluated: dispatch strategy and capacity
+  (capacity dispatch approximates the dropless function by dropping
+  assignments), the dropless kernel, attention blocking, compute dtype and
+  rematerialisation. Execution fields may change between runs of the same
+  model (a resumed run, an imported checkpoint); function fields may not
+  (`checkpoint.check_resumable`).
+- `hf` (optional): the authors' config.json key holding the field
+  (`rope_scaling.factor` is the `factor` key of the `rope_scaling` dict).
+- `hf_value` (optional): for a function field config.json does not carry,
+  the only value the authors' code computes (export refuses any other).
+
+Fields with neither `hf` nor `hf_value` are our own knobs: an import keeps
+them from the base run config (`our_knobs()`, `export.import_hf`).
 """
 
 from __future__ import annotations
@@ -23,8 +45,33 @@ ROPE_SCALINGS = ("yarn", "none")
 REMATS = ("none", "full", "dots")
 
 
+FUNCTION = "function"
+EXECUTION = "execution"
+FIELD_KINDS = (FUNCTION, EXECUTION)
+_UNSET = object()
+
+
+def _function(default: Any, hf: Optional[str] = None, hf_value: Any = _UNSET) -> Any:
+  """A field that changes the parameters or the model's function (see the module docstring)."""
+  metadata: dict[str, Any] = {"kind": FUNCTION}
+  if hf is not None:
+    metadata["hf"] = hf
+  if hf_value is not _UNSET:
+    metadata["hf_value"] = hf_value
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+def _execution(default: Any) -> Any:
+  """A field that only chooses how the same function is evaluated (see the module docstring)."""
+  return dataclasses.field(default=default, metadata={"kind": EXECUTION})
+
+
 class ConfigError(ValueError):
   """A bad configuration value; the message names the field and what is allowed."""
+
+
+class DataError(ConfigError):
+  """A malformed data file; the message names the file, the line and what is wrong."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,55 +82,62 @@ class ModelConfig:
   """
 
   # --- sizes ---
-  vocab_size: int = 102400  # DeepSeek-V2 tokenizer
-  hidden_size: int = 1024
-  num_layers: int = 4
-  num_heads: int = 8
+  vocab_size: int = _function(102400, hf="vocab_size")  # DeepSeek-V2 tokenizer
+  hidden_size: int = _function(1024, hf="hidden_size")
+  num_layers: int = _function(4, hf="num_hidden_layers")
+  num_heads: int = _function(8, hf="num_attention_heads")
   # --- multi-head latent attention (DeepSeek-V2) ---
-  kv_lora_rank: int = 512
-  qk_nope_head_dim: int = 128
-  qk_rope_head_dim: int = 64
-  v_head_dim: int = 128
-  rope_theta: float = 10000.0
-  rope_scaling: str = "yarn"  # 'yarn' | 'none'
-  rope_factor: float = 40.0
-  rope_original_max_position: int = 4096
-  rope_beta_fast: float = 32.0
-  rope_beta_slow: float = 1.0
-  rope_mscale: float = 0.707
-  rope_mscale_all_dim: float = 0.707
-  rms_norm_eps: float = 1e-6
-  initializer_range: float = 0.02
+  kv_lora_rank: int = _function(512, hf="kv_lora_rank")
+  qk_nope_head_dim: int = _function(128, hf="qk_nope_head_dim")
+  qk_rope_head_dim: int = _function(64, hf="qk_rope_head_dim")
+  v_head_dim: int = _function(128, hf="v_head_dim")
+  rope_theta: float = _function(10000.0, hf="rope_theta")
+  rope_scaling: str = _function("yarn", hf="rope_scaling")  # 'yarn' | 'none' (config.json: a dict | null)
+  rope_factor: float = _function(40.0, hf="rope_scaling.factor")
+  rope_original_max_position: int = _function(
+      4096, hf="rope_scaling.original_max_position_embeddings")
+  rope_beta_fast: float = _function(32.0, hf="rope_scaling.beta_fast")
+  rope_beta_slow: float = _function(1.0, hf="rope_scaling.beta_slow")
+  rope_mscale: float = _function(0.707, hf="rope_scaling.mscale")
+  rope_mscale_all_dim: float = _function(0.707, hf="rope_scaling.mscale_all_dim")
+  rms_norm_eps: float = _function(1e-6, hf="rms_norm_eps")
+  initializer_range: float = _function(0.02, hf="initializer_range")
   # --- experts ---
-  n_routed_experts: int = 63  # the paper's N counts the shared expert: N=64 is 63 + 1
-  n_shared_experts: int = 1
-  num_experts_per_tok: int = 8  # K, routed experts per token per iteration
-  moe_intermediate_size: int = 704
+  # the paper's N counts the shared expert: N=64 is 63 + 1
+  n_routed_experts: int = _function(63, hf="n_routed_experts")
+  n_shared_experts: int = _function(1, hf="n_shared_experts")  # config.json: null for 0
+  # K, routed experts per token per iteration
+  num_experts_per_tok: int = _function(8, hf="num_experts_per_tok")
+  moe_intermediate_size: int = _function(704, hf="moe_intermediate_size")
   # --- chain of experts ---
-  num_iterations: int = 1  # C; C=1 is plain MoE
-  independent_gates: bool = True  # one router per iteration (else one shared router)
-  inner_residual: bool = True  # u_t = u_{t-1} + m_t (else u_t = m_t)
-  outer_residual: bool = False  # out = h + u_C (else out = u_C; reference default)
-  residual_style: str = "reference"  # 'reference' (SPEC 2) | 'textbook' (out = h + sum m_t)
+  num_iterations: int = _function(1, hf="inner_iter")  # C; C=1 is plain MoE
+  # one router per iteration (else one shared router)
+  independent_gates: bool = _function(True, hf="use_igate")
+  inner_residual: bool = _function(True, hf="inner_residual")  # u_t = u_{t-1} + m_t (else u_t = m_t)
+  # out = h + u_C (else out = u_C; reference default)
+  outer_residual: bool = _function(False, hf="outer_residual")
+  # 'reference' (SPEC 2) | 'textbook' (out = h + sum m_t); the authors' code has only 'reference'
+  residual_style: str = _function("reference", hf_value="reference")
   # --- router ---
-  norm_topk_prob: bool = False
-  routed_scaling_factor: float = 1.0
-  aux_loss_alpha: float = 0.001
-  router_z_loss_coef: float = 0.0
+  norm_topk_prob: bool = _function(False, hf="norm_topk_prob")
+  routed_scaling_factor: float = _function(1.0, hf="routed_scaling_factor")
+  aux_loss_alpha: float = _function(0.001, hf="aux_loss_alpha")
+  router_z_loss_coef: float = _function(0.0)  # ours; the authors' code has no z-loss
   # --- dispatch ---
-  dispatch: str = "capacity"  # 'capacity' | 'dropless'
-  dropless_impl: str = "auto"  # 'auto' (ragged_dot on GPU/TPU, gather on CPU) | 'gather' | 'ragged_dot'
-  capacity_factor_train: float = 1.25
-  capacity_factor_eval: float = 2.0
-  min_capacity: int = 4
+  dispatch: str = _execution("capacity")  # 'capacity' | 'dropless'
+  # 'auto' (ragged_dot on GPU/TPU, gather on CPU) | 'gather' | 'ragged_dot'
+  dropless_impl: str = _execution("auto")
+  capacity_factor_train: float = _execution(1.25)
+  capacity_factor_eval: float = _execution(2.0)
+  min_capacity: int = _execution(4)
   # --- attention kernel ---
   # Queries per causal block in training/prefill self-attention: block i attends only to keys
   # 0 .. (its last query), skipping the all-masked keys after it (~(1 - (n+1)/2n) of the score
   # work with n blocks). 0 = one dense block (every query against every key).
-  attention_query_block: int = 64
+  attention_query_block: int = _execution(64)
   # --- numerics and compilation ---
-  dtype: str = "float32"  # compute dtype; params and router are always float32
-  remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
+  dtype: str = _execution("float32")  # compute dtype; params and router are always float32
+  remat: str = _execution("none")  # 'none' | 'full' | 'dots' (save matmul outputs)
 
   def __post_init__(self):
     validate(self)
@@ -170,3 +224,27 @@ def validate(config: ModelConfig) -> None:
   if config.rope_scaling == "yarn":
     _require(config.rope_factor >= 1, "rope_factor",
              f"got {config.rope_factor!r}; must be >= 1 with rope_scaling='yarn'")
+
+
+def fields_of_kind(kind: str) -> tuple[str, ...]:
+  """Names of the ModelConfig fields of `kind` (FUNCTION or EXECUTION), in declaration order."""
+  if kind not in FIELD_KINDS:
+    raise ValueError(f"kind: got {kind!r}; allowed values: {', '.join(FIELD_KINDS)}")
+  return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("kind") == kind)
+
+
+def hf_keys() -> dict[str, str]:
+  """Our field name -> the authors' config.json key ('rope_scaling.<key>' inside that dict)."""
+  return {f.name: f.metadata["hf"] for f in dataclasses.fields(ModelConfig) if "hf" in f.metadata}
+
+
+def hf_fixed_values() -> dict[str, Any]:
+  """Our field name -> the only value the authors' code computes, for fields config.json lacks."""
+  return {f.name: f.metadata["hf_value"] for f in dataclasses.fields(ModelConfig)
+          if "hf_value" in f.metadata}
+
+
+def our_knobs() -> tuple[str, ...]:
+  """Fields the authors' config.json neither carries nor fixes (dispatch, dtype, z-loss, ...)."""
+  return tuple(f.name for f in dataclasses.fields(ModelConfig)
+               if "hf" not in f.metadata and "hf_value" not in f.metadata)

@@ -5,6 +5,8 @@ Uses the shrunk config and compilation settings of test_train (see its docstring
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import shutil
 import signal
@@ -19,7 +21,8 @@ from coe_jax.checkpoint import Checkpointer, restore_params
 from coe_jax.data import input_pipeline
 from coe_jax.metrics import read_metrics
 from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ConfigError
+from coe_jax.checkpoint import FUNCTION_MODEL_FIELDS, check_resumable
+from coe_jax.model_config import EXECUTION, FIELD_KINDS, FUNCTION, ConfigError, ModelConfig
 from test_train import (fast_compilation, metric_rows, shared_trained_run,  # noqa: F401 (fixture)
                         small_config, tensorboard_scalars)
 
@@ -95,8 +98,12 @@ def snapshot(workdir: Path) -> tuple[str, list[int], str]:
     ("model.hidden_size", 48, "model.hidden_size: saved 32, requested 48"),
     ("model.num_iterations", 1, "model.num_iterations: saved 2, requested 1"),
     ("model.num_experts_per_tok", 3, "model.num_experts_per_tok: saved 2, requested 3"),
+    # Same shapes, another function: the rope base and the routed scaling.
+    ("model.rope_theta", 500000.0, "model.rope_theta: saved 10000.0, requested 500000.0"),
+    ("model.routed_scaling_factor", 2.0,
+     "model.routed_scaling_factor: saved 1.0, requested 2.0"),
 ])
-def test_workdir_of_another_model_shape_refuses_to_resume(reference_run, tmp_path, dotted, value,
+def test_workdir_of_another_model_refuses_to_resume(reference_run, tmp_path, dotted, value,
                                                           message):
   workdir = Path(shutil.copytree(reference_run, tmp_path / "run"))
   before = snapshot(workdir)
@@ -105,6 +112,28 @@ def test_workdir_of_another_model_shape_refuses_to_resume(reference_run, tmp_pat
                              progress=False)
   assert message in str(error.value)
   assert snapshot(workdir) == before
+
+
+def test_execution_fields_may_change_on_resume(reference_run, tmp_path):
+  workdir = Path(shutil.copytree(reference_run, tmp_path / "run"))
+  dispatch = {"capacity": "dropless", "dropless": "capacity"}[small_config().model.dispatch]
+  summary = train.train_and_evaluate(
+      small_config(model__dispatch=dispatch, model__dtype="bfloat16", model__remat="full",
+                   model__attention_query_block=0), str(workdir), progress=False)
+  assert summary["step"] == STEPS and summary["completed"]
+  saved = json.loads((workdir / "config.json").read_text())["model"]
+  assert (saved["dispatch"], saved["dtype"], saved["remat"]) == (dispatch, "bfloat16", "full")
+
+
+def test_every_model_config_field_is_classified():
+  kinds = {f.name: f.metadata.get("kind") for f in dataclasses.fields(ModelConfig)}
+  assert set(kinds.values()) <= set(FIELD_KINDS), kinds
+  assert FUNCTION_MODEL_FIELDS == tuple(n for n, k in kinds.items() if k == FUNCTION)
+  assert {"rope_theta", "rope_scaling", "rope_factor", "rms_norm_eps", "routed_scaling_factor",
+          "initializer_range", "aux_loss_alpha", "hidden_size"} <= set(FUNCTION_MODEL_FIELDS)
+  assert {n for n, k in kinds.items() if k == EXECUTION} == {
+      "dispatch", "dropless_impl", "capacity_factor_train", "capacity_factor_eval",
+      "min_capacity", "attention_query_block", "dtype", "remat"}
 
 
 def test_vocabulary_changed_through_the_tokenizer_refuses_to_resume(reference_run, tmp_path):
@@ -157,3 +186,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference_run
   expected = metric_rows(reference_run)
   assert metric_rows(tmp_path) == {step: expected[step] for step in range(1, 11)}
   assert [step for step, _ in tensorboard_scalars(tmp_path)["train/loss"]] == list(range(1, 11))
+
+
+def test_a_field_missing_from_an_older_saved_config_counts_as_its_default():
+  current = {"model": ModelConfig().to_dict()}
+  older = {"model": {k: v for k, v in current["model"].items() if k != "rope_theta"}}
+  check_resumable(older, current)
+  with pytest.raises(ConfigError, match=r"model\.rope_theta: saved 10000\.0, requested 1000\.0"):
+    check_resumable(older, {"model": {**current["model"], "rope_theta": 1000.0}})

@@ -98,7 +98,7 @@ def test_cli_refuses_to_resume_a_workdir_of_another_model_shape(sigterm_run):
        f"--workdir={workdir}", "--config.model.hidden_size=48"],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
-  assert ("error: workdir holds a run with a different model shape; refusing to resume"
+  assert ("error: workdir holds a run of a different model (a field that changes the parameters"
           in result.stderr)
   assert "model.hidden_size: saved 32, requested 48" in result.stderr
   assert "Traceback" not in result.stderr

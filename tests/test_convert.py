@@ -15,12 +15,14 @@ from coe_jax.model import CoECausalLM
 from coe_jax.model_config import ConfigError, ModelConfig
 
 B, S = 2, 7
+# Our float32 logits against the float64 reference: float32 rounding only, no dropped tokens.
+F32 = dict(rtol=1e-5, atol=1e-5)
 
 
 def _hf_config(**changes):
   """A config.json dict in the authors' names (DeepSeek-V2 fields plus the CoE switches)."""
   hf = {
-      "architectures": ["CoeForCausalLM"], "model_type": "deepseek_v2",
+      "architectures": ["CoeForCausalLM"], "model_type": "coe_deepseekv2",
       "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
       "num_key_value_heads": 2, "q_lora_rank": None, "kv_lora_rank": 8,
       "qk_nope_head_dim": 4, "qk_rope_head_dim": 4, "v_head_dim": 6,
@@ -106,8 +108,9 @@ def test_reference_state_dict_loads_and_matches_numpy(variant):
                     rope_scaling=None, inner_iter=3, norm_topk_prob=True,
                     routed_scaling_factor=1.5)
   sd = _random_state_dict(hf)
-  model, variables = from_hf(hf, sd, dispatch="dropless")
+  model, variables = from_hf(hf, sd)  # dropless by default: the authors' routing
   cfg = model.config
+  assert cfg.dispatch == "dropless"
   assert (cfg.num_iterations, cfg.independent_gates, cfg.n_routed_experts) == (
       hf["inner_iter"], hf["use_igate"], 5)
   assert cfg.n_shared_experts == (hf["n_shared_experts"] or 0)
@@ -115,7 +118,7 @@ def test_reference_state_dict_loads_and_matches_numpy(variant):
   logits = _logits_fn(cfg)(variables["params"], jnp.asarray(ids))
   want, _, _ = ref.lm_forward(ref.hf_weights(sd, hf), ref.hf_hparams(hf), ids)
   assert np.abs(want).std() > 0.5
-  np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(logits), want, **F32)
   # Our shapes are exactly what the model itself would create.
   expected = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(ids))["params"]
   assert jax.tree.map(lambda a: a.shape, variables["params"]) == jax.tree.map(
@@ -153,9 +156,11 @@ def test_to_hf_then_from_hf_round_trip():
   ids = _ids(40, 2)
   logits = _logits_fn(cfg)(params, jnp.asarray(ids))
   want, _, _ = ref.lm_forward(ref.hf_weights(sd, hf), ref.hf_hparams(hf), ids)
-  np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(logits), want, **F32)
+  assert (hf["model_type"], hf["auto_map"]["AutoModelForCausalLM"]) == (
+      "coe_deepseekv2", "modeling_coe.CoeForCausalLM")
 
-  model2, variables2 = from_hf(hf, sd, dispatch="dropless")
+  model2, variables2 = from_hf(hf, sd)
   assert model2.config == cfg
   assert jax.tree.structure(variables2["params"]) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(variables2["params"]), jax.tree.leaves(params)):
@@ -189,3 +194,68 @@ def test_unsupported_config_values_raise_config_error(changes, field):
   hf = _hf_config(**changes)
   with pytest.raises(ConfigError, match=field):
     from_hf(hf, _random_state_dict(_hf_config()))
+
+
+def test_import_routes_dropless_by_default_and_capacity_is_an_override():
+  # Seed 2 is a case where the eval capacity factor 2.0 drops assignments (~3% of them).
+  hf = _hf_config()
+  sd, ids = _random_state_dict(hf, seed=2), _ids(hf["vocab_size"], seed=2)
+  weights, hp = ref.hf_weights(sd, hf), ref.hf_hparams(hf)
+  dropless, _, _ = ref.lm_forward(weights, hp, ids)
+  capped, _, infos = ref.lm_forward(weights, hp, ids, capacity_factor=2.0)
+  assert not all(np.all(kept) for info in infos for kept in info["kept"])
+  model, variables = from_hf(hf, sd)
+  assert model.config.dispatch == "dropless"
+  logits = np.asarray(_logits_fn(model.config)(variables["params"], jnp.asarray(ids)))
+  np.testing.assert_allclose(logits, dropless, **F32)
+  model, variables = from_hf(hf, sd, dispatch="capacity")
+  assert (model.config.dispatch, model.config.capacity_factor_eval) == ("capacity", 2.0)
+  capacity_logits = np.asarray(_logits_fn(model.config)(variables["params"], jnp.asarray(ids)))
+  np.testing.assert_allclose(capacity_logits, capped, **F32)
+  assert np.abs(capacity_logits - dropless).max() > 1e-3
+
+
+def _deepseek_v2_config(**changes):
+  """A plain DeepSeek-V2 config.json: no CoE switches, one gate per layer."""
+  hf = _hf_config(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], **changes)
+  for key in ("inner_iter", "use_igate", "inner_residual", "outer_residual"):
+    if key not in changes:
+      del hf[key]
+  return hf
+
+
+def test_deepseek_v2_config_imports_as_one_pass_with_its_residual():
+  hf = _deepseek_v2_config()
+  # What DeepSeek-V2's decoder layer computes: out = h + routed(norm(h)) + shared(norm(h)).
+  as_coe = {**hf, "inner_iter": 1, "use_igate": False, "inner_residual": False,
+            "outer_residual": True}
+  sd = _random_state_dict(as_coe)
+  assert "model.layers.0.mlp.gate.weight" in sd
+  model, variables = from_hf(hf, sd)
+  cfg = model.config
+  assert (cfg.num_iterations, cfg.independent_gates, cfg.inner_residual, cfg.outer_residual,
+          cfg.dispatch) == (1, False, False, True, "dropless")
+  ids = _ids(hf["vocab_size"])
+  logits = _logits_fn(cfg)(variables["params"], jnp.asarray(ids))
+  want, _, _ = ref.lm_forward(ref.hf_weights(sd, as_coe), ref.hf_hparams(as_coe), ids)
+  np.testing.assert_allclose(np.asarray(logits), want, **F32)
+  # Keys that agree with DeepSeek-V2's computation are accepted.
+  assert from_hf(_deepseek_v2_config(inner_iter=1, outer_residual=True), sd)[0].config == cfg
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(inner_iter=2), "config.json inner_iter: got 2 with model_type 'deepseek_v2'"),
+    (dict(inner_residual=True), "config.json inner_residual: got True with model_type 'deepseek_v2'"),
+])
+def test_deepseek_v2_config_with_a_chain_is_refused(changes, message):
+  with pytest.raises(ConfigError, match="coe_deepseekv2") as error:
+    from_hf(_deepseek_v2_config(**changes), {})
+  assert message in str(error.value)
+
+
+@pytest.mark.parametrize("model_type", [None, "llama"])
+def test_unknown_model_type_is_refused(model_type):
+  hf = _hf_config(model_type=model_type)
+  with pytest.raises(ConfigError, match=r"config.json model_type: got .*; allowed values: "
+                                        r"coe_deepseekv2, deepseek_v2"):
+    from_hf(hf, {})

@@ -22,7 +22,7 @@ from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import (build_datasets, default_data_config, format_example,
                                          validate_data_config)
 from coe_jax.data.tokenized import build_split
-from coe_jax.model_config import ConfigError
+from coe_jax.model_config import ConfigError, DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -252,6 +252,67 @@ def test_globs_holdout_and_limits(tmp_path):
   limited = build_datasets(data, workdir=None, seed=0)
   assert (limited.train.num_examples, limited.val.num_examples) == (7, 2)
   assert texts_of(limited.val, limited.tokenizer) == expected_val[:2]
+
+
+# --- malformed files ------------------------------------------------------------------------------
+
+def _jsonl_lines(*lines: str) -> str:
+  good = [json.dumps(r) for r in ROWS]
+  return "\n".join(good[:2] + list(lines) + good[2:]) + "\n"  # the bad lines start at line 3
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "file"])
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"question": "What is 1 + 1?", "solution": "2"',
+     "line 3: invalid JSON (Expecting ',' delimiter at column 47)"),
+    ('{"question": "What is 1 + 1?", "answer": "2"}',
+     "line 3: data.response_column='solution' is not a key of this row (its keys: "
+     "['answer', 'question'])"),
+    ('["What is 1 + 1?", "2"]', 'line 3: not a JSON object but list ["What is 1 + 1?", "2"]'),
+    ('{"question": "What is 1 + 1?", "solution": 2}',
+     "line 3: data.response_column='solution' holds int 2, not a string"),
+])
+def test_malformed_jsonl_line_names_file_and_line_and_writes_nothing(tmp_path, bad_line, message,
+                                                                     tokenizer):
+  good = write_rows(tmp_path / "good.jsonl", ROWS)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(_jsonl_lines(bad_line), encoding="utf-8")
+  if tokenizer == "file":  # a ready tokenizer: nothing needs the data before the splits do
+    tokenizer = str(tmp_path / "tok.json")
+    tokenizer_lib.train_bpe([format_example(r["question"], r["solution"]) for r in ROWS],
+                            300).save(tokenizer)
+  data = small_config(tmp_path, source="json", train_files=str(bad), val_files=str(good),
+                      query_column="question", response_column="solution", vocab_size=300,
+                      tokenizer=tokenizer)
+  with pytest.raises(DataError) as error:
+    build_datasets(data, workdir=str(tmp_path / "run"), seed=0)
+  assert str(error.value) == f"data.train_files: {bad}, {message}"
+  assert isinstance(error.value, ConfigError)
+  assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_malformed_validation_file_and_json_array_name_their_field_and_item(tmp_path):
+  good = write_rows(tmp_path / "good.jsonl", ROWS)
+  bad = write_rows(tmp_path / "bad.json", ROWS[:1] + [{"question": "q"}])
+  data = small_config(tmp_path, source="json", train_files=str(good), val_files=str(bad),
+                      query_column="question", response_column="solution", vocab_size=300)
+  with pytest.raises(DataError, match=re.escape(
+      f"data.val_files: {bad}, item 2 of the JSON array: data.response_column='solution' "
+      "is not a key of this row (its keys: ['question'])")):
+    build_datasets(data, workdir=None, seed=0)
+  assert not (tmp_path / "cache").exists()
+
+
+def test_parquet_without_the_column_names_the_file(tmp_path):
+  good = write_rows(tmp_path / "good.parquet", ROWS)
+  bad = write_rows(tmp_path / "bad.parquet", [{"question": r["question"]} for r in ROWS])
+  data = small_config(tmp_path, source="parquet", train_files=str(good), val_files=str(bad),
+                      query_column="question", response_column="solution", vocab_size=300)
+  with pytest.raises(DataError, match=re.escape(
+      f"data.val_files: {bad}: data.response_column='solution' is not a column of this file "
+      "(its columns: ['question'])")):
+    build_datasets(data, workdir=None, seed=0)
+  assert not (tmp_path / "cache").exists()
 
 
 # --- caching --------------------------------------------------------------------------------------

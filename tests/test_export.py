@@ -67,6 +67,11 @@ def test_export_writes_the_authors_names_and_layouts(run_dir, tmp_path):
   assert paths["step"] == str(STEP)
   hf = json.loads(Path(paths["config"]).read_text())
   assert hf["architectures"] == ["CoeForCausalLM"]
+  # The authors' architecture, as their config.json names it.
+  assert hf["model_type"] == "coe_deepseekv2"
+  assert hf["auto_map"] == {"AutoConfig": "configuration_coe.CoeConfig",
+                            "AutoModel": "modeling_coe.CoeModel",
+                            "AutoModelForCausalLM": "modeling_coe.CoeForCausalLM"}
   assert (hf["inner_iter"], hf["use_igate"], hf["num_hidden_layers"]) == (2, True, 2)
   assert hf["vocab_size"] == model_config.vocab_size and "eos_token_id" in hf
   assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
@@ -85,15 +90,25 @@ def test_export_writes_the_authors_names_and_layouts(run_dir, tmp_path):
 def test_export_then_import_gives_identical_logits(run_dir, tmp_path):
   workdir, config, model_config, params = run_dir
   export.export_run(str(workdir), str(tmp_path / "hf"))
+  # Import routes dropless (the authors' routing) whatever the base config says; capacity on
+  # request.
+  dropless, capacity = (model_config.replace(dispatch=d) for d in ("dropless", "capacity"))
   imported_config, imported = export.load_hf(str(tmp_path / "hf"))
-  assert imported_config == model_config
-  np.testing.assert_array_equal(_logits(imported_config, imported), _logits(model_config, params))
+  assert imported_config == dropless
+  np.testing.assert_array_equal(_logits(imported_config, imported), _logits(dropless, params))
+  assert export.load_hf(str(tmp_path / "hf"), dispatch="capacity")[0] == capacity
 
-  result = export.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=_tiny_config(0))
-  assert result["overrides"] == {"vocab_size": model_config.vocab_size}
+  base = _tiny_config(0)
+  base.model.dispatch = "capacity"
+  result = export.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=base)
+  assert result["overrides"] == {"vocab_size": model_config.vocab_size, "dispatch": "dropless"}
   run = load_run(str(tmp_path / "run2"))
-  assert run.step == 0 and run.model_config == model_config and run.tokenizer is not None
-  np.testing.assert_array_equal(_logits(run.model_config, run.params), _logits(model_config, params))
+  assert run.step == 0 and run.model_config == dropless and run.tokenizer is not None
+  np.testing.assert_array_equal(_logits(run.model_config, run.params), _logits(dropless, params))
+  result = export.import_hf(str(tmp_path / "hf"), str(tmp_path / "run3"), config=base,
+                            dispatch="capacity")
+  assert result["overrides"] == {"vocab_size": model_config.vocab_size}
+  assert load_run(str(tmp_path / "run3")).model_config == capacity
 
 
 def test_imported_run_resumes_as_a_training_state(run_dir, tmp_path):

@@ -369,7 +369,7 @@ def _table_opener(data: ml_collections.ConfigDict, hf_cache: str
   if data.source in ("json", "parquet"):
     return lambda which: sources.file_table(
         data.source, sources.expand_files(data[f"{which}_files"]), data.query_column,
-        data.response_column, hf_cache)
+        data.response_column, hf_cache, field=f"{which}_files")
   if data.source == "hf":
     return lambda which: sources.hub_table(data.hf_name, data.hf_split, data.query_column,
                                            data.response_column)
@@ -405,6 +405,7 @@ class _Texts:
 
   def get(self) -> dict[str, list[str]]:
     if self._texts is None:
+      _check_local_files(self._data)
       train_table, train, val_table, val = _open_tables(self._data, self._hf_cache)
       if self._data.max_train_examples:
         train = train[:self._data.max_train_examples]
@@ -415,6 +416,14 @@ class _Texts:
 
   def train_texts(self) -> list[str]:
     return self.get()["train"]
+
+
+def _check_local_files(data: ml_collections.ConfigDict) -> None:
+  """Raises DataError for a malformed json/parquet file of either split, before any is cached."""
+  if data.source in ("json", "parquet"):
+    for field in ("train_files", "val_files"):
+      sources.check_files(data.source, sources.expand_files(data[field]), data.query_column,
+                          data.response_column, field)
 
 
 def _format(pairs: sources.Pairs) -> list[str]:
@@ -463,8 +472,6 @@ def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
   raw_key = _hash(data_key(data))
   texts = _Texts(data, str(cache / "hf_datasets"))
   tok = _load_tokenizer(data, cache, raw_key, texts)
-  if workdir:
-    _save_tokenizer_copy(tok, Path(workdir))
   eos = _eos_target_id(data, tok)
   full_key = [raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.max_length, data.packing,
               eos]
@@ -473,6 +480,7 @@ def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
   splits = tokenized.load_splits(directory, ("train", "val"), *args)
   if splits is not None:
     _log.info("Loaded tokenised data from cache %s", directory)
+    _save_tokenizer_copy(tok, workdir)
     return Datasets(tok, splits["train"], splits["val"], str(directory), True, 0.0)
   start = time.perf_counter()
   splits = {name: tokenized.build_split(tok, t, *args, eos_id=eos)
@@ -482,6 +490,7 @@ def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
           "packing": data.packing, "eos_target_id": eos, "seconds": seconds,
           **{f"{n}_examples": s.num_examples for n, s in splits.items()}}
   tokenized.save_splits(directory, splits, meta)
+  _save_tokenizer_copy(tok, workdir)  # only once the data has been read without error
   _log.info("Tokenised %d train / %d val examples in %.1f s; cached in %s",
             splits["train"].num_examples, splits["val"].num_examples, seconds, directory)
   return Datasets(tok, splits["train"], splits["val"], str(directory), False, seconds)
@@ -499,9 +508,11 @@ def _eos_target_id(data: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -
   return eos
 
 
-def _save_tokenizer_copy(tok: tokenizers.Tokenizer, workdir: Path) -> None:
+def _save_tokenizer_copy(tok: tokenizers.Tokenizer, workdir: Optional[str]) -> None:
   """Keeps the run's exact tokenizer as `<workdir>/tokenizer.json` (for decoding later)."""
-  path = workdir / "tokenizer.json"
+  if not workdir:
+    return
+  path = Path(workdir) / "tokenizer.json"
   text = tok.to_str()
   if path.is_file() and path.read_text(encoding="utf-8") == text:
     return
