@@ -124,7 +124,8 @@ class ModelConfig:
   aux_loss_alpha: float = _function(0.001, hf="aux_loss_alpha")
   router_z_loss_coef: float = _function(0.0)  # ours; the authors' code has no z-loss
   # --- dispatch ---
-  dispatch: str = _execution("capacity")  # 'capacity' | 'dropless'
+  # The reference routes dropless (SPEC 3); capacity bounds the work per expert by dropping.
+  dispatch: str = _execution("dropless")  # 'dropless' | 'capacity'
   # 'auto' (ragged_dot on GPU/TPU, gather on CPU) | 'gather' | 'ragged_dot'
   dropless_impl: str = _execution("auto")
   capacity_factor_train: float = _execution(1.25)
