@@ -328,7 +328,7 @@ TINY = ModelConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, kv_l
                    qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=N,
                    n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=8,
                    num_iterations=2, initializer_range=0.2, min_capacity=1,
-                   capacity_factor_train=0.75, capacity_factor_eval=1.0)
+                   capacity_factor_train=0.75, capacity_factor_eval=1.0, dispatch="capacity")
 
 
 def _batch(seed=0):
