@@ -20,7 +20,7 @@ C = 1 is the plain MoE layer.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -29,11 +29,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from coe_jax import dispatch as dispatch_lib
-from coe_jax import sharding
-from coe_jax.experts import RoutedExperts, SharedExperts, SwiGLUWeights, swiglu
+from coe_jax.coe_config import CoEConfig
+from coe_jax.expert_parallel import ExpertParallel
+from coe_jax.experts import RoutedExperts, SharedExperts, swiglu
 from coe_jax.layers import RMSNorm, compute_dtype, torch_linear_default_init
-from coe_jax.model_config import ModelConfig
 from coe_jax.router import route
+
+ROUTED_EXPERTS = "routed_experts"  # the param collection holding the stacked [E, ...] experts
 
 
 @flax.struct.dataclass
@@ -81,16 +83,37 @@ class CoELayer(nn.Module):
   stream after attention. `train` picks the train or eval capacity factor.
   `token_mask` <int|bool>[batch, seq] marks real tokens: padding takes no
   expert capacity, gets no routed output and is left out of the statistics
-  (the load-balancing loss still sees every position, as in the reference). Params: `norm/scale` [hidden]; `router` <float32>[C or 1,
-  N_routed, hidden]; `routed_experts/{gate,up,down}_proj`; `shared_experts/...`
-  when n_shared_experts > 0.
+  (the load-balancing loss still sees every position, as in the reference).
+
+  Params: `norm/scale` [hidden]; `router` <float32>[C or 1, N_routed, hidden];
+  `routed_experts/...` (stacked on a leading [N_routed] axis);
+  `shared_experts/...` when n_shared_experts > 0.
 
   Sown into 'intermediates' (when that collection is mutable): `expert_ids`
   <int32>[C, batch, seq, K], `combine_weights` <float32>[C, batch, seq, K],
   `kept` <bool>[C, batch, seq, K], `router_probs` <float32>[C, batch, seq, N_routed].
+
+  Attributes:
+    config: the layer's `CoEConfig` (a `ModelConfig` passes `model_config.coe`).
+    expert_fn: one expert, `(weights, x <[..., hidden]>) -> <[..., hidden]>`, applied to
+      one expert's slice of the stacked weights. SwiGLU (the paper's) by default; any
+      other function runs under every dispatch except the SwiGLU-specific
+      `dropless_impl='ragged_dot'`.
+    routed_experts: module class creating the stacked routed weights, called as
+      `routed_experts(num_experts, hidden_size, intermediate_size, init_std)` and
+      returning a pytree whose leaves have a leading [num_experts] axis.
+    shared_experts: module class creating the shared expert's weights, called as
+      `shared_experts(hidden_size, intermediate_size * n_shared, init_std)`.
+    expert_parallel: None (default) computes the layer as plain JAX under any host
+      mesh; an `ExpertParallel` runs the routed pass per device under shard_map,
+      the experts split over its `expert_axis` (see `coe_jax.expert_parallel`).
   """
 
-  config: ModelConfig
+  config: CoEConfig
+  expert_fn: Callable[[Any, Array], Array] = swiglu
+  routed_experts: Callable[..., nn.Module] = RoutedExperts
+  shared_experts: Callable[..., nn.Module] = SharedExperts
+  expert_parallel: Optional[ExpertParallel] = None
 
   @nn.compact
   def __call__(self, h: Float[Array, "batch seq hidden"], train: bool = False,
@@ -106,20 +129,20 @@ class CoELayer(nn.Module):
                                 (cfg.num_router_weights, num_experts, hidden), jnp.float32)
     if not cfg.independent_gates:
       router_weights = jnp.broadcast_to(router_weights, (chain, num_experts, hidden))
-    routed = RoutedExperts(num_experts, hidden, cfg.moe_intermediate_size,
-                           cfg.initializer_range, name="routed_experts")().astype(dtype)
+    routed = self.routed_experts(num_experts, hidden, cfg.moe_intermediate_size,
+                                 cfg.initializer_range, name=ROUTED_EXPERTS)()
+    routed = jax.tree.map(lambda w: w.astype(dtype), routed)
     shared = None
     if cfg.n_shared_experts > 0:
-      shared = SharedExperts(hidden, cfg.shared_intermediate_size, cfg.initializer_range,
-                             name="shared_experts")().astype(dtype)
+      shared = self.shared_experts(hidden, cfg.shared_intermediate_size, cfg.initializer_range,
+                                   name="shared_experts")()
+      shared = jax.tree.map(lambda w: w.astype(dtype), shared)
 
     capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
-    capacity = dispatch_lib.expert_capacity(batch * seq, k, num_experts, capacity_factor,
-                                            cfg.min_capacity)
     sow_probs = self.is_mutable_collection("intermediates")
     real = jnp.ones((batch, seq), bool) if token_mask is None else token_mask > 0
-    expert_pass = _expert_pass_for_context(routed, shared, cfg, capacity, capacity_factor,
-                                           None if token_mask is None else real, real)
+    expert_pass = self._expert_pass(routed, shared, capacity_factor,
+                                    None if token_mask is None else real, real)
 
     def iteration(carry, router_weight):
       u, m_sum = carry
@@ -152,26 +175,31 @@ class CoELayer(nn.Module):
                  expert_dropped=per_iter["expert_dropped"])
     return out, aux
 
+  def _expert_pass(self, routed, shared, capacity_factor: float, token_mask, real):
+    """`(u, router_weight) -> (m, routing, kept)`, per device under `expert_parallel`."""
+    cfg = self.config
 
-def _expert_pass_for_context(routed: SwiGLUWeights, shared: SwiGLUWeights | None,
-                             cfg: ModelConfig, capacity: int, capacity_factor: float,
-                             token_mask, real):
-  """`(u, router_weight) -> (m, routing, kept)`: per device under a mesh, else `_expert_pass`.
+    def local_pass(u, router_weight, routed, shared, token_mask, expert_axis=None):
+      batch, seq, _ = u.shape
+      capacity = dispatch_lib.expert_capacity(batch * seq, cfg.num_experts_per_tok,
+                                              cfg.n_routed_experts, capacity_factor,
+                                              cfg.min_capacity)
+      return expert_pass(u, router_weight, routed, shared, cfg, capacity, token_mask,
+                         expert_axis, self.expert_fn)
 
-  Under `jax.set_mesh` (see `coe_jax.sharding`), when the batch splits evenly
-  over the mesh, the pass runs under shard_map with the experts split over
-  the `expert` axis; the capacity then comes from each device's token count.
-  """
-  mesh = sharding.active_mesh(batch_size=real.shape[0])
-  if mesh is None:
-    return lambda u, router_weight: _expert_pass(u, router_weight, routed, shared, cfg, capacity,
-                                                 token_mask)
-  sharded = sharding.shard_expert_pass(_expert_pass, cfg, capacity_factor, mesh)
-  return lambda u, router_weight: sharded(u, router_weight, routed, shared, real)
+    parallel = self.expert_parallel
+    if parallel is None or not parallel.applies_to(real.shape[0]):
+      return lambda u, router_weight: local_pass(u, router_weight, routed, shared, token_mask)
+    if cfg.n_routed_experts % parallel.expert_shards:
+      raise ValueError(f"expert_parallel: n_routed_experts={cfg.n_routed_experts} does not split "
+                       f"over the {parallel.expert_shards} devices of axis "
+                       f"{parallel.expert_axis!r}")
+    sharded = parallel.wrap(local_pass)
+    return lambda u, router_weight: sharded(u, router_weight, routed, shared, real)
 
 
-def _expert_pass(u, router_weight, routed: SwiGLUWeights, shared: SwiGLUWeights | None,
-                 cfg: ModelConfig, capacity: int, token_mask=None, expert_axis=None):
+def expert_pass(u, router_weight, routed, shared, cfg: CoEConfig, capacity: int, token_mask=None,
+                expert_axis=None, expert_fn: Callable = swiglu):
   """m = RoutedExperts(u) + SharedExperts(u) for one iteration; returns (m, routing, kept).
 
   `expert_axis`: inside shard_map, the mesh axis `routed` is split over.
@@ -185,8 +213,9 @@ def _expert_pass(u, router_weight, routed: SwiGLUWeights, shared: SwiGLUWeights 
   result = dispatch_lib.dispatch_to_experts(
       u.reshape(batch * seq, hidden), flat_ids, flat_weights, routed, mode=cfg.dispatch,
       capacity=capacity, dropless_impl=cfg.dropless_impl,
-      token_mask=None if token_mask is None else token_mask.reshape(-1), expert_axis=expert_axis)
+      token_mask=None if token_mask is None else token_mask.reshape(-1), expert_axis=expert_axis,
+      expert_fn=expert_fn)
   m = result.output.reshape(batch, seq, hidden)
   if shared is not None:
-    m = m + swiglu(shared, u)
+    m = m + expert_fn(shared, u)
   return m.astype(u.dtype), routing, result.kept.reshape(batch, seq, -1)

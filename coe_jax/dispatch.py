@@ -18,14 +18,14 @@ Two interchangeable implementations (SPEC 3, config `model.dispatch`):
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from coe_jax.experts import SwiGLUWeights, swiglu_grouped, swiglu_per_expert
+from coe_jax.experts import swiglu, swiglu_grouped, swiglu_per_expert
 
 
 DISPATCH_MODES = ("capacity", "dropless")
@@ -217,17 +217,26 @@ def run_on_expert_shards(buffer: Float[Array, "experts capacity hidden"],
   return returned.reshape(num_experts, capacity, hidden)
 
 
+def per_expert_fn(expert_fn: Callable[[Any, Array], Array]) -> Callable[[Any, Array], Array]:
+  """`(stacked weights [E, ...], buffer <[E, rows, hidden]>) -> [E, rows, hidden]`: `expert_fn`
+  on every expert's own rows (SwiGLU as three batched einsums, anything else by vmap)."""
+  if expert_fn is swiglu:
+    return swiglu_per_expert
+  return jax.vmap(expert_fn)
+
+
 def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "tokens k"],
-                        combine_weights: Float[Array, "tokens k"], weights: SwiGLUWeights, *,
+                        combine_weights: Float[Array, "tokens k"], weights: Any, *,
                         mode: str, capacity: int, dropless_impl: str = "auto",
                         token_mask: Optional[Bool[Array, "tokens"]] = None,
-                        expert_axis: Optional[str] = None) -> DispatchOutput:
+                        expert_axis: Optional[str] = None,
+                        expert_fn: Callable[[Any, Array], Array] = swiglu) -> DispatchOutput:
   """Routed-expert output for every token under the chosen dispatch mode.
 
   Args:
     x: <float>[tokens, hidden] token representations (compute dtype).
     expert_ids / combine_weights: <int32|float32>[tokens, K] from the router.
-    weights: stacked expert weights (compute dtype).
+    weights: stacked expert weights (compute dtype), leaves with a leading [E] axis.
     mode: 'capacity' or 'dropless'.
     capacity: per-expert capacity for mode='capacity' (see `expert_capacity`).
     dropless_impl: 'auto' | 'gather' | 'ragged_dot' for mode='dropless'.
@@ -237,15 +246,18 @@ def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array,
       over; `weights` are then this device's E/n experts and the buffer rows
       travel by all-to-all (`run_on_expert_shards`). Dropless then uses the
       buffer with capacity = tokens.
+    expert_fn: one expert, `(weights of one expert, rows <[..., hidden]>) -> [..., hidden]`;
+      `dropless_impl='ragged_dot'` needs the default SwiGLU.
   """
+  run_experts = per_expert_fn(expert_fn)
   num_tokens = x.shape[0]
-  num_experts = weights.gate.shape[0]
+  num_experts = jax.tree.leaves(weights)[0].shape[0]
   if expert_axis is not None:
     if mode not in DISPATCH_MODES:
       raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
 
     def exchanged_experts(buffer):
-      return run_on_expert_shards(buffer, lambda rows: swiglu_per_expert(weights, rows),
+      return run_on_expert_shards(buffer, lambda rows: run_experts(weights, rows),
                                   expert_axis)
 
     return capacity_dispatch(x, expert_ids, combine_weights, exchanged_experts,
@@ -253,15 +265,18 @@ def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array,
                              capacity if mode == "capacity" else num_tokens, token_mask)
   if mode == "capacity":
     return capacity_dispatch(x, expert_ids, combine_weights,
-                             lambda buf: swiglu_per_expert(weights, buf), num_experts, capacity,
+                             lambda buf: run_experts(weights, buf), num_experts, capacity,
                              token_mask)
   if mode != "dropless":
     raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
   impl = resolve_dropless_impl(dropless_impl)
+  if impl == "ragged_dot" and expert_fn is not swiglu:
+    raise ValueError("dropless_impl='ragged_dot' computes SwiGLU experts only; allowed with a "
+                     "custom expert_fn: 'auto', 'gather'")
   if impl == "ragged_dot":
     return ragged_dispatch(x, expert_ids, combine_weights,
                            lambda rows, sizes: swiglu_grouped(weights, rows, sizes), num_experts,
                            token_mask)
   return capacity_dispatch(x, expert_ids, combine_weights,
-                           lambda buf: swiglu_per_expert(weights, buf), num_experts, num_tokens,
+                           lambda buf: run_experts(weights, buf), num_experts, num_tokens,
                            token_mask)

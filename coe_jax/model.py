@@ -25,6 +25,7 @@ from jaxtyping import Array, Float, Int
 
 from coe_jax.attention import MultiHeadLatentAttention, make_attention_mask, rotary_cos_sin
 from coe_jax.coe_layer import CoEAux, CoELayer
+from coe_jax.expert_parallel import ExpertParallel
 from coe_jax.layers import RMSNorm, compute_dtype, normal_init
 from coe_jax.model_config import ModelConfig
 
@@ -57,6 +58,7 @@ class DecoderLayer(nn.Module):
 
   config: ModelConfig
   train: bool = False
+  expert_parallel: Optional[ExpertParallel] = None
 
   @nn.compact
   def __call__(self, x: Float[Array, "batch seq hidden"], positions: Int[Array, "batch seq"],
@@ -65,7 +67,8 @@ class DecoderLayer(nn.Module):
     dtype = compute_dtype(cfg.dtype)
     normed = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
     h = x + MultiHeadLatentAttention(cfg, name="self_attn")(normed, positions, mask)
-    out, aux = CoELayer(cfg, name="mlp")(h, train=self.train, token_mask=token_mask)
+    out, aux = CoELayer(cfg.coe, expert_parallel=self.expert_parallel, name="mlp")(
+        h, train=self.train, token_mask=token_mask)
     return out.astype(dtype), aux
 
 
@@ -78,9 +81,12 @@ class CoECausalLM(nn.Module):
 
   Params: `embed_tokens/embedding` [vocab, hidden]; `layers/...` stacked on a
   leading [num_layers] axis; `norm/scale`; `lm_head/kernel` [hidden, vocab].
+  `expert_parallel` (optional) runs every CoE layer's routed pass per device
+  (`coe_jax.expert_parallel`); the train loop passes `Parallelism.expert_parallel()`.
   """
 
   config: ModelConfig
+  expert_parallel: Optional[ExpertParallel] = None
 
   @nn.compact
   def __call__(self, input_ids: Int[Array, "batch seq"],
@@ -104,7 +110,8 @@ class CoECausalLM(nn.Module):
       layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_remat_policy(cfg.remat))
     layers = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
                      split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                     length=cfg.num_layers, unroll=cfg.num_layers)(cfg, train=train, name="layers")
+                     length=cfg.num_layers, unroll=cfg.num_layers)(
+                         cfg, train=train, expert_parallel=self.expert_parallel, name="layers")
     x, layer_aux = layers(x, positions, mask, attention_mask)
 
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
@@ -182,7 +189,7 @@ class CachedDecoderLayer(nn.Module):
     else:
       attn_out, c_new, kpe_new = attn.attend_with_cache(normed, positions, mask, c_cache,
                                                         kpe_cache, index, absorb=self.absorb)
-    out, _ = CoELayer(cfg, name="mlp")(x + attn_out, train=False, token_mask=token_mask)
+    out, _ = CoELayer(cfg.coe, name="mlp")(x + attn_out, train=False, token_mask=token_mask)
     return out.astype(dtype), (c_new.astype(c_cache.dtype), kpe_new.astype(kpe_cache.dtype))
 
 

@@ -31,16 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Mapping, Optional
 
-Dispatch = Literal["capacity", "dropless"]
-DroplessImpl = Literal["auto", "gather", "ragged_dot"]
-ResidualStyle = Literal["reference", "textbook"]
+from coe_jax.coe_config import (COE_FIELDS, DISPATCHES, DROPLESS_IMPLS, DTYPES,  # noqa: F401
+                                RESIDUAL_STYLES, CoEConfig, validate_coe)
+from coe_jax.errors import ConfigError, DataError, is_int, require, require_choice  # noqa: F401
 
-DISPATCHES = ("capacity", "dropless")
-DROPLESS_IMPLS = ("auto", "gather", "ragged_dot")
-RESIDUAL_STYLES = ("reference", "textbook")
-DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("yarn", "none")
 REMATS = ("none", "full", "dots")
 
@@ -64,14 +60,6 @@ def _function(default: Any, hf: Optional[str] = None, hf_value: Any = _UNSET) ->
 def _execution(default: Any) -> Any:
   """A field that only chooses how the same function is evaluated (see the module docstring)."""
   return dataclasses.field(default=default, metadata={"kind": EXECUTION})
-
-
-class ConfigError(ValueError):
-  """A bad configuration value; the message names the field and what is allowed."""
-
-
-class DataError(ConfigError):
-  """A malformed data file; the message names the file, the line and what is wrong."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +132,11 @@ class ModelConfig:
     validate(self)
 
   @property
+  def coe(self) -> CoEConfig:
+    """The CoE layer's own config: the fields of `CoEConfig`, taken from this one."""
+    return CoEConfig(**{name: getattr(self, name) for name in COE_FIELDS})
+
+  @property
   def q_head_dim(self) -> int:
     return self.qk_nope_head_dim + self.qk_rope_head_dim
 
@@ -174,57 +167,25 @@ class ModelConfig:
     return cls(**values)
 
 
-def _require(ok: bool, field: str, message: str) -> None:
-  if not ok:
-    raise ConfigError(f"model.{field}: {message}")
-
-
-def _choice(config: ModelConfig, field: str, allowed: tuple[str, ...]) -> None:
-  value = getattr(config, field)
-  _require(value in allowed, field, f"got {value!r}; allowed values: {', '.join(allowed)}")
-
-
 def validate(config: ModelConfig) -> None:
   """Raises ConfigError naming the first bad field; runs before anything is traced."""
-  for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
-                "qk_nope_head_dim", "v_head_dim", "n_routed_experts",
-                "num_experts_per_tok", "moe_intermediate_size", "num_iterations"):
+  validate_coe(config, prefix="model")
+  for field in ("vocab_size", "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
+                "v_head_dim"):
     value = getattr(config, field)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
-             f"got {value!r}; must be an integer >= 1")
-  _require(isinstance(config.qk_rope_head_dim, int) and config.qk_rope_head_dim >= 2
-           and config.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
-           f"got {config.qk_rope_head_dim!r}; must be an even integer >= 2")
-  _require(isinstance(config.attention_query_block, int)
-           and not isinstance(config.attention_query_block, bool)
-           and config.attention_query_block >= 0, "attention_query_block",
-           f"got {config.attention_query_block!r}; must be an integer >= 0 (0 = dense)")
-  _require(isinstance(config.n_shared_experts, int) and config.n_shared_experts >= 0,
-           "n_shared_experts", f"got {config.n_shared_experts!r}; must be an integer >= 0")
-  _require(config.num_experts_per_tok <= config.n_routed_experts, "num_experts_per_tok",
-           f"got K={config.num_experts_per_tok}; must be between 1 and "
-           f"n_routed_experts={config.n_routed_experts}")
-  _choice(config, "dispatch", DISPATCHES)
-  _choice(config, "dropless_impl", DROPLESS_IMPLS)
-  _choice(config, "residual_style", RESIDUAL_STYLES)
-  _choice(config, "dtype", DTYPES)
-  _choice(config, "rope_scaling", ROPE_SCALINGS)
-  _choice(config, "remat", REMATS)
-  for field in ("capacity_factor_train", "capacity_factor_eval"):
-    value = getattr(config, field)
-    _require(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), field,
-             f"got {value!r}; must be a finite number > 0")
-  _require(isinstance(config.min_capacity, int) and config.min_capacity >= 1, "min_capacity",
-           f"got {config.min_capacity!r}; must be an integer >= 1")
-  for field in ("aux_loss_alpha", "router_z_loss_coef", "initializer_range", "rms_norm_eps"):
-    value = getattr(config, field)
-    _require(isinstance(value, (int, float)) and value >= 0, field,
-             f"got {value!r}; must be a number >= 0")
-  _require(config.routed_scaling_factor > 0, "routed_scaling_factor",
-           f"got {config.routed_scaling_factor!r}; must be > 0")
+    require(is_int(value) and value >= 1, f"model.{field}",
+            f"got {value!r}; must be an integer >= 1")
+  require(is_int(config.qk_rope_head_dim) and config.qk_rope_head_dim >= 2
+          and config.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
+          f"got {config.qk_rope_head_dim!r}; must be an even integer >= 2")
+  require(is_int(config.attention_query_block) and config.attention_query_block >= 0,
+          "model.attention_query_block",
+          f"got {config.attention_query_block!r}; must be an integer >= 0 (0 = dense)")
+  require_choice(config.rope_scaling, "model.rope_scaling", ROPE_SCALINGS)
+  require_choice(config.remat, "model.remat", REMATS)
   if config.rope_scaling == "yarn":
-    _require(config.rope_factor >= 1, "rope_factor",
-             f"got {config.rope_factor!r}; must be >= 1 with rope_scaling='yarn'")
+    require(config.rope_factor >= 1, "model.rope_factor",
+            f"got {config.rope_factor!r}; must be >= 1 with rope_scaling='yarn'")
 
 
 def fields_of_kind(kind: str) -> tuple[str, ...]:

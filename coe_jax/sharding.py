@@ -15,29 +15,13 @@ the all-to-all traffic stays between neighbouring devices.
   The rules look only at a leaf's tree path and shape, and Optax's moment
   trees repeat the param paths, so the AdamW state is sharded exactly like the
   params it tracks.
-* Expert dispatch (`shard_expert_pass`): each CoE iteration's routed pass runs
-  under `jax.shard_map` over the whole mesh. A device routes its own tokens,
-  packs them into its local [E, capacity, hidden] buffer (capacity and drops
-  are per device, computed from its local token count, as in GShard/Switch),
-  and `jax.lax.all_to_all` over `expert` sends each expert's rows to the device
-  that holds that expert. The device runs its E/n experts on the n * capacity
-  rows it received and a second all-to-all returns the results; the combine
-  is local. The transpose of an all-to-all is an all-to-all, so the backward
-  pass has the same two exchanges, and shard_map's replication checks make
-  the router and shared-expert gradients sum over the mesh.
-  Why shard_map and not sharding constraints on the buffer: the buffer is
-  built by a data-dependent gather, which the SPMD partitioner cannot prove
-  to be a permutation between token shards and expert shards, so it
-  all-gathers tokens (or the buffer) instead of emitting an all-to-all.
-  shard_map makes the exchange explicit, its size static (E x capacity x
-  hidden per device each way) and the routing and sorting device-local.
-  Dropless dispatch under expert parallelism uses the same exchange with
-  capacity = the device's token count (nothing can drop); with `expert == 1`
-  every dispatch mode runs unchanged per device (ragged_dot on GPU/TPU).
-  With `fsdp == expert == 1` the layer still routes per device (data
-  parallel), so nothing outside the batch axes is ever gathered.
-  Equality with one device: exact (up to float summation order) whenever no
-  assignment is dropped; with drops, capacity is per device by design.
+* Expert dispatch: `Parallelism.expert_parallel()` is the
+  `coe_jax.expert_parallel.ExpertParallel` that the train loop hands the model
+  (and so every CoE layer) explicitly: batch over all three axes, experts over
+  `expert`. Each CoE iteration's routed pass then runs per device under
+  `jax.shard_map` with all-to-all exchanges (see that module). With
+  `fsdp == expert == 1` the layer still routes per device (data parallel), so
+  nothing outside the batch axes is ever gathered.
 * Multi-host: `initialize_distributed` calls `jax.distributed.initialize`
   from `config.mesh` or the `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` /
   `JAX_PROCESS_ID` environment variables (empty values: JAX's own cluster
@@ -58,13 +42,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from coe_jax.dispatch import expert_capacity
-from coe_jax.model_config import ConfigError, ModelConfig
-from coe_jax.router import RouterOutput
+from coe_jax.coe_layer import ROUTED_EXPERTS
+from coe_jax.errors import ConfigError
+from coe_jax.expert_parallel import ExpertParallel
+from coe_jax.model_config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = MESH_AXES
-EXPERT_PARAM_NAME = "routed_experts"
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +149,7 @@ def param_spec(path_names: list[str], shape: tuple[int, ...], axis_sizes: dict[s
   its largest axis divisible by the fsdp size (and not already split) over `fsdp`.
   """
   spec: list[Any] = [None] * len(shape)
-  if EXPERT_PARAM_NAME in path_names and len(shape) >= 3 and axis_sizes["expert"] > 1:
+  if ROUTED_EXPERTS in path_names and len(shape) >= 3 and axis_sizes["expert"] > 1:
     spec[len(shape) - 3] = "expert"
   fsdp = axis_sizes["fsdp"]
   if fsdp > 1 and len(shape) >= 2:
@@ -213,61 +197,12 @@ def constrain_micro_batches(micro_batches: Any) -> Any:
   return jax.lax.with_sharding_constraint(micro_batches, P(None, BATCH_AXES))
 
 
-# ---------------------------------------------------------------------------
-# Expert parallelism inside the CoE layer
-# ---------------------------------------------------------------------------
-
-def active_mesh(batch_size: Optional[int] = None) -> Optional[jax.sharding.AbstractMesh]:
-  """The mesh set by `jax.set_mesh` while tracing, if it has this module's axes.
-
-  With `batch_size`: None also when the batch does not split evenly over the
-  batch axes (e.g. a one-sequence init or decode call), where the layer's
-  plain code runs and XLA's partitioner handles the sharding.
-  """
+def active_mesh() -> Optional[jax.sharding.AbstractMesh]:
+  """The mesh the train loop set with `jax.set_mesh` while tracing, if it has our axes."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
     return None
-  if batch_size is not None and batch_size % batch_shards(mesh):
-    return None
   return mesh
-
-
-def shard_expert_pass(expert_pass: Callable, cfg: ModelConfig, capacity_factor: float,
-                      mesh: jax.sharding.AbstractMesh) -> Callable:
-  """`expert_pass` of `coe_layer` run per device under shard_map (see module docstring).
-
-  Returns `fn(u, router_weight, routed, shared, token_mask) -> (m, routing, kept)`
-  with global shapes; the capacity is recomputed from each device's tokens.
-  `expert_pass(u, router_weight, routed, shared, cfg, capacity, token_mask,
-  expert_axis)` is the single-device pass.
-  """
-  expert_axis = "expert" if mesh.shape["expert"] > 1 else None
-  tokens = P(BATCH_AXES)
-  expert_weights = P("expert") if expert_axis else P()
-
-  def local_pass(u, router_weight, routed, shared, token_mask):
-    batch, seq, _ = u.shape
-    capacity = expert_capacity(batch * seq, cfg.num_experts_per_tok, cfg.n_routed_experts,
-                               capacity_factor, cfg.min_capacity)
-    m, routing, kept = expert_pass(u, router_weight, routed, shared, cfg, capacity, token_mask,
-                                   expert_axis=expert_axis)
-    routing = routing.replace(aux_loss=jax.lax.pmean(routing.aux_loss, BATCH_AXES),
-                              z_loss=jax.lax.pmean(routing.z_loss, BATCH_AXES))
-    return m, routing, kept
-
-  def fn(u, router_weight, routed, shared, token_mask):
-    in_specs = (tokens, P(), jax.tree.map(lambda _: expert_weights, routed),
-                jax.tree.map(lambda _: P(), shared), tokens)
-    return jax.shard_map(local_pass, mesh=mesh, in_specs=in_specs,
-                         out_specs=(tokens, _router_output_specs(tokens), tokens))(
-                             u, router_weight, routed, shared, token_mask)
-
-  return fn
-
-
-def _router_output_specs(tokens: P) -> RouterOutput:
-  return RouterOutput(expert_ids=tokens, combine_weights=tokens, probs=tokens, aux_loss=P(),
-                      z_loss=P())
 
 
 # ---------------------------------------------------------------------------
@@ -295,9 +230,15 @@ class Parallelism:
           "train.eval_batch_size": train.eval_batch_size})
     return cls(mesh)
 
+  def expert_parallel(self) -> Optional[ExpertParallel]:
+    """What the model's CoE layers get (`CoECausalLM(..., expert_parallel=)`); None off-mesh."""
+    if self.mesh is None:
+      return None
+    return ExpertParallel(self.mesh, batch_axes=BATCH_AXES, expert_axis="expert")
+
   @contextlib.contextmanager
   def context(self) -> Iterator[None]:
-    """Tracing inside this makes the CoE layers use expert-parallel dispatch."""
+    """Tracing inside this sets the mesh for sharding constraints in the train step."""
     if self.mesh is None:
       yield
     else:

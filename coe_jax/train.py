@@ -340,8 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if datasets.vocab_size > model_config.vocab_size:
     raise ConfigError(f"model.vocab_size: got {model_config.vocab_size}, smaller than the "
                       f"tokenizer's {datasets.vocab_size}; use >= {datasets.vocab_size} or 0 (= tokenizer's)")
-  model = CoECausalLM(model_config)
   parallel = sharding.Parallelism.for_run(config, model_config)  # config.mesh; no mesh on 1 device
+  model = CoECausalLM(model_config, expert_parallel=parallel.expert_parallel())
 
   state = parallel.init_state(
       lambda: init_train_state(model, train_cfg, config.seed, config.data.max_length))

@@ -31,7 +31,6 @@ The ratio of the two is the share of the layer's time spent on dispatch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -39,15 +38,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
-from unittest import mock
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from coe_jax import coe_layer, config_lib, dispatch, train
+from coe_jax import config_lib, dispatch, train
 from coe_jax.coe_layer import CoELayer
 from coe_jax.layers import compute_dtype
 from coe_jax.model import CoECausalLM
@@ -265,28 +263,18 @@ def summarize_step(bench: StepBench, matmul_flops_per_s: float,
 # Dispatch share of one layer
 # ---------------------------------------------------------------------------
 
-def _identity_per_expert(weights, x):
+def identity_expert(weights, x):
+  """An expert that returns its input: the layer then costs routing and dispatch only."""
   del weights
   return x
 
 
-def _identity_grouped(weights, x, group_sizes):
-  del weights, group_sizes
-  return x
-
-
-@contextlib.contextmanager
-def identity_experts() -> Iterator[None]:
-  """While tracing: every routed and shared expert MLP returns its input unchanged."""
-  with mock.patch.object(dispatch, "swiglu_per_expert", _identity_per_expert), \
-       mock.patch.object(dispatch, "swiglu_grouped", _identity_grouped), \
-       mock.patch.object(coe_layer, "swiglu", _identity_per_expert):
-    yield
-
-
 def layer_program(cfg: ModelConfig, batch: int, seq: int, experts_as_identity: bool) -> Timed:
   """One CoE layer's forward + backward (params and input), compiled, in train mode."""
-  layer = CoELayer(cfg)
+  coe = cfg.coe
+  if experts_as_identity and coe.dispatch == "dropless":
+    coe = coe.replace(dropless_impl="gather")  # the generic path a custom expert_fn takes
+  layer = CoELayer(coe, expert_fn=identity_expert) if experts_as_identity else CoELayer(coe)
   dtype = compute_dtype(cfg.dtype)
   h = jax.random.normal(jax.random.key(0), (batch, seq, cfg.hidden_size), jnp.float32).astype(dtype)
   params = layer.init(jax.random.key(1), h)["params"]
@@ -296,9 +284,7 @@ def layer_program(cfg: ModelConfig, batch: int, seq: int, experts_as_identity: b
     out, aux = layer.apply({"params": params_}, h_, train=True)
     return jnp.sum((out * probe).astype(jnp.float32)) + aux.aux_loss
 
-  grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  with identity_experts() if experts_as_identity else contextlib.nullcontext():
-    compiled = grad_fn.lower(params, h).compile()
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, h).compile()
   name = f"layer{'[identity experts]' if experts_as_identity else ''}"
   return Timed(name, lambda: compiled(params, h), xla_flops=xla_flops(compiled))
 

@@ -12,18 +12,16 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax.coe_layer import CoELayer, _expert_pass
+from coe_jax.coe_config import CoEConfig
+from coe_jax.coe_layer import CoELayer, expert_pass
 from coe_jax.dispatch import expert_capacity
 from coe_jax.experts import SwiGLUWeights
 from coe_jax.layers import rms_norm
-from coe_jax.model_config import ModelConfig
 
 B, S, D = 2, 6, 16
-BASE = ModelConfig(vocab_size=32, hidden_size=D, num_layers=1, num_heads=2, kv_lora_rank=8,
-                   qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=6,
-                   n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=8,
-                   initializer_range=0.2, capacity_factor_eval=1.0, capacity_factor_train=0.75,
-                   min_capacity=1)
+BASE = CoEConfig(hidden_size=D, n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,
+                 moe_intermediate_size=8, initializer_range=0.2, capacity_factor_eval=1.0,
+                 capacity_factor_train=0.75, min_capacity=1)
 ATOL = RTOL = 1e-4
 STATS_CFG = BASE.replace(num_iterations=2, dispatch="capacity", router_z_loss_coef=0.01)
 
@@ -169,7 +167,7 @@ def test_c1_is_a_plain_top_k_moe(n_shared):
   np.testing.assert_allclose(np.asarray(out), y.reshape(B, S, D), rtol=RTOL, atol=ATOL)
 
 
-_jitted_expert_pass = ref.fast_jit(_expert_pass, static_argnames=("cfg", "capacity"))
+_jitted_expert_pass = ref.fast_jit(expert_pass, static_argnames=("cfg", "capacity"))
 
 
 @pytest.mark.parametrize("independent_gates", [True, False])

@@ -39,7 +39,8 @@ def _worker_config():
                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8,
                      n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
                      num_iterations=2, capacity_factor_train=4.0, capacity_factor_eval=4.0,
-                     rope_original_max_position=16, initializer_range=0.1)
+                     rope_original_max_position=16, initializer_range=0.1,
+                     dispatch="capacity")  # the training check below routes dropless
 
 
 def _worker_batch(batch=8, seq=16, vocab=64):
@@ -58,19 +59,24 @@ def _max_relative_error(tree, reference_tree) -> float:
   return max(errors)
 
 
-def _loss_and_grad_results(model, params, batch) -> dict:
+def _loss_and_grad_results(model_config, params, batch) -> dict:
   """Loss and gradients on one device and on every mesh of MESHES."""
   import jax
   from coe_jax import sharding, train
+  from coe_jax.model import CoECausalLM
 
-  def loss_fn(params_, batch_):
-    logits, aux = model.apply({"params": params_}, batch_["input_ids"], batch_["attention_mask"],
-                              batch_["positions"], batch_["segment_ids"], train=True)
-    ce_sum, count = train.cross_entropy_sum(logits, batch_)
-    return ce_sum / count + aux.aux_loss + aux.z_loss
+  def value_and_grad_fn(expert_parallel):
+    model = CoECausalLM(model_config, expert_parallel=expert_parallel)
 
-  value_and_grad = jax.value_and_grad(loss_fn)
-  loss, grads = jax.jit(value_and_grad)(params, batch)
+    def loss_fn(params_, batch_):
+      logits, aux = model.apply({"params": params_}, batch_["input_ids"], batch_["attention_mask"],
+                                batch_["positions"], batch_["segment_ids"], train=True)
+      ce_sum, count = train.cross_entropy_sum(logits, batch_)
+      return ce_sum / count + aux.aux_loss + aux.z_loss
+
+    return jax.value_and_grad(loss_fn)
+
+  loss, grads = jax.jit(value_and_grad_fn(None))(params, batch)
   results = {"single": {"loss": float(loss)}}
   meshes = {f"{d}x{e}": dict(data=d, expert=e) for d, e in MESHES}
   meshes["fsdp"] = FSDP_MESH
@@ -78,6 +84,7 @@ def _loss_and_grad_results(model, params, batch) -> dict:
     parallel = sharding.Parallelism(sharding.make_mesh(**axes))
     sharded_params = jax.device_put(params, sharding.state_shardings(params, parallel.mesh))
     sharded_batch = parallel.shard_batch(batch)
+    value_and_grad = value_and_grad_fn(parallel.expert_parallel())
     compiled = sharding.MeshJit(jax.jit(value_and_grad), parallel).lower(
         sharded_params, sharded_batch).compile()
     mesh_loss, mesh_grads = compiled(sharded_params, sharded_batch)
@@ -98,11 +105,12 @@ def _training_results(model_config, batch) -> dict:
 
   train_config = config_lib.build("tiny").train
   train_config.lr, train_config.warmup_fraction = 1e-2, 0.0
-  model = CoECausalLM(model_config.replace(dispatch="dropless"))
   runs = {}
   mesh_config = ml_collections.ConfigDict(dict(data=TRAIN_MESH[0], fsdp=1, expert=TRAIN_MESH[1]))
   for name, parallel in (("single", sharding.Parallelism(None)),
                          ("mesh", sharding.Parallelism(sharding.make_mesh(**mesh_config)))):
+    model = CoECausalLM(model_config.replace(dispatch="dropless"),
+                        expert_parallel=parallel.expert_parallel())
     state = parallel.init_state(lambda: train.init_train_state(model, train_config, 0, 16))
     step = parallel.jit_train_step(train.make_train_step(model, grad_accum_steps=2), state)
     losses = []
@@ -140,7 +148,7 @@ def run_worker(out_path: str) -> None:
   batch = _worker_batch()
   model = CoECausalLM(cfg)
   params = jax.jit(model.init)(jax.random.key(0), batch["input_ids"][:1])["params"]
-  results = dict(loss_and_grad=_loss_and_grad_results(model, params, batch),
+  results = dict(loss_and_grad=_loss_and_grad_results(cfg, params, batch),
                  training=_training_results(cfg, batch))
   Path(out_path).write_text(json.dumps(results, indent=2))
 
