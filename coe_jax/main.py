@@ -26,7 +26,8 @@ def main(argv):
     model_config = train.validate_config(config)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
-  sharding.initialize_distributed(config.mesh)  # several processes: only process 0 prints
+  if config.get("mesh") is not None:
+    sharding.initialize_distributed(config.mesh)  # several processes: only process 0 prints
   if sharding.is_primary():
     print(f"Model ({'vocab from tokenizer' if config.model.vocab_size == 0 else 'vocab fixed'}):")
     print(format_counts(count_params(model_config)))
