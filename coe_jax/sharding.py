@@ -253,6 +253,24 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def check_same_on_all_processes(text: str, what: str) -> None:
+  """ConfigError on every process unless all processes pass the same `text` (e.g. their config).
+
+  Processes launched with different flags (another seed, batch size or data)
+  would otherwise train on inconsistent batches without any error.
+  """
+  if jax.process_count() == 1:
+    return
+  import hashlib
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(digest))
+  differing = [i for i, other in enumerate(gathered) if not np.array_equal(other, gathered[0])]
+  if differing:
+    raise ConfigError(f"{what} of process(es) {differing} differs from process 0's (this is process "
+                      f"{jax.process_index()}); every process must be started with the same flags")
+
+
 def barrier(name: str) -> None:
   """All processes wait here for each other (a no-op in a single-process run)."""
   if jax.process_count() > 1:

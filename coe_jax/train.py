@@ -430,6 +430,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     sharding.initialize_distributed(config.mesh)  # before anything asks for the process index
   primary = sharding.is_primary()
   requested = _config_dict(config)
+  sharding.check_same_on_all_processes(
+      json.dumps({**requested, "mesh": {k: v for k, v in requested.get("mesh", {}).items()
+                                        if k != "process_id"}}, sort_keys=True), "the config")
   saved = load_run_config(workdir)
   if saved is not None:
     check_resumable(saved, requested)

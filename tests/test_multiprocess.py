@@ -58,7 +58,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_two_processes(workdir: Path, overrides: dict, env: dict, logs: Path) -> list[subprocess.Popen]:
+def start_two_processes(workdir: Path, overrides: dict, env: dict, logs: Path,
+                        process_flags: tuple[list[str], list[str]] = ([], [])
+                        ) -> list[subprocess.Popen]:
   """`python -m coe_jax.main` as processes 0 and 1 of one run, output to files in `logs`."""
   logs.mkdir(parents=True, exist_ok=True)
   port = free_port()
@@ -68,7 +70,7 @@ def start_two_processes(workdir: Path, overrides: dict, env: dict, logs: Path) -
     flags += ["--config.mesh.distributed=True", f"--config.mesh.coordinator_address=localhost:{port}",
               "--config.mesh.num_processes=2", f"--config.mesh.process_id={process_id}"]
     command = [sys.executable, "-m", "coe_jax.main", "--config=configs/coe_c2.py:tiny",
-               f"--workdir={workdir}", *flags]
+               f"--workdir={workdir}", *flags, *process_flags[process_id]]
     process_env = {**os.environ, **env, "JAX_PLATFORMS": "cpu",
                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"}
     with open(logs / f"stdout{process_id}.txt", "w") as out, \
@@ -300,6 +302,18 @@ def test_two_processes_resume_a_one_process_checkpoint_to_the_uninterrupted_curv
   params_diff = max_abs_diff(restore_params(str(third_leg["workdir"]), abstract)[0],
                              restore_params(str(reference_run), abstract)[0])
   assert params_diff < 1e-4, params_diff
+
+
+def test_processes_started_with_different_flags_refuse_to_train(tmp_path, tmp_path_factory):
+  workdir, logs = tmp_path / "run", tmp_path / "logs"
+  processes = start_two_processes(workdir, SMALL, jax_cache_env(tmp_path_factory), logs,
+                                  process_flags=([], ["--config.seed=1"]))
+  assert wait_all(processes, logs, STARTUP_TIMEOUT_S) == [1, 1]
+  for i in range(2):
+    assert ("error: the config of process(es) [1] differs from process 0's (this is process "
+            f"{i}); every process must be started with the same flags"
+            in (logs / f"stderr{i}.txt").read_text()), stderr_tail(logs)
+  assert not workdir.exists()  # refused before any data, log or checkpoint
 
 
 # ---------------------------------------------------------------------------
