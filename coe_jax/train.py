@@ -278,7 +278,12 @@ def init_train_state(model: CoECausalLM, train: ml_collections.ConfigDict, seed:
 # ---------------------------------------------------------------------------
 
 class _StopFlag:
-  """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the next step and exits."""
+  """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the next step and exits.
+
+  With several processes the flag is this process's request only: the loop
+  stops where `sharding.StopVote` shows that some process asked, which every
+  process sees at the same step.
+  """
 
   def __init__(self):
     self.signal: Optional[int] = None
@@ -355,6 +360,7 @@ class _TrainLog:
                train_flops_per_token: float, num_devices: int, peak_tflops: Optional[float]):
     self.writer, self.bar, self.train_cfg = writer, bar, train_cfg
     self.tokens_per_step = tokens_per_step
+    self.train_flops_per_token = train_flops_per_token
     self.flops_per_step_per_device = train_flops_per_token * tokens_per_step / num_devices
     self.peak_tflops = peak_tflops
     self.step_times: list[float] = []
@@ -377,6 +383,7 @@ class _TrainLog:
     self.step_times.append(step_time)
     row = {f"train/{k}": v for k, v in metrics.items()}
     row["train/lr"] = float(learning_rate_schedule(self.train_cfg)(done - 1))
+    row["train/model_flops_per_token"] = self.train_flops_per_token  # coe_jax.flops, fwd + bwd
     row.update(self.throughput(step_time))
     row.update(extra or {})
     if self.writer is not None:

@@ -254,6 +254,7 @@ def test_training_log_reports_model_flops_tflops_and_mfu(second_leg):
     tflops = (summary["train_flops_per_token"] * row["train/tokens_per_sec"] / 1e12)  # 1 device
     assert row["train/tflops_per_sec_per_device"] == pytest.approx(tflops, rel=1e-9)
     assert row["train/mfu"] == pytest.approx(tflops / 1e-3, rel=1e-9)
+    assert row["train/model_flops_per_token"] == summary["train_flops_per_token"]
 
 
 def test_profile_steps_write_a_trace_for_tensorboard(second_leg):
