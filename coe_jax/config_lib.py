@@ -92,6 +92,16 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
       keep_checkpoints=3,  # how many checkpoints to keep
       log_every=1,  # fetch and write train metrics every N steps
       log_routing_stats=True,  # per-iteration load CV / entropy / dropped fraction in metrics
+      # Peak dense TFLOP/s of one device, the denominator of train/mfu: -1 = look the device kind
+      # up in coe_jax.flops.PEAK_TFLOPS (H100, H200, A100, B200, TPUs; MFU omitted for a kind not
+      # there, e.g. CPUs), 0 = unknown (MFU omitted), > 0 = this value.
+      peak_tflops_per_device=-1.0,
+      # Steps to trace with jax.profiler, 'START:STOP' (the steps logged as START+1 .. STOP, e.g.
+      # '10:15' traces five steps after ten warm ones); the trace lands in <workdir>/tensorboard
+      # (TensorBoard's Profile tab, or xprof). '' = no profiling.
+      profile_steps="",
+      # Also log metrics to this Weights & Biases project when `wandb` is installed; '' = off.
+      wandb_project="",
   ))
 
 

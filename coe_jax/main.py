@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from coe_jax import config_lib, train
+from coe_jax import config_lib, sharding, train
 from coe_jax.model_config import ConfigError
 from coe_jax.params import count_params, format_counts
 
@@ -26,8 +26,11 @@ def main(argv):
     model_config = train.validate_config(config)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
-  print(f"Model ({'vocab from tokenizer' if config.model.vocab_size == 0 else 'vocab fixed'}):")
-  print(format_counts(count_params(model_config)))
+  if config.get("mesh") is not None:
+    sharding.initialize_distributed(config.mesh)  # several processes: only process 0 prints
+  if sharding.is_primary():
+    print(f"Model ({'vocab from tokenizer' if config.model.vocab_size == 0 else 'vocab fixed'}):")
+    print(format_counts(count_params(model_config)))
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as e:  # found once data is read, e.g. a workdir holding another model

@@ -1,4 +1,4 @@
-"""Metric output: metrics.jsonl, TensorBoard event files and a loss-curve PNG."""
+"""Metric output: metrics.jsonl, TensorBoard event files, a loss-curve PNG, optionally W&B."""
 
 from __future__ import annotations
 
@@ -31,9 +31,15 @@ class MetricWriter:
   logged after it by an earlier, interrupted run are dropped from
   metrics.jsonl and purged from TensorBoard, so a resumed run's steps appear
   once.
+
+  With `wandb_project` (and the `wandb` package importable) every row also goes
+  to that Weights & Biases project; the run id is kept in `workdir/wandb_run_id`
+  so a resumed run continues the same W&B run. Without the package nothing
+  else changes.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: Optional[int] = None):
+  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: Optional[int] = None,
+               wandb_project: str = "", wandb_config: Optional[dict] = None):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
     if resume_step is not None:
@@ -44,6 +50,7 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       purge_step = None if resume_step is None else resume_step + 1
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
+    self._wandb = start_wandb(workdir, wandb_project, wandb_config) if wandb_project else None
 
   def write(self, step: int, values: Mapping[str, Any]) -> dict[str, float]:
     scalars = _scalars(values)
@@ -52,12 +59,43 @@ class MetricWriter:
     if self._tb is not None:
       for name, value in scalars.items():
         self._tb.add_scalar(name, value, int(step))
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=int(step))
     return scalars
 
   def close(self) -> None:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def start_wandb(workdir: str, project: str, config: Optional[dict] = None):
+  """A W&B run of `project` for `workdir` (resumed when the workdir has one), or None.
+
+  None, with a note on stderr, when the `wandb` package is not installed.
+  """
+  try:
+    import wandb
+  except ImportError:
+    import sys
+    print(f"train.wandb_project={project!r}, but wandb is not installed (pip install wandb); "
+          "logging to metrics.jsonl and TensorBoard only.", file=sys.stderr)
+    return None
+  id_path = os.path.join(workdir, WANDB_ID_FILE)
+  if os.path.isfile(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = wandb.util.generate_id()
+    with open(id_path, "w") as f:
+      f.write(run_id)
+  return wandb.init(project=project, id=run_id, resume="allow", dir=workdir, config=config,
+                    name=os.path.basename(os.path.abspath(workdir)))
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -25,8 +25,13 @@ the all-to-all traffic stays between neighbouring devices.
 * Multi-host: `initialize_distributed` calls `jax.distributed.initialize`
   from `config.mesh` or the `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` /
   `JAX_PROCESS_ID` environment variables (empty values: JAX's own cluster
-  detection on TPU pods, SLURM, Open MPI). Every process computes the same
-  global batch; `shard_batch` hands each device its rows.
+  detection on TPU pods, SLURM, Open MPI). Every process builds only the rows
+  of each global batch that its own devices hold (`process_rows`) and
+  `global_batch` assembles the global array from those process-local rows
+  (`jax.make_array_from_process_local_data`); `shard_batch` places a batch
+  that every process holds in full (validation batches). `StopVote` lets the
+  processes agree on the step at which a SIGTERM/SIGINT that reached any one
+  of them stops the run, without making the host wait for the device.
 """
 
 from __future__ import annotations
@@ -185,6 +190,78 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   return {name: put(value) for name, value in batch.items()}
 
 
+def process_rows(mesh: Mesh, global_size: int) -> np.ndarray:
+  """The global batch rows this process's devices hold, ascending (no duplicates).
+
+  They are the rows `global_batch` expects in the process-local batch, in this
+  order. One process (or no mesh): every row.
+  """
+  indices = batch_sharding(mesh).addressable_devices_indices_map((global_size,))
+  rows = {row for index in indices.values() for row in range(global_size)[index[0]]}
+  return np.asarray(sorted(rows), np.int64)
+
+
+def global_batch(local_batch: dict[str, Any], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
+  """Global arrays of `global_size` rows from this process's rows (`process_rows`) of them."""
+  sharding = batch_sharding(mesh)
+  return {name: jax.make_array_from_process_local_data(
+              sharding, np.asarray(value), (global_size, *np.shape(value)[1:]))
+          for name, value in local_batch.items()}
+
+
+class StopVote:
+  """A stop request that any process raises, seen by all processes at the same step.
+
+  `cast(local_request)` dispatches a tiny collective (the max of every
+  process's flag) and returns it as a device scalar without waiting; the loop
+  reads it one step later (when the step it followed has run anyway), so the
+  host never blocks on the device for it. Every process reads every vote at
+  the same point of the step schedule, so all of them see the same value
+  there and stop at the same step.
+  """
+
+  def __init__(self, mesh: Mesh):
+    self._mesh = mesh
+    self._sharding = NamedSharding(mesh, P(MESH_AXES))
+    self._local_devices = len(self._sharding.addressable_devices)
+    self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+
+  def cast(self, local_request: bool) -> jax.Array:
+    flags = np.full((self._local_devices,), int(local_request), np.int32)
+    votes = jax.make_array_from_process_local_data(self._sharding, flags, (self._mesh.size,))
+    return self._max(votes)
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes logs and run artefacts."""
+  return jax.process_index() == 0
+
+
+def check_same_on_all_processes(text: str, what: str) -> None:
+  """ConfigError on every process unless all processes pass the same `text` (e.g. their config).
+
+  Processes launched with different flags (another seed, batch size or data)
+  would otherwise train on inconsistent batches without any error.
+  """
+  if jax.process_count() == 1:
+    return
+  import hashlib
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(digest))
+  differing = [i for i, other in enumerate(gathered) if not np.array_equal(other, gathered[0])]
+  if differing:
+    raise ConfigError(f"{what} of process(es) {differing} differs from process 0's (this is process "
+                      f"{jax.process_index()}); every process must be started with the same flags")
+
+
+def barrier(name: str) -> None:
+  """All processes wait here for each other (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def constrain_micro_batches(micro_batches: Any) -> Any:
   """Keeps each micro-batch split over the batch axes after the [accum, micro] reshape.
 
@@ -254,6 +331,24 @@ class Parallelism:
 
   def shard_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
     return batch if self.mesh is None else shard_batch(batch, self.mesh)
+
+  def process_rows(self, global_size: int) -> Optional[np.ndarray]:
+    """The rows of each global batch this process builds; None = all of them."""
+    if self.mesh is None or jax.process_count() == 1:
+      return None
+    return process_rows(self.mesh, global_size)
+
+  def global_batch(self, local_batch: dict[str, Any], global_size: int) -> dict[str, Any]:
+    """The global batch from this process's rows of it (`process_rows`)."""
+    if self.mesh is None:
+      return local_batch
+    return global_batch(local_batch, self.mesh, global_size)
+
+  def stop_vote(self) -> Optional[StopVote]:
+    """A `StopVote` when several processes must agree on a stop; None in one process."""
+    if self.mesh is None or jax.process_count() == 1:
+      return None
+    return StopVote(self.mesh)
 
   def jit_train_step(self, train_step: Callable, state: Any) -> "MeshJit":
     """`train_step(state, batch, rng)` jitted with the state donated and laid out like `state`."""

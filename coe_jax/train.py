@@ -83,6 +83,30 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
     _require(0 <= train[field] < 1, f"train.{field}", f"got {train[field]!r}; must be in [0, 1)")
   _require(train.weight_decay >= 0, "train.weight_decay", f"got {train.weight_decay!r}; must be >= 0")
   _require(train.grad_clip >= 0, "train.grad_clip", f"got {train.grad_clip!r}; must be >= 0")
+  peak = train.get("peak_tflops_per_device", -1.0)
+  _require(isinstance(peak, (int, float)) and not isinstance(peak, bool) and math.isfinite(peak)
+           and (peak >= 0 or peak == -1), "train.peak_tflops_per_device",
+           f"got {peak!r}; must be -1 (the device kind's known peak), 0 (unknown) or > 0")
+  profile_window(train)  # raises ConfigError on a malformed window
+  project = train.get("wandb_project", "")
+  _require(isinstance(project, str), "train.wandb_project",
+           f"got {project!r}; must be a project name or '' (off)")
+
+
+def profile_window(train: ml_collections.ConfigDict) -> Optional[tuple[int, int]]:
+  """`train.profile_steps` 'START:STOP' as (START, STOP), or None when it is ''."""
+  spec = train.get("profile_steps", "")
+  message = (f"got {spec!r}; must be '' (off) or 'START:STOP' with 0 <= START < STOP <= "
+             f"train.steps={train.steps} (traces the steps logged as START+1 .. STOP)")
+  _require(isinstance(spec, str), "train.profile_steps", message)
+  if not spec.strip():
+    return None
+  parts = spec.split(":")
+  _require(len(parts) == 2 and all(p.strip().isdigit() for p in parts), "train.profile_steps",
+           message)
+  start, stop = (int(p) for p in parts)
+  _require(0 <= start < stop <= train.steps, "train.profile_steps", message)
+  return start, stop
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -256,7 +280,12 @@ def init_train_state(model: CoECausalLM, train: ml_collections.ConfigDict, seed:
 # ---------------------------------------------------------------------------
 
 class _StopFlag:
-  """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the next step and exits."""
+  """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the next step and exits.
+
+  With several processes the flag is this process's request only: the loop
+  stops where `sharding.StopVote` shows that some process asked, which every
+  process sees at the same step.
+  """
 
   def __init__(self):
     self.signal: Optional[int] = None
@@ -316,26 +345,115 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+@dataclasses.dataclass
+class _Launched:
+  """A train step dispatched to the device whose metrics the host has not read yet."""
+
+  done: int  # steps completed once it has run
+  metrics: Any  # device arrays
+  vote: Any  # the processes' agreed stop request (device scalar), None in one process
+
+
+class _TrainLog:
+  """Turns each step's fetched metrics into rows (metrics.jsonl, TensorBoard, W&B) and the
+  progress bar's text; `writer` and `bar` are None / plain on processes other than 0."""
+
+  def __init__(self, writer, bar, train_cfg: ml_collections.ConfigDict, tokens_per_step: int,
+               train_flops_per_token: float, num_devices: int, peak_tflops: Optional[float]):
+    self.writer, self.bar, self.train_cfg = writer, bar, train_cfg
+    self.tokens_per_step = tokens_per_step
+    self.train_flops_per_token = train_flops_per_token
+    self.flops_per_step_per_device = train_flops_per_token * tokens_per_step / num_devices
+    self.peak_tflops = peak_tflops
+    self.step_times: list[float] = []
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """Time from here (after compiling, evaluating or checkpointing, which steps do not pay)."""
+    self.tick = time.perf_counter()
+    self.steps_since_row = 0
+
+  def step(self, done: int, metrics: dict, force: bool = False,
+           extra: Optional[dict] = None) -> None:
+    """Accounts one finished step; writes a row every train.log_every steps or when `force`."""
+    self.steps_since_row += 1
+    if not (force or done % self.train_cfg.log_every == 0):
+      return
+    now = time.perf_counter()
+    step_time = (now - self.tick) / self.steps_since_row
+    self.tick, self.steps_since_row = now, 0
+    self.step_times.append(step_time)
+    row = {f"train/{k}": v for k, v in metrics.items()}
+    row["train/lr"] = float(learning_rate_schedule(self.train_cfg)(done - 1))
+    row["train/model_flops_per_token"] = self.train_flops_per_token  # coe_jax.flops, fwd + bwd
+    row.update(self.throughput(step_time))
+    row.update(extra or {})
+    if self.writer is not None:
+      self.writer.write(done, row)
+    if hasattr(self.bar, "set_postfix"):
+      postfix = dict(loss=f"{float(metrics['loss']):.3f}",
+                     tok_s=f"{row['train/tokens_per_sec']:,.0f}",
+                     tflops_dev=f"{row['train/tflops_per_sec_per_device']:.3g}")
+      if "train/mfu" in row:
+        postfix["mfu"] = f"{100 * row['train/mfu']:.1f}%"
+      if "val/loss" in row:
+        postfix["val"] = f"{row['val/loss']:.3f}"
+      self.bar.set_postfix(**postfix)
+
+  def throughput(self, step_time: float) -> dict[str, float]:
+    """tokens/s, model TFLOP/s per device and (with a known peak) MFU of a step time."""
+    tflops = self.flops_per_step_per_device / step_time / 1e12
+    out = {"train/tokens_per_sec": self.tokens_per_step / step_time,
+           "train/step_seconds": step_time, "train/tflops_per_sec_per_device": tflops}
+    if self.peak_tflops:
+      out["train/mfu"] = tflops / self.peak_tflops
+    return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_at_step: Optional[int] = None, progress: bool = True) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns a summary.
 
   `stop_at_step` simulates an interruption: the run checkpoints there and
   returns, as it does on SIGTERM/SIGINT.
+
+  Several processes (`config.mesh`, `jax.distributed`): each builds only its
+  rows of every batch; process 0 alone writes metrics, TensorBoard, W&B,
+  summary.json, loss.png, config.json, the tokenizer copy and the progress
+  bar, and every process writes its checkpoint shards. A SIGTERM/SIGINT that
+  reaches any process stops all of them after the same step (`StopVote`),
+  where they save the same checkpoint and return.
+
+  The metrics of step N are fetched once step N+1 has been dispatched, so the
+  host never waits on the device just to log; steps that evaluate or
+  checkpoint wait for their own step, as they must.
   """
   from coe_jax.data.input_pipeline import build_datasets
   from coe_jax.checkpoint import Checkpointer, check_resumable, load_run_config, save_run_config
+  from coe_jax.flops import flops_per_token, peak_tflops_per_device
   from coe_jax.metrics import MetricWriter, plot_losses
   from coe_jax.params import count_params
 
   validate_config(config)
+  if config.get("mesh") is not None:
+    sharding.initialize_distributed(config.mesh)  # before anything asks for the process index
+  primary = sharding.is_primary()
   requested = _config_dict(config)
+  sharding.check_same_on_all_processes(
+      json.dumps({**requested, "mesh": {k: v for k, v in requested.get("mesh", {}).items()
+                                        if k != "process_id"}}, sort_keys=True), "the config")
   saved = load_run_config(workdir)
   if saved is not None:
     check_resumable(saved, requested)
   train_cfg = config.train
 
-  datasets = build_datasets(config.data, workdir=workdir, seed=config.seed)
+  # Process 0 reads, tokenises and caches the data first; the others then load that cache (or
+  # build their own where the cache directory is not shared).
+  if primary:
+    datasets = build_datasets(config.data, workdir=workdir, seed=config.seed)
+  sharding.barrier("coe_jax:data_cached")
+  if not primary:
+    datasets = build_datasets(config.data, workdir=workdir, seed=config.seed, save_tokenizer=False)
   model_config = config_lib.model_config_from(config, datasets.vocab_size)
   if datasets.vocab_size > model_config.vocab_size:
     raise ConfigError(f"model.vocab_size: got {model_config.vocab_size}, smaller than the "
@@ -346,7 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = parallel.init_state(
       lambda: init_train_state(model, train_cfg, config.seed, config.data.max_length))
   checkpointer = Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
-  iterator = datasets.train_iterator(train_cfg.batch_size, config.seed)
+  iterator = datasets.train_iterator(train_cfg.batch_size, config.seed,
+                                     parallel.process_rows(train_cfg.batch_size))
   start = 0
   if checkpointer.latest_step() is not None:
     try:
@@ -355,8 +474,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       checkpointer.close()
       raise
     iterator.set_state(data_state)
-    print(f"Resumed from {checkpointer.directory} at step {start}.")
-  save_run_config(workdir, requested)  # only once the workdir's checkpoint fits this config
+    if primary:
+      print(f"Resumed from {checkpointer.directory} at step {start}.")
+  if primary:
+    save_run_config(workdir, requested)  # only once the workdir's checkpoint fits this config
 
   step_fn = parallel.jit_train_step(
       make_train_step(model, train_cfg.grad_accum_steps, train_cfg.log_routing_stats), state)
@@ -370,74 +491,106 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   base_rng = jax.random.key(config.seed + 1)
 
   counts = count_params(model_config)
+  tokens_per_step = train_cfg.batch_size * config.data.max_length
+  flops = flops_per_token(model_config, config.data.max_length)
+  peak = peak_tflops_per_device(train_cfg.get("peak_tflops_per_device", -1.0),
+                                jax.devices()[0].device_kind, model_config.dtype)
   summary: dict[str, Any] = dict(params_total=counts.total, params_active=counts.active_per_token,
-                                 params_non_embedding=counts.non_embedding, vocab_size=model_config.vocab_size)
-  writer = MetricWriter(workdir, resume_step=start)
+                                 params_non_embedding=counts.non_embedding, vocab_size=model_config.vocab_size,
+                                 train_flops_per_token=flops.train, peak_tflops_per_device=peak,
+                                 processes=jax.process_count(), devices=jax.device_count())
+  writer = (MetricWriter(workdir, resume_step=start, wandb_project=train_cfg.get("wandb_project", ""),
+                         wandb_config=requested) if primary else None)
   stop = _StopFlag()
   stop.install()
-  tokens_per_step = train_cfg.batch_size * config.data.max_length
+  vote = parallel.stop_vote()  # None in one process: the local flag is the decision
+  window = profile_window(train_cfg)
+  trace_dir = os.path.join(workdir, "tensorboard", *(() if primary else
+                                                     (f"process_{jax.process_index()}",)))
+  tracing = False
   last_checkpoint = start if start else None
-  step_times: list[float] = []
   train_losses: list[float] = []
   val_loss = None
+  log = None
   try:
     compiled = None
     end = train_cfg.steps if stop_at_step is None else max(start, min(train_cfg.steps, stop_at_step))
-    bar = _progress(range(start, end), progress, initial=start, total=train_cfg.steps)
-    tick = time.perf_counter()
-    steps_since_log = 0
+    bar = _progress(range(start, end), progress and primary, initial=start, total=train_cfg.steps)
+    log = _TrainLog(writer, bar, train_cfg, tokens_per_step, flops.train, jax.device_count(), peak)
+    pending: Optional[_Launched] = None
+
+    def fetch(launched: _Launched) -> tuple[dict, bool]:
+      """The step's metrics on the host (checked finite) and whether a stop was agreed."""
+      metrics = jax.device_get(launched.metrics)
+      agreed = launched.vote is not None and bool(jax.device_get(launched.vote))
+      loss = float(metrics["loss"])
+      _check_finite(launched.done, loss, float(metrics["grad_norm"]), last_checkpoint, workdir)
+      train_losses.append(loss)
+      return metrics, agreed
+
     for step in bar:
-      batch = parallel.shard_batch(next(iterator))
+      batch = parallel.global_batch(next(iterator), train_cfg.batch_size)
       rng = jax.random.fold_in(base_rng, step)
       if compiled is None:
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, batch, rng).compile()
         summary["compile_seconds"] = time.perf_counter() - t0
         summary["train_step_peak_bytes"] = compiled_memory_bytes(compiled)
-        tick = time.perf_counter()
+        log.restart_clock()
+      if window is not None and not tracing and window[0] <= step < window[1]:
+        jax.profiler.start_trace(trace_dir)
+        tracing = True
       state, metrics = compiled(state, batch, rng)
-      steps_since_log += 1
       done = step + 1
+      launched = _Launched(done, metrics,
+                           None if vote is None else vote.cast(stop.signal is not None))
+      if tracing and done >= window[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        tracing = False
+        summary["profile_dir"] = trace_dir
+      stop_agreed = False
+      if pending is not None:  # the previous step has run by now; this one keeps the device busy
+        previous_metrics, stop_agreed = fetch(pending)
+        log.step(pending.done, previous_metrics)
+        pending = None
       is_last = done == train_cfg.steps
       checkpoint_due = is_last or (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)
       eval_due = is_last or (train_cfg.eval_every and done % train_cfg.eval_every == 0)
-      interrupted = stop.signal is not None or (stop_at_step is not None and done >= stop_at_step)
-      if done % train_cfg.log_every == 0 or checkpoint_due or eval_due or interrupted:
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - tick
-        step_time = elapsed / steps_since_log
-        step_times.append(step_time)
-        loss = float(metrics["loss"])
-        _check_finite(done, loss, float(metrics["grad_norm"]), last_checkpoint, workdir)
-        train_losses.append(loss)
-        row = {f"train/{k}": v for k, v in metrics.items()}
-        row["train/lr"] = float(learning_rate_schedule(train_cfg)(done - 1))
-        row["train/tokens_per_sec"] = tokens_per_step / step_time
-        row["train/step_seconds"] = step_time
-        if eval_due:
-          val_loss = evaluate(eval_step, state.params, val_batches)
-          row["val/loss"] = val_loss
-          if paper_val_batches:
-            row["val/loss_paper"] = evaluate_batch_means(eval_step, state.params, paper_val_batches)
-            summary["final_val_loss_paper"] = row["val/loss_paper"]
-        writer.write(done, row)
-        if progress and hasattr(bar, "set_postfix"):
-          bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}",
-                          **({"val": f"{val_loss:.3f}"} if eval_due else {}))
-        tick = time.perf_counter()
-        steps_since_log = 0
+      interrupted = (stop_agreed or (vote is None and stop.signal is not None)
+                     or (stop_at_step is not None and done >= stop_at_step))
+      if not (checkpoint_due or eval_due or interrupted):
+        pending = launched
+        continue
+      # A boundary, the same on every process: wait for this step, evaluate, checkpoint.
+      metrics, agreed_now = fetch(launched)
+      interrupted = interrupted or agreed_now
+      extra = {}
+      if eval_due:
+        val_loss = evaluate(eval_step, state.params, val_batches)
+        extra["val/loss"] = val_loss
+        if paper_val_batches:
+          extra["val/loss_paper"] = evaluate_batch_means(eval_step, state.params, paper_val_batches)
+          summary["final_val_loss_paper"] = extra["val/loss_paper"]
+      log.step(done, metrics, force=True, extra=extra)
       if checkpoint_due or interrupted:
         checkpointer.save(done, state, iterator.get_state())
         last_checkpoint = done
+      log.restart_clock()
       if interrupted:
         summary["interrupted_at"] = done
         break
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
+      summary["profile_dir"] = trace_dir
     stop.restore()
-    writer.close()
+    if writer is not None:
+      writer.close()
     checkpointer.close()
 
   final_step = int(jax.device_get(state.step))
+  step_times = log.step_times if log is not None else []
   steady = step_times[1:] or step_times
   summary.update(
       step=final_step, first_train_loss=train_losses[0] if train_losses else None,
@@ -445,6 +598,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       step_seconds_median=float(np.median(steady)) if steady else None,
       tokens_per_sec=float(tokens_per_step / np.median(steady)) if steady else None,
       completed=final_step >= train_cfg.steps, device_peak_bytes=device_peak_bytes())
+  if steady:
+    summary.update({key.split("/")[-1]: value
+                    for key, value in log.throughput(float(np.median(steady))).items()
+                    if key in ("train/tflops_per_sec_per_device", "train/mfu")})
+  if not primary:
+    return summary
   summary["loss_png"] = plot_losses(workdir, title=os.path.basename(os.path.abspath(workdir)))
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)

@@ -50,68 +50,13 @@ from coe_jax.coe_layer import CoELayer
 from coe_jax.layers import compute_dtype
 from coe_jax.model import CoECausalLM
 from coe_jax.model_config import ModelConfig
+# The analytic FLOP count lives in the library: the training log reports the same numbers.
+from coe_jax.flops import FlopCount, flops_per_token  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = (("MoE(K=8)", "configs/moe_k8.py"), ("CoE(C=2,K=4)", "configs/coe_c2.py"),
          ("CoE(C=2,K=8)", "configs/coe_c2_k8.py"))
 DISPATCHES = ("capacity", "dropless")
-
-
-# ---------------------------------------------------------------------------
-# Analytic FLOPs
-# ---------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class FlopCount:
-  """Forward FLOPs per token of every part of the model (2 FLOPs per multiply-add).
-
-  Attributes:
-    attention_proj: q_proj, kv_a_proj_with_mqa, kv_b_proj and o_proj, all layers.
-    attention_scores: q.k over q_head_dim and probs.v over v_head_dim against
-      the (seq + 1) / 2 keys a causal query sees on average, all layers (keys
-      a kernel scores and then masks, or skips, are not useful work).
-    routed_experts: K routed SwiGLU experts per iteration, C iterations, all layers.
-    shared_experts: the shared SwiGLU expert(s), run every iteration, all layers.
-    router: one [hidden, N_routed] router matmul per iteration, all layers.
-    head: the [hidden, vocab] output projection.
-  """
-
-  attention_proj: float
-  attention_scores: float
-  routed_experts: float
-  shared_experts: float
-  router: float
-  head: float
-
-  @property
-  def forward(self) -> float:
-    return sum(dataclasses.astuple(self))
-
-  @property
-  def train(self) -> float:
-    """Forward + backward = 3x forward (the backward pass does two matmuls per forward one).
-
-    Remat recomputation and capacity padding are not counted: MFU counts useful work.
-    """
-    return 3.0 * self.forward
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
-  """Matmul FLOPs of one token's forward pass (embedding lookup, norms, softmax excluded)."""
-  d, f, layers, chain = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_layers, cfg.num_iterations
-  heads = cfg.num_heads
-  proj_params = (d * heads * cfg.q_head_dim + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-                 + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-                 + heads * cfg.v_head_dim * d)
-  swiglu_macs = 3 * d * f
-  return FlopCount(
-      attention_proj=2.0 * layers * proj_params,
-      attention_scores=2.0 * layers * (seq_len + 1) / 2 * heads * (cfg.q_head_dim + cfg.v_head_dim),
-      routed_experts=2.0 * layers * chain * cfg.num_experts_per_tok * swiglu_macs,
-      shared_experts=2.0 * layers * chain * cfg.n_shared_experts * swiglu_macs,
-      router=2.0 * layers * chain * d * cfg.n_routed_experts,
-      head=2.0 * d * cfg.vocab_size,
-  )
 
 
 # ---------------------------------------------------------------------------

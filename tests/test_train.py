@@ -53,7 +53,8 @@ SMALL = {
 REQUIRED_TRAIN_KEYS = ("train/loss", "train/aux_loss", "train/lr", "train/grad_norm",
                        "train/tokens_per_sec", "train/dropped_fraction")
 # Timing-dependent columns; everything else in metrics.jsonl is a deterministic number.
-TIMING_KEYS = ("train/tokens_per_sec", "train/step_seconds")
+TIMING_KEYS = ("train/tokens_per_sec", "train/step_seconds", "train/tflops_per_sec_per_device",
+               "train/mfu")
 
 
 def load_config_file(path: Path, arg: str) -> ml_collections.ConfigDict:

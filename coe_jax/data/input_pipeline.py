@@ -213,14 +213,21 @@ class TrainIterator:
   order; a batch that runs past an epoch's end continues into the next one, so
   every epoch covers every row exactly once. `get_state()` / `set_state()` save
   and restore the position for exact resumption.
+
+  The order is global: with `local_rows` (positions within each batch, e.g.
+  `sharding.process_rows`) every process walks the same order and builds only
+  those rows of each batch, so the state, the same on every process, restores
+  on any number of processes.
   """
 
-  def __init__(self, split: Split, batch_size: int, seed: int):
+  def __init__(self, split: Split, batch_size: int, seed: int,
+               local_rows: Optional[np.ndarray] = None):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if split.num_rows < 1:
       raise ValueError("the training split is empty")
     self.split, self.batch_size, self.seed = split, batch_size, seed
+    self.local_rows = local_rows
     self.epoch, self.index = 0, 0
     self._order_epoch, self._order = -1, np.zeros(0, np.int64)
 
@@ -248,7 +255,8 @@ class TrainIterator:
     return self
 
   def __next__(self) -> Batch:
-    return self.split.batch(self.next_rows())
+    rows = self.next_rows()
+    return self.split.batch(rows if self.local_rows is None else rows[self.local_rows])
 
   def get_state(self) -> dict[str, int]:
     """The position after the last batch, as JSON-serialisable ints."""
@@ -288,9 +296,10 @@ class Datasets:
     """The tokenizer's vocabulary size, added tokens included."""
     return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-  def train_iterator(self, batch_size: int, seed: int) -> TrainIterator:
-    """Endless shuffled training batches (see `TrainIterator`)."""
-    return TrainIterator(self.train, batch_size, seed)
+  def train_iterator(self, batch_size: int, seed: int,
+                     local_rows: Optional[np.ndarray] = None) -> TrainIterator:
+    """Endless shuffled training batches, or only their `local_rows` (see `TrainIterator`)."""
+    return TrainIterator(self.train, batch_size, seed, local_rows)
 
   def val_batches(self, batch_size: int) -> list[Batch]:
     """Every validation row once, in order; the last batch is topped up with all-pad rows."""
@@ -458,8 +467,11 @@ def _load_tokenizer(data: ml_collections.ConfigDict, cache: Path, raw_key: str,
 
 
 def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
-                   seed: int = 0) -> Datasets:
+                   seed: int = 0, save_tokenizer: bool = True) -> Datasets:
   """Validates `data`, loads or builds the tokenised splits and returns them.
+
+  `save_tokenizer=False` skips the `<workdir>/tokenizer.json` copy (processes
+  other than 0 of a multi-process run).
 
   `seed` does not change the data (the corpus and split are fixed by `data`,
   so runs with different seeds compare on the same validation set); the
@@ -480,7 +492,7 @@ def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
   splits = tokenized.load_splits(directory, ("train", "val"), *args)
   if splits is not None:
     _log.info("Loaded tokenised data from cache %s", directory)
-    _save_tokenizer_copy(tok, workdir)
+    _save_tokenizer_copy(tok, workdir if save_tokenizer else None)
     return Datasets(tok, splits["train"], splits["val"], str(directory), True, 0.0)
   start = time.perf_counter()
   splits = {name: tokenized.build_split(tok, t, *args, eos_id=eos)
@@ -490,7 +502,7 @@ def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
           "packing": data.packing, "eos_target_id": eos, "seconds": seconds,
           **{f"{n}_examples": s.num_examples for n, s in splits.items()}}
   tokenized.save_splits(directory, splits, meta)
-  _save_tokenizer_copy(tok, workdir)  # only once the data has been read without error
+  _save_tokenizer_copy(tok, workdir if save_tokenizer else None)  # only once the data has been read without error
   _log.info("Tokenised %d train / %d val examples in %.1f s; cached in %s",
             splits["train"].num_examples, splits["val"].num_examples, seconds, directory)
   return Datasets(tok, splits["train"], splits["val"], str(directory), False, seconds)
