@@ -99,11 +99,11 @@ class CoELayer(nn.Module):
       one expert's slice of the stacked weights. SwiGLU (the paper's) by default; any
       other function runs under every dispatch except the SwiGLU-specific
       `dropless_impl='ragged_dot'`.
-    routed_experts: module class creating the stacked routed weights, called as
-      `routed_experts(num_experts, hidden_size, intermediate_size, init_std)` and
+    routed_experts_module: module class creating the stacked routed weights, called as
+      `routed_experts_module(num_experts, hidden_size, intermediate_size, init_std)` and
       returning a pytree whose leaves have a leading [num_experts] axis.
-    shared_experts: module class creating the shared expert's weights, called as
-      `shared_experts(hidden_size, intermediate_size * n_shared, init_std)`.
+    shared_experts_module: module class creating the shared expert's weights, called as
+      `shared_experts_module(hidden_size, intermediate_size * n_shared, init_std)`.
     expert_parallel: None (default) computes the layer as plain JAX under any host
       mesh; an `ExpertParallel` runs the routed pass per device under shard_map,
       the experts split over its `expert_axis` (see `coe_jax.expert_parallel`).
@@ -111,8 +111,8 @@ class CoELayer(nn.Module):
 
   config: CoEConfig
   expert_fn: Callable[[Any, Array], Array] = swiglu
-  routed_experts: Callable[..., nn.Module] = RoutedExperts
-  shared_experts: Callable[..., nn.Module] = SharedExperts
+  routed_experts_module: Callable[..., nn.Module] = RoutedExperts
+  shared_experts_module: Callable[..., nn.Module] = SharedExperts
   expert_parallel: Optional[ExpertParallel] = None
 
   @nn.compact
@@ -129,13 +129,13 @@ class CoELayer(nn.Module):
                                 (cfg.num_router_weights, num_experts, hidden), jnp.float32)
     if not cfg.independent_gates:
       router_weights = jnp.broadcast_to(router_weights, (chain, num_experts, hidden))
-    routed = self.routed_experts(num_experts, hidden, cfg.moe_intermediate_size,
-                                 cfg.initializer_range, name=ROUTED_EXPERTS)()
+    routed = self.routed_experts_module(num_experts, hidden, cfg.moe_intermediate_size,
+                                        cfg.initializer_range, name=ROUTED_EXPERTS)()
     routed = jax.tree.map(lambda w: w.astype(dtype), routed)
     shared = None
     if cfg.n_shared_experts > 0:
-      shared = self.shared_experts(hidden, cfg.shared_intermediate_size, cfg.initializer_range,
-                                   name="shared_experts")()
+      shared = self.shared_experts_module(hidden, cfg.shared_intermediate_size,
+                                          cfg.initializer_range, name="shared_experts")()
       shared = jax.tree.map(lambda w: w.astype(dtype), shared)
 
     capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval

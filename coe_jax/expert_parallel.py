@@ -30,7 +30,7 @@ import math
 from typing import Callable, Optional, Union
 
 import jax
-from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec as P
 
 from coe_jax.router import RouterOutput
 
@@ -57,6 +57,11 @@ class ExpertParallel:
     missing = [a for a in (*self.batch_axes, self.expert_axis) if a is not None and a not in names]
     if missing:
       raise ValueError(f"ExpertParallel: axes {missing} are not in the mesh's {sorted(names)}")
+    explicit = [name for name, kind in zip(self.mesh.axis_names, self.mesh.axis_types)
+                if kind == AxisType.Explicit]
+    if explicit:
+      raise ValueError(f"ExpertParallel: mesh axes {explicit} are AxisType.Explicit; the layer's "
+                       "shard_map needs AxisType.Auto axes (jax.make_mesh(..., axis_types=...))")
 
   @property
   def batch_shards(self) -> int:
