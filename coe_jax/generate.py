@@ -54,7 +54,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from coe_jax.layers import compute_dtype
-from coe_jax.model import CachedCoECausalLM, CoECausalLM, init_decode_cache
+from coe_jax.model import CoECausalLM, init_decode_cache
 from coe_jax.model_config import ModelConfig
 from coe_jax.run_dir import load_run
 
@@ -244,17 +244,17 @@ def _prefill(config: ModelConfig, variables, input_ids, mask, max_new_tokens: in
   batch, prompt_len = input_ids.shape
   cache = init_decode_cache(config, batch, prompt_len + max_new_tokens)
   last_real = jnp.max(jnp.where(mask > 0, jnp.arange(prompt_len), 0), axis=1)
-  logits, cache = CachedCoECausalLM(config, prefill=True).apply(
-      variables, input_ids, prompt_positions(mask), mask, cache, last_real)
-  return logits[:, 0], cache
+  logits, aux = CoECausalLM(config, decode="prefill").apply(
+      variables, input_ids, mask, prompt_positions(mask), cache=cache, logits_index=last_real)
+  return logits[:, 0], aux.cache
 
 
 def _decode_step(config: ModelConfig, variables, state, absorb: bool):
   """Feeds every row's last token at its next position; finished rows count as padding."""
   live = (~state["done"]).astype(jnp.int32)[:, None]
-  logits, cache = CachedCoECausalLM(config, absorb=absorb).apply(
-      variables, state["last"][:, None], state["pos"][:, None], live, state["cache"])
-  return logits[:, 0], cache
+  logits, aux = CoECausalLM(config, decode="step", absorb=absorb).apply(
+      variables, state["last"][:, None], live, state["pos"][:, None], cache=state["cache"])
+  return logits[:, 0], aux.cache
 
 
 def row_keys_for(seed: int, row_ids: Sequence[int]) -> Array:

@@ -38,11 +38,13 @@ class ModelAux:
     aux_loss: <float32>[] load-balancing loss summed over layers and iterations.
     z_loss: <float32>[] router z-loss summed over layers and iterations.
     layers: `CoEAux` whose arrays have a leading [layers] axis.
+    cache: the updated `DecodeCache` when the LM decodes with one, else None.
   """
 
   aux_loss: Array
   z_loss: Array
   layers: CoEAux
+  cache: Optional["DecodeCache"] = None
 
   @property
   def dropped_fraction(self) -> Array:
@@ -50,26 +52,57 @@ class ModelAux:
     return self.layers.dropped_fraction.mean()
 
 
-class DecoderLayer(nn.Module):
-  """Attention then CoE: `(x, positions, mask, token_mask) -> (x_out, CoEAux)`; scan-compatible.
+DECODE_MODES = (None, "prefill", "step")
 
-  `token_mask` (the LM's attention_mask) keeps padding out of expert capacity.
+
+class DecoderLayer(nn.Module):
+  """Attention then CoE, scan-compatible; optionally reading and writing an MLA latent cache.
+
+  Call: `(x, positions, mask, token_mask=None, layer_cache=None, index=None) ->
+  (x_out, (CoEAux, new_cache_entries))`. `token_mask` (the LM's attention_mask)
+  keeps padding out of expert capacity. Without `decode` the layer sees whole
+  sequences and `new_cache_entries` is None. With `decode='prefill'` the t
+  tokens attend causally to each other (an empty cache), exactly as without
+  `decode`; with `decode='step'` they attend to the cache. Then `layer_cache` is
+  this layer's (c_latent, k_pe) [batch, max_len, ...], `index` the next slot,
+  and `new_cache_entries` the t new (c_latent, k_pe) entries.
   """
 
   config: ModelConfig
   train: bool = False
   expert_parallel: Optional[ExpertParallel] = None
+  decode: Optional[str] = None  # None | 'prefill' | 'step'
+  absorb: bool = True  # decode='step': DeepSeek-V2's absorbed-projection attention
 
   @nn.compact
   def __call__(self, x: Float[Array, "batch seq hidden"], positions: Int[Array, "batch seq"],
-               mask: Array, token_mask: Optional[Array] = None) -> tuple[Array, CoEAux]:
+               mask: Array, token_mask: Optional[Array] = None,
+               layer_cache: Optional[tuple[Array, Array]] = None, index: Optional[Array] = None
+               ) -> tuple[Array, tuple[CoEAux, Optional[tuple[Array, Array]]]]:
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
     normed = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
-    h = x + MultiHeadLatentAttention(cfg, name="self_attn")(normed, positions, mask)
+    attn = MultiHeadLatentAttention(cfg, name="self_attn")
+    new_entries = None
+    if self.decode is None:
+      attn_out = attn(normed, positions, mask)
+    elif self.decode == "prefill":
+      cos_sin = rotary_cos_sin(positions, cfg)
+      q_nope, q_pe = attn.project_queries(normed, *cos_sin)
+      c_new, kpe_new = attn.project_latent_keys(normed, *cos_sin)
+      attn_out = attn.attend(q_nope, q_pe, c_new, kpe_new, mask, causal_self=True)
+      new_entries = (c_new, kpe_new)
+    else:
+      c_cache, kpe_cache = layer_cache
+      attn_out, c_new, kpe_new = attn.attend_with_cache(normed, positions, mask, c_cache,
+                                                        kpe_cache, index, absorb=self.absorb)
+      new_entries = (c_new, kpe_new)
+    if new_entries is not None:
+      c_cache, kpe_cache = layer_cache
+      new_entries = (new_entries[0].astype(c_cache.dtype), new_entries[1].astype(kpe_cache.dtype))
     out, aux = CoELayer(cfg.coe, expert_parallel=self.expert_parallel, name="mlp")(
-        h, train=self.train, token_mask=token_mask)
-    return out.astype(dtype), aux
+        x + attn_out, train=self.train, token_mask=token_mask)
+    return out.astype(dtype), (aux, new_entries)
 
 
 def _remat_policy(name: str):
@@ -83,42 +116,97 @@ class CoECausalLM(nn.Module):
   leading [num_layers] axis; `norm/scale`; `lm_head/kernel` [hidden, vocab].
   `expert_parallel` (optional) runs every CoE layer's routed pass per device
   (`coe_jax.expert_parallel`); the train loop passes `Parallelism.expert_parallel()`.
+
+  Decoding (`coe_jax.generate`) uses the same module and params with a
+  `DecodeCache`: `decode='prefill'` for the first call on an empty cache (the
+  prompt's tokens attend causally to each other, as without a cache),
+  `decode='step'` afterwards (tokens attend to every earlier real slot;
+  `absorb=True` uses DeepSeek-V2's absorbed-projection attention). Then
+  `attention_mask` marks real tokens, `positions` is required, the t tokens are
+  written at slots [cache.index, cache.index + t) and `ModelAux.cache` is the
+  updated cache. `logits_index` <int>[b] computes logits only at that position
+  of each row ([b, 1, vocab]; a prompt's last real token). Pass a config whose
+  dispatch never drops (`generate.decode_config`) for logits equal to the full
+  forward's.
   """
 
   config: ModelConfig
   expert_parallel: Optional[ExpertParallel] = None
+  decode: Optional[str] = None  # None | 'prefill' | 'step'
+  absorb: bool = True
 
   @nn.compact
   def __call__(self, input_ids: Int[Array, "batch seq"],
                attention_mask: Optional[Int[Array, "batch seq"]] = None,
                positions: Optional[Int[Array, "batch seq"]] = None,
                segment_ids: Optional[Int[Array, "batch seq"]] = None,
-               *, train: bool = False) -> tuple[Float[Array, "batch seq vocab"], ModelAux]:
+               *, train: bool = False, cache: Optional["DecodeCache"] = None,
+               logits_index: Optional[Int[Array, "batch"]] = None
+               ) -> tuple[Float[Array, "batch seq vocab"], ModelAux]:
     cfg = self.config
+    if self.decode not in DECODE_MODES:
+      raise ValueError(f"decode: got {self.decode!r}; allowed values: None, 'prefill', 'step'")
+    if (self.decode is None) != (cache is None):
+      raise ValueError("pass a DecodeCache exactly when decode is 'prefill' or 'step'")
     dtype = compute_dtype(cfg.dtype)
     batch, seq = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    mask = make_attention_mask(attention_mask, segment_ids, seq)
+    key_mask = None
+    if self.decode == "step":
+      real = attention_mask.astype(bool)
+      key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, real, cache.index, axis=1)
+      query_slots = cache.index + jnp.arange(seq)
+      causal = jnp.arange(cache.max_len)[None, :] <= query_slots[:, None]  # Shape: [t, max_len]
+      mask = key_mask[:, None, None, :] & causal[None, None]
+    else:
+      mask = make_attention_mask(attention_mask, segment_ids, seq)
 
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=normal_init(cfg.initializer_range),
-                     param_dtype=jnp.float32, dtype=dtype, name="embed_tokens")
-    x = embed(input_ids)
-
-    layer_cls = DecoderLayer
-    if cfg.remat != "none":
-      layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_remat_policy(cfg.remat))
-    layers = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
-                     split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                     length=cfg.num_layers, unroll=cfg.num_layers)(
-                         cfg, train=train, expert_parallel=self.expert_parallel, name="layers")
-    x, layer_aux = layers(x, positions, mask, attention_mask)
-
+    x = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=normal_init(cfg.initializer_range),
+                 param_dtype=jnp.float32, dtype=dtype, name="embed_tokens")(input_ids)
+    x, layer_aux, new_entries = self._layers(train)(x, positions, mask, attention_mask,
+                                                    None if cache is None else
+                                                    (cache.c_latent, cache.k_pe),
+                                                    None if cache is None else cache.index)
+    if logits_index is not None:
+      x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # Shape: [b, 1, hidden]
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=normal_init(cfg.initializer_range),
                       dtype=dtype, param_dtype=jnp.float32, name="lm_head")(x)
-    aux = ModelAux(aux_loss=layer_aux.aux_loss.sum(), z_loss=layer_aux.z_loss.sum(), layers=layer_aux)
+    new_cache = None
+    if cache is not None:
+      if key_mask is None:  # prefill
+        real = attention_mask.astype(bool)
+        key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, real, cache.index, axis=1)
+      start = (0, 0, cache.index, 0)
+      new_cache = DecodeCache(
+          c_latent=jax.lax.dynamic_update_slice(cache.c_latent, new_entries[0], start),
+          k_pe=jax.lax.dynamic_update_slice(cache.k_pe, new_entries[1], start),
+          key_mask=key_mask, index=cache.index + seq)
+    aux = ModelAux(aux_loss=layer_aux.aux_loss.sum(), z_loss=layer_aux.z_loss.sum(),
+                   layers=layer_aux, cache=new_cache)
     return logits.astype(jnp.float32), aux
+
+  def _layers(self, train: bool):
+    """The decoder layers as one `nn.scan` (params stacked on [layers]); returns a function
+    `(x, positions, mask, token_mask, layer_caches, index) -> (x, CoEAux, new cache entries)`."""
+    cfg = self.config
+    layer_cls = DecoderLayer
+    if cfg.remat != "none" and self.decode is None:
+      layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_remat_policy(cfg.remat))
+    cache_axis = nn.broadcast if self.decode is None else 0
+    scan = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
+                   split_rngs={"params": True},
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, cache_axis, nn.broadcast),
+                   length=cfg.num_layers, unroll=cfg.num_layers if self.decode is None else 1)
+    layers = scan(cfg, train=train, expert_parallel=self.expert_parallel, decode=self.decode,
+                  absorb=self.absorb, name="layers")
+
+    def run(x, positions, mask, token_mask, layer_caches, index):
+      x, (layer_aux, new_entries) = layers(x, positions, mask, token_mask, layer_caches, index)
+      return x, layer_aux, new_entries
+
+    return run
 
 
 # ----------------------------------------------------------------------------
@@ -158,93 +246,3 @@ def init_decode_cache(config: ModelConfig, batch: int, max_len: int) -> DecodeCa
       k_pe=jnp.zeros((layers, batch, max_len, config.qk_rope_head_dim), dtype),
       key_mask=jnp.zeros((batch, max_len), bool),
       index=jnp.zeros((), jnp.int32))
-
-
-class CachedDecoderLayer(nn.Module):
-  """`DecoderLayer` with a latent cache; same submodule names, so the same params.
-
-  Call: `(x, positions, mask, c_cache, kpe_cache, index, token_mask) -> (x_out, (c_new,
-  kpe_new))` where the caches are one layer's [batch, max_len, ...] slices, the
-  new entries are [batch, t, ...] and `token_mask` [batch, t] marks real tokens. With `prefill=True` the t tokens attend only to
-  each other (the cache is empty), exactly as in `DecoderLayer`.
-  """
-
-  config: ModelConfig
-  prefill: bool = False
-  absorb: bool = True
-
-  @nn.compact
-  def __call__(self, x: Float[Array, "batch t hidden"], positions: Int[Array, "batch t"],
-               mask: Array, c_cache: Array, kpe_cache: Array, index: Array,
-               token_mask: Array) -> tuple[Array, tuple[Array, Array]]:
-    cfg = self.config
-    dtype = compute_dtype(cfg.dtype)
-    normed = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
-    attn = MultiHeadLatentAttention(cfg, name="self_attn")
-    if self.prefill:
-      cos_sin = rotary_cos_sin(positions, cfg)
-      q_nope, q_pe = attn.project_queries(normed, *cos_sin)
-      c_new, kpe_new = attn.project_latent_keys(normed, *cos_sin)
-      attn_out = attn.attend(q_nope, q_pe, c_new, kpe_new, mask, causal_self=True)
-    else:
-      attn_out, c_new, kpe_new = attn.attend_with_cache(normed, positions, mask, c_cache,
-                                                        kpe_cache, index, absorb=self.absorb)
-    out, _ = CoELayer(cfg.coe, name="mlp")(x + attn_out, train=False, token_mask=token_mask)
-    return out.astype(dtype), (c_new.astype(c_cache.dtype), kpe_new.astype(kpe_cache.dtype))
-
-
-class CachedCoECausalLM(nn.Module):
-  """`CoECausalLM` for generation: same params, plus a `DecodeCache` in and out.
-
-  `apply(variables, input_ids [b, t], positions [b, t], token_mask [b, t], cache,
-  logits_index=None) -> (logits <float32>[b, t, vocab], cache')`: the t tokens
-  are written at cache slots [cache.index, cache.index + t). With
-  `logits_index` <int>[b], logits are computed only at that position of each
-  row (shape [b, 1, vocab]; a prompt's last real token). `prefill=True` is for the first
-  call on an empty cache (the prompt: tokens attend causally to each other, as
-  in the full forward); otherwise tokens attend to every earlier real slot
-  (`absorb=True` uses the DeepSeek-V2 absorbed-projection attention). Always
-  eval mode; pass a config whose dispatch never drops (see
-  `coe_jax.generate.decode_config`) for logits equal to the full forward's.
-  """
-
-  config: ModelConfig
-  prefill: bool = False
-  absorb: bool = True
-
-  @nn.compact
-  def __call__(self, input_ids: Int[Array, "batch t"], positions: Int[Array, "batch t"],
-               token_mask: Int[Array, "batch t"], cache: DecodeCache,
-               logits_index: Optional[Int[Array, "batch"]] = None
-               ) -> tuple[Float[Array, "batch t vocab"], DecodeCache]:
-    cfg = self.config
-    dtype = compute_dtype(cfg.dtype)
-    t = input_ids.shape[1]
-    real = token_mask.astype(bool)
-    key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, real, cache.index, axis=1)
-    if self.prefill:
-      mask = make_attention_mask(token_mask, None, t)
-    else:
-      query_slots = cache.index + jnp.arange(t)
-      causal = jnp.arange(cache.max_len)[None, :] <= query_slots[:, None]  # Shape: [t, max_len]
-      mask = key_mask[:, None, None, :] & causal[None, None]
-
-    x = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=normal_init(cfg.initializer_range),
-                 param_dtype=jnp.float32, dtype=dtype, name="embed_tokens")(input_ids)
-    layers = nn.scan(CachedDecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast),
-                     length=cfg.num_layers)(cfg, prefill=self.prefill, absorb=self.absorb,
-                                            name="layers")
-    x, (c_new, kpe_new) = layers(x, positions, mask, cache.c_latent, cache.k_pe, cache.index,
-                                 token_mask)
-    if logits_index is not None:
-      x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # Shape: [b, 1, hidden]
-    x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=normal_init(cfg.initializer_range),
-                      dtype=dtype, param_dtype=jnp.float32, name="lm_head")(x)
-    start = (0, 0, cache.index, 0)
-    new_cache = DecodeCache(
-        c_latent=jax.lax.dynamic_update_slice(cache.c_latent, c_new, start),
-        k_pe=jax.lax.dynamic_update_slice(cache.k_pe, kpe_new, start),
-        key_mask=key_mask, index=cache.index + t)
-    return logits.astype(jnp.float32), new_cache

@@ -11,7 +11,7 @@ import pytest
 
 import numpy_reference as ref
 from coe_jax import generate as gen
-from coe_jax.model import CachedCoECausalLM, CoECausalLM, init_decode_cache
+from coe_jax.model import CoECausalLM, init_decode_cache
 from coe_jax.model_config import ModelConfig
 
 V = 48
@@ -76,8 +76,8 @@ def test_cached_model_has_the_same_params_as_the_lm():
   ids = jnp.zeros((2, 4), jnp.int32)
   lm = jax.eval_shape(CoECausalLM(TINY).init, jax.random.key(0), ids)["params"]
   cache = init_decode_cache(TINY, 2, 8)
-  cached = jax.eval_shape(CachedCoECausalLM(TINY).init, jax.random.key(0), ids, ids,
-                          jnp.ones_like(ids), cache)["params"]
+  cached = jax.eval_shape(CoECausalLM(TINY, decode="step").init, jax.random.key(0), ids,
+                          jnp.ones_like(ids), ids, cache=cache)["params"]
   shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
   assert shapes(cached) == shapes(lm)
 

@@ -182,7 +182,8 @@ def test_scan_over_layers_equals_layer_by_layer():
   x = jnp.asarray(np.asarray(params["embed_tokens"]["embedding"])[ids])
   aux_sum = 0.0
   for i in range(cfg.num_layers):
-    x, layer_aux = layer(jax.tree.map(lambda a: a[i], params["layers"]), x)
+    x, (layer_aux, no_cache) = layer(jax.tree.map(lambda a: a[i], params["layers"]), x)
+    assert no_cache is None
     aux_sum += float(layer_aux.aux_loss)
   x = ref.rms_norm(ref.f64(x), ref.f64(params["norm"]["scale"]), cfg.rms_norm_eps)
   want = x @ ref.f64(params["lm_head"]["kernel"])
