@@ -59,6 +59,15 @@ def _max_relative_error(tree, reference_tree) -> float:
   return max(errors)
 
 
+def _max_norm_relative_error(tree, reference_tree) -> float:
+  """max over leaves of ||a - b|| / ||b||."""
+  import jax
+  errors = [float(np.linalg.norm(np.asarray(a) - np.asarray(b))
+                  / (np.linalg.norm(np.asarray(b)) + 1e-30))
+            for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(reference_tree))]
+  return max(errors)
+
+
 def _loss_and_grad_results(model_config, params, batch) -> dict:
   """Loss and gradients on one device and on every mesh of MESHES."""
   import jax
@@ -123,7 +132,7 @@ def _training_results(model_config, batch) -> dict:
   moment = _leaf_at(mesh_state.opt_state, ("mu", "routed_experts", "gate_proj"))
   return dict(
       single_losses=runs["single"]["losses"], mesh_losses=runs["mesh"]["losses"],
-      param_rel_error=_max_relative_error(mesh_state.params, runs["single"]["state"].params),
+      param_rel_error=_max_norm_relative_error(mesh_state.params, runs["single"]["state"].params),
       expert_param_spec=[str(a) for a in routed.sharding.spec],
       expert_moment_spec=[str(a) for a in moment.sharding.spec],
       expert_shard_shape=list(routed.addressable_shards[0].data.shape),
@@ -190,9 +199,17 @@ def test_fsdp_mesh_matches_one_device_and_gathers_split_params(worker_results):
 
 def test_training_on_2x4_mesh_matches_one_device(worker_results):
   training = worker_results["training"]
+  # Measured with the batch and init drawn from seeds 0, 1, 2: losses agree to 3.3e-7 and fall
+  # by 1.03-1.06 in the 3 steps.
   np.testing.assert_allclose(training["mesh_losses"], training["single_losses"], rtol=1e-4)
   assert training["single_losses"][-1] < training["single_losses"][0]  # it does train
-  assert training["param_rel_error"] < 1e-3, training["param_rel_error"]
+  # Adam divides each gradient by its own magnitude, so an element whose gradient is near zero
+  # turns reduction-order rounding into a visible step: over the same seeds the worst element
+  # differed by 8.6e-5, 9.5e-4 (!), 3.1e-5 of its leaf's largest value, so a max-element bound
+  # is no margin across machines; per leaf in norm, ||mesh - single|| / ||single|| was at most
+  # 4.1e-6, 1.1e-4, 3.3e-6. A sharding bug changes the steps themselves (each of size ~lr, as
+  # large as the N(0, 0.02) init after 3 steps at lr 1e-2), far above 1e-2.
+  assert training["param_rel_error"] < 1e-2, training["param_rel_error"]
 
 
 def test_expert_params_and_adam_moments_are_split_over_expert_axis(worker_results):

@@ -325,6 +325,12 @@ def trained_run(tmp_path_factory):
   return workdir, json.loads((workdir / "summary.json").read_text())
 
 
+# Margins (measured with this module's compile settings; config.seed 0, 1, 2 at the config's
+# lr 3e-3, plus seed 3 at lr 2e-3 and seed 4 at lr 5e-3): the first loss is within 0.024 of
+# log(300); mean of the last 5 train losses 1.79-1.84 below the first at lr 3e-3 (lr 2e-3:
+# 1.34, lr 5e-3: 2.45; threshold 1.0); last val loss 1.88-1.90 below log(300) (lr 2e-3: 1.46,
+# lr 5e-3: 2.52; threshold 1.0) and falling at every evaluation in every run. The drop is
+# the model learning the corpus' token statistics, which every seed does early and fast.
 @pytest.mark.slow
 def test_loss_falls_clearly_within_thirty_steps(trained_run):
   workdir, summary = trained_run
@@ -381,6 +387,8 @@ def test_trains_on_real_math_text_with_the_olmoe_tokenizer(tmp_path):
   summary = train.train_and_evaluate(config, str(tmp_path), progress=False)
   assert summary["vocab_size"] == 50280  # model.vocab_size=0: the tokenizer's
   assert summary["first_train_loss"] == pytest.approx(math.log(50280), abs=0.2)
-  assert summary["last_train_loss"] < summary["first_train_loss"] - 0.5
+  # Measured (config.seed 0, 1, 2 at lr 1e-2): first loss within 0.03 of log(50280), last
+  # train loss 1.04-1.10 below it; seed 3 at half the lr (5e-3): 0.53 below.
+  assert summary["last_train_loss"] < summary["first_train_loss"] - 0.25
   assert math.isfinite(summary["final_val_loss"]) and summary["completed"]
   assert (tmp_path / "tokenizer.json").is_file()
