@@ -12,11 +12,11 @@ import math
 from typing import Any, Literal, Mapping, Optional
 
 Dispatch = Literal["capacity", "dropless"]
-DroplessImpl = Literal["auto", "gather", "ragged_dot"]
+DroplessImpl = Literal["auto", "gather", "ragged_dot", "blocked"]
 ResidualStyle = Literal["reference", "textbook"]
 
 DISPATCHES = ("capacity", "dropless")
-DROPLESS_IMPLS = ("auto", "gather", "ragged_dot")
+DROPLESS_IMPLS = ("auto", "gather", "ragged_dot", "blocked")
 RESIDUAL_STYLES = ("reference", "textbook")
 DTYPES = ("float32", "bfloat16")
 ROPE_SCALINGS = ("yarn", "none")
@@ -72,7 +72,11 @@ class ModelConfig:
   router_z_loss_coef: float = 0.0
   # --- dispatch ---
   dispatch: str = "capacity"  # 'capacity' | 'dropless'
-  dropless_impl: str = "auto"  # 'auto' (ragged_dot on GPU/TPU, gather on CPU) | 'gather' | 'ragged_dot'
+  dropless_impl: str = "auto"  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
+  # Rows per tile of dropless_impl='blocked': each expert's rows are padded to a multiple of it
+  # (at most tokens*K + N*(tile-1) rows run). Small: less padding; large: faster matmuls.
+  # 0 = the measured default (dispatch.DEFAULT_DROPLESS_TILE).
+  dropless_tile: int = 0
   capacity_factor_train: float = 1.25
   capacity_factor_eval: float = 2.0
   min_capacity: int = 4
@@ -151,6 +155,9 @@ def validate(config: ModelConfig) -> None:
            f"n_routed_experts={config.n_routed_experts}")
   _choice(config, "dispatch", DISPATCHES)
   _choice(config, "dropless_impl", DROPLESS_IMPLS)
+  _require(isinstance(config.dropless_tile, int) and not isinstance(config.dropless_tile, bool)
+           and config.dropless_tile >= 0, "dropless_tile",
+           f"got {config.dropless_tile!r}; must be an integer >= 0 (0 = default)")
   _choice(config, "residual_style", RESIDUAL_STYLES)
   _choice(config, "dtype", DTYPES)
   _choice(config, "rope_scaling", ROPE_SCALINGS)
