@@ -38,7 +38,6 @@ from coe_jax.experts import SwiGLUWeights, swiglu_grouped, swiglu_per_expert
 
 
 DISPATCH_MODES = ("capacity", "dropless")
-DEFAULT_DROPLESS_TILE = 64  # rows per tile of dropless_impl='blocked' when the config says 0
 
 
 @flax.struct.dataclass
@@ -67,6 +66,19 @@ def resolve_dropless_impl(impl: str) -> str:
   if impl != "auto":
     return impl
   return "blocked"
+
+
+def default_dropless_tile(num_assignments: int, num_experts: int) -> int:
+  """Rows per tile of 'blocked' when `dropless_tile` is 0.
+
+  The largest power of two <= the mean load per expert (so that padding
+  wastes at most about half the rows), between 8 and a per-backend cap: 64
+  on CPU (measured, PERF.md 11: matmul rate flattens above it while padding
+  keeps growing), 256 elsewhere (a prediction: GPU matmuls want taller tiles).
+  """
+  cap = 64 if jax.default_backend() == "cpu" else 256
+  mean_load = max(num_assignments // max(num_experts, 1), 1)
+  return int(min(cap, max(8, 1 << (mean_load.bit_length() - 1))))
 
 
 def blocked_tiles_per_step(weights: SwiGLUWeights, tile: int) -> int:
@@ -461,7 +473,7 @@ def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array,
     mode: 'capacity' or 'dropless'.
     capacity: per-expert capacity for mode='capacity' (see `expert_capacity`).
     dropless_impl: 'auto' | 'gather' | 'ragged_dot' | 'blocked' for mode='dropless'.
-    dropless_tile: rows per tile of the 'blocked' implementation (0: DEFAULT_DROPLESS_TILE).
+    dropless_tile: rows per tile of the 'blocked' implementation (0: `default_dropless_tile`).
     token_mask: <bool>[tokens] False for padding: those tokens take no expert
       capacity and get no routed output (None: every token is real).
     expert_axis: inside `jax.shard_map`, the mesh axis the experts are split
@@ -490,7 +502,7 @@ def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array,
     raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
   impl = resolve_dropless_impl(dropless_impl)
   if impl == "blocked":
-    tile = dropless_tile or DEFAULT_DROPLESS_TILE
+    tile = dropless_tile or default_dropless_tile(expert_ids.size, num_experts)
     return blocked_dispatch(x, expert_ids, combine_weights, weights, tile,
                             blocked_tiles_per_step(weights, tile), token_mask)
   if impl == "ragged_dot":

@@ -75,7 +75,7 @@ class ModelConfig:
   dropless_impl: str = "auto"  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
   # Rows per tile of dropless_impl='blocked': each expert's rows are padded to a multiple of it
   # (at most tokens*K + N*(tile-1) rows run). Small: less padding; large: faster matmuls.
-  # 0 = the measured default (dispatch.DEFAULT_DROPLESS_TILE).
+  # 0 = per backend and load (dispatch.default_dropless_tile: <= 64 on CPU, measured).
   dropless_tile: int = 0
   capacity_factor_train: float = 1.25
   capacity_factor_eval: float = 2.0

@@ -363,3 +363,11 @@ def test_dropless_tile_is_validated():
   for bad in (-1, 2.5, True):
     with pytest.raises(ConfigError, match="model.dropless_tile"):
       ModelConfig(dropless_tile=bad)
+
+
+def test_default_dropless_tile_follows_the_mean_load():
+  from coe_jax.dispatch import default_dropless_tile
+  assert default_dropless_tile(512 * 8, 63) == 64  # mean load 65 (the paper-width CPU bench)
+  assert default_dropless_tile(64 * 4, 31) == 8  # mean load 8
+  assert default_dropless_tile(10, 63) == 8  # never below 8
+  assert default_dropless_tile(32768 * 8, 63) == 64  # the CPU cap (256 on GPU/TPU)
