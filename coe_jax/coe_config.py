@@ -14,11 +14,11 @@ from typing import Any, Literal
 from coe_jax.errors import is_int, require, require_choice
 
 Dispatch = Literal["capacity", "dropless"]
-DroplessImpl = Literal["auto", "gather", "ragged_dot"]
+DroplessImpl = Literal["auto", "gather", "ragged_dot", "blocked"]
 ResidualStyle = Literal["reference", "textbook"]
 
 DISPATCHES = ("capacity", "dropless")
-DROPLESS_IMPLS = ("auto", "gather", "ragged_dot")
+DROPLESS_IMPLS = ("auto", "gather", "ragged_dot", "blocked")
 RESIDUAL_STYLES = ("reference", "textbook")
 DTYPES = ("float32", "bfloat16")
 
@@ -50,7 +50,8 @@ class CoEConfig:
   router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (not in the reference)
   # --- dispatch (SPEC 3) ---
   dispatch: str = "dropless"  # 'dropless' (the reference) | 'capacity' (drops over capacity)
-  dropless_impl: str = "auto"  # how dropless runs: 'auto' | 'gather' | 'ragged_dot'
+  dropless_impl: str = "auto"  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
+  dropless_tile: int = 0  # rows per tile of 'blocked'; 0 = dispatch.default_dropless_tile
   capacity_factor_train: float = 1.25  # capacity = ceil(cf * tokens * K / N) in training
   capacity_factor_eval: float = 2.0  # ... and in evaluation
   min_capacity: int = 4  # capacity never goes below this
@@ -104,6 +105,8 @@ def validate_coe(config: Any, prefix: str) -> None:
     value = getattr(config, field)
     check(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), field,
           f"got {value!r}; must be a finite number > 0")
+  check(is_int(config.dropless_tile) and config.dropless_tile >= 0, "dropless_tile",
+        f"got {config.dropless_tile!r}; must be an integer >= 0 (0 = default)")
   check(is_int(config.min_capacity) and config.min_capacity >= 1, "min_capacity",
         f"got {config.min_capacity!r}; must be an integer >= 1")
   for field in ("aux_loss_alpha", "router_z_loss_coef", "initializer_range", "rms_norm_eps"):

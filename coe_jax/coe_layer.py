@@ -212,7 +212,7 @@ def expert_pass(u, router_weight, routed, shared, cfg: CoEConfig, capacity: int,
   flat_weights = routing.combine_weights.reshape(batch * seq, -1)
   result = dispatch_lib.dispatch_to_experts(
       u.reshape(batch * seq, hidden), flat_ids, flat_weights, routed, mode=cfg.dispatch,
-      capacity=capacity, dropless_impl=cfg.dropless_impl,
+      capacity=capacity, dropless_impl=cfg.dropless_impl, dropless_tile=cfg.dropless_tile,
       token_mask=None if token_mask is None else token_mask.reshape(-1), expert_axis=expert_axis,
       expert_fn=expert_fn)
   m = result.output.reshape(batch, seq, hidden)

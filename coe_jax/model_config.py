@@ -114,8 +114,12 @@ class ModelConfig:
   # --- dispatch ---
   # The reference routes dropless (SPEC 3); capacity bounds the work per expert by dropping.
   dispatch: str = _execution("dropless")  # 'dropless' | 'capacity'
-  # 'auto' (ragged_dot on GPU/TPU, gather on CPU) | 'gather' | 'ragged_dot'
+  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
   dropless_impl: str = _execution("auto")
+  # Rows per tile of dropless_impl='blocked': each expert's rows are padded to a multiple of it
+  # (at most tokens*K + N*(tile-1) rows run). Small: less padding; large: faster matmuls.
+  # 0 = per backend and load (dispatch.default_dropless_tile: <= 64 on CPU, measured).
+  dropless_tile: int = _execution(0)
   capacity_factor_train: float = _execution(1.25)
   capacity_factor_eval: float = _execution(2.0)
   min_capacity: int = _execution(4)

@@ -22,6 +22,14 @@ one call each per round, so every ratio (MFU, CoE/MoE) compares numbers taken
 under the same machine load. `--suite` benchmarks MoE(K=8), CoE(C=2,K=4) and
 CoE(C=2,K=8) at equal N (the paper's K; `:tiny` maps them to K=4/2/4 of 31+1).
 
+`--shapes=paper_width` is the paper's layer width on a CPU-sized step: the
+`:paper` suite configs (hidden 1024, MLA dims, 63 routed + 1 shared experts,
+f=704) with 2 layers, vocab 8192, float32, batch 1 x 512 tokens. With
+`--dispatch=capacity,dropless --dropless_impl=blocked,gather,ragged_dot` every
+dropless implementation runs beside capacity (rows `... dropless[impl]`).
+`--memory_only` compiles and reports compiled peak memory without running
+(abstract state: works at the paper configuration on a CPU).
+
 `--layer_cost` also times one CoE layer's forward+backward twice: as is, and
 with the routed and shared expert MLPs replaced by the identity (everything
 else, i.e. norm, router, top-K, sorting, gather/scatter and combine, kept).
@@ -57,6 +65,11 @@ REPO = Path(__file__).resolve().parents[1]
 SUITE = (("MoE(K=8)", "configs/moe_k8.py"), ("CoE(C=2,K=4)", "configs/coe_c2.py"),
          ("CoE(C=2,K=8)", "configs/coe_c2_k8.py"))
 DISPATCHES = ("capacity", "dropless")
+# --shapes presets: model overrides plus batch / seq / suite scale.
+SHAPES = {
+    "paper_width": dict(scale="paper", batch=1, seq=512,
+                        model=dict(num_layers=2, vocab_size=8192, dtype="float32")),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -155,9 +168,11 @@ class StepBench:
 
 
 def build_step_bench(label: str, config: ml_collections.ConfigDict, model_config: ModelConfig,
-                     batch: int, seq: int) -> StepBench:
+                     batch: int, seq: int, memory_only: bool = False) -> StepBench:
+  """Compiles the train step; with `memory_only` from abstract state (nothing allocated, not runnable)."""
   model = CoECausalLM(model_config)
-  state = train.init_train_state(model, config.train, config.seed, seq)
+  make_state = lambda: train.init_train_state(model, config.train, config.seed, seq)
+  state = jax.eval_shape(make_state) if memory_only else make_state()
   data = random_batch(batch, seq, model_config.vocab_size)
   rng = jax.random.key(1)
   step_fn = jax.jit(train.make_train_step(model, 1, log_routing_stats=False), donate_argnums=0)
@@ -190,6 +205,8 @@ def summarize_step(bench: StepBench, matmul_flops_per_s: float,
       label=bench.label, dispatch=bench.model_config.dispatch,
       dropless_impl=dispatch.resolve_dropless_impl(bench.model_config.dropless_impl)
       if bench.model_config.dispatch == "dropless" else None,
+      dropless_tile=bench.model_config.dropless_tile or dispatch.default_dropless_tile(
+          batch * seq * bench.model_config.num_experts_per_tok, bench.model_config.n_routed_experts),
       C=bench.model_config.num_iterations, K=bench.model_config.num_experts_per_tok,
       N_routed=bench.model_config.n_routed_experts, dtype=bench.model_config.dtype,
       remat=bench.model_config.remat, batch=batch, seq=seq,
@@ -258,7 +275,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument("--scale", default="tiny", help="scale of the --suite configs: tiny | paper")
   parser.add_argument("--dispatch", default="capacity",
                       help="comma-separated dispatch modes: capacity,dropless")
-  parser.add_argument("--dropless_impl", default=None, help="auto | gather | ragged_dot")
+  parser.add_argument("--dropless_impl", default=None,
+                      help="comma-separated: auto | blocked | gather | ragged_dot (one row each)")
+  parser.add_argument("--dropless_tile", type=int, default=None,
+                      help="model.dropless_tile (rows per tile of 'blocked'; 0 = default)")
+  parser.add_argument("--shapes", default=None, choices=sorted(SHAPES),
+                      help="preset: paper_width = the :paper suite at 2 layers, vocab 8192, fp32, "
+                           "batch 1 x 512 (explicit --batch/--seq/--dtype still win)")
+  parser.add_argument("--memory_only", action="store_true",
+                      help="compile from abstract state and report compiled peak memory only")
   parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: config)")
   parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: config)")
   parser.add_argument("--dtype", default=None, help="compute dtype override: float32 | bfloat16")
@@ -276,22 +301,59 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-  specs = ([(label, f"{path}:{args.scale}") for label, path in SUITE] if args.suite
+def build_benches(args: argparse.Namespace) -> list[StepBench]:
+  """Every (config, dispatch mode[, dropless impl], query block) train step, compiled."""
+  preset = SHAPES[args.shapes] if args.shapes else dict(model={})
+  scale = preset.get("scale", args.scale)
+  specs = ([(label, f"{path}:{scale}") for label, path in SUITE] if args.suite
            else [(args.config, args.config)])
-  overrides = dict(dtype=args.dtype, remat=args.remat, dropless_impl=args.dropless_impl)
+  overrides = dict(preset["model"])
+  overrides.update({k: v for k, v in dict(dtype=args.dtype, remat=args.remat,
+                                          dropless_tile=args.dropless_tile).items()
+                    if v is not None})
+  impls = (args.dropless_impl or "auto").split(",")
   benches = []
   for label, spec in specs:
     config = load_config(spec)
-    batch = args.batch or config.train.batch_size
-    seq = args.seq or config.data.max_length
+    batch = args.batch or preset.get("batch") or config.train.batch_size
+    seq = args.seq or preset.get("seq") or config.data.max_length
     blocks = (args.attention_query_block or "").split(",")
     for mode in args.dispatch.split(","):
-      for block in blocks:
-        changes = dict(overrides, attention_query_block=int(block) if block else None)
-        model_config = bench_model_config(config, mode, changes)
-        name = f"{label} {mode}" + (f" qb={block}" if len(blocks) > 1 else "")
-        benches.append(build_step_bench(name, config, model_config, batch, seq))
+      for impl in (impls if mode == "dropless" else [None]):
+        for block in blocks:
+          changes = dict(overrides, attention_query_block=int(block) if block else None)
+          if impl is not None:
+            changes["dropless_impl"] = impl
+          model_config = bench_model_config(config, mode, changes)
+          name = f"{label} {mode}"
+          if impl is not None and args.dropless_impl:
+            name += f"[{dispatch.resolve_dropless_impl(impl)}]"
+          name += f" qb={block}" if len(blocks) > 1 else ""
+          benches.append(build_step_bench(name, config, model_config, batch, seq,
+                                          args.memory_only))
+  return benches
+
+
+def memory_report(benches: list[StepBench]) -> dict[str, Any]:
+  """Compiled peak memory of every program and its ratio to the same config's capacity step."""
+  rows = []
+  for bench in benches:
+    base = next((b for b in benches if b.label.rsplit(" ", 1)[0] == bench.label.split(" ")[0]
+                 and b.model_config.dispatch == "capacity"), None)
+    peak = bench.compiled_peak_bytes
+    rows.append(dict(label=bench.label, compile_seconds=bench.compile_seconds,
+                     compiled_peak_bytes=peak, batch=bench.batch_shape[0], seq=bench.batch_shape[1],
+                     dtype=bench.model_config.dtype, num_layers=bench.model_config.num_layers,
+                     vocab_size=bench.model_config.vocab_size,
+                     peak_vs_capacity=(peak / base.compiled_peak_bytes
+                                       if base and peak and base.compiled_peak_bytes else None)))
+  return dict(backend=jax.default_backend(), jax_version=jax.__version__, memory_only=rows)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  benches = build_benches(args)
+  if args.memory_only:
+    return memory_report(benches)
   dtype = compute_dtype(benches[0].model_config.dtype)
   size = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
   probe, probe_flops = matmul_probe(dtype, size)
@@ -346,6 +408,14 @@ def format_table(results: dict[str, Any]) -> str:
     for r in runs[1:]:
       lines.append(f"step time {r['label']} / {base['label']}: "
                    f"{r['step_seconds']['median'] / base['step_seconds']['median']:.2f}x")
+  for r in runs:  # each dropless step against the same config's capacity step
+    config_name = r["label"].split(" capacity")[0].split(" dropless")[0]
+    base = next((b for b in runs if b["dispatch"] == "capacity"
+                 and b["label"].startswith(config_name + " capacity")), None)
+    if r["dispatch"] == "dropless" and base is not None:
+      lines.append(f"dropless/capacity {r['label']}: wall {r['step_seconds']['median'] / base['step_seconds']['median']:.2f}x, "
+                   f"CPU time {r['step_cpu_seconds']['median'] / base['step_cpu_seconds']['median']:.2f}x, "
+                   f"compiled peak {(r['compiled_peak_bytes'] or 0) / max(base['compiled_peak_bytes'] or 1, 1):.2f}x")
   if "layer_cost" in results:
     lc = results["layer_cost"]
     lines.append(f"dispatch share of one layer ({lc['config']}): {lc['dispatch_fraction']:.1%} "
@@ -356,10 +426,22 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def format_memory_table(results: dict[str, Any]) -> str:
+  lines = [f"{'program':<34s} {'compile s':>9s} {'peak MiB':>10s} {'vs capacity':>11s}"]
+  for r in results["memory_only"]:
+    ratio = "" if r["peak_vs_capacity"] is None else f"{r['peak_vs_capacity']:.2f}x"
+    lines.append(f"{r['label']:<34s} {r['compile_seconds']:9.1f} "
+                 f"{(r['compiled_peak_bytes'] or 0) / 2**20:10.1f} {ratio:>11s}")
+  r = results["memory_only"][0]
+  lines.append(f"compiled peak memory ({results['backend']}): batch {r['batch']} x {r['seq']}, "
+               f"{r['dtype']}, {r['num_layers']} layers, vocab {r['vocab_size']}")
+  return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   results = run(args)
-  print(format_table(results))
+  print(format_memory_table(results) if args.memory_only else format_table(results))
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

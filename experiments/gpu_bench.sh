@@ -3,15 +3,19 @@
 #
 # Paper scale (hidden 1024, 4 layers, N=64, 64 x 512 = 32K tokens per step,
 # bf16 compute, fp32 params and router): MoE(K=8), CoE(C=2,K=4), CoE(C=2,K=8),
-# each with capacity dispatch and dropless dispatch (ragged_dot on GPU), timed
-# round-robin in one process, plus the matmul probe and the dispatch share of
-# one layer. Prints the table last and writes $OUT/bench.json.
+# each with capacity dispatch and every dropless implementation in DROPLESS_IMPL
+# (default blocked,ragged_dot: 9 train steps), timed round-robin in one process,
+# plus the matmul probe and the dispatch share of one layer. Prints the table
+# last (with each dropless step's wall, CPU-time and compiled-peak ratio to
+# its config's capacity step) and writes $OUT/bench.json.
 #
 #   experiments/gpu_bench.sh                          # the GPU check
 #   SCALE=tiny STEPS=2 BATCH=2 SEQ=32 experiments/gpu_bench.sh   # CPU-sized form (tests)
 #
 # Environment: SCALE (paper|tiny), STEPS (timed steps, default 20), WARMUP (3),
-# BATCH / SEQ (default: the configs'), DISPATCH (capacity,dropless), LAYER_COST
+# BATCH / SEQ (default: the configs'), DISPATCH (capacity,dropless),
+# DROPLESS_IMPL (blocked,ragged_dot; 'gather' runs every expert on every token:
+# 8x the expert work at paper scale, left out by default), DROPLESS_TILE (0 = default), LAYER_COST
 # (1: also time the dispatch share of one layer), OUT (runs/gpu_bench), PYTHON (the repo .venv python, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +24,8 @@ SCALE=${SCALE:-paper}
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-3}
 DISPATCH=${DISPATCH:-capacity,dropless}
+DROPLESS_IMPL=${DROPLESS_IMPL:-blocked,ragged_dot}
+DROPLESS_TILE=${DROPLESS_TILE:-0}
 LAYER_COST=${LAYER_COST:-1}
 OUT=${OUT:-runs/gpu_bench}
 PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
@@ -29,7 +35,7 @@ if [[ "$SCALE" == "paper" && "$backend" == "cpu" ]]; then
   echo "gpu_bench.sh: no accelerator (jax backend: cpu); run with SCALE=tiny on CPU" >&2
   exit 2
 fi
-echo "gpu_bench.sh: backend=$backend scale=$SCALE steps=$STEPS dispatch=$DISPATCH" >&2
+echo "gpu_bench.sh: backend=$backend scale=$SCALE steps=$STEPS dispatch=$DISPATCH dropless=$DROPLESS_IMPL" >&2
 "$PYTHON" -c "import jax; print(jax.devices())" >&2
 if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >&2 || true
@@ -37,7 +43,7 @@ fi
 
 mkdir -p "$OUT"
 args=(--suite --scale="$SCALE" --dispatch="$DISPATCH" --steps="$STEPS" --warmup="$WARMUP"
-      --out="$OUT/bench.json")
+      --dropless_impl="$DROPLESS_IMPL" --dropless_tile="$DROPLESS_TILE" --out="$OUT/bench.json")
 [[ "$LAYER_COST" == "1" ]] && args+=(--layer_cost)
 [[ -n "${BATCH:-}" ]] && args+=(--batch="$BATCH")
 [[ -n "${SEQ:-}" ]] && args+=(--seq="$SEQ")

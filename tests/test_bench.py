@@ -81,3 +81,25 @@ def _suite_model_config(run: dict) -> ModelConfig:
   name = run["label"].rsplit(" ", 1)[0]
   config = bench.load_config(f"{dict(bench.SUITE)[name]}:tiny")
   return bench.bench_model_config(config, run["dispatch"], {})
+
+
+@pytest.mark.slow
+def test_memory_only_reports_each_dropless_impl_beside_capacity(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
+  results = bench.main(["--config=configs/moe_k8.py:tiny", "--dispatch=capacity,dropless",
+                        "--dropless_impl=blocked,gather", "--memory_only", "--batch=2", "--seq=16"])
+  rows = {r["label"]: r for r in results["memory_only"]}
+  assert list(rows) == ["configs/moe_k8.py:tiny capacity", "configs/moe_k8.py:tiny dropless[blocked]",
+                        "configs/moe_k8.py:tiny dropless[gather]"]
+  assert rows["configs/moe_k8.py:tiny capacity"]["peak_vs_capacity"] == 1.0
+  assert all(r["compiled_peak_bytes"] > 0 and r["peak_vs_capacity"] > 0 for r in rows.values())
+
+
+def test_paper_width_preset_is_the_paper_layer_at_cpu_size():
+  args = bench.parse_args(["--suite", "--shapes=paper_width"])
+  preset = bench.SHAPES[args.shapes]
+  config = bench.load_config(f"{bench.SUITE[0][1]}:{preset['scale']}")
+  cfg = bench.bench_model_config(config, "dropless", preset["model"])
+  assert (cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.n_shared_experts,
+          cfg.num_layers, cfg.vocab_size, cfg.dtype) == (1024, 704, 63, 1, 2, 8192, "float32")
+  assert (preset["batch"], preset["seq"]) == (1, 512)

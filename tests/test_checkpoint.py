@@ -132,7 +132,7 @@ def test_every_model_config_field_is_classified():
   assert {"rope_theta", "rope_scaling", "rope_factor", "rms_norm_eps", "routed_scaling_factor",
           "initializer_range", "aux_loss_alpha", "hidden_size"} <= set(FUNCTION_MODEL_FIELDS)
   assert {n for n, k in kinds.items() if k == EXECUTION} == {
-      "dispatch", "dropless_impl", "capacity_factor_train", "capacity_factor_eval",
+      "dispatch", "dropless_impl", "dropless_tile", "capacity_factor_train", "capacity_factor_eval",
       "min_capacity", "attention_query_block", "dtype", "remat"}
 
 

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.dispatch: capacity vs dropless (gather, ragged_dot) vs numpy (SPEC 3)."""
+"""Tests for coe_jax.dispatch: capacity vs dropless (gather, ragged_dot, blocked) vs numpy (SPEC 3)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax.dispatch import (assignment_slots, capacity_dispatch, dispatch_to_experts,
-                              expert_capacity)
-from coe_jax.experts import SwiGLUWeights
+from coe_jax import dispatch as dispatch_lib
+from coe_jax.dispatch import (assignment_slots, blocked_dispatch, blocked_layout, capacity_dispatch,
+                              dispatch_to_experts, expert_capacity, num_blocked_tiles)
+from coe_jax.experts import SwiGLUWeights, swiglu
+from coe_jax.model_config import ConfigError, ModelConfig
 
 T, D, F, N, K = 12, 16, 8, 6, 2
 
@@ -187,3 +189,185 @@ def test_unknown_mode_is_an_error():
   with pytest.raises(ValueError, match="allowed values"):
     dispatch_to_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, mode="dense",
                         capacity=4)
+
+
+# ----------------------------------------------------------------------------
+# dropless_impl='blocked': expert-sorted rows padded to whole tiles.
+# ----------------------------------------------------------------------------
+
+def _random_problem(seed, num_tokens, num_experts, k, ids=None, hidden=D, inter=F):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(num_tokens, hidden)).astype(np.float32)
+  if ids is None:
+    ids = np.stack([rng.permutation(num_experts)[:k] for _ in range(num_tokens)])
+  cw = rng.uniform(0.1, 1.0, size=(num_tokens, k)).astype(np.float32)
+  weights = SwiGLUWeights(*((0.4 * rng.normal(size=shape)).astype(np.float32) for shape in
+                            [(num_experts, hidden, inter), (num_experts, hidden, inter),
+                             (num_experts, inter, hidden)]))
+  probe = rng.normal(size=(num_tokens, hidden)).astype(np.float32)
+  return x, np.asarray(ids, np.int32), cw, weights, probe
+
+
+def _loop_reference(x, ids, cw, weights, token_mask=None):
+  """sum_k cw[t, k] * expert_{ids[t, k]}(x_t), one expert at a time (differentiable)."""
+  out = jnp.zeros_like(x)
+  for e in range(weights.gate.shape[0]):
+    chosen = (ids == e) if token_mask is None else (ids == e) & token_mask[:, None]
+    weight = jnp.sum(jnp.where(chosen, cw, 0.0), axis=1)
+    expert = SwiGLUWeights(weights.gate[e], weights.up[e], weights.down[e])
+    out = out + weight[:, None] * swiglu(expert, x)
+  return out
+
+
+@functools.partial(ref.fast_jit, static_argnames=("impl", "tile", "tiles_per_step"))
+def _dropless_value_and_grads(x, ids, cw, weights, probe, token_mask, *, impl, tile=0,
+                              tiles_per_step=1):
+  def loss(x_, cw_, w_):
+    if impl == "loop":
+      return jnp.sum(_loop_reference(x_, ids, cw_, w_, token_mask) * probe), None
+    if impl == "blocked_direct":  # the GPU form: several tiles (gathered weights) per step
+      out = blocked_dispatch(x_, ids, cw_, w_, tile, tiles_per_step, token_mask)
+    else:
+      out = dispatch_to_experts(x_, ids, cw_, w_, mode="dropless", capacity=1, dropless_impl=impl,
+                                dropless_tile=tile, token_mask=token_mask)
+    return jnp.sum(out.output * probe), out
+
+  (value, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, cw, weights)
+  return value, out, grads
+
+
+def _assert_dropless_agree(x, ids, cw, weights, probe, token_mask=None, tiles=(1, 3, 8, 64),
+                           tiles_per_step=(2, 5)):
+  """blocked (every tile size, 1 and several tiles per step) == gather path == per-expert loop."""
+  args = (jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw),
+          jax.tree.map(jnp.asarray, weights), jnp.asarray(probe),
+          None if token_mask is None else jnp.asarray(token_mask))
+  want_value, _, want_grads = _dropless_value_and_grads(*args, impl="loop")
+  runs = {"gather": dict(impl="gather")}
+  runs.update({f"blocked tile={t}": dict(impl="blocked", tile=t) for t in tiles})
+  runs.update({f"blocked tile=4 x{g}": dict(impl="blocked_direct", tile=4, tiles_per_step=g)
+               for g in tiles_per_step})
+  flat_want = jax.tree.leaves(want_grads)
+  assert len(flat_want) == 5  # x, combine weights, gate, up, down
+  for name, kwargs in runs.items():
+    value, out, grads = _dropless_value_and_grads(*args, **kwargs)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5, err_msg=name)
+    want_kept = np.ones(ids.shape, bool) if token_mask is None else np.broadcast_to(
+        np.asarray(token_mask)[:, None], ids.shape)
+    np.testing.assert_array_equal(np.asarray(out.kept), want_kept, err_msg=name)
+    want_out = np.asarray(_loop_reference(*args[:4], args[5]))
+    np.testing.assert_allclose(np.asarray(out.output), want_out, rtol=1e-5, atol=1e-5, err_msg=name)
+    for label, g, g0 in zip(("x", "cw", "gate", "up", "down"), jax.tree.leaves(grads), flat_want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-5, atol=1e-5,
+                                 err_msg=f"{name}: d/d{label}")
+
+
+def test_blocked_matches_gather_and_a_per_expert_loop_in_value_and_gradient():
+  x, ids, cw, weights, probe = _random_problem(10, num_tokens=12, num_experts=6, k=2)
+  assert (np.bincount(ids.reshape(-1), minlength=6) > 0).all()
+  _assert_dropless_agree(x, ids, cw, weights, probe)
+
+
+def test_blocked_with_padding_tokens():
+  x, ids, cw, weights, probe = _random_problem(11, num_tokens=12, num_experts=6, k=2)
+  token_mask = np.ones(12, bool)
+  token_mask[[0, 1, 5, 11]] = False
+  _assert_dropless_agree(x, ids, cw, weights, probe, token_mask)
+  out = dispatch_to_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights,
+                            mode="dropless", capacity=1, dropless_impl="blocked", dropless_tile=4,
+                            token_mask=jnp.asarray(token_mask))
+  np.testing.assert_array_equal(np.asarray(out.output)[~token_mask], 0.0)
+
+
+def test_blocked_with_empty_experts_and_one_expert_taking_every_token():
+  # Experts 1 and 4 get nothing; expert 2 is every token's first choice.
+  num_tokens = 10
+  rng = np.random.default_rng(12)
+  ids = np.stack([[2, rng.choice([0, 3, 5])] for _ in range(num_tokens)])
+  x, ids, cw, weights, probe = _random_problem(12, num_tokens, num_experts=6, k=2, ids=ids)
+  loads = np.bincount(ids.reshape(-1), minlength=6)
+  assert loads[1] == loads[4] == 0 and loads[2] == num_tokens
+  _assert_dropless_agree(x, ids, cw, weights, probe)
+  # K = 1 and every token on one expert: all rows in one expert's tiles.
+  x, ids, cw, weights, probe = _random_problem(13, num_tokens, num_experts=4, k=1,
+                                               ids=np.full((num_tokens, 1), 3))
+  _assert_dropless_agree(x, ids, cw, weights, probe)
+
+
+def test_blocked_with_k_equal_to_n():
+  x, ids, cw, weights, probe = _random_problem(14, num_tokens=7, num_experts=4, k=4)
+  _assert_dropless_agree(x, ids, cw, weights, probe, tiles=(1, 2, 5, 16))
+
+
+def test_blocked_layout_pads_each_expert_to_whole_tiles():
+  ids = np.array([[0, 2], [2, 0], [2, 3], [0, 2], [2, 3]], np.int32)  # loads 3, 0, 5, 2
+  tile, num_experts = 2, 4
+  num_tiles = num_blocked_tiles(ids.size, num_experts, tile)
+  assert num_tiles == (10 + 4 * 1) // 2  # tokens*K + N*(tile-1) rows, in tiles
+  layout = jax.jit(blocked_layout, static_argnums=(1, 2, 3))(jnp.asarray(ids), num_experts, tile,
+                                                              num_tiles)
+  assert int(layout.used_tiles) == 2 + 0 + 3 + 1  # ceil(load / tile) per expert
+  np.testing.assert_array_equal(np.asarray(layout.tile_expert)[:6], [0, 0, 2, 2, 2, 3])
+  rows = np.asarray(layout.row_of_assignment)
+  # Expert 0 owns rows 0-3 (3 used), expert 2 rows 4-9 (5 used), expert 3 rows 10-11; token order.
+  flat = ids.reshape(-1)
+  for e, first in [(0, 0), (2, 4), (3, 10)]:
+    np.testing.assert_array_equal(np.sort(rows.reshape(-1)[flat == e]),
+                                  first + np.arange((flat == e).sum()))
+    assert (np.diff(rows.reshape(-1)[flat == e]) > 0).all()  # stable: token order
+  of_row = np.asarray(layout.assignment_of_row)
+  assert of_row.shape == (num_tiles * tile,)
+  np.testing.assert_array_equal(of_row[rows.reshape(-1)], np.arange(ids.size))
+  assert set(np.where(of_row == ids.size)[0]) == {3, 9, *range(12, num_tiles * tile)}  # padding
+
+
+def test_blocked_swiglu_runs_only_the_used_tiles():
+  x, _, _, weights, _ = _random_problem(16, num_tokens=12, num_experts=3, k=1)
+  tiles = jnp.asarray(x).reshape(4, 3, D)  # every row non-zero
+  tile_expert = jnp.asarray([2, 0, 1, 1], jnp.int32)
+  for per_step in (1, 2):
+    out = np.asarray(dispatch_lib.blocked_swiglu(tiles, tile_expert, jnp.int32(3), weights.gate,
+                                                 weights.up, weights.down, per_step))
+    for i, e in enumerate([2, 0, 1]):
+      expert = SwiGLUWeights(weights.gate[e], weights.up[e], weights.down[e])
+      np.testing.assert_allclose(out[i], np.asarray(swiglu(expert, tiles[i])), rtol=1e-5, atol=1e-5)
+    if per_step == 1:  # past used_tiles: never computed (with 2 per step, tile 3 shares a step)
+      np.testing.assert_array_equal(out[3], 0.0)
+
+
+def test_blocked_padding_rows_are_zero():
+  x, ids, cw, weights, _ = _random_problem(15, num_tokens=9, num_experts=5, k=2)
+  seen = {}
+  original = dispatch_lib.blocked_swiglu
+
+  def spy(tiles, tile_expert, used_tiles, *rest):
+    seen.update(tiles=tiles, used=used_tiles)
+    return original(tiles, tile_expert, used_tiles, *rest)
+
+  dispatch_lib.blocked_swiglu = spy
+  try:
+    out = blocked_dispatch(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, tile=4)
+  finally:
+    dispatch_lib.blocked_swiglu = original
+  tiles = np.asarray(seen["tiles"]).reshape(-1, D)
+  layout = blocked_layout(jnp.asarray(ids), 5, 4, np.asarray(seen["tiles"]).shape[0])
+  of_row = np.asarray(layout.assignment_of_row)
+  np.testing.assert_array_equal(tiles[of_row == ids.size], 0.0)  # exact zeros, not garbage
+  np.testing.assert_array_equal(tiles[of_row < ids.size], x[of_row[of_row < ids.size] // 2])
+  want = np.asarray(_loop_reference(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights))
+  np.testing.assert_allclose(np.asarray(out.output), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dropless_tile_is_validated():
+  assert ModelConfig(dropless_impl="blocked", dropless_tile=32).dropless_tile == 32
+  for bad in (-1, 2.5, True):
+    with pytest.raises(ConfigError, match="model.dropless_tile"):
+      ModelConfig(dropless_tile=bad)
+
+
+def test_default_dropless_tile_follows_the_mean_load():
+  from coe_jax.dispatch import default_dropless_tile
+  assert default_dropless_tile(512 * 8, 63) == 64  # mean load 65 (the paper-width CPU bench)
+  assert default_dropless_tile(64 * 4, 31) == 8  # mean load 8
+  assert default_dropless_tile(10, 63) == 8  # never below 8
+  assert default_dropless_tile(32768 * 8, 63) == 64  # the CPU cap (256 on GPU/TPU)
