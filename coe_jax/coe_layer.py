@@ -122,7 +122,7 @@ class CoELayer(nn.Module):
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
     batch, seq, hidden = h.shape
-    num_experts, k, chain = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.num_iterations
+    num_experts, chain = cfg.n_routed_experts, cfg.num_iterations
 
     u0 = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(h)
     router_weights = self.param("router", torch_linear_default_init(hidden),

@@ -321,6 +321,25 @@ def _add_to_experts(acc: Array, experts: Int[Array, "g"], update: Array) -> Arra
   return acc.at[experts].add(update)
 
 
+def _varying_axes(a: Array) -> set[str]:
+  """The manual mesh axes `a` varies over inside `jax.shard_map` (empty elsewhere)."""
+  return set(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", None) or ())
+
+
+def _varying_like(x: Array, reference: Array) -> Array:
+  """`x` typed as varying over the manual axes `reference` varies over (so that a loop's
+  zero-initialised carry has its body's output type under shard_map); `x` elsewhere."""
+  axes = tuple(sorted(_varying_axes(reference) - _varying_axes(x)))
+  return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _sum_to_type_of(grad: Array, primal: Array) -> Array:
+  """`grad` summed over the manual axes its primal is replicated over, as JAX's own
+  transposes do (a custom VJP under shard_map must return the primal's type)."""
+  axes = tuple(sorted(_varying_axes(grad) - _varying_axes(primal)))
+  return jax.lax.psum(grad, axes) if axes else grad
+
+
 def _blocked_forward(tiles, tile_expert, used_tiles, gate, up, down, tiles_per_step):
   """The loop over used tile groups; returns (outputs, gate pre-activations, up activations)."""
   num_tiles, tile, hidden = tiles.shape
@@ -339,7 +358,8 @@ def _blocked_forward(tiles, tile_expert, used_tiles, gate, up, down, tiles_per_s
             jax.lax.dynamic_update_index_in_dim(g_all, g, s, 0),
             jax.lax.dynamic_update_index_in_dim(u_all, u, s, 0))
 
-  zeros = lambda width: jnp.zeros((steps, tiles_per_step, tile, width), tiles.dtype)
+  zeros = lambda width: _varying_like(jnp.zeros((steps, tiles_per_step, tile, width), tiles.dtype),
+                                      tiles)
   used_steps = (used_tiles + tiles_per_step - 1) // tiles_per_step
   y, g_all, u_all = jax.lax.fori_loop(0, used_steps, body, (zeros(hidden), zeros(inter),
                                                            zeros(inter)))
@@ -395,12 +415,14 @@ def _blocked_swiglu_bwd(tiles_per_step, residuals, d_y):
             _add_to_experts(d_up, e, jnp.einsum("gwd,gwf->gdf", x, d_u, preferred_element_type=f32)),
             _add_to_experts(d_down, e, jnp.einsum("gwf,gwd->gfd", h, dy, preferred_element_type=f32)))
 
-  init = (jnp.zeros_like(xs), jnp.zeros(gate.shape, f32), jnp.zeros(up.shape, f32),
-          jnp.zeros(down.shape, f32))
+  init = jax.tree.map(lambda z: _varying_like(z, xs),
+                      (jnp.zeros_like(xs), jnp.zeros(gate.shape, f32), jnp.zeros(up.shape, f32),
+                       jnp.zeros(down.shape, f32)))
   used_steps = (used_tiles + tiles_per_step - 1) // tiles_per_step
   d_x, d_gate, d_up, d_down = jax.lax.fori_loop(0, used_steps, body, init)
-  return (d_x.reshape(tiles.shape), None, None, d_gate.astype(gate.dtype), d_up.astype(up.dtype),
-          d_down.astype(down.dtype))
+  d_gate, d_up, d_down = (_sum_to_type_of(g, w).astype(w.dtype)
+                          for g, w in ((d_gate, gate), (d_up, up), (d_down, down)))
+  return d_x.reshape(tiles.shape), None, None, d_gate, d_up, d_down
 
 
 blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)

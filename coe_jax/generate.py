@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Optional, Sequence
 
 import flax

@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from coe_jax import config_lib, sharding, train
+from coe_jax import sharding, train
 from coe_jax.model_config import ConfigError
 from coe_jax.params import count_params, format_counts
 

@@ -30,7 +30,6 @@ them from the base run config (`our_knobs()`, `export.import_hf`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Optional
 
 from coe_jax.coe_config import (COE_FIELDS, DISPATCHES, DROPLESS_IMPLS, DTYPES,  # noqa: F401

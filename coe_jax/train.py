@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import flax
 import jax

@@ -26,7 +26,6 @@ import time
 import types
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
