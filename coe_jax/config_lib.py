@@ -15,6 +15,10 @@ Scales:
     dims shrunk by 4-8x, 16 x 256 tokens per step, fp32; the embedded
     synthetic corpus with a byte-level BPE tokenizer unless `config.data` is
     pointed at local files. C and the layer-count ratios are kept.
+  narrow: tiny's widths, layers and recipe, but the paper's N=64 (63 routed +
+    1 shared) and K (8 of 64; CoE C=2 K=4), so that the number of expert
+    combinations across iterations, the effect CoE is about, stays the paper's.
+    The scale of the pre-registered headline comparison (experiments/README.md).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import ml_collections
 from coe_jax.data.input_pipeline import default_data_config
 from coe_jax.model_config import ConfigError, ModelConfig
 
-SCALES = ("paper", "tiny")
+SCALES = ("paper", "tiny", "narrow")
 PAPER_EXPERTS = 64  # the paper's N, shared expert included
 
 
@@ -45,7 +49,7 @@ def scale_experts(paper_k: int, paper_n: int, scale: str) -> dict[str, int]:
 
   Dense-style runs (K = N = 8) keep every expert at both scales.
   """
-  divisor = 1 if scale == "paper" else 2
+  divisor = 2 if scale == "tiny" else 1
   if paper_k >= paper_n:  # dense-style: all experts run, no shared expert (SPEC 7)
     k = paper_k // divisor
     return dict(num_experts_per_tok=k, n_routed_experts=k, n_shared_experts=0)
@@ -126,7 +130,7 @@ def paper_run(arg: Optional[str], *, name: str, paper_val_loss: Optional[float],
   and the layer-count ratios (see `scale_experts`).
   """
   scale = parse_scale(arg)
-  num_layers = layers if scale == "paper" else layers // 2
+  num_layers = layers if scale == "paper" else layers // 2  # tiny and narrow: half the depth
   config = build(arg, num_iterations=c, num_layers=num_layers, **scale_experts(k, n, scale),
                  **model_changes)
   config.paper = ml_collections.ConfigDict(dict(

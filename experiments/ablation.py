@@ -381,13 +381,43 @@ def claim_rows(results: dict[str, RunResult]) -> list[list[str]]:
       beyond = "yes" if mean else "no"
     else:
       beyond = f"{'yes' if abs(mean) > spread else 'no'} ({abs(mean) / spread:.1f} sd)"
+    low, high, decision = paired_verdict(diffs, paper)
+    interval = "n/a" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
     rows.append([claim, f"{a} - {b}", f"{paper:+.3f}", " / ".join(f"{d:+.4f}" for d in diffs),
-                 f"{mean:+.4f}", verdict, beyond])
+                 f"{mean:+.4f}", verdict, beyond, interval, decision])
   return rows
 
 
 CLAIM_COLUMNS = ("paper's claim", "A - B", "paper", "ours per seed", "ours mean", "ours vs paper",
-                 "beyond seed spread")
+                 "beyond seed spread", "95% CI", "verdict (pre-registered rule)")
+
+# Two-sided 95% critical values of Student's t by degrees of freedom (standard table).
+_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+          9: 2.262, 10: 2.228}
+SMALLEST_EFFECT = 0.01  # nats: the smallest A - B difference of interest (experiments/README.md)
+
+
+def paired_verdict(diffs: np.ndarray, paper_sign: float,
+                   smallest_effect: float = SMALLEST_EFFECT) -> tuple[float, float, str]:
+  """(CI low, CI high, verdict) of the mean paired difference A - B (t interval, 95%).
+
+  The pre-registered rule (experiments/README.md): 'reproduced' when the whole
+  interval has the paper's sign, 'reversed' when it has the other, 'no effect
+  of interest' when it lies inside (-smallest_effect, +smallest_effect),
+  'undecided' otherwise (and with fewer than 2 seeds).
+  """
+  n = diffs.size
+  if n < 2:
+    return float("nan"), float("nan"), "undecided (1 seed)"
+  half = _T_975.get(n - 1, 1.96) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+  low, high = float(np.mean(diffs)) - half, float(np.mean(diffs)) + half
+  if low * high > 0:
+    verdict = "reproduced" if np.sign(low) == np.sign(paper_sign) else "reversed"
+  elif -smallest_effect < low and high < smallest_effect:
+    verdict = "no effect of interest"
+  else:
+    verdict = "undecided"
+  return low, high, verdict
 
 
 def write_table(results: Sequence[RunResult], results_dir: Path, recipe_line: str) -> None:

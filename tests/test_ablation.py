@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import ablation
@@ -192,8 +193,23 @@ def test_claim_verdicts_compare_every_seed_with_the_papers_sign():
              "moe_k16": run("moe_k16", 1.166, [6.9, 7.2])}
   rows = {row[1]: row for row in ablation.claim_rows(results)}
   assert set(rows) == {"coe_c2 - moe_k8", "coe_c2 - moe_k16"}  # moe_k24 has no runs
-  assert rows["coe_c2 - moe_k8"][2:] == ["-0.075", "-0.1000 / -0.1000", "-0.1000",
-                                         "same sign, every seed", "yes (1.4 sd)"]
-  assert rows["coe_c2 - moe_k16"][5:] == ["mixed", "no (0.0 sd)"]  # seed sd 0.07 and 0.21
+  assert rows["coe_c2 - moe_k8"][2:7] == ["-0.075", "-0.1000 / -0.1000", "-0.1000",
+                                          "same sign, every seed", "yes (1.4 sd)"]
+  assert rows["coe_c2 - moe_k16"][5:7] == ["mixed", "no (0.0 sd)"]  # seed sd 0.07 and 0.21
   flipped = dict(results, moe_k8=run("moe_k8", 1.196, [6.0, 6.0]))
   assert ablation.claim_rows(flipped)[0][5] == "opposite, every seed"
+
+
+@pytest.mark.parametrize("diffs, paper_sign, expected", [
+    ([-0.05, -0.04, -0.06], -1, "reproduced"),  # CI [-0.075, -0.025]: all below 0
+    ([0.05, 0.04, 0.06], -1, "reversed"),
+    ([0.002, -0.001, 0.0], -1, "no effect of interest"),  # CI [-0.0028, +0.0035] inside +-0.01
+    ([-0.03, 0.01, -0.01], -1, "undecided"),
+    ([-0.05], -1, "undecided (1 seed)"),
+])
+def test_pre_registered_verdict(diffs, paper_sign, expected):
+  low, high, verdict = ablation.paired_verdict(np.asarray(diffs), paper_sign)
+  assert verdict == expected
+  if len(diffs) == 3:  # mean -+ t(0.975, 2) * sd / sqrt(3), t = 4.303
+    half = 4.303 * np.std(diffs, ddof=1) / np.sqrt(3)
+    assert (low, high) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
