@@ -69,9 +69,6 @@ class Checkpointer:
             for path in sorted(saved.keys() | requested.keys())
             if saved.get(path) != requested.get(path)]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from coe_jax.coe_config import DISPATCHES
 from coe_jax.experts import swiglu, swiglu_grouped, swiglu_per_expert
 
 
-DISPATCH_MODES = ("capacity", "dropless")
 
 
 @flax.struct.dataclass
@@ -518,7 +518,7 @@ def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array,
   num_tokens = x.shape[0]
   num_experts = jax.tree.leaves(weights)[0].shape[0]
   if expert_axis is not None:
-    if mode not in DISPATCH_MODES:
+    if mode not in DISPATCHES:
       raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
 
     def exchanged_experts(buffer):

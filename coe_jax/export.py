@@ -32,9 +32,17 @@ import os
 import shutil
 from typing import Any, Optional
 
+import jax
 import numpy as np
+import tokenizers
+from absl import app, flags
+from ml_collections import config_flags
+from safetensors.numpy import load_file, save_file
 
+from coe_jax import config_lib, train
+from coe_jax.checkpoint import Checkpointer, save_run_config
 from coe_jax.convert import IMPORT_DISPATCH, check_authors_can_compute, from_hf, to_hf
+from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.model_config import ModelConfig, our_knobs
 from coe_jax.run_dir import load_run
 
@@ -59,7 +67,6 @@ def save_hf(out_dir: str, config: ModelConfig, params: Any, tokenizer_path: Opti
   Raises ConfigError (before writing) if their model cannot compute `config`'s function.
   The authors' code routes dropless: our capacity settings do not travel.
   """
-  from safetensors.numpy import save_file
   check_exportable(config)
   os.makedirs(out_dir, exist_ok=True)
   hf_config, state_dict = to_hf(config, {"params": params})
@@ -77,8 +84,6 @@ def save_hf(out_dir: str, config: ModelConfig, params: Any, tokenizer_path: Opti
 
 
 def _special_token_ids(tokenizer_path: str) -> dict[str, int]:
-  import tokenizers
-  from coe_jax.data import tokenizer as tokenizer_lib
   tok = tokenizers.Tokenizer.from_file(tokenizer_path)
   ids = {"pad_token_id": tokenizer_lib.pad_id(tok)}
   eos = tokenizer_lib.eos_id(tok)
@@ -97,7 +102,6 @@ def export_run(workdir: str, out_dir: str, step: Optional[int] = None) -> dict[s
 
 def read_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
   """Every tensor of `hf_dir/model.safetensors` or of its sharded index, as float32 numpy."""
-  from safetensors.numpy import load_file
   index = os.path.join(hf_dir, INDEX_FILE)
   if os.path.exists(index):
     with open(index) as f:
@@ -126,7 +130,6 @@ def load_hf(hf_dir: str, **overrides: Any) -> tuple[ModelConfig, Any]:
 
 
 def _base_config(config=None):
-  from coe_jax import config_lib
   return config_lib.build("paper") if config is None else config
 
 
@@ -145,9 +148,6 @@ def import_hf(hf_dir: str, workdir: str, config=None, tokenizer: Optional[str] =
   Returns:
     {"model_config", "overrides" (the --config.model.* flags main.py needs), "workdir"}.
   """
-  import jax
-  from coe_jax import train
-  from coe_jax.checkpoint import Checkpointer, save_run_config
   config = _base_config(config).copy_and_resolve_references()
   knobs = {k: config.model[k] for k in OUR_KNOBS if k in config.model}
   knobs["dispatch"] = dispatch
@@ -184,8 +184,6 @@ def override_flags(overrides: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------
 
 def _define_flags() -> None:
-  from absl import flags
-  from ml_collections import config_flags
   flags.DEFINE_string("workdir", None, "Run directory to export (export mode).")
   flags.DEFINE_string("out", None, "Output: the HF directory (export) or the new run directory (import).")
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
@@ -198,7 +196,6 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
-  from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
@@ -216,6 +213,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
   app.run(main)

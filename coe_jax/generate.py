@@ -49,8 +49,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from jaxtyping import Array, Bool, Float, Int
+from tqdm import tqdm
 
+from coe_jax.data import tokenizer as tokenizer_lib
+from coe_jax.data.tokenized import format_prompt
 from coe_jax.layers import compute_dtype
 from coe_jax.model import CoECausalLM, init_decode_cache
 from coe_jax.model_config import ModelConfig
@@ -359,7 +363,6 @@ def complete(params: Any, config: ModelConfig, tokenizer, prompts: Sequence[str]
   last batch topped up with empty rows), so each bucket compiles once. Prompt
   i samples with row id i (results do not depend on the batching).
   """
-  from coe_jax.data import tokenizer as tokenizer_lib
   if padding_side not in ("left", "right"):
     raise ValueError(f"padding_side: got {padding_side!r}; allowed values: left, right")
   pad_id = tokenizer_lib.pad_id(tokenizer)
@@ -375,7 +378,6 @@ def complete(params: Any, config: ModelConfig, tokenizer, prompts: Sequence[str]
   results: list[Optional[Completion]] = [None] * len(encoded)
   starts = range(0, len(order), batch_size)
   if progress:
-    from tqdm import tqdm
     starts = tqdm(starts, desc="generate", unit="batch", dynamic_ncols=True)
   for start in starts:
     chunk = order[start:start + batch_size]
@@ -399,8 +401,6 @@ def complete(params: Any, config: ModelConfig, tokenizer, prompts: Sequence[str]
 # ----------------------------------------------------------------------------
 
 def main(argv) -> None:
-  from absl import flags
-  from coe_jax.data.tokenized import format_prompt
   del argv
   f = flags.FLAGS
   run = load_run(f.workdir, f.step)
@@ -416,7 +416,6 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-  from absl import flags
   flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/, tokenizer.json).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_multi_string("query", [], "A question; prompted as 'query : Q response :'.")
@@ -429,6 +428,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
   app.run(main)

@@ -22,10 +22,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from coe_jax import config_lib, sharding
+from coe_jax.checkpoint import Checkpointer, check_resumable, load_run_config, save_run_config
+from coe_jax.data.input_pipeline import build_datasets, validate_data_config
+from coe_jax.errors import ConfigError
+from coe_jax.flops import flops_per_token, peak_tflops_per_device
+from coe_jax.metrics import MetricWriter, plot_losses
 from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ConfigError, ModelConfig
+from coe_jax.model_config import ModelConfig
+from coe_jax.params import count_params
 
 Batch = dict[str, jax.Array]
 SCHEDULES = ("constant", "cosine")
@@ -111,7 +118,6 @@ def profile_window(train: ml_collections.ConfigDict) -> Optional[tuple[int, int]
 
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """Validates model, data and train sections before anything loads or compiles."""
-  from coe_jax.data.input_pipeline import validate_data_config
   for section in ("model", "data", "train"):
     _require(section in config, f"config.{section}", "missing section")
   _require(isinstance(config.get("seed", 0), int), "config.seed",
@@ -428,11 +434,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   host never waits on the device just to log; steps that evaluate or
   checkpoint wait for their own step, as they must.
   """
-  from coe_jax.data.input_pipeline import build_datasets
-  from coe_jax.checkpoint import Checkpointer, check_resumable, load_run_config, save_run_config
-  from coe_jax.flops import flops_per_token, peak_tflops_per_device
-  from coe_jax.metrics import MetricWriter, plot_losses
-  from coe_jax.params import count_params
 
   validate_config(config)
   if config.get("mesh") is not None:
@@ -619,5 +620,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _progress(iterable, enabled: bool, **kwargs):
   if not enabled:
     return iterable
-  from tqdm import tqdm
   return tqdm(iterable, dynamic_ncols=True, **kwargs)

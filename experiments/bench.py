@@ -64,7 +64,6 @@ from coe_jax.flops import FlopCount, flops_per_token  # noqa: F401 (re-exported)
 REPO = Path(__file__).resolve().parents[1]
 SUITE = (("MoE(K=8)", "configs/moe_k8.py"), ("CoE(C=2,K=4)", "configs/coe_c2.py"),
          ("CoE(C=2,K=8)", "configs/coe_c2_k8.py"))
-DISPATCHES = ("capacity", "dropless")
 # --shapes presets: model overrides plus batch / seq / suite scale.
 SHAPES = {
     "paper_width": dict(scale="paper", batch=1, seq=512,
