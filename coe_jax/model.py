@@ -117,7 +117,7 @@ class CoECausalLM(nn.Module):
   `expert_parallel` (optional) runs every CoE layer's routed pass per device
   (`coe_jax.expert_parallel`); the train loop passes `Parallelism.expert_parallel()`.
 
-  Decoding (`coe_jax.generate`) uses the same module and params with a
+  Decoding (`coe_jax.decoding`) uses the same module and params with a
   `DecodeCache`: `decode='prefill'` for the first call on an empty cache (the
   prompt's tokens attend causally to each other, as without a cache),
   `decode='step'` afterwards (tokens attend to every earlier real slot;
@@ -126,7 +126,7 @@ class CoECausalLM(nn.Module):
   written at slots [cache.index, cache.index + t) and `ModelAux.cache` is the
   updated cache. `logits_index` <int>[b] computes logits only at that position
   of each row ([b, 1, vocab]; a prompt's last real token). Pass a config whose
-  dispatch never drops (`generate.decode_config`) for logits equal to the full
+  dispatch never drops (`decoding.decode_config`) for logits equal to the full
   forward's.
   """
 
@@ -210,7 +210,7 @@ class CoECausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Incremental decoding with an MLA latent cache (used by `coe_jax.generate`).
+# Incremental decoding with an MLA latent cache (used by `coe_jax.decoding`).
 # ----------------------------------------------------------------------------
 
 @flax.struct.dataclass

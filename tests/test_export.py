@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax import config_lib, export, train
+from coe_jax import config_lib, hf_files, train
 from coe_jax.checkpoint import Checkpointer, save_run_config
 from coe_jax.data.tokenizer import train_bpe
 from coe_jax.run_dir import load_run
@@ -63,7 +63,7 @@ def _logits(model_config, params):
 
 def test_export_writes_the_authors_names_and_layouts(run_dir, tmp_path):
   workdir, _, model_config, params = run_dir
-  paths = export.export_run(str(workdir), str(tmp_path / "hf"))
+  paths = hf_files.export_run(str(workdir), str(tmp_path / "hf"))
   assert paths["step"] == str(STEP)
   hf = json.loads(Path(paths["config"]).read_text())
   assert hf["architectures"] == ["CoeForCausalLM"]
@@ -89,23 +89,23 @@ def test_export_writes_the_authors_names_and_layouts(run_dir, tmp_path):
 
 def test_export_then_import_gives_identical_logits(run_dir, tmp_path):
   workdir, config, model_config, params = run_dir
-  export.export_run(str(workdir), str(tmp_path / "hf"))
+  hf_files.export_run(str(workdir), str(tmp_path / "hf"))
   # Import routes dropless (the authors' routing) whatever the base config says; capacity on
   # request.
   dropless, capacity = (model_config.replace(dispatch=d) for d in ("dropless", "capacity"))
-  imported_config, imported = export.load_hf(str(tmp_path / "hf"))
+  imported_config, imported = hf_files.load_hf(str(tmp_path / "hf"))
   assert imported_config == dropless
   np.testing.assert_array_equal(_logits(imported_config, imported), _logits(dropless, params))
-  assert export.load_hf(str(tmp_path / "hf"), dispatch="capacity")[0] == capacity
+  assert hf_files.load_hf(str(tmp_path / "hf"), dispatch="capacity")[0] == capacity
 
   base = _tiny_config(0)
   base.model.dispatch = "capacity"
-  result = export.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=base)
+  result = hf_files.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=base)
   assert result["overrides"] == {"vocab_size": model_config.vocab_size, "dispatch": "dropless"}
   run = load_run(str(tmp_path / "run2"))
   assert run.step == 0 and run.model_config == dropless and run.tokenizer is not None
   np.testing.assert_array_equal(_logits(run.model_config, run.params), _logits(dropless, params))
-  result = export.import_hf(str(tmp_path / "hf"), str(tmp_path / "run3"), config=base,
+  result = hf_files.import_hf(str(tmp_path / "hf"), str(tmp_path / "run3"), config=base,
                             dispatch="capacity")
   assert result["overrides"] == {"vocab_size": model_config.vocab_size}
   assert load_run(str(tmp_path / "run3")).model_config == capacity
@@ -114,9 +114,9 @@ def test_export_then_import_gives_identical_logits(run_dir, tmp_path):
 def test_imported_run_resumes_as_a_training_state(run_dir, tmp_path):
   """train_and_evaluate restores the step-0 checkpoint: fine-tuning starts from the import."""
   workdir, _, model_config, params = run_dir
-  export.export_run(str(workdir), str(tmp_path / "hf"))
+  hf_files.export_run(str(workdir), str(tmp_path / "hf"))
   config = _tiny_config(0)
-  export.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=config)
+  hf_files.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=config)
   config.model.vocab_size = model_config.vocab_size  # the printed --config.model.* override
   template = jax.eval_shape(lambda: train.init_train_state(CoECausalLM(model_config),
                                                          config.train, 0, 8))
@@ -130,7 +130,7 @@ def test_imported_run_resumes_as_a_training_state(run_dir, tmp_path):
 def test_export_refuses_what_the_authors_model_cannot_compute(run_dir, tmp_path):
   _, _, model_config, params = run_dir
   with pytest.raises(ConfigError, match="residual_style"):
-    export.save_hf(str(tmp_path / "hf"), model_config.replace(residual_style="textbook"), params)
+    hf_files.save_hf(str(tmp_path / "hf"), model_config.replace(residual_style="textbook"), params)
   assert not (tmp_path / "hf").exists()
 
 

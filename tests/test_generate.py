@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax import generate as gen
+from coe_jax import decoding as gen
 from coe_jax.model import CoECausalLM, init_decode_cache
 from coe_jax.model_config import ModelConfig
 

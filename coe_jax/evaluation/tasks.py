@@ -35,7 +35,7 @@ from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.data.tokenized import build_split, format_example, format_prompt
 from coe_jax.evaluation.answers import (extract_gsm8k_answer, extract_math_answer, gsm8k_target,
                                         last_boxed, math_equal, numbers_equal)
-from coe_jax.generate import complete
+from coe_jax.decoding import complete
 from coe_jax.run_dir import Run, load_run
 
 TASKS = ("val_loss", "gsm8k", "math")
