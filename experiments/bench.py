@@ -346,8 +346,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                       help="comma-separated dispatch modes: capacity,dropless")
   parser.add_argument("--dropless_impl", default=None,
                       help="comma-separated: auto | blocked | gather | ragged_dot (one row each)")
-  parser.add_argument("--dropless_tile", type=int, default=None,
-                      help="model.dropless_tile (rows per tile of 'blocked'; 0 = default)")
+  parser.add_argument("--dropless_tile", default=None,
+                      help="model.dropless_tile (rows per tile of 'blocked'; 0 = default); a "
+                           "comma-separated list benchmarks each value side by side")
   parser.add_argument("--shapes", default=None, choices=sorted(SHAPES),
                       help="preset: paper_width = the :paper suite at 2 layers, vocab 8192, fp32, "
                            "batch 1 x 512 (explicit --batch/--seq/--dtype still win)")
@@ -377,10 +378,10 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
   specs = ([(label, f"{path}:{scale}") for label, path in SUITE] if args.suite
            else [(args.config, args.config)])
   overrides = dict(preset["model"])
-  overrides.update({k: v for k, v in dict(dtype=args.dtype, remat=args.remat,
-                                          dropless_tile=args.dropless_tile).items()
+  overrides.update({k: v for k, v in dict(dtype=args.dtype, remat=args.remat).items()
                     if v is not None})
   impls = (args.dropless_impl or "auto").split(",")
+  tiles = [int(t) for t in (args.dropless_tile or "").split(",") if t]
   benches = []
   for label, spec in specs:
     config = load_config(spec)
@@ -388,19 +389,33 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
     seq = args.seq or preset.get("seq") or config.data.max_length
     blocks = (args.attention_query_block or "").split(",")
     for mode in args.dispatch.split(","):
-      for impl in (impls if mode == "dropless" else [None]):
+      for impl, tile in _dropless_variants(mode, impls, tiles):
         for block in blocks:
           changes = dict(overrides, attention_query_block=int(block) if block else None)
           if impl is not None:
             changes["dropless_impl"] = impl
+          if tile is not None:
+            changes["dropless_tile"] = tile
           model_config = bench_model_config(config, mode, changes)
           name = f"{label} {mode}"
           if impl is not None and args.dropless_impl:
             name += f"[{dispatch.resolve_dropless_impl(impl)}]"
+          name += f" tile={tile}" if tile is not None and len(tiles) > 1 else ""
           name += f" qb={block}" if len(blocks) > 1 else ""
           benches.append(build_step_bench(name, config, model_config, batch, seq,
                                           args.memory_only))
   return benches
+
+
+def _dropless_variants(mode: str, impls: list[str], tiles: list[int]):
+  """(impl, tile) pairs for one dispatch mode: every impl, and every tile for 'blocked'."""
+  if mode != "dropless":
+    return [(None, None)]
+  pairs = []
+  for impl in impls:
+    blocked = dispatch.resolve_dropless_impl(impl) == "blocked"
+    pairs += [(impl, t) for t in tiles] if blocked and tiles else [(impl, tiles[0] if tiles else None)]
+  return pairs
 
 
 def memory_report(benches: list[StepBench]) -> dict[str, Any]:
