@@ -352,6 +352,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument("--shapes", default=None, choices=sorted(SHAPES),
                       help="preset: paper_width = the :paper suite at 2 layers, vocab 8192, fp32, "
                            "batch 1 x 512 (explicit --batch/--seq/--dtype still win)")
+  parser.add_argument("--keep_going", action="store_true",
+                      help="a program that fails to compile or allocate is reported, not fatal")
   parser.add_argument("--memory_only", action="store_true",
                       help="compile from abstract state and report compiled peak memory only")
   parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: config)")
@@ -383,6 +385,7 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
   impls = (args.dropless_impl or "auto").split(",")
   tiles = [int(t) for t in (args.dropless_tile or "").split(",") if t]
   benches = []
+  failures = args.failures = []
   for label, spec in specs:
     config = load_config(spec)
     batch = args.batch or preset.get("batch") or config.train.batch_size
@@ -402,8 +405,15 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
             name += f"[{dispatch.resolve_dropless_impl(impl)}]"
           name += f" tile={tile}" if tile is not None and len(tiles) > 1 else ""
           name += f" qb={block}" if len(blocks) > 1 else ""
-          benches.append(build_step_bench(name, config, model_config, batch, seq,
-                                          args.memory_only))
+          try:
+            benches.append(build_step_bench(name, config, model_config, batch, seq,
+                                            args.memory_only))
+          except Exception as error:  # e.g. out of device memory: report it, run the rest
+            if not args.keep_going:
+              raise
+            failures.append(dict(label=name, error=f"{type(error).__name__}: {str(error)[:500]}"))
+            print(f"bench: {name} failed to compile or allocate: {failures[-1]['error']}",
+                  file=sys.stderr)
   return benches
 
 
@@ -437,7 +447,18 @@ def memory_report(benches: list[StepBench]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   benches = build_benches(args)
   if args.memory_only:
-    return memory_report(benches)
+    return dict(memory_report(benches), failed=args.failures)
+  if args.keep_going:  # a first call, so that a program out of memory at run time is dropped too
+    alive = []
+    for bench in benches:
+      try:
+        jax.block_until_ready(bench.timed.call())
+        alive.append(bench)
+      except Exception as error:
+        args.failures.append(dict(label=bench.label, error=f"{type(error).__name__}: {str(error)[:500]}"))
+        print(f"bench: {bench.label} failed at its first step: {args.failures[-1]['error']}",
+              file=sys.stderr)
+    benches = alive
   dtype = compute_dtype(benches[0].model_config.dtype)
   size = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
   probe, probe_flops = matmul_probe(dtype, size)
@@ -456,7 +477,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       matmul=dict(size=size, dtype=str(dtype), seconds=spread(probe.seconds),
                   flops_per_sec=matmul_rate, flops_per_cpu_sec=matmul_cpu_rate),
       device_peak_bytes=train.device_peak_bytes(),
-      runs=[summarize_step(b, matmul_rate, matmul_cpu_rate) for b in benches])
+      runs=[summarize_step(b, matmul_rate, matmul_cpu_rate) for b in benches],
+      failed=args.failures)
   if layer_programs:
     full, identity = (spread(p.seconds)["median"] for p in layer_programs)
     full_cpu, identity_cpu = (spread(p.cpu_seconds)["median"] for p in layer_programs)
@@ -483,6 +505,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"{r['train_flops_per_token'] / 1e9:9.4f} {r['achieved_flops_per_sec'] / 1e9:8.1f} "
         f"{r['mfu']:6.1%} {(peak or 0) / 2**20:9.1f} {r['dropped_fraction']:7.3f} "
         f"{1000 * r['step_seconds']['median'] / 60:6.1f} m")
+  for failure in results.get("failed", []):
+    lines.append(f"{failure['label']:<26s} FAILED: {failure['error'][:200]}")
   mm = results["matmul"]
   lines.append(f"matmul probe: {mm['size']}^2 {mm['dtype']} at {mm['flops_per_sec'] / 1e9:.1f} GFLOP/s "
                f"({results['backend']}, {results['device']}); {results['steps']} timed steps each")
