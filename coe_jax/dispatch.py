@@ -71,15 +71,15 @@ def resolve_dropless_impl(impl: str) -> str:
 def default_dropless_tile(num_assignments: int, num_experts: int) -> int:
   """Rows per tile of 'blocked' when `dropless_tile` is 0.
 
-  The smallest power of two >= the mean load per expert, between 8 and a
-  per-backend cap: 64 on CPU (PERF.md 11: at the paper width, tiles of 16
-  run ~30% slower per row than 64, and 32 and 64 tie; a tile at the mean load
-  wastes about half a tile of padding per expert), 256 elsewhere (a
-  prediction: GPU matmuls want taller tiles, and loads are ~4K rows there).
+  The largest power of two <= the mean load per expert, between 8 and a
+  per-backend cap: 64 on CPU (PERF.md 11, skewed routing at the paper width:
+  mean load 65 -> 64 best, 32 within 2%; mean load 33 -> 32 best, 16 +4%,
+  64 +14%), 256 elsewhere (a prediction: GPU matmuls want taller tiles, and
+  loads are ~4K rows per expert there).
   """
   cap = 64 if jax.default_backend() == "cpu" else 256
-  mean_load = max(-(-num_assignments // max(num_experts, 1)), 1)
-  return int(min(cap, max(8, 1 << (mean_load - 1).bit_length())))
+  mean_load = max(num_assignments // max(num_experts, 1), 1)
+  return int(min(cap, max(8, 1 << (mean_load.bit_length() - 1))))
 
 
 def blocked_tiles_per_step(weights: SwiGLUWeights, tile: int) -> int:

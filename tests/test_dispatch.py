@@ -368,8 +368,8 @@ def test_dropless_tile_is_validated():
 def test_default_dropless_tile_follows_the_mean_load():
   from coe_jax.dispatch import default_dropless_tile
   assert default_dropless_tile(512 * 8, 63) == 64  # mean load 65 (the paper-width CPU bench)
-  assert default_dropless_tile(512 * 4, 63) == 64  # mean load 33 (CoE(C=2,K=4) there)
-  assert default_dropless_tile(64 * 4, 32) == 8  # mean load 8
-  assert default_dropless_tile(64 * 4, 31) == 16  # mean load 9
+  assert default_dropless_tile(512 * 4, 63) == 32  # mean load 32.5 (CoE(C=2,K=4) there)
+  assert default_dropless_tile(64 * 4, 31) == 8  # mean load 8.3
+  assert default_dropless_tile(64 * 4, 15) == 16  # mean load 17
   assert default_dropless_tile(10, 63) == 8  # never below 8
   assert default_dropless_tile(32768 * 8, 63) == 64  # the CPU cap (256 on GPU/TPU)
