@@ -319,7 +319,7 @@ def _add_to_experts(acc: Array, experts: Int[Array, "g"], update: Array) -> Arra
     e = experts[0]
     current = jax.lax.dynamic_slice_in_dim(acc, e, 1, axis=0)
     return jax.lax.dynamic_update_slice_in_dim(acc, current + update, e, axis=0)
-  return acc.at[experts].add(update)
+  return acc.at[experts].add(update, indices_are_sorted=True)  # tiles are in expert order
 
 
 def _blocked_forward(tiles, tile_expert, used_tiles, gate, up, down, tiles_per_step):
@@ -352,6 +352,8 @@ def blocked_swiglu(tiles: Float[Array, "tiles tile hidden"], tile_expert: Int[Ar
                    used_tiles: Int[Array, ""], gate: Array, up: Array, down: Array,
                    tiles_per_step: int = 1) -> Float[Array, "tiles tile hidden"]:
   """Tile i's rows through expert tile_expert[i]'s SwiGLU, for the first `used_tiles` tiles.
+
+  `tile_expert` must be non-decreasing (tiles in expert order, as `blocked_layout` makes them).
 
   The loop runs `tiles_per_step` tiles per iteration (weights gathered per
   tile when > 1; `num_tiles` must be a multiple of it); steps past the one

@@ -33,7 +33,7 @@ the all-to-all traffic stays between neighbouring devices.
   hidden per device each way) and the routing and sorting device-local.
   Dropless dispatch under expert parallelism uses the same exchange with
   capacity = the device's token count (nothing can drop); with `expert == 1`
-  every dispatch mode runs unchanged per device (ragged_dot on GPU/TPU).
+  every dispatch mode runs unchanged per device (dropless: `dropless_impl`).
   With `fsdp == expert == 1` the layer still routes per device (data
   parallel), so nothing outside the batch axes is ever gathered.
   Equality with one device: exact (up to float summation order) whenever no
