@@ -71,10 +71,11 @@ def resolve_dropless_impl(impl: str) -> str:
 def default_dropless_tile(num_assignments: int, num_experts: int) -> int:
   """Rows per tile of 'blocked' when `dropless_tile` is 0.
 
-  The largest power of two <= the mean load per expert (so that padding
-  wastes at most about half the rows), between 8 and a per-backend cap: 64
-  on CPU (measured, PERF.md 11: matmul rate flattens above it while padding
-  keeps growing), 256 elsewhere (a prediction: GPU matmuls want taller tiles).
+  The largest power of two <= the mean load per expert, between 8 and a
+  per-backend cap: 64 on CPU (PERF.md 11, skewed routing at the paper width:
+  mean load 65 -> 64 best, 32 within 2%; mean load 33 -> 32 best, 16 +4%,
+  64 +14%), 256 elsewhere (a prediction: GPU matmuls want taller tiles, and
+  loads are ~4K rows per expert there).
   """
   cap = 64 if jax.default_backend() == "cpu" else 256
   mean_load = max(num_assignments // max(num_experts, 1), 1)
@@ -318,7 +319,7 @@ def _add_to_experts(acc: Array, experts: Int[Array, "g"], update: Array) -> Arra
     e = experts[0]
     current = jax.lax.dynamic_slice_in_dim(acc, e, 1, axis=0)
     return jax.lax.dynamic_update_slice_in_dim(acc, current + update, e, axis=0)
-  return acc.at[experts].add(update)
+  return acc.at[experts].add(update, indices_are_sorted=True)  # tiles are in expert order
 
 
 def _varying_axes(a: Array) -> set[str]:
@@ -371,6 +372,8 @@ def blocked_swiglu(tiles: Float[Array, "tiles tile hidden"], tile_expert: Int[Ar
                    used_tiles: Int[Array, ""], gate: Array, up: Array, down: Array,
                    tiles_per_step: int = 1) -> Float[Array, "tiles tile hidden"]:
   """Tile i's rows through expert tile_expert[i]'s SwiGLU, for the first `used_tiles` tiles.
+
+  `tile_expert` must be non-decreasing (tiles in expert order, as `blocked_layout` makes them).
 
   The loop runs `tiles_per_step` tiles per iteration (weights gathered per
   tile when > 1; `num_tiles` must be a multiple of it); steps past the one

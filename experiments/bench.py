@@ -276,11 +276,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                       help="comma-separated dispatch modes: capacity,dropless")
   parser.add_argument("--dropless_impl", default=None,
                       help="comma-separated: auto | blocked | gather | ragged_dot (one row each)")
-  parser.add_argument("--dropless_tile", type=int, default=None,
-                      help="model.dropless_tile (rows per tile of 'blocked'; 0 = default)")
+  parser.add_argument("--dropless_tile", default=None,
+                      help="model.dropless_tile (rows per tile of 'blocked'; 0 = default); a "
+                           "comma-separated list benchmarks each value side by side")
   parser.add_argument("--shapes", default=None, choices=sorted(SHAPES),
                       help="preset: paper_width = the :paper suite at 2 layers, vocab 8192, fp32, "
                            "batch 1 x 512 (explicit --batch/--seq/--dtype still win)")
+  parser.add_argument("--keep_going", action="store_true",
+                      help="a program that fails to compile or allocate is reported, not fatal")
   parser.add_argument("--memory_only", action="store_true",
                       help="compile from abstract state and report compiled peak memory only")
   parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: config)")
@@ -307,30 +310,52 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
   specs = ([(label, f"{path}:{scale}") for label, path in SUITE] if args.suite
            else [(args.config, args.config)])
   overrides = dict(preset["model"])
-  overrides.update({k: v for k, v in dict(dtype=args.dtype, remat=args.remat,
-                                          dropless_tile=args.dropless_tile).items()
+  overrides.update({k: v for k, v in dict(dtype=args.dtype, remat=args.remat).items()
                     if v is not None})
   impls = (args.dropless_impl or "auto").split(",")
+  tiles = [int(t) for t in (args.dropless_tile or "").split(",") if t]
   benches = []
+  failures = args.failures = []
   for label, spec in specs:
     config = load_config(spec)
     batch = args.batch or preset.get("batch") or config.train.batch_size
     seq = args.seq or preset.get("seq") or config.data.max_length
     blocks = (args.attention_query_block or "").split(",")
     for mode in args.dispatch.split(","):
-      for impl in (impls if mode == "dropless" else [None]):
+      for impl, tile in _dropless_variants(mode, impls, tiles):
         for block in blocks:
           changes = dict(overrides, attention_query_block=int(block) if block else None)
           if impl is not None:
             changes["dropless_impl"] = impl
+          if tile is not None:
+            changes["dropless_tile"] = tile
           model_config = bench_model_config(config, mode, changes)
           name = f"{label} {mode}"
           if impl is not None and args.dropless_impl:
             name += f"[{dispatch.resolve_dropless_impl(impl)}]"
+          name += f" tile={tile}" if tile is not None and len(tiles) > 1 else ""
           name += f" qb={block}" if len(blocks) > 1 else ""
-          benches.append(build_step_bench(name, config, model_config, batch, seq,
-                                          args.memory_only))
+          try:
+            benches.append(build_step_bench(name, config, model_config, batch, seq,
+                                            args.memory_only))
+          except Exception as error:  # e.g. out of device memory: report it, run the rest
+            if not args.keep_going:
+              raise
+            failures.append(dict(label=name, error=f"{type(error).__name__}: {str(error)[:500]}"))
+            print(f"bench: {name} failed to compile or allocate: {failures[-1]['error']}",
+                  file=sys.stderr)
   return benches
+
+
+def _dropless_variants(mode: str, impls: list[str], tiles: list[int]):
+  """(impl, tile) pairs for one dispatch mode: every impl, and every tile for 'blocked'."""
+  if mode != "dropless":
+    return [(None, None)]
+  pairs = []
+  for impl in impls:
+    blocked = dispatch.resolve_dropless_impl(impl) == "blocked"
+    pairs += [(impl, t) for t in tiles] if blocked and tiles else [(impl, tiles[0] if tiles else None)]
+  return pairs
 
 
 def memory_report(benches: list[StepBench]) -> dict[str, Any]:
@@ -352,7 +377,18 @@ def memory_report(benches: list[StepBench]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   benches = build_benches(args)
   if args.memory_only:
-    return memory_report(benches)
+    return dict(memory_report(benches), failed=args.failures)
+  if args.keep_going:  # a first call, so that a program out of memory at run time is dropped too
+    alive = []
+    for bench in benches:
+      try:
+        jax.block_until_ready(bench.timed.call())
+        alive.append(bench)
+      except Exception as error:
+        args.failures.append(dict(label=bench.label, error=f"{type(error).__name__}: {str(error)[:500]}"))
+        print(f"bench: {bench.label} failed at its first step: {args.failures[-1]['error']}",
+              file=sys.stderr)
+    benches = alive
   dtype = compute_dtype(benches[0].model_config.dtype)
   size = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
   probe, probe_flops = matmul_probe(dtype, size)
@@ -371,7 +407,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       matmul=dict(size=size, dtype=str(dtype), seconds=spread(probe.seconds),
                   flops_per_sec=matmul_rate, flops_per_cpu_sec=matmul_cpu_rate),
       device_peak_bytes=train.device_peak_bytes(),
-      runs=[summarize_step(b, matmul_rate, matmul_cpu_rate) for b in benches])
+      runs=[summarize_step(b, matmul_rate, matmul_cpu_rate) for b in benches],
+      failed=args.failures)
   if layer_programs:
     full, identity = (spread(p.seconds)["median"] for p in layer_programs)
     full_cpu, identity_cpu = (spread(p.cpu_seconds)["median"] for p in layer_programs)
@@ -398,6 +435,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"{r['train_flops_per_token'] / 1e9:9.4f} {r['achieved_flops_per_sec'] / 1e9:8.1f} "
         f"{r['mfu']:6.1%} {(peak or 0) / 2**20:9.1f} {r['dropped_fraction']:7.3f} "
         f"{1000 * r['step_seconds']['median'] / 60:6.1f} m")
+  for failure in results.get("failed", []):
+    lines.append(f"{failure['label']:<26s} FAILED: {failure['error'][:200]}")
   mm = results["matmul"]
   lines.append(f"matmul probe: {mm['size']}^2 {mm['dtype']} at {mm['flops_per_sec'] / 1e9:.1f} GFLOP/s "
                f"({results['backend']}, {results['device']}); {results['steps']} timed steps each")

@@ -324,11 +324,11 @@ def test_blocked_layout_pads_each_expert_to_whole_tiles():
 def test_blocked_swiglu_runs_only_the_used_tiles():
   x, _, _, weights, _ = _random_problem(16, num_tokens=12, num_experts=3, k=1)
   tiles = jnp.asarray(x).reshape(4, 3, D)  # every row non-zero
-  tile_expert = jnp.asarray([2, 0, 1, 1], jnp.int32)
+  tile_expert = jnp.asarray([0, 1, 1, 2], jnp.int32)
   for per_step in (1, 2):
     out = np.asarray(dispatch_lib.blocked_swiglu(tiles, tile_expert, jnp.int32(3), weights.gate,
                                                  weights.up, weights.down, per_step))
-    for i, e in enumerate([2, 0, 1]):
+    for i, e in enumerate([0, 1, 1]):
       expert = SwiGLUWeights(weights.gate[e], weights.up[e], weights.down[e])
       np.testing.assert_allclose(out[i], np.asarray(swiglu(expert, tiles[i])), rtol=1e-5, atol=1e-5)
     if per_step == 1:  # past used_tiles: never computed (with 2 per step, tile 3 shares a step)
@@ -368,6 +368,8 @@ def test_dropless_tile_is_validated():
 def test_default_dropless_tile_follows_the_mean_load():
   from coe_jax.dispatch import default_dropless_tile
   assert default_dropless_tile(512 * 8, 63) == 64  # mean load 65 (the paper-width CPU bench)
-  assert default_dropless_tile(64 * 4, 31) == 8  # mean load 8
+  assert default_dropless_tile(512 * 4, 63) == 32  # mean load 32.5 (CoE(C=2,K=4) there)
+  assert default_dropless_tile(64 * 4, 31) == 8  # mean load 8.3
+  assert default_dropless_tile(64 * 4, 15) == 16  # mean load 17
   assert default_dropless_tile(10, 63) == 8  # never below 8
   assert default_dropless_tile(32768 * 8, 63) == 64  # the CPU cap (256 on GPU/TPU)
