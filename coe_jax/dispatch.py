@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from coe_jax.coe_config import DISPATCHES
-from coe_jax.experts import swiglu, swiglu_grouped, swiglu_per_expert
+from coe_jax.experts import SwiGLUWeights, swiglu, swiglu_grouped, swiglu_per_expert
 
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import tokenizers
 from safetensors.numpy import load_file, save_file
 
-from coe_jax import config_lib, train
+from coe_jax import config_lib, optimizer, train_step
 from coe_jax.checkpoint import Checkpointer, save_run_config
 from coe_jax.convert import IMPORT_DISPATCH, check_authors_can_compute, from_hf, to_hf
 from coe_jax.data import tokenizer as tokenizer_lib
@@ -162,8 +162,8 @@ def import_hf(hf_dir: str, workdir: str, config=None, tokenizer: Optional[str] =
     shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
   save_run_config(workdir, json.loads(config.to_json_best_effort()))
-  state = train.TrainState.create(jax.tree.map(jax.numpy.asarray, params),
-                                  train.make_optimizer(config.train))
+  state = train_step.TrainState.create(jax.tree.map(jax.numpy.asarray, params),
+                                  optimizer.make_optimizer(config.train))
   checkpointer.save(0, state, {"epoch": 0, "index": 0})
   checkpointer.close()
   with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -1,9 +1,9 @@
-"""Training: state, the pure train step, evaluation and the loop (SPEC 6).
+"""The training loop (SPEC 6): `train_and_evaluate(config, workdir)`, and config validation.
 
-The train step is a pure function `(state, batch, rng) -> (state, metrics)`,
-jitted once with the state donated. It optimises cross-entropy plus the summed
-router losses and reports them separately (`loss` is cross-entropy alone, as
-the paper reports it).
+The steps it runs are in `coe_jax.train_step` (pure train and eval steps), the
+optimiser in `coe_jax.optimizer`. The loop resumes from the workdir's latest
+checkpoint, evaluates, logs (process 0), checkpoints and stops on SIGTERM/SIGINT
+at a step every process agrees on.
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from coe_jax import config_lib, sharding
@@ -32,24 +29,11 @@ from coe_jax.flops import flops_per_token, peak_tflops_per_device
 from coe_jax.metrics import MetricWriter, plot_losses
 from coe_jax.model import CoECausalLM
 from coe_jax.model_config import ModelConfig
+from coe_jax.optimizer import SCHEDULES, learning_rate_schedule
 from coe_jax.params import count_params
+from coe_jax.train_step import (evaluate, evaluate_batch_means, init_train_state, make_eval_step,
+                          make_train_step)
 
-Batch = dict[str, jax.Array]
-SCHEDULES = ("constant", "cosine")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step changes. `tx` is static (not saved)."""
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-
-  @classmethod
-  def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
 
 
 # ---------------------------------------------------------------------------
@@ -126,218 +110,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   validate_data_config(config.data)
   validate_train_config(config.train)
   return model_config
-
-
-# ---------------------------------------------------------------------------
-# Optimiser
-# ---------------------------------------------------------------------------
-
-def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 over warmup_fraction * steps, then constant or cosine to 0."""
-  warmup = int(train.warmup_fraction * train.steps)
-  rest = max(train.steps - warmup, 1)
-  if train.schedule == "cosine":
-    after = optax.cosine_decay_schedule(train.lr, rest)
-  else:
-    after = optax.constant_schedule(train.lr)
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, train.lr, warmup), after], [warmup])
-
-
-def _decay_mask(params):
-  """Weight decay on matrices, not on RMSNorm scales (as the HF Trainer excludes norms)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) != "scale", params)
-
-
-def make_reference_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm + AdamW as an optax chain: what `make_optimizer` computes, unfused."""
-  parts = []
-  if train.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(train.grad_clip))
-  parts.append(optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=1e-8,
-                           weight_decay=train.weight_decay, mask=_decay_mask))
-  return optax.chain(*parts)
-
-
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm + AdamW (decay masked off norms), fused into one elementwise update.
-
-  Computes `make_reference_optimizer`'s update (equal to float32 rounding,
-  tests/test_optimizer.py) with the same state pytree (`init` is the chain's),
-  so checkpoints are interchangeable. The optax chain materialises every
-  stage as its own tree (XLA:CPU: four loop fusions per leaf, the clipped
-  gradient materialised); here one elementwise expression per leaf after one
-  global-norm reduction (three fusions: mu, nu, update). 2-3.5x faster on
-  CPU at 136M params (PERF.md 13).
-  """
-  return fused_clip_adamw(make_reference_optimizer(train), learning_rate_schedule(train),
-                          b1=train.b1, b2=train.b2, eps=1e-8, weight_decay=train.weight_decay,
-                          mask=_decay_mask, max_norm=train.grad_clip)
-
-
-def fused_clip_adamw(reference: optax.GradientTransformation, schedule: optax.Schedule, *,
-                     b1: float, b2: float, eps: float, weight_decay: float,
-                     mask: Callable[[Any], Any], max_norm: float) -> optax.GradientTransformation:
-  """The update of `reference` (= chain([clip_by_global_norm(max_norm)], adamw(...))) in one pass.
-
-  State: `reference.init(params)`, i.e. ([clip EmptyState,] (ScaleByAdamState,
-  MaskedState, ScaleByScheduleState)); `max_norm <= 0` means no clipping.
-  """
-
-  def update(grads, state, params):
-    if params is None:
-      raise ValueError("fused_clip_adamw needs params (weight decay)")
-    *clip_state, (adam, masked, lr_state) = state
-    if max_norm > 0:  # optax: g if |g| < max_norm else g / |g| * max_norm
-      g_norm = optax.global_norm(grads)
-      scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
-    else:
-      scale = 1.0
-    count = optax.safe_increment(adam.count)
-    correction1 = 1 - b1 ** count.astype(jnp.float32)
-    correction2 = 1 - b2 ** count.astype(jnp.float32)
-    lr = schedule(lr_state.count)
-
-    def leaf(g, mu, nu, p, decay):
-      g = g * scale.astype(g.dtype) if max_norm > 0 else g
-      mu = (1 - b1) * g + b1 * mu
-      nu = (1 - b2) * (g * g) + b2 * nu
-      direction = (mu / correction1.astype(mu.dtype)) / (jnp.sqrt(nu / correction2.astype(nu.dtype)) + eps)
-      if decay:
-        direction = direction + weight_decay * p
-      return mu, nu, (-lr * direction).astype(p.dtype)
-
-    out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, mask(params))
-    treedef = jax.tree.structure(grads)
-    mu, nu, updates = (treedef.unflatten(parts) for parts in zip(*treedef.flatten_up_to(out)))
-    new_state = (*clip_state, (adam._replace(count=count, mu=mu, nu=nu), masked,
-                               lr_state._replace(count=optax.safe_increment(lr_state.count))))
-    return updates, new_state
-
-  return optax.GradientTransformation(reference.init, update)
-
-
-# ---------------------------------------------------------------------------
-# Loss and steps
-# ---------------------------------------------------------------------------
-
-def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """targets [b, s-1] and weights: predict token t+1 from t where t+1 is real and in t's segment."""
-  ids, mask, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
-  targets = ids[:, 1:]
-  weights = (mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
-  return targets, weights.astype(jnp.float32)
-
-
-def cross_entropy_sum(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """(sum of token cross-entropies, number of target tokens) of one batch."""
-  targets, weights = next_token_targets(batch)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-  return jnp.sum(losses * weights), jnp.sum(weights)
-
-
-def _forward(model: CoECausalLM, params, batch: Batch, train: bool):
-  return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                     batch["positions"], batch["segment_ids"], train=train)
-
-
-def make_train_step(model: CoECausalLM, grad_accum_steps: int = 1,
-                    log_routing_stats: bool = True) -> Callable:
-  """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
-
-  The objective is mean token cross-entropy over the whole batch (all
-  micro-batches pooled, so accumulation is exact) plus the router losses,
-  averaged over micro-batches. `rng` is unused by the model (no dropout) and
-  kept so stochastic extensions need no signature change.
-  """
-
-  def objective(params, micro: Batch, total_tokens):
-    logits, aux = _forward(model, params, micro, train=True)
-    ce_sum, count = cross_entropy_sum(logits, micro)
-    router = (aux.aux_loss + aux.z_loss) / grad_accum_steps
-    return ce_sum / total_tokens + router, (ce_sum, count, aux)
-
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
-
-  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-    del rng
-    _, weights = next_token_targets(batch)
-    total_tokens = jnp.maximum(weights.sum(), 1.0)
-    micro_batches = jax.tree.map(
-        lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
-    micro_batches = sharding.constrain_micro_batches(micro_batches)  # no-op without a mesh
-
-    def accumulate(grads_sum, micro):
-      (_, (ce_sum, count, aux)), grads = grad_fn(state.params, micro, total_tokens)
-      return jax.tree.map(jnp.add, grads_sum, grads), (ce_sum, count, aux)
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (ce_sums, counts, auxes) = jax.lax.scan(accumulate, zeros, micro_batches)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = {
-        "loss": ce_sums.sum() / jnp.maximum(counts.sum(), 1.0),
-        "aux_loss": auxes.aux_loss.mean(),
-        "z_loss": auxes.z_loss.mean(),
-        "grad_norm": optax.global_norm(grads),
-        "dropped_fraction": auxes.layers.dropped_fraction.mean(),
-        "target_tokens": counts.sum(),
-    }
-    if log_routing_stats:
-      # Per iteration, averaged over layers and micro-batches: shape [C].
-      metrics["dropped_fraction_iter"] = auxes.layers.dropped_fraction.mean(axis=(0, 1))
-      metrics["load_cv_iter"] = auxes.layers.load_cv.mean(axis=(0, 1))
-      metrics["router_entropy_iter"] = auxes.layers.router_entropy.mean(axis=(0, 1))
-    return new_state, metrics
-
-  return train_step
-
-
-def make_eval_step(model: CoECausalLM) -> Callable:
-  """`eval_step(params, batch) -> (CE sum, target count)` in eval mode (eval capacity)."""
-
-  def eval_step(params, batch: Batch):
-    logits, _ = _forward(model, params, batch, train=False)
-    return cross_entropy_sum(logits, batch)
-
-  return eval_step
-
-
-def evaluate(eval_step: Callable, params, batches: Iterable[dict], *,
-             with_count: bool = False) -> float | tuple[float, float]:
-  """Mean token cross-entropy over `batches` (and the number of targets if `with_count`)."""
-  total, count = 0.0, 0.0
-  for batch in batches:
-    ce_sum, n = eval_step(params, batch)
-    total += float(ce_sum)
-    count += float(n)
-  loss = total / max(count, 1.0)
-  return (loss, count) if with_count else loss
-
-
-def evaluate_batch_means(eval_step: Callable, params, batches: list[dict]) -> float:
-  """Mean over `batches` of each batch's mean token cross-entropy: the reference's
-  validation number (SPEC 6), unlike `evaluate`'s pooled mean over every target."""
-  means = []
-  for batch in batches:
-    ce_sum, n = eval_step(params, batch)
-    means.append(float(ce_sum) / max(float(n), 1.0))
-  return float(np.mean(means)) if means else float("nan")
-
-
-def init_train_state(model: CoECausalLM, train: ml_collections.ConfigDict, seed: int,
-                     seq_len: int) -> TrainState:
-  """Fresh params and optimizer state, initialised in one jitted program (not op by op)."""
-  tx = make_optimizer(train)
-
-  def create(key: jax.Array) -> TrainState:
-    params = model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
-    return TrainState.create(params, tx)
-
-  return jax.jit(create)(jax.random.key(seed))
 
 
 # ---------------------------------------------------------------------------

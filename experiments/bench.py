@@ -4,7 +4,7 @@
     python -m experiments.bench --suite --scale=tiny --out=bench.json
 
 For every (config, dispatch mode) it compiles the real train step
-(`coe_jax.train.make_train_step`, state donated, AdamW included) on a fixed
+(`coe_jax.train_step.make_train_step`, state donated, AdamW included) on a fixed
 random batch and reports: compile seconds; the median, min and max of
 `--steps` step times after `--warmup` warm-up steps, each timed with
 `block_until_ready`; tokens/s (batch x length positions per step); the
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from coe_jax import config_lib, dispatch, train
+from coe_jax import config_lib, dispatch, train, train_step
 from coe_jax.coe_layer import CoELayer
 from coe_jax.layers import compute_dtype
 from coe_jax.model import CoECausalLM
@@ -170,11 +170,11 @@ def build_step_bench(label: str, config: ml_collections.ConfigDict, model_config
                      batch: int, seq: int, memory_only: bool = False) -> StepBench:
   """Compiles the train step; with `memory_only` from abstract state (nothing allocated, not runnable)."""
   model = CoECausalLM(model_config)
-  make_state = lambda: train.init_train_state(model, config.train, config.seed, seq)
+  make_state = lambda: train_step.init_train_state(model, config.train, config.seed, seq)
   state = jax.eval_shape(make_state) if memory_only else make_state()
   data = random_batch(batch, seq, model_config.vocab_size)
   rng = jax.random.key(1)
-  step_fn = jax.jit(train.make_train_step(model, 1, log_routing_stats=False), donate_argnums=0)
+  step_fn = jax.jit(train_step.make_train_step(model, 1, log_routing_stats=False), donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, data, rng).compile()
   compile_seconds = time.perf_counter() - t0

@@ -382,11 +382,11 @@ def test_concatenate_routing_joins_batches():
 
 
 def _train_state(model: CoECausalLM, config: ml_collections.ConfigDict, seed: int = 0):
-  """`train.init_train_state` with a jitted init (eager init costs seconds of CPU)."""
-  from coe_jax import train as train_lib
+  """`train_step.init_train_state` with a jitted init (eager init costs seconds of CPU)."""
+  from coe_jax import optimizer, train_step
   init = ref.fast_jit(model.init)
   params = init(jax.random.key(seed), jnp.zeros((1, S), jnp.int32))["params"]
-  return train_lib.TrainState.create(params, train_lib.make_optimizer(config.train))
+  return train_step.TrainState.create(params, optimizer.make_optimizer(config.train))
 
 
 def _train_config() -> ml_collections.ConfigDict:
@@ -397,12 +397,12 @@ def _train_config() -> ml_collections.ConfigDict:
 
 
 def test_train_step_logs_per_iteration_routing_stats():
-  from coe_jax import train as train_lib
+  from coe_jax import train_step
   model = CoECausalLM(TINY)
   state = _train_state(model, _train_config())
   batch = _batch(seed=2)
-  with_stats = train_lib.make_train_step(model, grad_accum_steps=2, log_routing_stats=True)
-  without = train_lib.make_train_step(model, grad_accum_steps=2, log_routing_stats=False)
+  with_stats = train_step.make_train_step(model, grad_accum_steps=2, log_routing_stats=True)
+  without = train_step.make_train_step(model, grad_accum_steps=2, log_routing_stats=False)
   rng = jax.random.key(0)
   shapes = jax.eval_shape(without, state, batch, rng)[1]
   assert not any(name.endswith("_iter") for name in shapes)

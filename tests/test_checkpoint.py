@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from coe_jax import config_lib, train
+from coe_jax import config_lib, train, train_step
 from coe_jax.checkpoint import Checkpointer, restore_params
 from coe_jax.data import input_pipeline
 from coe_jax.metrics import read_metrics
@@ -39,7 +39,7 @@ def reference_run(tmp_path_factory) -> Path:
 
 def abstract_state(config):
   model = CoECausalLM(config_lib.model_config_from(config, config.data.vocab_size))
-  return jax.eval_shape(lambda: train.init_train_state(model, config.train, config.seed,
+  return jax.eval_shape(lambda: train_step.init_train_state(model, config.train, config.seed,
                                                        config.data.max_length))
 
 

@@ -21,7 +21,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from coe_jax import config_lib, evaluation, train
+from coe_jax import config_lib, evaluation, train_step
 from coe_jax.checkpoint import Checkpointer, save_run_config
 from coe_jax.data import synthetic
 from coe_jax.data.tokenized import build_split, format_example
@@ -188,11 +188,11 @@ def digit_tokenizer(texts: list[str]) -> tokenizers.Tokenizer:
   return tok
 
 
-def _train(config, split, seed: int) -> tuple[train.TrainState, float]:
+def _train(config, split, seed: int) -> tuple[train_step.TrainState, float]:
   """config.train.steps steps of the library's train step on random batches of `split`."""
   model = CoECausalLM(config_lib.model_config_from(config))
-  state = jax.jit(lambda: train.init_train_state(model, config.train, config.seed, ARITH_LEN))()
-  step = jax.jit(train.make_train_step(model, log_routing_stats=False), donate_argnums=0)
+  state = jax.jit(lambda: train_step.init_train_state(model, config.train, config.seed, ARITH_LEN))()
+  step = jax.jit(train_step.make_train_step(model, log_routing_stats=False), donate_argnums=0)
   order = np.random.default_rng(seed)
   for _ in range(config.train.steps):
     state, metrics = step(state, split.batch(order.integers(0, split.num_rows, ARITH_BATCH)),

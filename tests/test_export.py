@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax import config_lib, hf_files, train
+from coe_jax import config_lib, hf_files, optimizer, train_step
 from coe_jax.checkpoint import Checkpointer, save_run_config
 from coe_jax.data.tokenizer import train_bpe
 from coe_jax.run_dir import load_run
@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory):
   config = _tiny_config(tok.get_vocab_size())
   model_config = config_lib.model_config_from(config)
   params = ref.random_params(CoECausalLM(model_config).init, jnp.zeros((1, 8), jnp.int32), seed=1)
-  state = train.TrainState.create(jax.tree.map(jnp.asarray, params), train.make_optimizer(config.train))
+  state = train_step.TrainState.create(jax.tree.map(jnp.asarray, params), optimizer.make_optimizer(config.train))
   state = state.replace(step=jnp.asarray(STEP, jnp.int32))
   save_run_config(str(workdir), json.loads(config.to_json_best_effort()))
   checkpointer = Checkpointer(str(workdir), async_save=False)
@@ -118,7 +118,7 @@ def test_imported_run_resumes_as_a_training_state(run_dir, tmp_path):
   config = _tiny_config(0)
   hf_files.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=config)
   config.model.vocab_size = model_config.vocab_size  # the printed --config.model.* override
-  template = jax.eval_shape(lambda: train.init_train_state(CoECausalLM(model_config),
+  template = jax.eval_shape(lambda: train_step.init_train_state(CoECausalLM(model_config),
                                                          config.train, 0, 8))
   checkpointer = Checkpointer(str(tmp_path / "run2"))
   state, data_state, step = checkpointer.restore(template)

@@ -1,4 +1,4 @@
-"""train.make_optimizer (fused clip + AdamW) against the optax chain it replaces."""
+"""optimizer.make_optimizer (fused clip + AdamW) against the optax chain it replaces."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from coe_jax import train
+from coe_jax import optimizer
 
 
 def _train_config(**changes):
@@ -30,7 +30,7 @@ def _params(seed=0):
                                      dict(weight_decay=0.0, schedule="constant")])
 def test_fused_optimizer_matches_the_optax_chain_over_steps(changes):
   cfg = _train_config(**changes)
-  fused, reference = train.make_optimizer(cfg), train.make_reference_optimizer(cfg)
+  fused, reference = optimizer.make_optimizer(cfg), optimizer.make_reference_optimizer(cfg)
   params = _params()
   states = {"fused": (params, fused.init(params)), "reference": (params, reference.init(params))}
   assert jax.tree.structure(states["fused"][1]) == jax.tree.structure(states["reference"][1])
@@ -53,7 +53,7 @@ def test_fused_optimizer_matches_the_optax_chain_over_steps(changes):
 
 def test_fused_optimizer_decays_matrices_but_not_norm_scales():
   cfg = _train_config(weight_decay=0.5, warmup_fraction=0.0, schedule="constant", lr=0.1)
-  fused = train.make_optimizer(cfg)
+  fused = optimizer.make_optimizer(cfg)
   params = _params()
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = fused.update(zeros, fused.init(params), params)
@@ -63,7 +63,7 @@ def test_fused_optimizer_decays_matrices_but_not_norm_scales():
 
 
 def test_fused_optimizer_needs_params():
-  fused = train.make_optimizer(_train_config())
+  fused = optimizer.make_optimizer(_train_config())
   params = _params()
   with pytest.raises(ValueError, match="params"):
     fused.update(params, fused.init(params), None)

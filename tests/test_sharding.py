@@ -71,7 +71,7 @@ def _max_norm_relative_error(tree, reference_tree) -> float:
 def _loss_and_grad_results(model_config, params, batch) -> dict:
   """Loss and gradients on one device and on every mesh of MESHES."""
   import jax
-  from coe_jax import sharding, train
+  from coe_jax import sharding, train_step
   from coe_jax.model import CoECausalLM
 
   def value_and_grad_fn(expert_parallel):
@@ -80,7 +80,7 @@ def _loss_and_grad_results(model_config, params, batch) -> dict:
     def loss_fn(params_, batch_):
       logits, aux = model.apply({"params": params_}, batch_["input_ids"], batch_["attention_mask"],
                                 batch_["positions"], batch_["segment_ids"], train=True)
-      ce_sum, count = train.cross_entropy_sum(logits, batch_)
+      ce_sum, count = train_step.cross_entropy_sum(logits, batch_)
       return ce_sum / count + aux.aux_loss + aux.z_loss
 
     return jax.value_and_grad(loss_fn)
@@ -109,7 +109,7 @@ def _training_results(model_config, batch) -> dict:
   """TRAIN_STEPS AdamW steps on one device and on the TRAIN_MESH, as train.py runs them."""
   import jax
   import ml_collections
-  from coe_jax import config_lib, sharding, train
+  from coe_jax import config_lib, sharding, train_step
   from coe_jax.model import CoECausalLM
 
   train_config = config_lib.build("tiny").train
@@ -120,8 +120,8 @@ def _training_results(model_config, batch) -> dict:
                          ("mesh", sharding.Parallelism(sharding.make_mesh(**mesh_config)))):
     model = CoECausalLM(model_config.replace(dispatch="dropless"),
                         expert_parallel=parallel.expert_parallel())
-    state = parallel.init_state(lambda: train.init_train_state(model, train_config, 0, 16))
-    step = parallel.jit_train_step(train.make_train_step(model, grad_accum_steps=2), state)
+    state = parallel.init_state(lambda: train_step.init_train_state(model, train_config, 0, 16))
+    step = parallel.jit_train_step(train_step.make_train_step(model, grad_accum_steps=2), state)
     losses = []
     for i in range(TRAIN_STEPS):
       state, metrics = step(state, parallel.shard_batch(batch), jax.random.key(i))

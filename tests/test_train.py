@@ -24,7 +24,7 @@ import optax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from coe_jax import config_lib, train
+from coe_jax import config_lib, optimizer, train, train_step
 from coe_jax.model import CoECausalLM
 from coe_jax.model_config import ConfigError
 from coe_jax.metrics import read_metrics
@@ -188,7 +188,7 @@ def test_validate_config_accepts_the_small_config_and_resolves_the_model():
 # ---------------------------------------------------------------------------
 
 def test_learning_rate_warms_up_linearly_over_ten_percent_then_stays_constant():
-  schedule = train.learning_rate_schedule(small_config(train__steps=200, train__lr=3e-4).train)
+  schedule = optimizer.learning_rate_schedule(small_config(train__steps=200, train__lr=3e-4).train)
   lrs = np.array([schedule(step) for step in range(200)])
   np.testing.assert_allclose(lrs[:21], 3e-4 * np.arange(21) / 20, rtol=1e-6, atol=1e-12)
   np.testing.assert_allclose(lrs[20:], 3e-4, rtol=1e-6)
@@ -196,7 +196,7 @@ def test_learning_rate_warms_up_linearly_over_ten_percent_then_stays_constant():
 
 def test_cosine_schedule_decays_from_peak_to_zero_after_warm_up():
   config = small_config(train__steps=100, train__lr=1e-3, train__schedule="cosine")
-  schedule = train.learning_rate_schedule(config.train)
+  schedule = optimizer.learning_rate_schedule(config.train)
   assert float(schedule(5)) == pytest.approx(5e-4, rel=1e-6)
   assert float(schedule(10)) == pytest.approx(1e-3, rel=1e-6)
   assert float(schedule(55)) == pytest.approx(5e-4, rel=1e-5)  # half-way through the cosine
@@ -212,7 +212,7 @@ def abstract_params(config: ml_collections.ConfigDict) -> Any:
 def test_adamw_decays_matrices_but_not_norm_scales():
   config = small_config(train__warmup_fraction=0.0, train__lr=0.1, train__weight_decay=0.01)
   params = jax.tree.map(lambda s: jnp.full(s.shape, 2.0, s.dtype), abstract_params(config))
-  tx = train.make_optimizer(config.train)
+  tx = optimizer.make_optimizer(config.train)
 
   @jax.jit
   def one_step_without_gradient(params):
@@ -235,7 +235,7 @@ def test_optimizer_clips_the_global_gradient_norm_to_one():
   config = small_config(train__warmup_fraction=0.0)
   params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(5)}
   grads = {"w": jnp.full((4, 3), 3.0), "b": jnp.arange(5.0)}  # global norm sqrt(108 + 30)
-  tx = train.make_optimizer(config.train)
+  tx = optimizer.make_optimizer(config.train)
   _, state = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
   first_moment = state[1][0].mu  # adamw's mu after one step: (1 - b1) * clipped gradient
   scale = 1 / math.sqrt(138.0)
@@ -264,14 +264,14 @@ def step_setup():
   """(config, fp32 initial state, a batch)."""
   config = small_config()
   model = CoECausalLM(config_lib.model_config_from(config, config.data.vocab_size))
-  state = train.init_train_state(model, config.train, config.seed, config.data.max_length)
+  state = train_step.init_train_state(model, config.train, config.seed, config.data.max_length)
   return config, state, random_batch(config)
 
 
 def run_step(config, state, batch, grad_accum_steps=1, dtype="float32"):
   """One donated, jitted train step on a copy of `state`; returns (old copy, new state, metrics)."""
   model_config = config_lib.model_config_from(config, config.data.vocab_size).replace(dtype=dtype)
-  step = jax.jit(train.make_train_step(CoECausalLM(model_config), grad_accum_steps),
+  step = jax.jit(train_step.make_train_step(CoECausalLM(model_config), grad_accum_steps),
                  donate_argnums=0)
   before = jax.tree.map(jnp.copy, state)
   after, metrics = step(before, batch, jax.random.key(0))
@@ -355,7 +355,7 @@ def test_metrics_jsonl_tensorboard_and_loss_png_are_written(trained_run):
     assert not missing, (row["step"], missing)
     assert all(math.isfinite(value) for value in row.values())
   assert [row["step"] for row in rows if "val/loss" in row] == [10, 20, 30]
-  schedule = train.learning_rate_schedule(small_config().train)
+  schedule = optimizer.learning_rate_schedule(small_config().train)
   assert [row["train/lr"] for row in rows] == pytest.approx([float(schedule(s)) for s in range(30)])
   assert rows[0]["train/lr"] == 0.0 and rows[-1]["train/lr"] == pytest.approx(3e-3)
   assert {f"train/load_cv_iter/{i}" for i in range(2)} <= set(rows[0])  # per CoE iteration

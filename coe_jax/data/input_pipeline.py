@@ -159,7 +159,7 @@ class Datasets:
     reference's torch sampler draws another permutation, so the rows differ but
     the protocol is the same), then the first `num_batches` full batches of
     `batch_size` rows (fewer when the split is smaller). Score them with
-    `train.evaluate_batch_means`: the mean of the per-batch mean losses.
+    `train_step.evaluate_batch_means`: the mean of the per-batch mean losses.
     """
     order = np.random.default_rng(seed).permutation(self.val.num_rows)
     return [self.val.batch(order[start:start + batch_size])

@@ -1,7 +1,7 @@
 """The evaluation tasks on a trained run: validation loss, GSM8K and MATH answer accuracy.
 
 * `val_loss`: mean token cross-entropy and perplexity with the training loss
-  (`train.make_eval_step`, `train.evaluate`, the run's own targets). Without
+  (`train_step.make_eval_step`, `train_step.evaluate`, the run's own targets). Without
   `data` it uses the run's validation split (reproducing the run's `val/loss`);
   with `data`, any jsonl of query/response rows (GSM8K question/answer and MATH
   problem/solution rows are converted to the training text first).
@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from coe_jax import train
+from coe_jax import train_step
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.data.tokenized import build_split, format_example, format_prompt
@@ -138,12 +138,12 @@ def validation_loss(run: Run, problems: Optional[list[Problem]] = None, *, batch
     eos = tokenizer_lib.eos_id(run.tokenizer) if run.config.data.get("eos_target", False) else None
     split = build_split(run.tokenizer, texts, max_length, tokenizer_lib.pad_id(run.tokenizer), False,
                         eos_id=eos)  # the run's own targets: with EOS iff it trained with them
-  eval_step = jax.jit(train.make_eval_step(run.model))
+  eval_step = jax.jit(train_step.make_eval_step(run.model))
   batches = (split.batch(range(start, min(start + batch_size, split.num_rows)),
                          pad_rows=max(0, start + batch_size - split.num_rows))
              for start in _bar(range(0, split.num_rows, batch_size), progress, desc="val_loss",
                                unit="batch"))
-  loss, count = train.evaluate(eval_step, run.params, batches, with_count=True)
+  loss, count = train_step.evaluate(eval_step, run.params, batches, with_count=True)
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count,
           "examples": split.num_examples}
 
