@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from coe_jax import config_lib, dispatch, train, train_step
+from coe_jax import blocked, config_lib, dispatch, train, train_step
 from coe_jax.coe_layer import CoELayer
 from coe_jax.layers import compute_dtype
 from coe_jax.model import CoECausalLM
@@ -204,7 +204,7 @@ def summarize_step(bench: StepBench, matmul_flops_per_s: float,
       label=bench.label, dispatch=bench.model_config.dispatch,
       dropless_impl=dispatch.resolve_dropless_impl(bench.model_config.dropless_impl)
       if bench.model_config.dispatch == "dropless" else None,
-      dropless_tile=bench.model_config.dropless_tile or dispatch.default_dropless_tile(
+      dropless_tile=bench.model_config.dropless_tile or blocked.default_dropless_tile(
           batch * seq * bench.model_config.num_experts_per_tok, bench.model_config.n_routed_experts),
       C=bench.model_config.num_iterations, K=bench.model_config.num_experts_per_tok,
       N_routed=bench.model_config.n_routed_experts, dtype=bench.model_config.dtype,

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax import dispatch as dispatch_lib
-from coe_jax.dispatch import (assignment_slots, blocked_dispatch, blocked_layout, capacity_dispatch,
-                              dispatch_to_experts, expert_capacity, num_blocked_tiles)
+from coe_jax import blocked
+from coe_jax.blocked import blocked_dispatch, blocked_layout, num_blocked_tiles
+from coe_jax.dispatch import (assignment_slots, capacity_dispatch, dispatch_to_experts,
+                              expert_capacity)
 from coe_jax.experts import SwiGLUWeights, swiglu
 from coe_jax.model_config import ConfigError, ModelConfig
 
@@ -326,7 +327,7 @@ def test_blocked_swiglu_runs_only_the_used_tiles():
   tiles = jnp.asarray(x).reshape(4, 3, D)  # every row non-zero
   tile_expert = jnp.asarray([0, 1, 1, 2], jnp.int32)
   for per_step in (1, 2):
-    out = np.asarray(dispatch_lib.blocked_swiglu(tiles, tile_expert, jnp.int32(3), weights.gate,
+    out = np.asarray(blocked.blocked_swiglu(tiles, tile_expert, jnp.int32(3), weights.gate,
                                                  weights.up, weights.down, per_step))
     for i, e in enumerate([0, 1, 1]):
       expert = SwiGLUWeights(weights.gate[e], weights.up[e], weights.down[e])
@@ -338,17 +339,17 @@ def test_blocked_swiglu_runs_only_the_used_tiles():
 def test_blocked_padding_rows_are_zero():
   x, ids, cw, weights, _ = _random_problem(15, num_tokens=9, num_experts=5, k=2)
   seen = {}
-  original = dispatch_lib.blocked_swiglu
+  original = blocked.blocked_swiglu
 
   def spy(tiles, tile_expert, used_tiles, *rest):
     seen.update(tiles=tiles, used=used_tiles)
     return original(tiles, tile_expert, used_tiles, *rest)
 
-  dispatch_lib.blocked_swiglu = spy
+  blocked.blocked_swiglu = spy
   try:
     out = blocked_dispatch(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, tile=4)
   finally:
-    dispatch_lib.blocked_swiglu = original
+    blocked.blocked_swiglu = original
   tiles = np.asarray(seen["tiles"]).reshape(-1, D)
   layout = blocked_layout(jnp.asarray(ids), 5, 4, np.asarray(seen["tiles"]).shape[0])
   of_row = np.asarray(layout.assignment_of_row)
@@ -366,7 +367,7 @@ def test_dropless_tile_is_validated():
 
 
 def test_default_dropless_tile_follows_the_mean_load():
-  from coe_jax.dispatch import default_dropless_tile
+  from coe_jax.blocked import default_dropless_tile
   assert default_dropless_tile(512 * 8, 63) == 64  # mean load 65 (the paper-width CPU bench)
   assert default_dropless_tile(512 * 4, 63) == 32  # mean load 32.5 (CoE(C=2,K=4) there)
   assert default_dropless_tile(64 * 4, 31) == 8  # mean load 8.3
