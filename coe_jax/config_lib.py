@@ -31,7 +31,7 @@ from typing import Any, Optional
 import ml_collections
 
 from coe_jax.data.input_pipeline import default_data_config
-from coe_jax.model_config import ConfigError, ModelConfig
+from coe_jax.nn.model_config import ConfigError, ModelConfig
 
 SCALES = ("paper", "tiny", "narrow")
 PAPER_EXPERTS = 64  # the paper's N, shared expert included
@@ -97,7 +97,7 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
       log_every=1,  # fetch and write train metrics every N steps
       log_routing_stats=True,  # per-iteration load CV / entropy / dropped fraction in metrics
       # Peak dense TFLOP/s of one device, the denominator of train/mfu: -1 = look the device kind
-      # up in coe_jax.flops.PEAK_TFLOPS (H100, H200, A100, B200, TPUs; MFU omitted for a kind not
+      # up in coe_jax.nn.flops.PEAK_TFLOPS (H100, H200, A100, B200, TPUs; MFU omitted for a kind not
       # there, e.g. CPUs), 0 = unknown (MFU omitted), > 0 = this value.
       peak_tflops_per_device=-1.0,
       # Steps to trace with jax.profiler, 'START:STOP' (the steps logged as START+1 .. STOP, e.g.
@@ -110,7 +110,7 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
 
 
 def _mesh_config() -> ml_collections.ConfigDict:
-  """Device mesh and multi-host start (see `coe_jax.sharding`); ignored on one device."""
+  """Device mesh and multi-host start (see `coe_jax.training.sharding`); ignored on one device."""
   return ml_collections.ConfigDict(dict(
       data=-1,  # data-parallel ways; -1 = every device not used by fsdp/expert
       fsdp=1,  # ways to split params and optimizer state (ZeRO-3 style, all-gathered at use)

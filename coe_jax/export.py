@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from coe_jax.hf_files import IMPORT_DISPATCH, export_run, import_hf, override_flags
+from coe_jax.inference.hf_files import IMPORT_DISPATCH, export_run, import_hf, override_flags
 
 
 # ----------------------------------------------------------------------------

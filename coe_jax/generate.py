@@ -8,8 +8,8 @@ from __future__ import annotations
 from absl import app, flags
 
 from coe_jax.data.tokenized import format_prompt
-from coe_jax.decoding import complete
-from coe_jax.run_dir import load_run
+from coe_jax.inference.decoding import complete
+from coe_jax.inference.run_dir import load_run
 
 
 # ----------------------------------------------------------------------------

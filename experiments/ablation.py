@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from coe_jax import config_lib
-from coe_jax.params import count_params
+from coe_jax.nn.params import count_params
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"

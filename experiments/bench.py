@@ -4,7 +4,7 @@
     python -m experiments.bench --suite --scale=tiny --out=bench.json
 
 For every (config, dispatch mode) it compiles the real train step
-(`coe_jax.train_step.make_train_step`, state donated, AdamW included) on a fixed
+(`coe_jax.training.train_step.make_train_step`, state donated, AdamW included) on a fixed
 random batch and reports: compile seconds; the median, min and max of
 `--steps` step times after `--warmup` warm-up steps, each timed with
 `block_until_ready`; tokens/s (batch x length positions per step); the
@@ -53,13 +53,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from coe_jax import blocked, config_lib, dispatch, train, train_step
-from coe_jax.coe_layer import CoELayer
-from coe_jax.layers import compute_dtype
-from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ModelConfig
+from coe_jax import config_lib
+from coe_jax.nn import blocked, dispatch
+from coe_jax.training import train, train_step
+from coe_jax.nn.coe_layer import CoELayer
+from coe_jax.nn.layers import compute_dtype
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model_config import ModelConfig
 # The analytic FLOP count lives in the library: the training log reports the same numbers.
-from coe_jax.flops import FlopCount, flops_per_token  # noqa: F401 (re-exported)
+from coe_jax.nn.flops import FlopCount, flops_per_token  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = (("MoE(K=8)", "configs/moe_k8.py"), ("CoE(C=2,K=4)", "configs/coe_c2.py"),

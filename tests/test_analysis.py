@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 
 import numpy_reference as ref
 from coe_jax import analysis
-from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model_config import ModelConfig
 
 N = 6  # routed experts of the hand-made routing
 
@@ -383,7 +383,7 @@ def test_concatenate_routing_joins_batches():
 
 def _train_state(model: CoECausalLM, config: ml_collections.ConfigDict, seed: int = 0):
   """`train_step.init_train_state` with a jitted init (eager init costs seconds of CPU)."""
-  from coe_jax import optimizer, train_step
+  from coe_jax.training import optimizer, train_step
   init = ref.fast_jit(model.init)
   params = init(jax.random.key(seed), jnp.zeros((1, S), jnp.int32))["params"]
   return train_step.TrainState.create(params, optimizer.make_optimizer(config.train))
@@ -397,7 +397,7 @@ def _train_config() -> ml_collections.ConfigDict:
 
 
 def test_train_step_logs_per_iteration_routing_stats():
-  from coe_jax import train_step
+  from coe_jax.training import train_step
   model = CoECausalLM(TINY)
   state = _train_state(model, _train_config())
   batch = _batch(seed=2)
@@ -425,7 +425,7 @@ def test_train_step_logs_per_iteration_routing_stats():
 # ----------------------------------------------------------------------------
 
 def test_load_run_restores_the_checkpointed_params(tmp_path):
-  from coe_jax.checkpoint import Checkpointer, save_run_config
+  from coe_jax.training.checkpoint import Checkpointer, save_run_config
   config = _train_config()
   model = CoECausalLM(TINY)
   state = _train_state(model, config, seed=3)

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.attention: MLA + YaRN against an independent float64 numpy forward."""
+"""Tests for coe_jax.nn.attention: MLA + YaRN against an independent float64 numpy forward."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax.attention import (MultiHeadLatentAttention, apply_rotary, make_attention_mask,
+from coe_jax.nn.attention import (MultiHeadLatentAttention, apply_rotary, make_attention_mask,
                                rotary_cos_sin, rotary_mscale, softmax_scale, yarn_inv_freq)
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.model_config import ModelConfig
 
 SEQ = 12
 SMALL = ModelConfig(vocab_size=64, hidden_size=32, num_heads=4, kv_lora_rank=16,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.model_config import ModelConfig
 from experiments import bench
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.checkpoint and resumption: exact resume, refusals, the NaN stop.
+"""Tests for coe_jax.training.checkpoint and resumption: exact resume, refusals, the NaN stop.
 
 Uses the shrunk config and compilation settings of test_train (see its docstring).
 """
@@ -16,13 +16,14 @@ import jax
 import numpy as np
 import pytest
 
-from coe_jax import config_lib, train, train_step
-from coe_jax.checkpoint import Checkpointer, restore_params
+from coe_jax import config_lib
+from coe_jax.training import train, train_step
+from coe_jax.training.checkpoint import Checkpointer, restore_params
 from coe_jax.data import input_pipeline
-from coe_jax.metrics import read_metrics
-from coe_jax.model import CoECausalLM
-from coe_jax.checkpoint import FUNCTION_MODEL_FIELDS, check_resumable
-from coe_jax.model_config import EXECUTION, FIELD_KINDS, FUNCTION, ConfigError, ModelConfig
+from coe_jax.training.metrics import read_metrics
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.training.checkpoint import FUNCTION_MODEL_FIELDS, check_resumable
+from coe_jax.nn.model_config import EXECUTION, FIELD_KINDS, FUNCTION, ConfigError, ModelConfig
 from test_train import (fast_compilation, metric_rows, shared_trained_run,  # noqa: F401 (fixture)
                         small_config, tensorboard_scalars)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from coe_jax.checkpoint import Checkpointer
-from coe_jax.metrics import read_metrics
+from coe_jax.training.checkpoint import Checkpointer
+from coe_jax.training.metrics import read_metrics
 from test_train import REPO, REQUIRED_TRAIN_KEYS, SMALL, jax_cache_env
 
 # Enough steps that the run is still going when SIGTERM arrives; the warm-up stays at

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.coe_layer: every switch against a float64 numpy SPEC 2 implementation."""
+"""Tests for coe_jax.nn.coe_layer: every switch against a float64 numpy SPEC 2 implementation."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax.coe_config import CoEConfig
-from coe_jax.coe_layer import CoELayer, expert_pass
-from coe_jax.dispatch import expert_capacity
-from coe_jax.experts import SwiGLUWeights
-from coe_jax.layers import rms_norm
+from coe_jax.nn.coe_config import CoEConfig
+from coe_jax.nn.coe_layer import CoELayer, expert_pass
+from coe_jax.nn.dispatch import expert_capacity
+from coe_jax.nn.experts import SwiGLUWeights
+from coe_jax.nn.layers import rms_norm
 
 B, S, D = 2, 6, 16
 BASE = CoEConfig(hidden_size=D, n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,

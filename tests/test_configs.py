@@ -9,8 +9,9 @@ from fractions import Fraction
 
 import pytest
 
-from coe_jax import config_lib, train
-from coe_jax.params import count_params
+from coe_jax import config_lib
+from coe_jax.training import train
+from coe_jax.nn.params import count_params
 from experiments.ablation import SUITES, load_config, memory_saving_percent
 
 PAPER_RUNS = SUITES["paper"]

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.convert: the authors' Hugging Face layout <-> our params."""
+"""Tests for coe_jax.inference.convert: the authors' Hugging Face layout <-> our params."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax.convert import from_hf, to_hf
-from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ConfigError, ModelConfig
+from coe_jax.inference.convert import from_hf, to_hf
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model_config import ConfigError, ModelConfig
 
 B, S = 2, 7
 # Our float32 logits against the float64 reference: float32 rounding only, no dropped tokens.

@@ -22,7 +22,7 @@ from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import (build_datasets, default_data_config, format_example,
                                          validate_data_config)
 from coe_jax.data.tokenized import build_split
-from coe_jax.model_config import ConfigError, DataError
+from coe_jax.nn.model_config import ConfigError, DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]

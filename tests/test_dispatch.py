@@ -1,4 +1,4 @@
-"""Tests for coe_jax.dispatch: capacity vs dropless (gather, ragged_dot, blocked) vs numpy (SPEC 3)."""
+"""Tests for coe_jax.nn.dispatch: capacity vs dropless (gather, ragged_dot, blocked) vs numpy (SPEC 3)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax import blocked
-from coe_jax.blocked import blocked_dispatch, blocked_layout, num_blocked_tiles
-from coe_jax.dispatch import (assignment_slots, capacity_dispatch, dispatch_to_experts,
+from coe_jax.nn import blocked
+from coe_jax.nn.blocked import blocked_dispatch, blocked_layout, num_blocked_tiles
+from coe_jax.nn.dispatch import (assignment_slots, capacity_dispatch, dispatch_to_experts,
                               expert_capacity)
-from coe_jax.experts import SwiGLUWeights, swiglu
-from coe_jax.model_config import ConfigError, ModelConfig
+from coe_jax.nn.experts import SwiGLUWeights, swiglu
+from coe_jax.nn.model_config import ConfigError, ModelConfig
 
 T, D, F, N, K = 12, 16, 8, 6, 2
 
@@ -367,7 +367,7 @@ def test_dropless_tile_is_validated():
 
 
 def test_default_dropless_tile_follows_the_mean_load():
-  from coe_jax.blocked import default_dropless_tile
+  from coe_jax.nn.blocked import default_dropless_tile
   assert default_dropless_tile(512 * 8, 63) == 64  # mean load 65 (the paper-width CPU bench)
   assert default_dropless_tile(512 * 4, 63) == 32  # mean load 32.5 (CoE(C=2,K=4) there)
   assert default_dropless_tile(64 * 4, 31) == 8  # mean load 8.3

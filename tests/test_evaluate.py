@@ -21,12 +21,13 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from coe_jax import config_lib, evaluation, train_step
-from coe_jax.checkpoint import Checkpointer, save_run_config
+from coe_jax import config_lib, evaluation
+from coe_jax.training import train_step
+from coe_jax.training.checkpoint import Checkpointer, save_run_config
 from coe_jax.data import synthetic
 from coe_jax.data.tokenized import build_split, format_example
 from coe_jax.data.tokenizer import EOS_TOKEN, PAD_TOKEN, pad_id
-from coe_jax.model import CoECausalLM
+from coe_jax.nn.model import CoECausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -243,7 +244,7 @@ def arithmetic_run(tmp_path_factory):
 def teacher_forced_shortfall(run, prompts: list[str], completions) -> float:
   """Largest (max logit - logit of the generated token) of the uncached model's full forward
   pass over prompt + generation, at every generated position (0 when greedy decoding agrees)."""
-  from coe_jax.decoding import decode_config
+  from coe_jax.inference.decoding import decode_config
   rows = [run.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
   full = [r + c.token_ids for r, c in zip(rows, completions)]
   width = max(len(r) for r in full)
@@ -264,8 +265,8 @@ def teacher_forced_shortfall(run, prompts: list[str], completions) -> float:
 @pytest.mark.slow
 def test_greedy_generation_is_the_argmax_of_the_full_forward_pass(arithmetic_run, tmp_path):
   """evaluate_run's greedy answers are, token by token, the uncached model's argmax."""
-  from coe_jax.decoding import complete
-  from coe_jax.run_dir import load_run
+  from coe_jax.inference.decoding import complete
+  from coe_jax.inference.run_dir import load_run
   workdir = arithmetic_run["workdir"]
   # Unseen additions (uncertain answers) and memorised ones (confident, stop at end-of-text).
   problems = (evaluation.load_problems("gsm8k", arithmetic_run["held_out"])

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax import config_lib, hf_files, optimizer, train_step
-from coe_jax.checkpoint import Checkpointer, save_run_config
+from coe_jax import config_lib
+from coe_jax.inference import hf_files
+from coe_jax.training import optimizer, train_step
+from coe_jax.training.checkpoint import Checkpointer, save_run_config
 from coe_jax.data.tokenizer import train_bpe
-from coe_jax.run_dir import load_run
-from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ConfigError
+from coe_jax.inference.run_dir import load_run
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP = 7

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax import decoding as gen
-from coe_jax.model import CoECausalLM, init_decode_cache
-from coe_jax.model_config import ModelConfig
+from coe_jax.inference import decoding as gen
+from coe_jax.nn.model import CoECausalLM, init_decode_cache
+from coe_jax.nn.model_config import ModelConfig
 
 V = 48
 TINY = ModelConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, kv_lora_rank=8,

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.model (the whole LM) and coe_jax.model_config validation."""
+"""Tests for coe_jax.nn.model (the whole LM) and coe_jax.nn.model_config validation."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax.attention import make_attention_mask
-from coe_jax.model import CoECausalLM, DecoderLayer
-from coe_jax.model_config import ConfigError, ModelConfig
+from coe_jax.nn.attention import make_attention_mask
+from coe_jax.nn.model import CoECausalLM, DecoderLayer
+from coe_jax.nn.model_config import ConfigError, ModelConfig
 
 B, S, V = 2, 8, 48
 TINY = ModelConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, kv_lora_rank=8,

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coe_jax import sharding, train
-from coe_jax.checkpoint import Checkpointer, restore_params
+from coe_jax.training import sharding, train
+from coe_jax.training.checkpoint import Checkpointer, restore_params
 from coe_jax.data import input_pipeline
-from coe_jax.flops import known_peak_tflops, peak_tflops_per_device
-from coe_jax.metrics import MetricWriter, read_metrics
-from coe_jax.model_config import ConfigError
+from coe_jax.nn.flops import known_peak_tflops, peak_tflops_per_device
+from coe_jax.training.metrics import MetricWriter, read_metrics
+from coe_jax.nn.model_config import ConfigError
 from test_checkpoint import abstract_state, max_abs_diff
 from test_train import (REPO, SMALL, fast_compilation, jax_cache_env,  # noqa: F401 (fixture)
                         shared_trained_run, small_config)
@@ -244,7 +244,7 @@ def test_metrics_of_a_step_are_read_after_the_next_step_is_launched(second_leg):
 def test_training_log_reports_model_flops_tflops_and_mfu(second_leg):
   summary = second_leg["summary"]
   from coe_jax import config_lib
-  from coe_jax.flops import flops_per_token
+  from coe_jax.nn.flops import flops_per_token
   config = small_config()
   model_config = config_lib.model_config_from(config, summary["vocab_size"])
   assert summary["train_flops_per_token"] == flops_per_token(model_config, 32).train > 0

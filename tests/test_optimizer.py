@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from coe_jax import optimizer
+from coe_jax.training import optimizer
 
 
 def _train_config(**changes):

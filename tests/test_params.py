@@ -1,4 +1,4 @@
-"""Tests for coe_jax.params: analytic counts vs real trees, and the paper's hand counts."""
+"""Tests for coe_jax.nn.params: analytic counts vs real trees, and the paper's hand counts."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import pytest
 
 import numpy_reference as ref
-from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ModelConfig
-from coe_jax.params import count_params, format_counts, tree_size
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model_config import ModelConfig
+from coe_jax.nn.params import count_params, format_counts, tree_size
 
 SMALL = ModelConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, kv_lora_rank=8,
                     qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=7,

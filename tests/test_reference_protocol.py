@@ -21,9 +21,9 @@ import pytest
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import Datasets, build_datasets, format_example
 from coe_jax.data.tokenized import build_split
-from coe_jax.metrics import read_metrics
-from coe_jax.train_step import evaluate, evaluate_batch_means, next_token_targets
-from coe_jax.train import train_and_evaluate
+from coe_jax.training.metrics import read_metrics
+from coe_jax.training.train_step import evaluate, evaluate_batch_means, next_token_targets
+from coe_jax.training.train import train_and_evaluate
 
 from test_data import ROWS, shared_math_qa_config
 from test_train import small_config

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.router against independent float64 numpy (SPEC 3)."""
+"""Tests for coe_jax.nn.router against independent float64 numpy (SPEC 3)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from coe_jax.layers import torch_linear_default_init
-from coe_jax.router import route, router_z_loss, sequence_load_balancing_loss
+from coe_jax.nn.layers import torch_linear_default_init
+from coe_jax.nn.router import route, router_z_loss, sequence_load_balancing_loss
 
 B, S, D, N, K = 2, 7, 16, 8, 3
 

@@ -1,4 +1,4 @@
-"""Sharded training on 8 CPU devices equals single-device training (coe_jax.sharding).
+"""Sharded training on 8 CPU devices equals single-device training (coe_jax.training.sharding).
 
 The device count is an XLA flag that must be set before jax is imported, so the
 multi-device checks run once, in a subprocess that executes this very file as
@@ -32,7 +32,7 @@ WORKER_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimiza
 # ---------------------------------------------------------------------------
 
 def _worker_config():
-  from coe_jax.model_config import ModelConfig
+  from coe_jax.nn.model_config import ModelConfig
   # C=2, K=2 of 8 routed + 1 shared. capacity_factor = N/K gives capacity = tokens:
   # nothing drops, so the per-device capacity of a mesh cannot change the result.
   return ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, kv_lora_rank=16,
@@ -71,8 +71,8 @@ def _max_norm_relative_error(tree, reference_tree) -> float:
 def _loss_and_grad_results(model_config, params, batch) -> dict:
   """Loss and gradients on one device and on every mesh of MESHES."""
   import jax
-  from coe_jax import sharding, train_step
-  from coe_jax.model import CoECausalLM
+  from coe_jax.training import sharding, train_step
+  from coe_jax.nn.model import CoECausalLM
 
   def value_and_grad_fn(expert_parallel):
     model = CoECausalLM(model_config, expert_parallel=expert_parallel)
@@ -109,8 +109,9 @@ def _training_results(model_config, batch) -> dict:
   """TRAIN_STEPS AdamW steps on one device and on the TRAIN_MESH, as train.py runs them."""
   import jax
   import ml_collections
-  from coe_jax import config_lib, sharding, train_step
-  from coe_jax.model import CoECausalLM
+  from coe_jax import config_lib
+  from coe_jax.training import sharding, train_step
+  from coe_jax.nn.model import CoECausalLM
 
   train_config = config_lib.build("tiny").train
   train_config.lr, train_config.warmup_fraction = 1e-2, 0.0
@@ -151,7 +152,7 @@ def _leaf_at(tree, names):
 
 def run_worker(out_path: str) -> None:
   import jax
-  from coe_jax.model import CoECausalLM
+  from coe_jax.nn.model import CoECausalLM
   assert jax.device_count() == 8, jax.devices()
   cfg = _worker_config()
   batch = _worker_batch()
@@ -221,8 +222,8 @@ def test_expert_params_and_adam_moments_are_split_over_expert_axis(worker_result
 
 
 def test_mesh_shape_fills_the_free_axis_and_rejects_bad_shapes():
-  from coe_jax.model_config import ConfigError
-  from coe_jax.sharding import mesh_shape
+  from coe_jax.nn.model_config import ConfigError
+  from coe_jax.training.sharding import mesh_shape
   assert mesh_shape(-1, 1, 4, 8) == (2, 1, 4)
   assert mesh_shape(2, -1, 2, 8) == (2, 2, 2)
   with pytest.raises(ConfigError, match="mesh"):
@@ -234,7 +235,7 @@ def test_mesh_shape_fills_the_free_axis_and_rejects_bad_shapes():
 
 
 def test_param_spec_rules():
-  from coe_jax.sharding import param_spec
+  from coe_jax.training.sharding import param_spec
   from jax.sharding import PartitionSpec as P
   sizes = dict(data=2, fsdp=1, expert=4)
   expert_path = ["params", "layers", "mlp", "routed_experts", "gate_proj"]
@@ -248,8 +249,8 @@ def test_param_spec_rules():
 
 def test_validate_for_mesh_names_the_field_and_the_allowed_values():
   from jax.sharding import AbstractMesh
-  from coe_jax.model_config import ConfigError, ModelConfig
-  from coe_jax.sharding import MESH_AXES, validate_for_mesh
+  from coe_jax.nn.model_config import ConfigError, ModelConfig
+  from coe_jax.training.sharding import MESH_AXES, validate_for_mesh
   mesh = AbstractMesh((2, 1, 4), MESH_AXES)
   with pytest.raises(ConfigError, match=r"mesh.expert: got 4; must divide model.n_routed_experts=63"):
     validate_for_mesh(mesh, ModelConfig(), {})

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.train: validation, optimiser, the train step and the training loop.
+"""Tests for coe_jax.training.train: validation, optimiser, the train step and the training loop.
 
 Every test trains a shrunk CoE(C=2) (`small_config`): one layer, hidden 32,
 7 routed experts + 1 shared, 32-token rows, a 300-token BPE. Compilation is the
@@ -24,10 +24,11 @@ import optax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from coe_jax import config_lib, optimizer, train, train_step
-from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ConfigError
-from coe_jax.metrics import read_metrics
+from coe_jax import config_lib
+from coe_jax.training import optimizer, train, train_step
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model_config import ConfigError
+from coe_jax.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

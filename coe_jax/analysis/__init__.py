@@ -9,7 +9,7 @@
     analysis.plot_co_selection(stats.co_selection, layer=0)  # a matplotlib Figure
 
 `routing` gathers what the CoE layers sow, `statistics` turns it into arrays
-and tables, `plots` into figures; `load_run` (from `coe_jax.run_dir`) opens a run directory.
+and tables, `plots` into figures; `load_run` (from `coe_jax.inference.run_dir`) opens a run directory.
 """
 
 from coe_jax.analysis.loading import encode_texts, validation_batch
@@ -23,7 +23,7 @@ from coe_jax.analysis.statistics import (Combinations, ConfidenceStats, CoSelect
                                          expert_combinations, expert_load, expert_table,
                                          iteration_table, layer_table, possible_combinations,
                                          reselection, router_confidence)
-from coe_jax.run_dir import Run, load_run
+from coe_jax.inference.run_dir import Run, load_run
 
 __all__ = [
     "Combinations", "ConfidenceStats", "CoSelection", "Drops", "LoadStats", "Reselection",

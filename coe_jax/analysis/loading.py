@@ -1,4 +1,4 @@
-"""Text batches for routing analysis of a run (`coe_jax.run_dir.load_run` opens the run)."""
+"""Text batches for routing analysis of a run (`coe_jax.inference.run_dir.load_run` opens the run)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tokenizers
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.data.tokenized import Batch, encode
-from coe_jax.run_dir import Run
+from coe_jax.inference.run_dir import Run
 
 
 def validation_batch(run: Run, batch_size: int, data_overrides: Optional[dict[str, Any]] = None

@@ -127,7 +127,7 @@ def collect_routing(model: nn.Module, variables: Mapping[str, Any], batch: Mappi
   """Runs `model` on `batch` and returns the routing of every layer and iteration.
 
   Args:
-    model: a `coe_jax.model.CoECausalLM`.
+    model: a `coe_jax.nn.model.CoECausalLM`.
     variables: its variables, `{'params': ...}`.
     batch: <int32>[batch, seq] arrays `input_ids` and optionally `attention_mask`
       (1 on real tokens), `positions`, `segment_ids`, as the input pipeline yields.

@@ -22,7 +22,7 @@ import random
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from coe_jax.data import synthetic
-from coe_jax.model_config import ConfigError, DataError
+from coe_jax.nn.model_config import ConfigError, DataError
 
 Pairs = tuple[list[str], list[str]]
 _LOCAL_MATH_QA = "../shared/data/math_qa/{train,validation}.jsonl"

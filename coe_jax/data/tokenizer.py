@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from coe_jax.model_config import ConfigError
+from coe_jax.nn.model_config import ConfigError
 
 PAD_TOKEN = "<|padding|>"
 EOS_TOKEN = "<|endoftext|>"

@@ -29,14 +29,14 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from coe_jax import train_step
+from coe_jax.training import train_step
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.data.tokenized import build_split, format_example, format_prompt
 from coe_jax.evaluation.answers import (extract_gsm8k_answer, extract_math_answer, gsm8k_target,
                                         last_boxed, math_equal, numbers_equal)
-from coe_jax.decoding import complete
-from coe_jax.run_dir import Run, load_run
+from coe_jax.inference.decoding import complete
+from coe_jax.inference.run_dir import Run, load_run
 
 TASKS = ("val_loss", "gsm8k", "math")
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "math": 512}

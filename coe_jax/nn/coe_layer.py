@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from coe_jax import dispatch as dispatch_lib
-from coe_jax.coe_config import CoEConfig
-from coe_jax.expert_parallel import ExpertParallel
-from coe_jax.experts import RoutedExperts, SharedExperts, swiglu
-from coe_jax.layers import RMSNorm, compute_dtype, torch_linear_default_init
-from coe_jax.router import route
+from coe_jax.nn import dispatch as dispatch_lib
+from coe_jax.nn.coe_config import CoEConfig
+from coe_jax.nn.expert_parallel import ExpertParallel
+from coe_jax.nn.experts import RoutedExperts, SharedExperts, swiglu
+from coe_jax.nn.layers import RMSNorm, compute_dtype, torch_linear_default_init
+from coe_jax.nn.router import route
 
 ROUTED_EXPERTS = "routed_experts"  # the param collection holding the stacked [E, ...] experts
 
@@ -106,7 +106,7 @@ class CoELayer(nn.Module):
       `shared_experts_module(hidden_size, intermediate_size * n_shared, init_std)`.
     expert_parallel: None (default) computes the layer as plain JAX under any host
       mesh; an `ExpertParallel` runs the routed pass per device under shard_map,
-      the experts split over its `expert_axis` (see `coe_jax.expert_parallel`).
+      the experts split over its `expert_axis` (see `coe_jax.nn.expert_parallel`).
   """
 
   config: CoEConfig

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from coe_jax.layers import normal_init
+from coe_jax.nn.layers import normal_init
 
 
 @flax.struct.dataclass

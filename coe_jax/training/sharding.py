@@ -16,7 +16,7 @@ the all-to-all traffic stays between neighbouring devices.
   trees repeat the param paths, so the AdamW state is sharded exactly like the
   params it tracks.
 * Expert dispatch: `Parallelism.expert_parallel()` is the
-  `coe_jax.expert_parallel.ExpertParallel` that the train loop hands the model
+  `coe_jax.nn.expert_parallel.ExpertParallel` that the train loop hands the model
   (and so every CoE layer) explicitly: batch over all three axes, experts over
   `expert`. Each CoE iteration's routed pass then runs per device under
   `jax.shard_map` with all-to-all exchanges (see that module). With
@@ -47,10 +47,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from coe_jax.coe_layer import ROUTED_EXPERTS
+from coe_jax.nn.coe_layer import ROUTED_EXPERTS
 from coe_jax.errors import ConfigError
-from coe_jax.expert_parallel import ExpertParallel
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.expert_parallel import ExpertParallel
+from coe_jax.nn.model_config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = MESH_AXES

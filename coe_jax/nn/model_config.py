@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from coe_jax.coe_config import (COE_FIELDS, DISPATCHES, DROPLESS_IMPLS, DTYPES,  # noqa: F401
+from coe_jax.nn.coe_config import (COE_FIELDS, DISPATCHES, DROPLESS_IMPLS, DTYPES,  # noqa: F401
                                 RESIDUAL_STYLES, CoEConfig, validate_coe)
 from coe_jax.errors import ConfigError, DataError, is_int, require, require_choice  # noqa: F401
 

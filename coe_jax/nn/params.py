@@ -12,7 +12,7 @@ import math
 import jax
 import numpy as np
 
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.model_config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

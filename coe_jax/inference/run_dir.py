@@ -1,6 +1,6 @@
 """A training run's directory read back: its config, model, params and tokenizer.
 
-`coe_jax.train.train_and_evaluate` writes `config.json` (the full training
+`coe_jax.training.train.train_and_evaluate` writes `config.json` (the full training
 config), `summary.json`, `tokenizer.json` (the exact tokenizer it trained with)
 and Orbax checkpoints under `checkpoints/`. `load_run` turns such a directory
 back into a `Run`; generation, evaluation, export, routing analysis and the
@@ -20,10 +20,10 @@ import ml_collections
 import tokenizers
 
 from coe_jax import config_lib
-from coe_jax.checkpoint import load_run_config, restore_params
+from coe_jax.training.checkpoint import load_run_config, restore_params
 from coe_jax.data import tokenizer as tokenizer_lib
-from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model_config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

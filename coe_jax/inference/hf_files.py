@@ -37,12 +37,13 @@ import numpy as np
 import tokenizers
 from safetensors.numpy import load_file, save_file
 
-from coe_jax import config_lib, optimizer, train_step
-from coe_jax.checkpoint import Checkpointer, save_run_config
-from coe_jax.convert import IMPORT_DISPATCH, check_authors_can_compute, from_hf, to_hf
+from coe_jax import config_lib
+from coe_jax.training import optimizer, train_step
+from coe_jax.training.checkpoint import Checkpointer, save_run_config
+from coe_jax.inference.convert import IMPORT_DISPATCH, check_authors_can_compute, from_hf, to_hf
 from coe_jax.data import tokenizer as tokenizer_lib
-from coe_jax.model_config import ModelConfig, our_knobs
-from coe_jax.run_dir import load_run
+from coe_jax.nn.model_config import ModelConfig, our_knobs
+from coe_jax.inference.run_dir import load_run
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.model_config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:

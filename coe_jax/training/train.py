@@ -1,7 +1,7 @@
 """The training loop (SPEC 6): `train_and_evaluate(config, workdir)`, and config validation.
 
-The steps it runs are in `coe_jax.train_step` (pure train and eval steps), the
-optimiser in `coe_jax.optimizer`. The loop resumes from the workdir's latest
+The steps it runs are in `coe_jax.training.train_step` (pure train and eval steps), the
+optimiser in `coe_jax.training.optimizer`. The loop resumes from the workdir's latest
 checkpoint, evaluates, logs (process 0), checkpoints and stops on SIGTERM/SIGINT
 at a step every process agrees on.
 """
@@ -21,17 +21,18 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from coe_jax import config_lib, sharding
-from coe_jax.checkpoint import Checkpointer, check_resumable, load_run_config, save_run_config
+from coe_jax import config_lib
+from coe_jax.training import sharding
+from coe_jax.training.checkpoint import Checkpointer, check_resumable, load_run_config, save_run_config
 from coe_jax.data.input_pipeline import build_datasets, validate_data_config
 from coe_jax.errors import ConfigError
-from coe_jax.flops import flops_per_token, peak_tflops_per_device
-from coe_jax.metrics import MetricWriter, plot_losses
-from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ModelConfig
-from coe_jax.optimizer import SCHEDULES, learning_rate_schedule
-from coe_jax.params import count_params
-from coe_jax.train_step import (evaluate, evaluate_batch_means, init_train_state, make_eval_step,
+from coe_jax.nn.flops import flops_per_token, peak_tflops_per_device
+from coe_jax.training.metrics import MetricWriter, plot_losses
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model_config import ModelConfig
+from coe_jax.training.optimizer import SCHEDULES, learning_rate_schedule
+from coe_jax.nn.params import count_params
+from coe_jax.training.train_step import (evaluate, evaluate_batch_means, init_train_state, make_eval_step,
                           make_train_step)
 
 
@@ -222,7 +223,7 @@ class _TrainLog:
     self.step_times.append(step_time)
     row = {f"train/{k}": v for k, v in metrics.items()}
     row["train/lr"] = float(learning_rate_schedule(self.train_cfg)(done - 1))
-    row["train/model_flops_per_token"] = self.train_flops_per_token  # coe_jax.flops, fwd + bwd
+    row["train/model_flops_per_token"] = self.train_flops_per_token  # coe_jax.nn.flops, fwd + bwd
     row.update(self.throughput(step_time))
     row.update(extra or {})
     if self.writer is not None:

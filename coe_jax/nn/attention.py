@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from coe_jax.layers import RMSNorm, compute_dtype, normal_init
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.layers import RMSNorm, compute_dtype, normal_init
+from coe_jax.nn.model_config import ModelConfig
 
 # Score given to masked (query, key) pairs. A finite value keeps rows with no
 # allowed key (padding queries) finite: they become a uniform average, not NaN.
@@ -248,7 +248,7 @@ class MultiHeadLatentAttention(nn.Module):
     return self.o_proj(out.reshape(*out.shape[:2], -1))
 
   # --------------------------------------------------------------------------
-  # Decoding with a latent cache (used by `coe_jax.model.CachedCoECausalLM`).
+  # Decoding with a latent cache (used by `coe_jax.nn.model.CachedCoECausalLM`).
   # --------------------------------------------------------------------------
 
   def attend_absorbed(self, q_nope: Float[Array, "batch q heads nope"],

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Union
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec as P
 
-from coe_jax.router import RouterOutput
+from coe_jax.nn.router import RouterOutput
 
 AnyMesh = Union[Mesh, AbstractMesh]
 

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from coe_jax.attention import MultiHeadLatentAttention, make_attention_mask, rotary_cos_sin
-from coe_jax.coe_layer import CoEAux, CoELayer
-from coe_jax.expert_parallel import ExpertParallel
-from coe_jax.layers import RMSNorm, compute_dtype, normal_init
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.attention import MultiHeadLatentAttention, make_attention_mask, rotary_cos_sin
+from coe_jax.nn.coe_layer import CoEAux, CoELayer
+from coe_jax.nn.expert_parallel import ExpertParallel
+from coe_jax.nn.layers import RMSNorm, compute_dtype, normal_init
+from coe_jax.nn.model_config import ModelConfig
 
 
 @flax.struct.dataclass
@@ -115,9 +115,9 @@ class CoECausalLM(nn.Module):
   Params: `embed_tokens/embedding` [vocab, hidden]; `layers/...` stacked on a
   leading [num_layers] axis; `norm/scale`; `lm_head/kernel` [hidden, vocab].
   `expert_parallel` (optional) runs every CoE layer's routed pass per device
-  (`coe_jax.expert_parallel`); the train loop passes `Parallelism.expert_parallel()`.
+  (`coe_jax.nn.expert_parallel`); the train loop passes `Parallelism.expert_parallel()`.
 
-  Decoding (`coe_jax.decoding`) uses the same module and params with a
+  Decoding (`coe_jax.inference.decoding`) uses the same module and params with a
   `DecodeCache`: `decode='prefill'` for the first call on an empty cache (the
   prompt's tokens attend causally to each other, as without a cache),
   `decode='step'` afterwards (tokens attend to every earlier real slot;
@@ -210,7 +210,7 @@ class CoECausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Incremental decoding with an MLA latent cache (used by `coe_jax.decoding`).
+# Incremental decoding with an MLA latent cache (used by `coe_jax.inference.decoding`).
 # ----------------------------------------------------------------------------
 
 @flax.struct.dataclass

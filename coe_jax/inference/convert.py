@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from coe_jax.model import CoECausalLM
-from coe_jax.model_config import ConfigError, ModelConfig, hf_fixed_values, hf_keys
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model_config import ConfigError, ModelConfig, hf_fixed_values, hf_keys
 
 MODEL_TYPE = "coe_deepseekv2"  # the authors' CoeConfig.model_type
 DEEPSEEK_V2 = "deepseek_v2"  # plain DeepSeek-V2 checkpoints (C=1), also accepted on import

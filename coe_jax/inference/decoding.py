@@ -53,9 +53,9 @@ from jaxtyping import Array, Bool, Float, Int
 from tqdm import tqdm
 
 from coe_jax.data import tokenizer as tokenizer_lib
-from coe_jax.layers import compute_dtype
-from coe_jax.model import CoECausalLM, init_decode_cache
-from coe_jax.model_config import ModelConfig
+from coe_jax.nn.layers import compute_dtype
+from coe_jax.nn.model import CoECausalLM, init_decode_cache
+from coe_jax.nn.model_config import ModelConfig
 
 DEFAULT_BUCKET = 32
 

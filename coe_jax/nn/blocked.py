@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from coe_jax.experts import SwiGLUWeights
-from coe_jax.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
+from coe_jax.nn.experts import SwiGLUWeights
+from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
 
 def default_dropless_tile(num_assignments: int, num_experts: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from coe_jax.model_config import FUNCTION, ConfigError, ModelConfig, fields_of_kind
+from coe_jax.nn.model_config import FUNCTION, ConfigError, ModelConfig, fields_of_kind
 
 CONFIG_FILE = "config.json"
 # Fields that change the parameters or the function the layers compute (derived from the

@@ -10,7 +10,7 @@ Two interchangeable implementations (SPEC 3, config `model.dispatch`):
   sort of the expert ids, tokens move by gather, results come back by gather.
 * dropless: nothing is dropped (what the authors' code computes). Three
   implementations (`dropless_impl`), equal to float rounding:
-  - 'blocked' (`coe_jax.blocked`): MegaBlocks' block-sparse layout in plain
+  - 'blocked' (`coe_jax.nn.blocked`): MegaBlocks' block-sparse layout in plain
     XLA. Assignments sorted by expert, each expert's group padded to a multiple
     of a row tile, every used tile run against its expert's weights in a loop
     (`blocked_swiglu`, a custom VJP). Work and memory grow with tokens x K
@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from coe_jax.blocked import blocked_dispatch, blocked_tiles_per_step, default_dropless_tile
-from coe_jax.coe_config import DISPATCHES
-from coe_jax.experts import swiglu, swiglu_grouped, swiglu_per_expert
-from coe_jax.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
+from coe_jax.nn.blocked import blocked_dispatch, blocked_tiles_per_step, default_dropless_tile
+from coe_jax.nn.coe_config import DISPATCHES
+from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
+from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
 
 

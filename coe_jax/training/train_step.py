@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from coe_jax import sharding
-from coe_jax.model import CoECausalLM
-from coe_jax.optimizer import make_optimizer
+from coe_jax.training import sharding
+from coe_jax.nn.model import CoECausalLM
+from coe_jax.training.optimizer import make_optimizer
 
 Batch = dict[str, jax.Array]
 
