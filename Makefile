@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo notebook bench clean
+.PHONY: venv test format demo notebook bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+LINTED := coe_jax tests experiments configs
+
 test: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/python -m pytest -q tests
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 demo: $(STAMP)
 	$(BIN)/python -m coe_jax.main --config=configs/demo.py --workdir=runs/demo
