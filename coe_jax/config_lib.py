@@ -83,6 +83,9 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
       warmup_fraction=0.1,  # linear warm-up over this share of steps
       schedule="constant",  # after warm-up: 'constant' (paper) | 'cosine'
       grad_clip=1.0,  # global-norm clipping; 0 disables
+      # True: clip + AdamW as one fused elementwise pass per parameter (2-3.5x faster on CPU,
+      # equal to the optax chain to float32 rounding, not bit for bit); False: the optax chain.
+      fused_optimizer=False,
       eval_every=10 if paper else 50,  # validation every N steps (and at the end); 0 = end only
       eval_batch_size=64 if paper else 32,  # sequences per validation batch
       max_eval_batches=0,  # 0 = the whole validation set

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import statistics
 import sys
@@ -128,12 +127,7 @@ def matmul_probe(dtype: jnp.dtype, size: int) -> tuple[Timed, float]:
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """`path/to/config.py[:arg]` -> `get_config(arg)` (paths relative to the repo root too)."""
-  path, _, arg = spec.partition(":")
-  file = Path(path) if Path(path).exists() else REPO / path
-  module_spec = importlib.util.spec_from_file_location(f"bench_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return config_lib.load_config_file(spec, root=REPO)
 
 
 def bench_model_config(config: ml_collections.ConfigDict, dispatch_mode: str,
@@ -284,6 +278,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument("--shapes", default=None, choices=sorted(SHAPES),
                       help="preset: paper_width = the :paper suite at 2 layers, vocab 8192, fp32, "
                            "batch 1 x 512 (explicit --batch/--seq/--dtype still win)")
+  parser.add_argument("--fused_optimizer", action="store_true",
+                      help="train.fused_optimizer=True: the fused clip + AdamW, not the optax chain")
   parser.add_argument("--keep_going", action="store_true",
                       help="a program that fails to compile or allocate is reported, not fatal")
   parser.add_argument("--memory_only", action="store_true",
@@ -320,6 +316,8 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
   failures = args.failures = []
   for label, spec in specs:
     config = load_config(spec)
+    if args.fused_optimizer:
+      config.train.fused_optimizer = True
     batch = args.batch or preset.get("batch") or config.train.batch_size
     seq = args.seq or preset.get("seq") or config.data.max_length
     blocks = (args.attention_query_block or "").split(",")

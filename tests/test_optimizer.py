@@ -1,4 +1,4 @@
-"""optimizer.make_optimizer (fused clip + AdamW) against the optax chain it replaces."""
+"""optimizer.fused_clip_adamw (train.fused_optimizer=True) against the optax chain."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from coe_jax.training import optimizer
 
 
 def _train_config(**changes):
-  values = dict(grad_clip=1.0, lr=1e-2, b1=0.9, b2=0.95, weight_decay=0.1, warmup_fraction=0.25,
+  values = dict(fused_optimizer=True, grad_clip=1.0, lr=1e-2, b1=0.9, b2=0.95, weight_decay=0.1, warmup_fraction=0.25,
                 steps=8, schedule="cosine")
   values.update(changes)
   return ml_collections.ConfigDict(values)
@@ -67,3 +67,15 @@ def test_fused_optimizer_needs_params():
   params = _params()
   with pytest.raises(ValueError, match="params"):
     fused.update(params, fused.init(params), None)
+
+
+def test_the_optax_chain_is_the_default():
+  cfg = _train_config()
+  del cfg["fused_optimizer"]
+  params = _params()
+  grads = jax.tree.map(lambda p: 3 * p, params)
+  tx, reference = optimizer.make_optimizer(cfg), optimizer.make_reference_optimizer(cfg)
+  got, _ = tx.update(grads, tx.init(params), params)
+  want, _ = reference.update(grads, reference.init(params), params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -9,7 +9,6 @@ same config, in-process or in a CLI subprocess (`jax_cache_env`), compile once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
@@ -60,10 +59,7 @@ TIMING_KEYS = ("train/tokens_per_sec", "train/step_seconds", "train/tflops_per_s
 
 def load_config_file(path: Path, arg: str) -> ml_collections.ConfigDict:
   """`get_config(arg)` of a config file, as `--config=path:arg` loads it."""
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(f"{path}:{arg}")
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

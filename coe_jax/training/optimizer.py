@@ -47,19 +47,17 @@ def make_reference_optimizer(train: ml_collections.ConfigDict) -> optax.Gradient
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm + AdamW (decay masked off norms), fused into one elementwise update.
-
-  Computes `make_reference_optimizer`'s update (equal to float32 rounding,
-  tests/test_optimizer.py) with the same state pytree (`init` is the chain's),
-  so checkpoints are interchangeable. The optax chain materialises every
-  stage as its own tree (XLA:CPU: four loop fusions per leaf, the clipped
-  gradient materialised); here one elementwise expression per leaf after one
-  global-norm reduction (three fusions: mu, nu, update). 2-3.5x faster on
-  CPU at 136M params (PERF.md 13).
+  """clip_by_global_norm + AdamW (decay masked off norms): the optax chain
+  (`make_reference_optimizer`), or with `train.fused_optimizer` the same update as one
+  fused elementwise pass per leaf (`fused_clip_adamw`: 2-3.5x faster on CPU at 136M
+  params, equal to the chain to float32 rounding but not bit for bit; PERF.md 13).
+  Both keep the chain's state pytree, so checkpoints are interchangeable.
   """
-  return fused_clip_adamw(make_reference_optimizer(train), learning_rate_schedule(train),
-                          b1=train.b1, b2=train.b2, eps=1e-8, weight_decay=train.weight_decay,
-                          mask=_decay_mask, max_norm=train.grad_clip)
+  if train.get("fused_optimizer", False):
+    return fused_clip_adamw(make_reference_optimizer(train), learning_rate_schedule(train),
+                            b1=train.b1, b2=train.b2, eps=1e-8, weight_decay=train.weight_decay,
+                            mask=_decay_mask, max_norm=train.grad_clip)
+  return make_reference_optimizer(train)
 
 
 def fused_clip_adamw(reference: optax.GradientTransformation, schedule: optax.Schedule, *,

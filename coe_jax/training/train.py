@@ -57,8 +57,9 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
     value = train[field]
     _require(isinstance(value, int) and value >= 1, f"train.{field}",
              f"got {value!r}; must be an integer >= 1")
-  _require(isinstance(train.paper_val, bool), "train.paper_val",
-           f"got {train.paper_val!r}; allowed values: True, False")
+  for field in ("paper_val", "fused_optimizer"):
+    _require(isinstance(train.get(field, False), bool), f"train.{field}",
+             f"got {train.get(field)!r}; allowed values: True, False")
   for field in ("eval_every", "checkpoint_every", "max_eval_batches"):
     value = train[field]
     _require(isinstance(value, int) and value >= 0, f"train.{field}",
