@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from coe_jax.training import sharding, train
+from coe_jax.training import sharding, train, train_config
 from coe_jax.nn.model_config import ConfigError
 from coe_jax.nn.params import count_params, format_counts
 
@@ -23,7 +23,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   config = _CONFIG.value
   try:
-    model_config = train.validate_config(config)
+    model_config = train_config.validate_config(config)
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   if config.get("mesh") is not None:

@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 
 from coe_jax import config_lib
-from coe_jax.training import train
+from coe_jax.training import train_config
 from coe_jax.nn.params import count_params
 from experiments.ablation import SUITES, load_config, memory_saving_percent
 
@@ -59,7 +59,7 @@ def hand_count(c: int, k: int, routed: int, shared: int, layers: int, independen
 @pytest.mark.parametrize("name", PAPER_RUNS)
 def test_config_loads_and_validates(name, scale):
   config = load_config(name, scale)
-  model_config = train.validate_config(config)
+  model_config = train_config.validate_config(config)
   assert config.scale == scale
   assert model_config.num_iterations == config.paper.c
   # The paper's runs are the reference's: dropless routing and end-of-text targets (SPEC 3, 6).

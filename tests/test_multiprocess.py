@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coe_jax.training import sharding, train
+from coe_jax.training import sharding, train, train_config
 from coe_jax.training.checkpoint import Checkpointer, restore_params
 from coe_jax.data import input_pipeline
 from coe_jax.nn.flops import known_peak_tflops, peak_tflops_per_device
@@ -356,13 +356,13 @@ def test_process_rows_and_global_batch_on_one_process():
 def test_new_train_fields_are_validated(dotted, value, message):
   config = small_config(**{dotted.replace(".", "__"): value})
   with pytest.raises(ConfigError) as error:
-    train.validate_config(config)
+    train_config.validate_config(config)
   assert str(error.value).startswith(dotted) and message in str(error.value)
 
 
 def test_profile_window_and_peak_rates():
-  assert train.profile_window(small_config().train) is None
-  assert train.profile_window(small_config(train__profile_steps="10:15").train) == (10, 15)
+  assert train_config.profile_window(small_config().train) is None
+  assert train_config.profile_window(small_config(train__profile_steps="10:15").train) == (10, 15)
   assert known_peak_tflops("NVIDIA H200", "bfloat16") == 989.4
   assert known_peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 494.7
   assert known_peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0

@@ -24,7 +24,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from coe_jax import config_lib
-from coe_jax.training import optimizer, train, train_step
+from coe_jax.training import optimizer, train, train_config, train_step
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ConfigError
 from coe_jax.training.metrics import read_metrics
@@ -170,12 +170,12 @@ def test_validate_config_names_the_bad_field_and_allowed_values(dotted, value, e
   config = small_config()
   set_field(config, dotted, value)
   with pytest.raises(ConfigError) as error:
-    train.validate_config(config)
+    train_config.validate_config(config)
   assert str(error.value) == expected
 
 
 def test_validate_config_accepts_the_small_config_and_resolves_the_model():
-  model_config = train.validate_config(small_config())
+  model_config = train_config.validate_config(small_config())
   assert (model_config.num_iterations, model_config.num_experts_per_tok,
           model_config.n_routed_experts, model_config.hidden_size) == (2, 2, 7, 32)
 

@@ -1,3 +1,3 @@
-"""Training: `train` (the loop), `train_step` (pure train/eval steps), `optimizer`,
+"""Training: `train` (the loop), `train_config` (validation), `train_step` (pure steps), `optimizer`,
 `checkpoint` (Orbax, resume checks), `metrics` (logs, TensorBoard, W&B), `sharding`
 (mesh, sharded state, per-process batches, the coordinated stop)."""
