@@ -63,16 +63,26 @@ def _model_config(scale: str) -> ml_collections.ConfigDict:
     model.update(dtype="bfloat16")
   else:
     model.update(
-        vocab_size=0, hidden_size=128, num_heads=4, kv_lora_rank=64, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, moe_intermediate_size=96,
-        rope_original_max_position=256, dtype="float32", num_layers=2)
+      vocab_size=0,
+      hidden_size=128,
+      num_heads=4,
+      kv_lora_rank=64,
+      qk_nope_head_dim=32,
+      qk_rope_head_dim=16,
+      v_head_dim=32,
+      moe_intermediate_size=96,
+      rope_original_max_position=256,
+      dtype="float32",
+      num_layers=2,
+    )
   model.update(scale_experts(8, PAPER_EXPERTS, scale))
   return ml_collections.ConfigDict(model)
 
 
 def _train_config(scale: str) -> ml_collections.ConfigDict:
   paper = scale == "paper"
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       steps=1000 if paper else 300,  # optimizer steps
       batch_size=64 if paper else 16,  # sequences per step (64 x 512 = 32K tokens in the paper)
       grad_accum_steps=1,  # micro-batches per step; batch_size must divide by it
@@ -109,12 +119,14 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
       profile_steps="",
       # Also log metrics to this Weights & Biases project when `wandb` is installed; '' = off.
       wandb_project="",
-  ))
+    )
+  )
 
 
 def _mesh_config() -> ml_collections.ConfigDict:
   """Device mesh and multi-host start (see `coe_jax.training.sharding`); ignored on one device."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       data=-1,  # data-parallel ways; -1 = every device not used by fsdp/expert
       fsdp=1,  # ways to split params and optimizer state (ZeRO-3 style, all-gathered at use)
       expert=1,  # ways to split the routed experts (tokens exchanged by all-to-all); divides N_routed
@@ -122,11 +134,21 @@ def _mesh_config() -> ml_collections.ConfigDict:
       coordinator_address="",  # host:port of process 0; '' = env JAX_COORDINATOR_ADDRESS or auto-detect
       num_processes=0,  # 0 = env JAX_NUM_PROCESSES or auto-detect
       process_id=-1,  # -1 = env JAX_PROCESS_ID or auto-detect
-  ))
+    )
+  )
 
 
-def paper_run(arg: Optional[str], *, name: str, paper_val_loss: Optional[float], c: int, k: int,
-              n: int = PAPER_EXPERTS, layers: int = 4, **model_changes: Any) -> ml_collections.ConfigDict:
+def paper_run(
+  arg: Optional[str],
+  *,
+  name: str,
+  paper_val_loss: Optional[float],
+  c: int,
+  k: int,
+  n: int = PAPER_EXPERTS,
+  layers: int = 4,
+  **model_changes: Any,
+) -> ml_collections.ConfigDict:
   """Config of one paper run CoE(C, K, N) with `layers` decoder layers at `arg`'s scale.
 
   K, N and layers are the paper's; at tiny scale they are mapped keeping K/N
@@ -134,13 +156,21 @@ def paper_run(arg: Optional[str], *, name: str, paper_val_loss: Optional[float],
   """
   scale = parse_scale(arg)
   num_layers = layers if scale == "paper" else layers // 2  # tiny and narrow: half the depth
-  config = build(arg, num_iterations=c, num_layers=num_layers, **scale_experts(k, n, scale),
-                 **model_changes)
-  config.paper = ml_collections.ConfigDict(dict(
+  config = build(
+    arg, num_iterations=c, num_layers=num_layers, **scale_experts(k, n, scale), **model_changes
+  )
+  config.paper = ml_collections.ConfigDict(
+    dict(
       name=name,  # the run's name in the paper
-      c=c, k=k, n=n, layers=layers,  # the paper's C, K, N (shared expert included), depth
-      val_loss=paper_val_loss if paper_val_loss is not None else float("nan"),  # SPEC 7; NaN: not in the paper
-  ))
+      c=c,
+      k=k,
+      n=n,
+      layers=layers,  # the paper's C, K, N (shared expert included), depth
+      val_loss=paper_val_loss
+      if paper_val_loss is not None
+      else float("nan"),  # SPEC 7; NaN: not in the paper
+    )
+  )
   return config
 
 
@@ -189,7 +219,9 @@ def load_config_file(spec: str, root: Optional[Path] = None) -> ml_collections.C
   return module.get_config(arg or None)
 
 
-def model_config_from(config: ml_collections.ConfigDict, vocab_size: Optional[int] = None) -> ModelConfig:
+def model_config_from(
+  config: ml_collections.ConfigDict, vocab_size: Optional[int] = None
+) -> ModelConfig:
   """ModelConfig from `config.model`; vocab_size=0 there means 'the tokenizer's size'."""
   values = dict(config.model)
   if values.get("vocab_size", 0) == 0:

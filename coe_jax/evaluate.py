@@ -17,26 +17,41 @@ import os
 
 from absl import app, flags
 
-from coe_jax.evaluation.tasks import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_STOP_STRINGS, TASKS,
-                                      GenerationSettings, evaluate_run)
-
+from coe_jax.evaluation.tasks import (
+  DEFAULT_MAX_NEW_TOKENS,
+  DEFAULT_STOP_STRINGS,
+  TASKS,
+  GenerationSettings,
+  evaluate_run,
+)
 
 # ----------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------
 
+
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/, tokenizer.json).")
   flags.DEFINE_enum("task", "val_loss", TASKS, "What to evaluate.")
-  flags.DEFINE_string("data", None, "jsonl file of problems; required for gsm8k/math (e.g. "
-                      "../shared/data/gsm8k/test.jsonl); val_loss: default the run's validation split.")
+  flags.DEFINE_string(
+    "data",
+    None,
+    "jsonl file of problems; required for gsm8k/math (e.g. "
+    "../shared/data/gsm8k/test.jsonl); val_loss: default the run's validation split.",
+  )
   flags.DEFINE_integer("limit", 0, "Score only the first N problems (0 = all).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_integer("num_shots", 0, "Solved exemplars before each question (0 = zero-shot).")
-  flags.DEFINE_string("shots_data", None, "jsonl to draw exemplars from (default: the eval file, "
-                      "exemplars then not scored).")
-  flags.DEFINE_integer("batch_size", 0, "Prompts per batch (0 = 16), or val_loss rows per batch "
-                       "(0 = the run's eval_batch_size).")
+  flags.DEFINE_string(
+    "shots_data",
+    None,
+    "jsonl to draw exemplars from (default: the eval file, exemplars then not scored).",
+  )
+  flags.DEFINE_integer(
+    "batch_size",
+    0,
+    "Prompts per batch (0 = 16), or val_loss rows per batch (0 = the run's eval_batch_size).",
+  )
   flags.DEFINE_integer("max_new_tokens", 0, "Generated tokens at most (0 = 256 gsm8k, 512 math).")
   flags.DEFINE_integer("max_prompt_length", 0, "Keep the last N prompt tokens (0 = all).")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
@@ -53,14 +68,29 @@ def main(argv) -> None:
   del argv
   f = flags.FLAGS
   settings = GenerationSettings(
-      num_shots=f.num_shots, max_new_tokens=f.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(f.task, 256),
-      batch_size=f.batch_size or 16, temperature=f.temperature, top_p=f.top_p, seed=f.seed,
-      max_prompt_length=f.max_prompt_length, stop_strings=tuple(f.stop))
-  result = evaluate_run(f.workdir, f.task, data=f.data, limit=f.limit, step=f.step,
-                        settings=settings, shots_data=f.shots_data, query_column=f.query_column,
-                        response_column=f.response_column,
-                        batch_size=f.batch_size,
-                        num_samples=f.num_samples, progress=True)
+    num_shots=f.num_shots,
+    max_new_tokens=f.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(f.task, 256),
+    batch_size=f.batch_size or 16,
+    temperature=f.temperature,
+    top_p=f.top_p,
+    seed=f.seed,
+    max_prompt_length=f.max_prompt_length,
+    stop_strings=tuple(f.stop),
+  )
+  result = evaluate_run(
+    f.workdir,
+    f.task,
+    data=f.data,
+    limit=f.limit,
+    step=f.step,
+    settings=settings,
+    shots_data=f.shots_data,
+    query_column=f.query_column,
+    response_column=f.response_column,
+    batch_size=f.batch_size,
+    num_samples=f.num_samples,
+    progress=True,
+  )
   keys = ("task", "metric", "score", "count", "checkpoint_step", "perplexity", "correct", "seconds")
   print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
   print(f"Wrote {os.path.join(result['workdir'], f'eval_{f.task}.json')}")

@@ -14,20 +14,28 @@ from ml_collections import config_flags
 
 from coe_jax.inference.hf_files import IMPORT_DISPATCH, export_run, import_hf, override_flags
 
-
 # ----------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------
 
+
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory to export (export mode).")
-  flags.DEFINE_string("out", None, "Output: the HF directory (export) or the new run directory (import).")
+  flags.DEFINE_string(
+    "out", None, "Output: the HF directory (export) or the new run directory (import)."
+  )
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
   flags.DEFINE_string("from_hf", None, "Import mode: the authors' checkpoint directory.")
   flags.DEFINE_string("tokenizer", None, "Import mode: tokenizer.json to copy into the run.")
-  flags.DEFINE_enum("dispatch", IMPORT_DISPATCH, ["dropless", "capacity"],
-                    "Import mode: the imported run's routing ('dropless' = the authors').")
-  config_flags.DEFINE_config_file("config", None, "Import mode: base run config (`file.py[:scale]`).")
+  flags.DEFINE_enum(
+    "dispatch",
+    IMPORT_DISPATCH,
+    ["dropless", "capacity"],
+    "Import mode: the imported run's routing ('dropless' = the authors').",
+  )
+  config_flags.DEFINE_config_file(
+    "config", None, "Import mode: base run config (`file.py[:scale]`)."
+  )
   flags.mark_flags_as_required(["out"])
 
 
@@ -37,15 +45,19 @@ def main(argv) -> None:
   f = flags.FLAGS
   if f.from_hf:
     result = import_hf(f.from_hf, f.out, f.config, f.tokenizer, f.dispatch)
-    print(f"Imported {f.from_hf} into {result['workdir']} (step 0).\nFine-tune with:\n"
-          f"  python -m coe_jax.main --config=<the same config file> --workdir={f.out} "
-          f"{override_flags(result['overrides'])}")
+    print(
+      f"Imported {f.from_hf} into {result['workdir']} (step 0).\nFine-tune with:\n"
+      f"  python -m coe_jax.main --config=<the same config file> --workdir={f.out} "
+      f"{override_flags(result['overrides'])}"
+    )
     return
   if not f.workdir:
     raise app.UsageError("pass --workdir=RUN (export) or --from_hf=DIR (import)")
   paths = export_run(f.workdir, f.out, f.step)
-  print(f"Exported step {paths.pop('step')} of {f.workdir}:\n" + "\n".join(
-      f"  {k}: {v}" for k, v in paths.items()))
+  print(
+    f"Exported step {paths.pop('step')} of {f.workdir}:\n"
+    + "\n".join(f"  {k}: {v}" for k, v in paths.items())
+  )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Command line: complete questions with a trained run (see `coe_jax.inference.decoding`).
 
-    python -m coe_jax.generate --workdir=RUN --query="What is 12 + 30?" [--query=...]
+python -m coe_jax.generate --workdir=RUN --query="What is 12 + 30?" [--query=...]
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from coe_jax.data.tokenized import format_prompt
 from coe_jax.inference.decoding import complete
 from coe_jax.inference.run_dir import load_run
 
-
 # ----------------------------------------------------------------------------
 # Command line: python -m coe_jax.generate --workdir=RUN --query="What is 12 + 30?"
 # ----------------------------------------------------------------------------
+
 
 def main(argv) -> None:
   del argv
@@ -23,10 +23,18 @@ def main(argv) -> None:
   if run.tokenizer is None:
     raise SystemExit(f"{f.workdir}: no tokenizer.json; cannot turn text into tokens")
   prompts = [format_prompt(q) for q in f.query]
-  outputs = complete(run.params, run.model_config, run.tokenizer, prompts,
-                     max_new_tokens=f.max_new_tokens, batch_size=max(1, min(len(prompts), 8)),
-                     temperature=f.temperature, top_p=f.top_p, seed=f.seed,
-                     stop_strings=f.stop)
+  outputs = complete(
+    run.params,
+    run.model_config,
+    run.tokenizer,
+    prompts,
+    max_new_tokens=f.max_new_tokens,
+    batch_size=max(1, min(len(prompts), 8)),
+    temperature=f.temperature,
+    top_p=f.top_p,
+    seed=f.seed,
+    stop_strings=f.stop,
+  )
   for prompt, out in zip(prompts, outputs):
     print(f"{prompt}{out.text}\n{'-' * 40}")
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from coe_jax.training import sharding, train, train_config
 from coe_jax.nn.model_config import ConfigError
 from coe_jax.nn.params import count_params, format_counts
+from coe_jax.training import sharding, train, train_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (`file.py[:scale]`).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file (`file.py[:scale]`).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
 
 

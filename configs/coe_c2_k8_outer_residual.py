@@ -4,4 +4,6 @@ from coe_jax import config_lib
 
 
 def get_config(arg=None):
-  return config_lib.paper_run(arg, name="CoE(C=2,K=8) outer residual", paper_val_loss=1.175, c=2, k=8, outer_residual=True)
+  return config_lib.paper_run(
+    arg, name="CoE(C=2,K=8) outer residual", paper_val_loss=1.175, c=2, k=8, outer_residual=True
+  )

@@ -39,45 +39,80 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 
 SUITES: dict[str, tuple[str, ...]] = {
-    "paper": ("moe_k8", "coe_c2", "coe_c2_k8", "moe_k16", "moe_k24", "coe_c2_n48", "moe_k8_n48",
-              "moe_k8_l8", "moe_k8_l12", "coe_c2_k8_outer_residual", "coe_c2_k8_shared_gate",
-              "dense_c1", "dense_c2"),
-    "main": ("moe_k8", "coe_c2"),
+  "paper": (
+    "moe_k8",
+    "coe_c2",
+    "coe_c2_k8",
+    "moe_k16",
+    "moe_k24",
+    "coe_c2_n48",
+    "moe_k8_n48",
+    "moe_k8_l8",
+    "moe_k8_l12",
+    "coe_c2_k8_outer_residual",
+    "coe_c2_k8_shared_gate",
+    "dense_c1",
+    "dense_c2",
+  ),
+  "main": ("moe_k8", "coe_c2"),
 }
 
 # The paper's figures: file stem -> (title, configs drawn).
 FIGURES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "main": ("MoE(K=8) vs CoE(C=2,K=4)", ("moe_k8", "coe_c2")),
-    "scaling": ("Wider top-K vs iteration", ("moe_k8", "moe_k16", "moe_k24", "coe_c2")),
-    "layers": ("Deeper MoE vs iteration", ("moe_k8", "moe_k8_l8", "moe_k8_l12", "coe_c2")),
-    "efficiency": ("Fewer experts: N=48 vs N=64", ("moe_k8", "moe_k8_n48", "coe_c2", "coe_c2_n48")),
-    "ablation": ("Residual and gate ablations (C=2, K=8)",
-                 ("coe_c2_k8", "coe_c2_k8_outer_residual", "coe_c2_k8_shared_gate")),
-    "dense": ("Dense-style layers (K=N)", ("dense_c1", "dense_c2")),
+  "main": ("MoE(K=8) vs CoE(C=2,K=4)", ("moe_k8", "coe_c2")),
+  "scaling": ("Wider top-K vs iteration", ("moe_k8", "moe_k16", "moe_k24", "coe_c2")),
+  "layers": ("Deeper MoE vs iteration", ("moe_k8", "moe_k8_l8", "moe_k8_l12", "coe_c2")),
+  "efficiency": ("Fewer experts: N=48 vs N=64", ("moe_k8", "moe_k8_n48", "coe_c2", "coe_c2_n48")),
+  "ablation": (
+    "Residual and gate ablations (C=2, K=8)",
+    ("coe_c2_k8", "coe_c2_k8_outer_residual", "coe_c2_k8_shared_gate"),
+  ),
+  "dense": ("Dense-style layers (K=N)", ("dense_c1", "dense_c2")),
 }
 
 PAPER_MEMORY_SAVING_PERCENT = 17.6  # CoE(N=48) vs MoE(N=64) total parameters, paper section 4
 MEMORY_PAIR = ("coe_c2_n48", "moe_k8")  # (smaller, reference)
 
-_SUITE = flags.DEFINE_string("suite", "paper", f"{', '.join(SUITES)} or a comma-separated list of config names.")
+_SUITE = flags.DEFINE_string(
+  "suite", "paper", f"{', '.join(SUITES)} or a comma-separated list of config names."
+)
 _SCALE = flags.DEFINE_enum("scale", "tiny", list(config_lib.SCALES), "Config scale for every run.")
-_DATA = flags.DEFINE_string("data", "", "Directory with train.jsonl and validation.jsonl; '' = the "
-                            "config's default source (synthetic at tiny, MetaMathQA at paper scale).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer.json path or hub name; '' = the config's.")
+_DATA = flags.DEFINE_string(
+  "data",
+  "",
+  "Directory with train.jsonl and validation.jsonl; '' = the "
+  "config's default source (synthetic at tiny, MetaMathQA at paper scale).",
+)
+_TOKENIZER = flags.DEFINE_string(
+  "tokenizer", "", "tokenizer.json path or hub name; '' = the config's."
+)
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per config: 0 .. seeds-1.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Optimizer steps per run; 0 = the config's.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Sequences per step; 0 = the config's.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 0, "Tokens per sequence; 0 = the config's.")
 _PACKING = flags.DEFINE_bool("packing", False, "Pack several examples per row.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Validate every N steps; 0 = the config's.")
-_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 0, "Validate on the first N batches (the same "
-                                     "subset for every run); 0 = the whole validation set.")
-_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", 0, "Sequences per validation batch; 0 = the config's.")
-_OVERRIDES = flags.DEFINE_multi_string("set", [], "Extra config override applied to every run, "
-                                       "e.g. --set=train.lr=1e-3 (passed as --config.train.lr=1e-3).")
+_EVAL_BATCHES = flags.DEFINE_integer(
+  "eval_batches",
+  0,
+  "Validate on the first N batches (the same subset for every run); 0 = the whole validation set.",
+)
+_EVAL_BATCH_SIZE = flags.DEFINE_integer(
+  "eval_batch_size", 0, "Sequences per validation batch; 0 = the config's."
+)
+_OVERRIDES = flags.DEFINE_multi_string(
+  "set",
+  [],
+  "Extra config override applied to every run, "
+  "e.g. --set=train.lr=1e-3 (passed as --config.train.lr=1e-3).",
+)
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "", "Run directories; '' = runs/ablation/<scale>.")
-_RESULTS_DIR = flags.DEFINE_string("results_dir", "", "Tables and figures; '' = experiments/results/<scale>.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only tabulate and plot the runs already there.")
+_RESULTS_DIR = flags.DEFINE_string(
+  "results_dir", "", "Tables and figures; '' = experiments/results/<scale>."
+)
+_REPORT_ONLY = flags.DEFINE_bool(
+  "report_only", False, "Only tabulate and plot the runs already there."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +135,21 @@ class Recipe:
     """`--config.*` overrides implementing the recipe (the tokenised data cache shared by all runs)."""
     out = [f"--config.data.cache_dir={cache_dir}", f"--config.data.packing={self.packing}"]
     if self.data_dir:
-      out += ["--config.data.source=json",
-              f"--config.data.train_files={os.path.join(self.data_dir, 'train.jsonl')}",
-              f"--config.data.val_files={os.path.join(self.data_dir, 'validation.jsonl')}"]
+      out += [
+        "--config.data.source=json",
+        f"--config.data.train_files={os.path.join(self.data_dir, 'train.jsonl')}",
+        f"--config.data.val_files={os.path.join(self.data_dir, 'validation.jsonl')}",
+      ]
     if self.tokenizer:
       out.append(f"--config.data.tokenizer={self.tokenizer}")
-    for field, value in (("train.steps", self.steps), ("train.batch_size", self.batch_size),
-                         ("data.max_length", self.max_length), ("train.eval_every", self.eval_every),
-                         ("train.max_eval_batches", self.eval_batches),
-                         ("train.eval_batch_size", self.eval_batch_size)):
+    for field, value in (
+      ("train.steps", self.steps),
+      ("train.batch_size", self.batch_size),
+      ("data.max_length", self.max_length),
+      ("train.eval_every", self.eval_every),
+      ("train.max_eval_batches", self.eval_batches),
+      ("train.eval_batch_size", self.eval_batch_size),
+    ):
       if value:
         out.append(f"--config.{field}={value}")
     out += [f"--config.{item}" for item in self.overrides]
@@ -126,8 +167,10 @@ def record_recipe(runs_dir: Path, recipe: Recipe) -> None:
     saved = json.loads(path.read_text())
     diffs = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if diffs:
-      raise ValueError(f"{runs_dir} holds runs with another recipe (differs in {diffs}: saved "
-                       f"{ {k: saved.get(k) for k in diffs} }); use another --runs_dir")
+      raise ValueError(
+        f"{runs_dir} holds runs with another recipe (differs in {diffs}: saved "
+        f"{ {k: saved.get(k) for k in diffs} }); use another --runs_dir"
+      )
     return
   runs_dir.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(wanted, indent=2) + "\n")
@@ -146,7 +189,9 @@ def suite_configs(suite: str) -> tuple[str, ...]:
   names = SUITES.get(suite) or tuple(n.strip() for n in suite.split(",") if n.strip())
   missing = [n for n in names if not (CONFIG_DIR / f"{n}.py").is_file()]
   if missing or not names:
-    raise ValueError(f"--suite={suite!r}: unknown config(s) {missing}; named suites: {', '.join(SUITES)}")
+    raise ValueError(
+      f"--suite={suite!r}: unknown config(s) {missing}; named suites: {', '.join(SUITES)}"
+    )
   return names
 
 
@@ -169,14 +214,24 @@ def is_finished(workdir: Path) -> bool:
   return bool(values.get("completed")) and (workdir / "checkpoints" / str(values["step"])).is_dir()
 
 
-def train_command(name: str, seed: int, recipe: Recipe, workdir: Path, cache_dir: Path) -> list[str]:
+def train_command(
+  name: str, seed: int, recipe: Recipe, workdir: Path, cache_dir: Path
+) -> list[str]:
   """The `python -m coe_jax.main` command line of one run."""
-  return [sys.executable, "-m", "coe_jax.main", f"--config={CONFIG_DIR / name}.py:{recipe.scale}",
-          f"--workdir={workdir}", f"--config.seed={seed}", *recipe.flags_for(str(cache_dir))]
+  return [
+    sys.executable,
+    "-m",
+    "coe_jax.main",
+    f"--config={CONFIG_DIR / name}.py:{recipe.scale}",
+    f"--workdir={workdir}",
+    f"--config.seed={seed}",
+    *recipe.flags_for(str(cache_dir)),
+  ]
 
 
-def run_suite(names: Sequence[str], seeds: int, recipe: Recipe, runs_dir: Path,
-              log=print) -> list[Path]:
+def run_suite(
+  names: Sequence[str], seeds: int, recipe: Recipe, runs_dir: Path, log=print
+) -> list[Path]:
   """Trains every (config, seed) not yet finished, sequentially; returns the workdirs.
 
   Seed 0 of every config runs before seed 1 of any, so a partial suite already
@@ -199,9 +254,13 @@ def run_suite(names: Sequence[str], seeds: int, recipe: Recipe, runs_dir: Path,
       start = time.perf_counter()
       workdir.mkdir(parents=True, exist_ok=True)
       with open(workdir / "train.log", "a") as out:
-        result = subprocess.run(command, cwd=os.getcwd(), env=env, stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run(
+          command, cwd=os.getcwd(), env=env, stdout=out, stderr=subprocess.STDOUT
+        )
       if result.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed} failed (exit {result.returncode}); see {workdir / 'train.log'}")
+        raise RuntimeError(
+          f"{name} seed {seed} failed (exit {result.returncode}); see {workdir / 'train.log'}"
+        )
       log(f"[done] {name} seed {seed} in {time.perf_counter() - start:.0f} s")
   return workdirs
 
@@ -209,6 +268,7 @@ def run_suite(names: Sequence[str], seeds: int, recipe: Recipe, runs_dir: Path,
 # ---------------------------------------------------------------------------
 # Collecting results
 # ---------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class RunResult:
@@ -257,13 +317,22 @@ def collect(name: str, scale: str, runs_dir: Path, seeds: int) -> Optional[RunRe
   paper = load_config(name, scale).paper
   peaks = [s.get("device_peak_bytes") or s.get("train_step_peak_bytes") for s in summaries]
   return RunResult(
-      name=name, paper_name=paper.name, c=paper.c, k=paper.k, n=paper.n, layers=paper.layers,
-      paper_val_loss=paper.val_loss, seeds=finished, val_losses=[s["final_val_loss"] for s in summaries],
-      params_total=summaries[0]["params_total"], params_active=summaries[0]["params_active"],
-      peak_bytes=max(peaks) if all(p is not None for p in peaks) else None,
-      step_seconds=float(np.median([s["step_seconds_median"] for s in summaries])),
-      tokens_per_sec=float(np.median([s["tokens_per_sec"] for s in summaries])),
-      curves=[_val_curve(w) for w in done])
+    name=name,
+    paper_name=paper.name,
+    c=paper.c,
+    k=paper.k,
+    n=paper.n,
+    layers=paper.layers,
+    paper_val_loss=paper.val_loss,
+    seeds=finished,
+    val_losses=[s["final_val_loss"] for s in summaries],
+    params_total=summaries[0]["params_total"],
+    params_active=summaries[0]["params_active"],
+    peak_bytes=max(peaks) if all(p is not None for p in peaks) else None,
+    step_seconds=float(np.median([s["step_seconds_median"] for s in summaries])),
+    tokens_per_sec=float(np.median([s["tokens_per_sec"] for s in summaries])),
+    curves=[_val_curve(w) for w in done],
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -271,9 +340,28 @@ def collect(name: str, scale: str, runs_dir: Path, seeds: int) -> Optional[RunRe
 # ---------------------------------------------------------------------------
 
 BASELINE = "moe_k8"  # the paired differences are taken against this run
-COLUMNS = ("config", "paper run", "C", "K", "N", "layers", "seeds", "val loss mean", "val loss sd",
-           f"paired diff vs {BASELINE}", "paired diff sd", "paper val loss", f"paper diff vs {BASELINE}", "params total", "params active/token", "param MB fp32", "param MB bf16",
-           "train step peak MB", "step s", "tokens/s")
+COLUMNS = (
+  "config",
+  "paper run",
+  "C",
+  "K",
+  "N",
+  "layers",
+  "seeds",
+  "val loss mean",
+  "val loss sd",
+  f"paired diff vs {BASELINE}",
+  "paired diff sd",
+  "paper val loss",
+  f"paper diff vs {BASELINE}",
+  "params total",
+  "params active/token",
+  "param MB fp32",
+  "param MB bf16",
+  "train step peak MB",
+  "step s",
+  "tokens/s",
+)
 
 
 def paired_differences(result: RunResult, baseline: RunResult) -> np.ndarray:
@@ -283,7 +371,9 @@ def paired_differences(result: RunResult, baseline: RunResult) -> np.ndarray:
   difference cancels the data-order noise the two share.
   """
   base = dict(zip(baseline.seeds, baseline.val_losses))
-  return np.asarray([loss - base[s] for s, loss in zip(result.seeds, result.val_losses) if s in base])
+  return np.asarray(
+    [loss - base[s] for s, loss in zip(result.seeds, result.val_losses) if s in base]
+  )
 
 
 def _mean_sd(values: np.ndarray) -> tuple[str, str]:
@@ -300,14 +390,35 @@ def table_rows(results: Sequence[RunResult]) -> list[list[str]]:
     peak = f"{r.peak_bytes / 2**20:.1f}" if r.peak_bytes is not None else "n/a"
     paper = "" if math.isnan(r.paper_val_loss) else f"{r.paper_val_loss:.3f}"
     diff, diff_sd = _mean_sd(paired_differences(r, baseline) if baseline else np.zeros(0))
-    paper_diff = ("" if math.isnan(r.paper_val_loss) or baseline is None
-                  else f"{r.paper_val_loss - baseline.paper_val_loss:+.3f}")
-    rows.append([r.name, r.paper_name, str(r.c), str(r.k), str(r.n), str(r.layers),
-                 str(len(r.val_losses)), f"{r.val_mean:.4f}", f"{r.val_spread:.4f}", diff, diff_sd,
-                 paper, paper_diff,
-                 str(r.params_total), str(r.params_active), f"{4 * r.params_total / 2**20:.2f}",
-                 f"{2 * r.params_total / 2**20:.2f}", peak, f"{r.step_seconds:.3f}",
-                 f"{r.tokens_per_sec:.0f}"])
+    paper_diff = (
+      ""
+      if math.isnan(r.paper_val_loss) or baseline is None
+      else f"{r.paper_val_loss - baseline.paper_val_loss:+.3f}"
+    )
+    rows.append(
+      [
+        r.name,
+        r.paper_name,
+        str(r.c),
+        str(r.k),
+        str(r.n),
+        str(r.layers),
+        str(len(r.val_losses)),
+        f"{r.val_mean:.4f}",
+        f"{r.val_spread:.4f}",
+        diff,
+        diff_sd,
+        paper,
+        paper_diff,
+        str(r.params_total),
+        str(r.params_active),
+        f"{4 * r.params_total / 2**20:.2f}",
+        f"{2 * r.params_total / 2**20:.2f}",
+        peak,
+        f"{r.step_seconds:.3f}",
+        f"{r.tokens_per_sec:.0f}",
+      ]
+    )
   return rows
 
 
@@ -318,34 +429,43 @@ def memory_saving_percent(smaller_params: int, reference_params: int) -> float:
 
 def paper_scale_memory_saving() -> float:
   """CoE(N=48) vs MoE(N=64) total-parameter saving at the paper's scale (analytic, vocab 102400)."""
-  small, ref = (count_params(config_lib.model_config_from(load_config(n, "paper"))) for n in MEMORY_PAIR)
+  small, ref = (
+    count_params(config_lib.model_config_from(load_config(n, "paper"))) for n in MEMORY_PAIR
+  )
   return memory_saving_percent(small.total, ref.total)
 
 
 def memory_lines(results: dict[str, RunResult]) -> list[str]:
-  lines = [f"Parameter-memory saving of CoE(C=2,K=4,N=48) against MoE(K=8,N=64) (total parameters, "
-           f"embeddings and head included; the paper: {PAPER_MEMORY_SAVING_PERCENT}%):",
-           f"- paper scale, analytic count: {paper_scale_memory_saving():.1f}%"]
+  lines = [
+    f"Parameter-memory saving of CoE(C=2,K=4,N=48) against MoE(K=8,N=64) (total parameters, "
+    f"embeddings and head included; the paper: {PAPER_MEMORY_SAVING_PERCENT}%):",
+    f"- paper scale, analytic count: {paper_scale_memory_saving():.1f}%",
+  ]
   small, ref = (results.get(n) for n in MEMORY_PAIR)
   if small and ref:
-    lines.append(f"- this table's scale: {memory_saving_percent(small.params_total, ref.params_total):.1f}% "
-                 f"({small.params_total:,} vs {ref.params_total:,} parameters)")
+    lines.append(
+      f"- this table's scale: {memory_saving_percent(small.params_total, ref.params_total):.1f}% "
+      f"({small.params_total:,} vs {ref.params_total:,} parameters)"
+    )
   return lines
 
 
 # The paper's orderings: (claim, run A, run B); the paper's numbers say which of A and B is lower.
 CLAIMS: tuple[tuple[str, str, str], ...] = (
-    ("CoE(C=2,K=4) beats MoE(K=8) at equal compute", "coe_c2", "moe_k8"),
-    ("C=2 beats 2x wider top-K", "coe_c2", "moe_k16"),
-    ("C=2 beats 3x wider top-K", "coe_c2", "moe_k24"),
-    ("more compute per iteration adds little (K=8 vs K=4 at C=2)", "coe_c2_k8", "coe_c2"),
-    ("8 layers beat C=2 (iteration approaches depth)", "moe_k8_l8", "coe_c2"),
-    ("12 layers beat C=2 (iteration approaches depth)", "moe_k8_l12", "coe_c2"),
-    ("CoE with N=48 stays near MoE with N=64", "coe_c2_n48", "moe_k8"),
-    ("inner residual beats outer residual", "coe_c2_k8", "coe_c2_k8_outer_residual"),
-    ("independent gates beat a shared gate (both outer residual)", "coe_c2_k8_outer_residual",
-     "coe_c2_k8_shared_gate"),
-    ("iteration does not help dense-style layers (K=N)", "dense_c1", "dense_c2"),
+  ("CoE(C=2,K=4) beats MoE(K=8) at equal compute", "coe_c2", "moe_k8"),
+  ("C=2 beats 2x wider top-K", "coe_c2", "moe_k16"),
+  ("C=2 beats 3x wider top-K", "coe_c2", "moe_k24"),
+  ("more compute per iteration adds little (K=8 vs K=4 at C=2)", "coe_c2_k8", "coe_c2"),
+  ("8 layers beat C=2 (iteration approaches depth)", "moe_k8_l8", "coe_c2"),
+  ("12 layers beat C=2 (iteration approaches depth)", "moe_k8_l12", "coe_c2"),
+  ("CoE with N=48 stays near MoE with N=64", "coe_c2_n48", "moe_k8"),
+  ("inner residual beats outer residual", "coe_c2_k8", "coe_c2_k8_outer_residual"),
+  (
+    "independent gates beat a shared gate (both outer residual)",
+    "coe_c2_k8_outer_residual",
+    "coe_c2_k8_shared_gate",
+  ),
+  ("iteration does not help dense-style layers (K=N)", "dense_c1", "dense_c2"),
 )
 
 
@@ -371,8 +491,13 @@ def claim_rows(results: dict[str, RunResult]) -> list[list[str]]:
     if diffs.size == 0:
       continue
     signs = np.sign(diffs) * np.sign(paper)
-    verdict = ("same sign, every seed" if np.all(signs > 0) else
-               "opposite, every seed" if np.all(signs < 0) else "mixed")
+    verdict = (
+      "same sign, every seed"
+      if np.all(signs > 0)
+      else "opposite, every seed"
+      if np.all(signs < 0)
+      else "mixed"
+    )
     mean = float(np.mean(diffs))
     spread = float(np.sqrt((seed_sd(results[a]) ** 2 + seed_sd(results[b]) ** 2) / 2))
     if diffs.size < 2:
@@ -383,22 +508,53 @@ def claim_rows(results: dict[str, RunResult]) -> list[list[str]]:
       beyond = f"{'yes' if abs(mean) > spread else 'no'} ({abs(mean) / spread:.1f} sd)"
     low, high, decision = paired_verdict(diffs, paper)
     interval = "n/a" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
-    rows.append([claim, f"{a} - {b}", f"{paper:+.3f}", " / ".join(f"{d:+.4f}" for d in diffs),
-                 f"{mean:+.4f}", verdict, beyond, interval, decision])
+    rows.append(
+      [
+        claim,
+        f"{a} - {b}",
+        f"{paper:+.3f}",
+        " / ".join(f"{d:+.4f}" for d in diffs),
+        f"{mean:+.4f}",
+        verdict,
+        beyond,
+        interval,
+        decision,
+      ]
+    )
   return rows
 
 
-CLAIM_COLUMNS = ("paper's claim", "A - B", "paper", "ours per seed", "ours mean", "ours vs paper",
-                 "beyond seed spread", "95% CI", "verdict (pre-registered rule)")
+CLAIM_COLUMNS = (
+  "paper's claim",
+  "A - B",
+  "paper",
+  "ours per seed",
+  "ours mean",
+  "ours vs paper",
+  "beyond seed spread",
+  "95% CI",
+  "verdict (pre-registered rule)",
+)
 
 # Two-sided 95% critical values of Student's t by degrees of freedom (standard table).
-_T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-          9: 2.262, 10: 2.228}
+_T_975 = {
+  1: 12.706,
+  2: 4.303,
+  3: 3.182,
+  4: 2.776,
+  5: 2.571,
+  6: 2.447,
+  7: 2.365,
+  8: 2.306,
+  9: 2.262,
+  10: 2.228,
+}
 SMALLEST_EFFECT = 0.01  # nats: the smallest A - B difference of interest (experiments/README.md)
 
 
-def paired_verdict(diffs: np.ndarray, paper_sign: float,
-                   smallest_effect: float = SMALLEST_EFFECT) -> tuple[float, float, str]:
+def paired_verdict(
+  diffs: np.ndarray, paper_sign: float, smallest_effect: float = SMALLEST_EFFECT
+) -> tuple[float, float, str]:
   """(CI low, CI high, verdict) of the mean paired difference A - B (t interval, 95%).
 
   The pre-registered rule (experiments/README.md): 'reproduced' when the whole
@@ -426,15 +582,24 @@ def write_table(results: Sequence[RunResult], results_dir: Path, recipe_line: st
     writer = csv.writer(f)
     writer.writerow(COLUMNS)
     writer.writerows(rows)
-  lines = [f"Recipe: {recipe_line}", "",
-           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines = [
+    f"Recipe: {recipe_line}",
+    "",
+    "| " + " | ".join(COLUMNS) + " |",
+    "|" + "---|" * len(COLUMNS),
+  ]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
   lines += [""] + memory_lines({r.name: r for r in results})
   claims = claim_rows({r.name: r for r in results})
   if claims:
-    lines += ["", "Validation-loss differences A - B behind the paper's claims (negative: A lower; "
-              "ours paired by seed):", "", "| " + " | ".join(CLAIM_COLUMNS) + " |",
-              "|" + "---|" * len(CLAIM_COLUMNS)]
+    lines += [
+      "",
+      "Validation-loss differences A - B behind the paper's claims (negative: A lower; "
+      "ours paired by seed):",
+      "",
+      "| " + " | ".join(CLAIM_COLUMNS) + " |",
+      "|" + "---|" * len(CLAIM_COLUMNS),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in claims]
   (results_dir / "table.md").write_text("\n".join(lines) + "\n")
 
@@ -442,6 +607,7 @@ def write_table(results: Sequence[RunResult], results_dir: Path, recipe_line: st
 # ---------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------
+
 
 def _seed_curves(result: RunResult) -> tuple[np.ndarray, dict[int, np.ndarray]]:
   """(steps, {seed: val losses}) over the validation steps every seed of `result` reached."""
@@ -462,7 +628,7 @@ def paired_curve(result: RunResult, reference: RunResult) -> tuple[np.ndarray, n
 
 def _band(ax, steps: np.ndarray, values: np.ndarray, label: str, **style) -> None:
   """Mean over the first axis, shaded between its min and max."""
-  line, = ax.plot(steps, values.mean(0), label=label, **style)
+  (line,) = ax.plot(steps, values.mean(0), label=label, **style)
   ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
 
 
@@ -472,6 +638,7 @@ def plot_figure(stem: str, title: str, results: Sequence[RunResult], results_dir
   Each line is the mean over seeds, shaded between the seeds' min and max.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -479,8 +646,9 @@ def plot_figure(stem: str, title: str, results: Sequence[RunResult], results_dir
   reference = results[0]
   for r in results:
     steps, curves = _seed_curves(r)
-    label = f"{r.paper_name}: {r.val_mean:.3f}" + ("" if math.isnan(r.paper_val_loss)
-                                                    else f" (paper {r.paper_val_loss:.3f})")
+    label = f"{r.paper_name}: {r.val_mean:.3f}" + (
+      "" if math.isnan(r.paper_val_loss) else f" (paper {r.paper_val_loss:.3f})"
+    )
     _band(loss_ax, steps, np.stack(list(curves.values())), label)
     diff_steps, diffs = paired_curve(r, reference)
     if diffs is not None:
@@ -488,8 +656,11 @@ def plot_figure(stem: str, title: str, results: Sequence[RunResult], results_dir
   loss_ax.set(xlabel="step", ylabel="validation loss", title=title)
   loss_ax.legend(fontsize=8)
   diff_ax.axhline(0.0, color="black", linewidth=0.5)
-  diff_ax.set(xlabel="step", ylabel=f"val loss minus {reference.paper_name}'s (same seed)",
-              title=f"Paired difference to {reference.paper_name}")
+  diff_ax.set(
+    xlabel="step",
+    ylabel=f"val loss minus {reference.paper_name}'s (same seed)",
+    title=f"Paired difference to {reference.paper_name}",
+  )
   diff_ax.legend(fontsize=8)
   fig.tight_layout()
   path = results_dir / f"{stem}.png"
@@ -508,8 +679,9 @@ def write_figures(results: dict[str, RunResult], results_dir: Path) -> list[Path
   return paths
 
 
-def report(names: Sequence[str], scale: str, seeds: int, runs_dir: Path, results_dir: Path,
-           recipe_line: str) -> list[RunResult]:
+def report(
+  names: Sequence[str], scale: str, seeds: int, runs_dir: Path, results_dir: Path, recipe_line: str
+) -> list[RunResult]:
   """Writes table.md, table.csv and the figures from the finished runs; returns their results."""
   results = [r for r in (collect(n, scale, runs_dir, seeds) for n in names) if r is not None]
   results_dir.mkdir(parents=True, exist_ok=True)
@@ -521,10 +693,19 @@ def report(names: Sequence[str], scale: str, seeds: int, runs_dir: Path, results
 def main(argv):
   del argv
   scale = _SCALE.value
-  recipe = Recipe(scale=scale, data_dir=_DATA.value, tokenizer=_TOKENIZER.value, steps=_STEPS.value,
-                  batch_size=_BATCH.value, max_length=_MAX_LENGTH.value, packing=_PACKING.value,
-                  eval_every=_EVAL_EVERY.value, eval_batches=_EVAL_BATCHES.value,
-                  eval_batch_size=_EVAL_BATCH_SIZE.value, overrides=tuple(_OVERRIDES.value))
+  recipe = Recipe(
+    scale=scale,
+    data_dir=_DATA.value,
+    tokenizer=_TOKENIZER.value,
+    steps=_STEPS.value,
+    batch_size=_BATCH.value,
+    max_length=_MAX_LENGTH.value,
+    packing=_PACKING.value,
+    eval_every=_EVAL_EVERY.value,
+    eval_batches=_EVAL_BATCHES.value,
+    eval_batch_size=_EVAL_BATCH_SIZE.value,
+    overrides=tuple(_OVERRIDES.value),
+  )
   names = suite_configs(_SUITE.value)
   runs_dir = Path(_RUNS_DIR.value or REPO / "runs" / "ablation" / scale).resolve()
   results_dir = Path(_RESULTS_DIR.value or REPO / "experiments" / "results" / scale).resolve()
@@ -535,8 +716,14 @@ def main(argv):
     record_recipe(runs_dir, recipe)
     run_suite(names, _SEEDS.value, recipe, runs_dir, log)
   recipe_line = " ".join(recipe.flags_for("<runs_dir>/data_cache")[1:]) or "the configs' defaults"
-  results = report(names, scale, _SEEDS.value, runs_dir, results_dir,
-                   f"scale={scale}, seeds={_SEEDS.value}, {recipe_line}")
+  results = report(
+    names,
+    scale,
+    _SEEDS.value,
+    runs_dir,
+    results_dir,
+    f"scale={scale}, seeds={_SEEDS.value}, {recipe_line}",
+  )
   log(f"{len(results)} of {len(names)} configs finished; table and figures in {results_dir}")
 
 

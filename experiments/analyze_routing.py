@@ -27,8 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("workdirs", nargs="+", help="run directories to analyse")
   parser.add_argument("--rows", type=int, default=64, help="validation sequences to route")
   parser.add_argument("--out", default="runs/routing_analysis", help="output directory")
-  parser.add_argument("--eval_capacity", action="store_true",
-                      help="route with the evaluation capacity factor instead of the training one")
+  parser.add_argument(
+    "--eval_capacity",
+    action="store_true",
+    help="route with the evaluation capacity factor instead of the training one",
+  )
   return parser.parse_args(argv)
 
 
@@ -39,34 +42,44 @@ def save_figure(fig, path: Path) -> None:
 
 def describe(name: str, run: analysis.Run, stats: analysis.RoutingStats, tokens: int) -> None:
   cfg = run.model.config
-  print(f"\n== {name}: step {run.step}, C={cfg.num_iterations}, K={cfg.num_experts_per_tok}, "
-        f"N_routed={cfg.n_routed_experts}, layers={cfg.num_layers}, {tokens} real tokens")
+  print(
+    f"\n== {name}: step {run.step}, C={cfg.num_iterations}, K={cfg.num_experts_per_tok}, "
+    f"N_routed={cfg.n_routed_experts}, layers={cfg.num_layers}, {tokens} real tokens"
+  )
   for layer in range(stats.num_layers):
     print(f" layer {layer}")
     for t in range(stats.num_iterations):
       load, confidence = stats.load, stats.confidence
-      print(f"  iteration {t}: load CV {load.cv[layer, t]:.3f}, max/mean "
-            f"{load.max_over_mean[layer, t]:.2f}, entropy {confidence.entropy[layer, t]:.3f} "
-            f"nats ({confidence.normalized_entropy[layer, t]:.3f} of log N), top-1 weight "
-            f"{confidence.top1_weight[layer, t]:.3f}, dropped {stats.drops.fraction[layer, t]:.4f}")
+      print(
+        f"  iteration {t}: load CV {load.cv[layer, t]:.3f}, max/mean "
+        f"{load.max_over_mean[layer, t]:.2f}, entropy {confidence.entropy[layer, t]:.3f} "
+        f"nats ({confidence.normalized_entropy[layer, t]:.3f} of log N), top-1 weight "
+        f"{confidence.top1_weight[layer, t]:.3f}, dropped {stats.drops.fraction[layer, t]:.4f}"
+      )
     again, combos = stats.reselection, stats.combinations
     chance_diagonal = cfg.num_experts_per_tok / stats.num_experts
     for t in range(stats.num_iterations - 1):
       diagonal = stats.co_selection.diagonal[layer, t]
-      print(f"  {t}->{t + 1}: re-selection rate {again.rate[layer, t]:.3f} (chance "
-            f"{again.chance_rate:.3f}), mean overlap {again.mean_overlap[layer, t]:.3f} (chance "
-            f"{again.chance_overlap:.3f}), co-selection diagonal mean {diagonal.mean():.3f} / max "
-            f"{diagonal.max():.3f} (chance ~K/N = {chance_diagonal:.3f})")
-    print(f"  combinations: {combos.distinct[layer]} distinct over {combos.num_tokens} tokens; "
-          f"possible {combos.possible:,}; distinct sets per iteration "
-          f"{combos.distinct_per_iteration[layer].tolist()} of {combos.possible_per_iteration:,}")
+      print(
+        f"  {t}->{t + 1}: re-selection rate {again.rate[layer, t]:.3f} (chance "
+        f"{again.chance_rate:.3f}), mean overlap {again.mean_overlap[layer, t]:.3f} (chance "
+        f"{again.chance_overlap:.3f}), co-selection diagonal mean {diagonal.mean():.3f} / max "
+        f"{diagonal.max():.3f} (chance ~K/N = {chance_diagonal:.3f})"
+      )
+    print(
+      f"  combinations: {combos.distinct[layer]} distinct over {combos.num_tokens} tokens; "
+      f"possible {combos.possible:,}; distinct sets per iteration "
+      f"{combos.distinct_per_iteration[layer].tolist()} of {combos.possible_per_iteration:,}"
+    )
 
 
-def analyse_run(workdir: str, rows: int, train_capacity: bool, out: Path
-                ) -> tuple[str, pd.DataFrame]:
+def analyse_run(
+  workdir: str, rows: int, train_capacity: bool, out: Path
+) -> tuple[str, pd.DataFrame]:
   run = analysis.load_run(workdir)
-  routing = analysis.collect_routing(run.model, run.variables, analysis.validation_batch(run, rows),
-                                     train=train_capacity)
+  routing = analysis.collect_routing(
+    run.model, run.variables, analysis.validation_batch(run, rows), train=train_capacity
+  )
   stats = analysis.analyze(routing)
   name = Path(os.path.abspath(workdir)).name
   describe(name, run, stats, routing.num_tokens)
@@ -77,12 +90,16 @@ def analyse_run(workdir: str, rows: int, train_capacity: bool, out: Path
   analysis.layer_table(stats).to_csv(directory / "layers.csv", index=False)
   analysis.expert_table(stats).to_csv(directory / "experts.csv", index=False)
   for layer in range(stats.num_layers):
-    save_figure(analysis.plot_load(stats.load, layer, f"{name}: expert load, layer {layer}"),
-                directory / f"load_layer{layer}.png")
+    save_figure(
+      analysis.plot_load(stats.load, layer, f"{name}: expert load, layer {layer}"),
+      directory / f"load_layer{layer}.png",
+    )
     save_figure(analysis.plot_dropped(stats.drops, layer), directory / f"dropped_layer{layer}.png")
     if stats.num_iterations > 1:
-      save_figure(analysis.plot_co_selection(stats.co_selection, layer),
-                  directory / f"co_selection_layer{layer}.png")
+      save_figure(
+        analysis.plot_co_selection(stats.co_selection, layer),
+        directory / f"co_selection_layer{layer}.png",
+      )
   return name, per_iteration
 
 

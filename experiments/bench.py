@@ -54,27 +54,33 @@ import numpy as np
 
 from coe_jax import config_lib
 from coe_jax.nn import blocked, dispatch
-from coe_jax.training import train, train_step
 from coe_jax.nn.coe_layer import CoELayer
+
+# The analytic FLOP count lives in the library: the training log reports the same numbers.
+from coe_jax.nn.flops import FlopCount, flops_per_token  # noqa: F401 (re-exported)
 from coe_jax.nn.layers import compute_dtype
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
-# The analytic FLOP count lives in the library: the training log reports the same numbers.
-from coe_jax.nn.flops import FlopCount, flops_per_token  # noqa: F401 (re-exported)
+from coe_jax.training import train, train_step
 
 REPO = Path(__file__).resolve().parents[1]
-SUITE = (("MoE(K=8)", "configs/moe_k8.py"), ("CoE(C=2,K=4)", "configs/coe_c2.py"),
-         ("CoE(C=2,K=8)", "configs/coe_c2_k8.py"))
+SUITE = (
+  ("MoE(K=8)", "configs/moe_k8.py"),
+  ("CoE(C=2,K=4)", "configs/coe_c2.py"),
+  ("CoE(C=2,K=8)", "configs/coe_c2_k8.py"),
+)
 # --shapes presets: model overrides plus batch / seq / suite scale.
 SHAPES = {
-    "paper_width": dict(scale="paper", batch=1, seq=512,
-                        model=dict(num_layers=2, vocab_size=8192, dtype="float32")),
+  "paper_width": dict(
+    scale="paper", batch=1, seq=512, model=dict(num_layers=2, vocab_size=8192, dtype="float32")
+  ),
 }
 
 
 # ---------------------------------------------------------------------------
 # Timing machinery
 # ---------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Timed:
@@ -109,8 +115,12 @@ def run_round_robin(programs: list[Timed], warmup: int, steps: int) -> None:
 
 
 def spread(seconds: list[float]) -> dict[str, float]:
-  return dict(median=statistics.median(seconds), min=min(seconds), max=max(seconds),
-              iqr=float(np.subtract(*np.percentile(seconds, [75, 25]))))
+  return dict(
+    median=statistics.median(seconds),
+    min=min(seconds),
+    max=max(seconds),
+    iqr=float(np.subtract(*np.percentile(seconds, [75, 25]))),
+  )
 
 
 def matmul_probe(dtype: jnp.dtype, size: int) -> tuple[Timed, float]:
@@ -118,20 +128,22 @@ def matmul_probe(dtype: jnp.dtype, size: int) -> tuple[Timed, float]:
   keys = jax.random.split(jax.random.key(0))
   a, b = (jax.random.normal(k, (size, size), jnp.float32).astype(dtype) for k in keys)
   compiled = jax.jit(jnp.dot).lower(a, b).compile()
-  return Timed(f"matmul[{size}]", lambda: compiled(a, b)), 2.0 * size ** 3
+  return Timed(f"matmul[{size}]", lambda: compiled(a, b)), 2.0 * size**3
 
 
 # ---------------------------------------------------------------------------
 # The train step of one config
 # ---------------------------------------------------------------------------
 
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """`path/to/config.py[:arg]` -> `get_config(arg)` (paths relative to the repo root too)."""
   return config_lib.load_config_file(spec, root=REPO)
 
 
-def bench_model_config(config: ml_collections.ConfigDict, dispatch_mode: str,
-                       overrides: dict[str, Any]) -> ModelConfig:
+def bench_model_config(
+  config: ml_collections.ConfigDict, dispatch_mode: str, overrides: dict[str, Any]
+) -> ModelConfig:
   """The config's ModelConfig with the dispatch and overrides applied.
 
   `model.vocab_size == 0` (the tokenizer's size) becomes the BPE size the data
@@ -145,8 +157,12 @@ def bench_model_config(config: ml_collections.ConfigDict, dispatch_mode: str,
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, jax.Array]:
   ids = jax.random.randint(jax.random.key(seed), (batch, seq), 0, vocab, jnp.int32)
   ones = jnp.ones((batch, seq), jnp.int32)
-  return dict(input_ids=ids, attention_mask=ones, segment_ids=ones,
-              positions=jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)))
+  return dict(
+    input_ids=ids,
+    attention_mask=ones,
+    segment_ids=ones,
+    positions=jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+  )
 
 
 @dataclasses.dataclass
@@ -162,8 +178,14 @@ class StepBench:
   last_metrics: dict
 
 
-def build_step_bench(label: str, config: ml_collections.ConfigDict, model_config: ModelConfig,
-                     batch: int, seq: int, memory_only: bool = False) -> StepBench:
+def build_step_bench(
+  label: str,
+  config: ml_collections.ConfigDict,
+  model_config: ModelConfig,
+  batch: int,
+  seq: int,
+  memory_only: bool = False,
+) -> StepBench:
   """Compiles the train step; with `memory_only` from abstract state (nothing allocated, not runnable)."""
   model = CoECausalLM(model_config)
   make_state = lambda: train_step.init_train_state(model, config.train, config.seed, seq)
@@ -180,14 +202,20 @@ def build_step_bench(label: str, config: ml_collections.ConfigDict, model_config
     holder["state"], holder["metrics"] = compiled(holder["state"], data, rng)
     return holder["state"], holder["metrics"]
 
-  return StepBench(label=label, model_config=model_config, batch_shape=(batch, seq),
-                   compile_seconds=compile_seconds,
-                   compiled_peak_bytes=train.compiled_memory_bytes(compiled),
-                   timed=Timed(label, call), last_metrics=holder)
+  return StepBench(
+    label=label,
+    model_config=model_config,
+    batch_shape=(batch, seq),
+    compile_seconds=compile_seconds,
+    compiled_peak_bytes=train.compiled_memory_bytes(compiled),
+    timed=Timed(label, call),
+    last_metrics=holder,
+  )
 
 
-def summarize_step(bench: StepBench, matmul_flops_per_s: float,
-                   matmul_flops_per_cpu_s: float) -> dict[str, Any]:
+def summarize_step(
+  bench: StepBench, matmul_flops_per_s: float, matmul_flops_per_cpu_s: float
+) -> dict[str, Any]:
   """The JSON record of one train step; `mfu_cpu_time` uses CPU seconds on both sides."""
   batch, seq = bench.batch_shape
   flops = flops_per_token(bench.model_config, seq)
@@ -197,28 +225,42 @@ def summarize_step(bench: StepBench, matmul_flops_per_s: float,
   achieved_per_cpu_s = flops.train * batch * seq / spread(bench.timed.cpu_seconds)["median"]
   metrics = jax.device_get(bench.last_metrics["metrics"])
   return dict(
-      label=bench.label, dispatch=bench.model_config.dispatch,
-      dropless_impl=dispatch.resolve_dropless_impl(bench.model_config.dropless_impl)
-      if bench.model_config.dispatch == "dropless" else None,
-      dropless_tile=bench.model_config.dropless_tile or blocked.default_dropless_tile(
-          batch * seq * bench.model_config.num_experts_per_tok, bench.model_config.n_routed_experts),
-      C=bench.model_config.num_iterations, K=bench.model_config.num_experts_per_tok,
-      N_routed=bench.model_config.n_routed_experts, dtype=bench.model_config.dtype,
-      remat=bench.model_config.remat, batch=batch, seq=seq,
-      compile_seconds=bench.compile_seconds, step_seconds=times,
-      step_cpu_seconds=spread(bench.timed.cpu_seconds),
-      tokens_per_sec=tokens_per_s, train_flops_per_token=flops.train,
-      flops_breakdown_forward=dataclasses.asdict(flops),
-      achieved_flops_per_sec=achieved, matmul_flops_per_sec=matmul_flops_per_s,
-      mfu=achieved / matmul_flops_per_s, mfu_cpu_time=achieved_per_cpu_s / matmul_flops_per_cpu_s,
-      compiled_peak_bytes=bench.compiled_peak_bytes,
-      dropped_fraction=float(metrics["dropped_fraction"]),
-      loss=float(metrics["loss"]))
+    label=bench.label,
+    dispatch=bench.model_config.dispatch,
+    dropless_impl=dispatch.resolve_dropless_impl(bench.model_config.dropless_impl)
+    if bench.model_config.dispatch == "dropless"
+    else None,
+    dropless_tile=bench.model_config.dropless_tile
+    or blocked.default_dropless_tile(
+      batch * seq * bench.model_config.num_experts_per_tok, bench.model_config.n_routed_experts
+    ),
+    C=bench.model_config.num_iterations,
+    K=bench.model_config.num_experts_per_tok,
+    N_routed=bench.model_config.n_routed_experts,
+    dtype=bench.model_config.dtype,
+    remat=bench.model_config.remat,
+    batch=batch,
+    seq=seq,
+    compile_seconds=bench.compile_seconds,
+    step_seconds=times,
+    step_cpu_seconds=spread(bench.timed.cpu_seconds),
+    tokens_per_sec=tokens_per_s,
+    train_flops_per_token=flops.train,
+    flops_breakdown_forward=dataclasses.asdict(flops),
+    achieved_flops_per_sec=achieved,
+    matmul_flops_per_sec=matmul_flops_per_s,
+    mfu=achieved / matmul_flops_per_s,
+    mfu_cpu_time=achieved_per_cpu_s / matmul_flops_per_cpu_s,
+    compiled_peak_bytes=bench.compiled_peak_bytes,
+    dropped_fraction=float(metrics["dropped_fraction"]),
+    loss=float(metrics["loss"]),
+  )
 
 
 # ---------------------------------------------------------------------------
 # Dispatch share of one layer
 # ---------------------------------------------------------------------------
+
 
 def identity_expert(weights, x):
   """An expert that returns its input: the layer then costs routing and dispatch only."""
@@ -261,42 +303,77 @@ def xla_flops(compiled) -> Optional[float]:
 # Driver
 # ---------------------------------------------------------------------------
 
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="configs/coe_c2.py:tiny",
-                      help="config file[:scale] (ignored with --suite)")
-  parser.add_argument("--suite", action="store_true",
-                      help="MoE(K=8) vs CoE(C=2,K=4) vs CoE(C=2,K=8) in one process")
+  parser.add_argument(
+    "--config", default="configs/coe_c2.py:tiny", help="config file[:scale] (ignored with --suite)"
+  )
+  parser.add_argument(
+    "--suite", action="store_true", help="MoE(K=8) vs CoE(C=2,K=4) vs CoE(C=2,K=8) in one process"
+  )
   parser.add_argument("--scale", default="tiny", help="scale of the --suite configs: tiny | paper")
-  parser.add_argument("--dispatch", default="capacity",
-                      help="comma-separated dispatch modes: capacity,dropless")
-  parser.add_argument("--dropless_impl", default=None,
-                      help="comma-separated: auto | blocked | gather | ragged_dot (one row each)")
-  parser.add_argument("--dropless_tile", default=None,
-                      help="model.dropless_tile (rows per tile of 'blocked'; 0 = default); a "
-                           "comma-separated list benchmarks each value side by side")
-  parser.add_argument("--shapes", default=None, choices=sorted(SHAPES),
-                      help="preset: paper_width = the :paper suite at 2 layers, vocab 8192, fp32, "
-                           "batch 1 x 512 (explicit --batch/--seq/--dtype still win)")
-  parser.add_argument("--fused_optimizer", action="store_true",
-                      help="train.fused_optimizer=True: the fused clip + AdamW, not the optax chain")
-  parser.add_argument("--keep_going", action="store_true",
-                      help="a program that fails to compile or allocate is reported, not fatal")
-  parser.add_argument("--memory_only", action="store_true",
-                      help="compile from abstract state and report compiled peak memory only")
-  parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: config)")
+  parser.add_argument(
+    "--dispatch", default="capacity", help="comma-separated dispatch modes: capacity,dropless"
+  )
+  parser.add_argument(
+    "--dropless_impl",
+    default=None,
+    help="comma-separated: auto | blocked | gather | ragged_dot (one row each)",
+  )
+  parser.add_argument(
+    "--dropless_tile",
+    default=None,
+    help="model.dropless_tile (rows per tile of 'blocked'; 0 = default); a "
+    "comma-separated list benchmarks each value side by side",
+  )
+  parser.add_argument(
+    "--shapes",
+    default=None,
+    choices=sorted(SHAPES),
+    help="preset: paper_width = the :paper suite at 2 layers, vocab 8192, fp32, "
+    "batch 1 x 512 (explicit --batch/--seq/--dtype still win)",
+  )
+  parser.add_argument(
+    "--fused_optimizer",
+    action="store_true",
+    help="train.fused_optimizer=True: the fused clip + AdamW, not the optax chain",
+  )
+  parser.add_argument(
+    "--keep_going",
+    action="store_true",
+    help="a program that fails to compile or allocate is reported, not fatal",
+  )
+  parser.add_argument(
+    "--memory_only",
+    action="store_true",
+    help="compile from abstract state and report compiled peak memory only",
+  )
+  parser.add_argument(
+    "--batch", type=int, default=None, help="sequences per step (default: config)"
+  )
   parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: config)")
   parser.add_argument("--dtype", default=None, help="compute dtype override: float32 | bfloat16")
   parser.add_argument("--remat", default=None, help="none | full | dots")
-  parser.add_argument("--attention_query_block", default=None,
-                      help="model.attention_query_block override; a comma-separated list "
-                           "benchmarks each value side by side (e.g. 0,64)")
+  parser.add_argument(
+    "--attention_query_block",
+    default=None,
+    help="model.attention_query_block override; a comma-separated list "
+    "benchmarks each value side by side (e.g. 0,64)",
+  )
   parser.add_argument("--steps", type=int, default=10, help="timed steps per program")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per program first")
-  parser.add_argument("--matmul_size", type=int, default=None,
-                      help="side of the matmul probe (default 2048 on CPU, 8192 elsewhere)")
-  parser.add_argument("--layer_cost", action="store_true",
-                      help="also time one layer with the expert MLPs replaced by the identity")
+  parser.add_argument(
+    "--matmul_size",
+    type=int,
+    default=None,
+    help="side of the matmul probe (default 2048 on CPU, 8192 elsewhere)",
+  )
+  parser.add_argument(
+    "--layer_cost",
+    action="store_true",
+    help="also time one layer with the expert MLPs replaced by the identity",
+  )
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   return parser.parse_args(argv)
 
@@ -305,11 +382,15 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
   """Every (config, dispatch mode[, dropless impl], query block) train step, compiled."""
   preset = SHAPES[args.shapes] if args.shapes else dict(model={})
   scale = preset.get("scale", args.scale)
-  specs = ([(label, f"{path}:{scale}") for label, path in SUITE] if args.suite
-           else [(args.config, args.config)])
+  specs = (
+    [(label, f"{path}:{scale}") for label, path in SUITE]
+    if args.suite
+    else [(args.config, args.config)]
+  )
   overrides = dict(preset["model"])
-  overrides.update({k: v for k, v in dict(dtype=args.dtype, remat=args.remat).items()
-                    if v is not None})
+  overrides.update(
+    {k: v for k, v in dict(dtype=args.dtype, remat=args.remat).items() if v is not None}
+  )
   impls = (args.dropless_impl or "auto").split(",")
   tiles = [int(t) for t in (args.dropless_tile or "").split(",") if t]
   benches = []
@@ -336,14 +417,17 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
           name += f" tile={tile}" if tile is not None and len(tiles) > 1 else ""
           name += f" qb={block}" if len(blocks) > 1 else ""
           try:
-            benches.append(build_step_bench(name, config, model_config, batch, seq,
-                                            args.memory_only))
+            benches.append(
+              build_step_bench(name, config, model_config, batch, seq, args.memory_only)
+            )
           except Exception as error:  # e.g. out of device memory: report it, run the rest
             if not args.keep_going:
               raise
             failures.append(dict(label=name, error=f"{type(error).__name__}: {str(error)[:500]}"))
-            print(f"bench: {name} failed to compile or allocate: {failures[-1]['error']}",
-                  file=sys.stderr)
+            print(
+              f"bench: {name} failed to compile or allocate: {failures[-1]['error']}",
+              file=sys.stderr,
+            )
   return benches
 
 
@@ -354,7 +438,9 @@ def _dropless_variants(mode: str, impls: list[str], tiles: list[int]):
   pairs = []
   for impl in impls:
     blocked = dispatch.resolve_dropless_impl(impl) == "blocked"
-    pairs += [(impl, t) for t in tiles] if blocked and tiles else [(impl, tiles[0] if tiles else None)]
+    pairs += (
+      [(impl, t) for t in tiles] if blocked and tiles else [(impl, tiles[0] if tiles else None)]
+    )
   return pairs
 
 
@@ -362,15 +448,31 @@ def memory_report(benches: list[StepBench]) -> dict[str, Any]:
   """Compiled peak memory of every program and its ratio to the same config's capacity step."""
   rows = []
   for bench in benches:
-    base = next((b for b in benches if b.label.rsplit(" ", 1)[0] == bench.label.split(" ")[0]
-                 and b.model_config.dispatch == "capacity"), None)
+    base = next(
+      (
+        b
+        for b in benches
+        if b.label.rsplit(" ", 1)[0] == bench.label.split(" ")[0]
+        and b.model_config.dispatch == "capacity"
+      ),
+      None,
+    )
     peak = bench.compiled_peak_bytes
-    rows.append(dict(label=bench.label, compile_seconds=bench.compile_seconds,
-                     compiled_peak_bytes=peak, batch=bench.batch_shape[0], seq=bench.batch_shape[1],
-                     dtype=bench.model_config.dtype, num_layers=bench.model_config.num_layers,
-                     vocab_size=bench.model_config.vocab_size,
-                     peak_vs_capacity=(peak / base.compiled_peak_bytes
-                                       if base and peak and base.compiled_peak_bytes else None)))
+    rows.append(
+      dict(
+        label=bench.label,
+        compile_seconds=bench.compile_seconds,
+        compiled_peak_bytes=peak,
+        batch=bench.batch_shape[0],
+        seq=bench.batch_shape[1],
+        dtype=bench.model_config.dtype,
+        num_layers=bench.model_config.num_layers,
+        vocab_size=bench.model_config.vocab_size,
+        peak_vs_capacity=(
+          peak / base.compiled_peak_bytes if base and peak and base.compiled_peak_bytes else None
+        ),
+      )
+    )
   return dict(backend=jax.default_backend(), jax_version=jax.__version__, memory_only=rows)
 
 
@@ -385,9 +487,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         jax.block_until_ready(bench.timed.call())
         alive.append(bench)
       except Exception as error:
-        args.failures.append(dict(label=bench.label, error=f"{type(error).__name__}: {str(error)[:500]}"))
-        print(f"bench: {bench.label} failed at its first step: {args.failures[-1]['error']}",
-              file=sys.stderr)
+        args.failures.append(
+          dict(label=bench.label, error=f"{type(error).__name__}: {str(error)[:500]}")
+        )
+        print(
+          f"bench: {bench.label} failed at its first step: {args.failures[-1]['error']}",
+          file=sys.stderr,
+        )
     benches = alive
   dtype = compute_dtype(benches[0].model_config.dtype)
   size = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
@@ -395,70 +501,100 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   layer_programs = []
   if args.layer_cost:
     first = benches[0]
-    layer_programs = [layer_program(first.model_config, *first.batch_shape, identity)
-                      for identity in (False, True)]
+    layer_programs = [
+      layer_program(first.model_config, *first.batch_shape, identity) for identity in (False, True)
+    ]
   run_round_robin([b.timed for b in benches] + [probe] + layer_programs, args.warmup, args.steps)
   matmul_rate = probe_flops / statistics.median(probe.seconds)
   matmul_cpu_rate = probe_flops / statistics.median(probe.cpu_seconds)
   results = dict(
-      backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-      device_count=jax.device_count(), jax_version=jax.__version__,
-      steps=args.steps, warmup=args.warmup,
-      matmul=dict(size=size, dtype=str(dtype), seconds=spread(probe.seconds),
-                  flops_per_sec=matmul_rate, flops_per_cpu_sec=matmul_cpu_rate),
-      device_peak_bytes=train.device_peak_bytes(),
-      runs=[summarize_step(b, matmul_rate, matmul_cpu_rate) for b in benches],
-      failed=args.failures)
+    backend=jax.default_backend(),
+    device=str(jax.devices()[0].device_kind),
+    device_count=jax.device_count(),
+    jax_version=jax.__version__,
+    steps=args.steps,
+    warmup=args.warmup,
+    matmul=dict(
+      size=size,
+      dtype=str(dtype),
+      seconds=spread(probe.seconds),
+      flops_per_sec=matmul_rate,
+      flops_per_cpu_sec=matmul_cpu_rate,
+    ),
+    device_peak_bytes=train.device_peak_bytes(),
+    runs=[summarize_step(b, matmul_rate, matmul_cpu_rate) for b in benches],
+    failed=args.failures,
+  )
   if layer_programs:
     full, identity = (spread(p.seconds)["median"] for p in layer_programs)
     full_cpu, identity_cpu = (spread(p.cpu_seconds)["median"] for p in layer_programs)
-    results["layer_cost"] = dict(config=benches[0].label, layer_seconds=full,
-                                 identity_experts_seconds=identity,
-                                 dispatch_fraction=identity / full,
-                                 dispatch_fraction_cpu_time=identity_cpu / full_cpu,
-                                 layer_xla_flops=layer_programs[0].xla_flops,
-                                 identity_experts_xla_flops=layer_programs[1].xla_flops)
+    results["layer_cost"] = dict(
+      config=benches[0].label,
+      layer_seconds=full,
+      identity_experts_seconds=identity,
+      dispatch_fraction=identity / full,
+      dispatch_fraction_cpu_time=identity_cpu / full_cpu,
+      layer_xla_flops=layer_programs[0].xla_flops,
+      identity_experts_xla_flops=layer_programs[1].xla_flops,
+    )
   return results
 
 
 def format_table(results: dict[str, Any]) -> str:
   """A fixed-width table of the runs, plus the matmul probe and dispatch share."""
-  header = (f"{'run':<26s} {'compile s':>9s} {'step ms':>9s} {'+-iqr':>7s} {'tok/s':>9s} "
-            f"{'GFLOP/tok':>9s} {'GFLOP/s':>8s} {'MFU':>6s} {'peak MiB':>9s} {'dropped':>7s} "
-            f"{'1k steps':>8s}")
+  header = (
+    f"{'run':<26s} {'compile s':>9s} {'step ms':>9s} {'+-iqr':>7s} {'tok/s':>9s} "
+    f"{'GFLOP/tok':>9s} {'GFLOP/s':>8s} {'MFU':>6s} {'peak MiB':>9s} {'dropped':>7s} "
+    f"{'1k steps':>8s}"
+  )
   lines = [header, "-" * len(header)]
   for r in results["runs"]:
     peak = r["compiled_peak_bytes"]
     lines.append(
-        f"{r['label']:<26s} {r['compile_seconds']:9.1f} {1e3 * r['step_seconds']['median']:9.1f} "
-        f"{1e3 * r['step_seconds']['iqr']:7.1f} {r['tokens_per_sec']:9.0f} "
-        f"{r['train_flops_per_token'] / 1e9:9.4f} {r['achieved_flops_per_sec'] / 1e9:8.1f} "
-        f"{r['mfu']:6.1%} {(peak or 0) / 2**20:9.1f} {r['dropped_fraction']:7.3f} "
-        f"{1000 * r['step_seconds']['median'] / 60:6.1f} m")
+      f"{r['label']:<26s} {r['compile_seconds']:9.1f} {1e3 * r['step_seconds']['median']:9.1f} "
+      f"{1e3 * r['step_seconds']['iqr']:7.1f} {r['tokens_per_sec']:9.0f} "
+      f"{r['train_flops_per_token'] / 1e9:9.4f} {r['achieved_flops_per_sec'] / 1e9:8.1f} "
+      f"{r['mfu']:6.1%} {(peak or 0) / 2**20:9.1f} {r['dropped_fraction']:7.3f} "
+      f"{1000 * r['step_seconds']['median'] / 60:6.1f} m"
+    )
   for failure in results.get("failed", []):
     lines.append(f"{failure['label']:<26s} FAILED: {failure['error'][:200]}")
   mm = results["matmul"]
-  lines.append(f"matmul probe: {mm['size']}^2 {mm['dtype']} at {mm['flops_per_sec'] / 1e9:.1f} GFLOP/s "
-               f"({results['backend']}, {results['device']}); {results['steps']} timed steps each")
+  lines.append(
+    f"matmul probe: {mm['size']}^2 {mm['dtype']} at {mm['flops_per_sec'] / 1e9:.1f} GFLOP/s "
+    f"({results['backend']}, {results['device']}); {results['steps']} timed steps each"
+  )
   runs = results["runs"]
   if len(runs) > 1:
     base = runs[0]
     for r in runs[1:]:
-      lines.append(f"step time {r['label']} / {base['label']}: "
-                   f"{r['step_seconds']['median'] / base['step_seconds']['median']:.2f}x")
+      lines.append(
+        f"step time {r['label']} / {base['label']}: "
+        f"{r['step_seconds']['median'] / base['step_seconds']['median']:.2f}x"
+      )
   for r in runs:  # each dropless step against the same config's capacity step
     config_name = r["label"].split(" capacity")[0].split(" dropless")[0]
-    base = next((b for b in runs if b["dispatch"] == "capacity"
-                 and b["label"].startswith(config_name + " capacity")), None)
+    base = next(
+      (
+        b
+        for b in runs
+        if b["dispatch"] == "capacity" and b["label"].startswith(config_name + " capacity")
+      ),
+      None,
+    )
     if r["dispatch"] == "dropless" and base is not None:
-      lines.append(f"dropless/capacity {r['label']}: wall {r['step_seconds']['median'] / base['step_seconds']['median']:.2f}x, "
-                   f"CPU time {r['step_cpu_seconds']['median'] / base['step_cpu_seconds']['median']:.2f}x, "
-                   f"compiled peak {(r['compiled_peak_bytes'] or 0) / max(base['compiled_peak_bytes'] or 1, 1):.2f}x")
+      lines.append(
+        f"dropless/capacity {r['label']}: wall {r['step_seconds']['median'] / base['step_seconds']['median']:.2f}x, "
+        f"CPU time {r['step_cpu_seconds']['median'] / base['step_cpu_seconds']['median']:.2f}x, "
+        f"compiled peak {(r['compiled_peak_bytes'] or 0) / max(base['compiled_peak_bytes'] or 1, 1):.2f}x"
+      )
   if "layer_cost" in results:
     lc = results["layer_cost"]
-    lines.append(f"dispatch share of one layer ({lc['config']}): {lc['dispatch_fraction']:.1%} "
-                 f"({1e3 * lc['identity_experts_seconds']:.2f} of {1e3 * lc['layer_seconds']:.2f} ms "
-                 f"fwd+bwd)")
+    lines.append(
+      f"dispatch share of one layer ({lc['config']}): {lc['dispatch_fraction']:.1%} "
+      f"({1e3 * lc['identity_experts_seconds']:.2f} of {1e3 * lc['layer_seconds']:.2f} ms "
+      f"fwd+bwd)"
+    )
   if results["device_peak_bytes"] is not None:
     lines.append(f"device peak memory: {results['device_peak_bytes'] / 2**30:.2f} GiB")
   return "\n".join(lines)
@@ -468,11 +604,15 @@ def format_memory_table(results: dict[str, Any]) -> str:
   lines = [f"{'program':<34s} {'compile s':>9s} {'peak MiB':>10s} {'vs capacity':>11s}"]
   for r in results["memory_only"]:
     ratio = "" if r["peak_vs_capacity"] is None else f"{r['peak_vs_capacity']:.2f}x"
-    lines.append(f"{r['label']:<34s} {r['compile_seconds']:9.1f} "
-                 f"{(r['compiled_peak_bytes'] or 0) / 2**20:10.1f} {ratio:>11s}")
+    lines.append(
+      f"{r['label']:<34s} {r['compile_seconds']:9.1f} "
+      f"{(r['compiled_peak_bytes'] or 0) / 2**20:10.1f} {ratio:>11s}"
+    )
   r = results["memory_only"][0]
-  lines.append(f"compiled peak memory ({results['backend']}): batch {r['batch']} x {r['seq']}, "
-               f"{r['dtype']}, {r['num_layers']} layers, vocab {r['vocab_size']}")
+  lines.append(
+    f"compiled peak memory ({results['backend']}): batch {r['batch']} x {r['seq']}, "
+    f"{r['dtype']}, {r['num_layers']} layers, vocab {r['vocab_size']}"
+  )
   return "\n".join(lines)
 
 

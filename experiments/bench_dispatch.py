@@ -34,7 +34,9 @@ def main(argv=None) -> None:
   parser.add_argument("--k", type=int, default=8)
   parser.add_argument("--tiles", default="16,32,64", help="blocked tile sizes (one program each)")
   parser.add_argument("--tiles_per_step", type=int, default=1)
-  parser.add_argument("--skew", type=float, default=1.0, help="Dirichlet concentration; 0 = uniform")
+  parser.add_argument(
+    "--skew", type=float, default=1.0, help="Dirichlet concentration; 0 = uniform"
+  )
   parser.add_argument("--gather", action="store_true", help="also dropless_impl='gather'")
   parser.add_argument("--steps", type=int, default=5)
   args = parser.parse_args(argv)
@@ -46,33 +48,56 @@ def main(argv=None) -> None:
   _, kept = assignment_slots(ids, e, capacity)
   x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
   cw = jnp.asarray(rng.uniform(size=(t, k)), jnp.float32)
-  weights = SwiGLUWeights(*(jnp.asarray(0.02 * rng.normal(size=s), jnp.float32)
-                            for s in [(e, d, f), (e, d, f), (e, f, d)]))
+  weights = SwiGLUWeights(
+    *(
+      jnp.asarray(0.02 * rng.normal(size=s), jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]
+    )
+  )
   probe = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
   programs = []
 
   def add(name, routed):
-    grad = jax.jit(jax.grad(lambda x_, cw_, w_: jnp.sum(routed(x_, cw_, w_) * probe), argnums=(0, 1, 2)))
+    grad = jax.jit(
+      jax.grad(lambda x_, cw_, w_: jnp.sum(routed(x_, cw_, w_) * probe), argnums=(0, 1, 2))
+    )
     compiled = grad.lower(x, cw, weights).compile()
     programs.append(Timed(name, lambda: compiled(x, cw, weights)))
 
-  add(f"capacity (cap {capacity})", lambda x_, cw_, w_: dispatch_to_experts(
-      x_, ids, cw_, w_, mode="capacity", capacity=capacity).output)
+  add(
+    f"capacity (cap {capacity})",
+    lambda x_, cw_, w_: (
+      dispatch_to_experts(x_, ids, cw_, w_, mode="capacity", capacity=capacity).output
+    ),
+  )
   if args.gather:
-    add("dropless gather", lambda x_, cw_, w_: dispatch_to_experts(
-        x_, ids, cw_, w_, mode="dropless", capacity=1, dropless_impl="gather").output)
+    add(
+      "dropless gather",
+      lambda x_, cw_, w_: (
+        dispatch_to_experts(
+          x_, ids, cw_, w_, mode="dropless", capacity=1, dropless_impl="gather"
+        ).output
+      ),
+    )
   for tile in (int(s) for s in args.tiles.split(",")):
-    add(f"blocked tile={tile}", lambda x_, cw_, w_, tile=tile: blocked_dispatch(
-        x_, ids, cw_, w_, tile, args.tiles_per_step).output)
+    add(
+      f"blocked tile={tile}",
+      lambda x_, cw_, w_, tile=tile: (
+        blocked_dispatch(x_, ids, cw_, w_, tile, args.tiles_per_step).output
+      ),
+    )
   run_round_robin(programs, 1, args.steps)
-  print(f"T={t} K={k} N={e} d={d} f={f} skew={args.skew}: {1 - float(kept.mean()):.0%} of assignments "
-        f"over capacity at cf 1.25; max load {int(np.bincount(np.asarray(ids).ravel(), minlength=e).max())}")
+  print(
+    f"T={t} K={k} N={e} d={d} f={f} skew={args.skew}: {1 - float(kept.mean()):.0%} of assignments "
+    f"over capacity at cf 1.25; max load {int(np.bincount(np.asarray(ids).ravel(), minlength=e).max())}"
+  )
   wall0 = statistics.median(programs[0].seconds)
   cpu0 = statistics.median(programs[0].cpu_seconds)
   for prog in programs:
     wall, cpu = statistics.median(prog.seconds), statistics.median(prog.cpu_seconds)
-    print(f"{prog.name:24s} {1e3 * wall:8.1f} ms wall ({wall / wall0:.2f}x) "
-          f"{1e3 * cpu:8.1f} ms CPU ({cpu / cpu0:.2f}x)")
+    print(
+      f"{prog.name:24s} {1e3 * wall:8.1f} ms wall ({wall / wall0:.2f}x) "
+      f"{1e3 * cpu:8.1f} ms CPU ({cpu / cpu0:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

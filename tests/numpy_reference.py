@@ -35,6 +35,7 @@ def f64(a) -> np.ndarray:
 # Elementary pieces.
 # ----------------------------------------------------------------------------
 
+
 def softmax(x, axis=-1):
   x = x - x.max(axis=axis, keepdims=True)
   e = np.exp(x)
@@ -68,6 +69,7 @@ def cross_entropy(logits, labels, weights=None):
 # Router (SPEC 3).
 # ----------------------------------------------------------------------------
 
+
 def route(u, weight, k, norm_topk_prob=False, routed_scaling_factor=1.0):
   """Greedy top-K of softmax(u @ W^T). Returns (ids [..., K], weights [..., K], probs [..., N])."""
   probs = softmax(f64(u) @ f64(weight).T)
@@ -94,8 +96,9 @@ def seq_aux_loss(probs, ids, alpha):
 
 
 def capacity(num_tokens, k, num_experts, capacity_factor, min_capacity):
-  return min(max(math.ceil(capacity_factor * num_tokens * k / num_experts), min_capacity),
-             num_tokens)
+  return min(
+    max(math.ceil(capacity_factor * num_tokens * k / num_experts), min_capacity), num_tokens
+  )
 
 
 def keep_mask(ids, num_experts, cap, token_mask=None):
@@ -135,6 +138,7 @@ def routed_output(u, ids, w, gate, up, down, kept=None):
 # The CoE feed-forward block (SPEC 2).
 # ----------------------------------------------------------------------------
 
+
 def coe_block(h, p, hp, cap=None, token_mask=None):
   """out, info for one CoE layer on h [b, s, d].
 
@@ -157,8 +161,9 @@ def coe_block(h, p, hp, cap=None, token_mask=None):
     flat_ids, flat_w = ids.reshape(b * s, k), w.reshape(b * s, k)
     real = None if token_mask is None else np.asarray(token_mask).reshape(-1).astype(bool)
     kept = keep_mask(flat_ids, n, b * s if cap is None else cap, real)
-    m = routed_output(u.reshape(b * s, d), flat_ids, flat_w, f64(p["gate"]), f64(p["up"]),
-                      f64(p["down"]), kept).reshape(b, s, d)
+    m = routed_output(
+      u.reshape(b * s, d), flat_ids, flat_w, f64(p["gate"]), f64(p["up"]), f64(p["down"]), kept
+    ).reshape(b, s, d)
     if p.get("shared") is not None:
       m = m + swiglu(u, *map(f64, p["shared"]))
     info["ids"].append(ids)
@@ -181,6 +186,7 @@ def coe_block(h, p, hp, cap=None, token_mask=None):
 # ----------------------------------------------------------------------------
 # DeepSeek-V2 MLA with YaRN (SPEC 5).
 # ----------------------------------------------------------------------------
+
 
 def _yarn_mscale(scale, m):
   return 0.1 * m * math.log(scale) + 1.0 if scale > 1 else 1.0
@@ -213,9 +219,10 @@ def rope(x, positions, hp):
   emb = np.concatenate([freqs, freqs], -1)[:, :, None, :]
   scale = 1.0
   if hp.rope_scaling == "yarn":
-    scale = (_yarn_mscale(hp.rope_factor, hp.rope_mscale)
-             / _yarn_mscale(hp.rope_factor, hp.rope_mscale_all_dim))
-  rot = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+    scale = _yarn_mscale(hp.rope_factor, hp.rope_mscale) / _yarn_mscale(
+      hp.rope_factor, hp.rope_mscale_all_dim
+    )
+  rot = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
   return (x * np.cos(emb) + rot * np.sin(emb)) * scale
 
 
@@ -233,8 +240,13 @@ def attention_mask(batch, seq, attn_mask=None, segment_ids=None):
 def mla(x, positions, mask, p, hp):
   """Multi-head latent attention, q_lora_rank=None. p: q, kv_a, kv_norm, kv_b, o ([in, out])."""
   b, s, _ = x.shape
-  H, nope, rdim, vd, r = (hp.num_heads, hp.qk_nope_head_dim, hp.qk_rope_head_dim,
-                          hp.v_head_dim, hp.kv_lora_rank)
+  H, nope, rdim, vd, r = (
+    hp.num_heads,
+    hp.qk_nope_head_dim,
+    hp.qk_rope_head_dim,
+    hp.v_head_dim,
+    hp.kv_lora_rank,
+  )
   q = (x @ f64(p["q"])).reshape(b, s, H, nope + rdim)
   ckv = x @ f64(p["kv_a"])
   c = rms_norm(ckv[..., :r], f64(p["kv_norm"]), hp.rms_norm_eps)
@@ -257,8 +269,10 @@ def mla(x, positions, mask, p, hp):
 # The whole LM.
 # ----------------------------------------------------------------------------
 
-def lm_forward(weights, hp, input_ids, attn_mask=None, positions=None, segment_ids=None,
-               capacity_factor=None):
+
+def lm_forward(
+  weights, hp, input_ids, attn_mask=None, positions=None, segment_ids=None, capacity_factor=None
+):
   """logits [b, s, V], total aux loss, per-layer infos.
 
   weights: 'embed' [V, d], 'layers' list of per-layer dicts (attention keys of
@@ -271,8 +285,9 @@ def lm_forward(weights, hp, input_ids, attn_mask=None, positions=None, segment_i
   mask = attention_mask(b, s, attn_mask, segment_ids)
   cap = None
   if capacity_factor is not None:
-    cap = capacity(b * s, hp.num_experts_per_tok, hp.n_routed_experts, capacity_factor,
-                   hp.min_capacity)
+    cap = capacity(
+      b * s, hp.num_experts_per_tok, hp.n_routed_experts, capacity_factor, hp.min_capacity
+    )
   x = f64(weights["embed"])[np.asarray(input_ids)]
   infos, aux = [], 0.0
   for p in weights["layers"]:
@@ -288,6 +303,7 @@ def lm_forward(weights, hp, input_ids, attn_mask=None, positions=None, segment_i
 # Weight adapters (the only place that knows parameter names).
 # ----------------------------------------------------------------------------
 
+
 def flax_ffn_weights(mlp):
   """Neutral CoE-block dict from a CoELayer's params (one layer, no [layers] axis)."""
   shared = None
@@ -295,29 +311,47 @@ def flax_ffn_weights(mlp):
     sh = mlp["shared_experts"]
     shared = (sh["gate_proj"], sh["up_proj"], sh["down_proj"])
   re = mlp["routed_experts"]
-  return {"ffn_norm": mlp["norm"]["scale"], "router": mlp["router"], "gate": re["gate_proj"],
-          "up": re["up_proj"], "down": re["down_proj"], "shared": shared}
+  return {
+    "ffn_norm": mlp["norm"]["scale"],
+    "router": mlp["router"],
+    "gate": re["gate_proj"],
+    "up": re["up_proj"],
+    "down": re["down_proj"],
+    "shared": shared,
+  }
 
 
 def flax_layer_weights(layer):
   """Neutral per-layer dict from one DecoderLayer's params."""
   att = layer["self_attn"]
-  return {"input_norm": layer["input_layernorm"]["scale"], "q": att["q_proj"]["kernel"],
-          "kv_a": att["kv_a_proj_with_mqa"]["kernel"], "kv_norm": att["kv_a_layernorm"]["scale"],
-          "kv_b": att["kv_b_proj"]["kernel"], "o": att["o_proj"]["kernel"],
-          **flax_ffn_weights(layer["mlp"])}
+  return {
+    "input_norm": layer["input_layernorm"]["scale"],
+    "q": att["q_proj"]["kernel"],
+    "kv_a": att["kv_a_proj_with_mqa"]["kernel"],
+    "kv_norm": att["kv_a_layernorm"]["scale"],
+    "kv_b": att["kv_b_proj"]["kernel"],
+    "o": att["o_proj"]["kernel"],
+    **flax_ffn_weights(layer["mlp"]),
+  }
 
 
 def flax_weights(params, num_layers):
   """Neutral LM weights from CoECausalLM params (slices the stacked [layers] axis)."""
-  layers = [flax_layer_weights(jax.tree.map(lambda a, i=i: np.asarray(a)[i], params["layers"]))
-            for i in range(num_layers)]
-  return {"embed": params["embed_tokens"]["embedding"], "layers": layers,
-          "norm": params["norm"]["scale"], "head": params["lm_head"]["kernel"]}
+  layers = [
+    flax_layer_weights(jax.tree.map(lambda a, i=i: np.asarray(a)[i], params["layers"]))
+    for i in range(num_layers)
+  ]
+  return {
+    "embed": params["embed_tokens"]["embedding"],
+    "layers": layers,
+    "norm": params["norm"]["scale"],
+    "head": params["lm_head"]["kernel"],
+  }
 
 
 def hf_weights(sd, hf):
   """Neutral LM weights straight from a torch-layout ([out, in]) state dict."""
+
   def lin(name):
     return f64(sd[name]).T
 
@@ -330,41 +364,70 @@ def hf_weights(sd, hf):
       router = f64(sd[f"{p}mlp.gate.weight"])[None]
     shared = None
     if hf.get("n_shared_experts"):
-      shared = tuple(lin(f"{p}mlp.shared_experts.{proj}.weight")
-                     for proj in ("gate_proj", "up_proj", "down_proj"))
-    experts = {proj: np.stack([lin(f"{p}mlp.experts.{j}.{proj}.weight")
-                               for j in range(hf["n_routed_experts"])])
-               for proj in ("gate_proj", "up_proj", "down_proj")}
-    layers.append({
+      shared = tuple(
+        lin(f"{p}mlp.shared_experts.{proj}.weight")
+        for proj in ("gate_proj", "up_proj", "down_proj")
+      )
+    experts = {
+      proj: np.stack(
+        [lin(f"{p}mlp.experts.{j}.{proj}.weight") for j in range(hf["n_routed_experts"])]
+      )
+      for proj in ("gate_proj", "up_proj", "down_proj")
+    }
+    layers.append(
+      {
         "input_norm": f64(sd[p + "input_layernorm.weight"]),
-        "q": lin(p + "self_attn.q_proj.weight"), "kv_a": lin(p + "self_attn.kv_a_proj_with_mqa.weight"),
+        "q": lin(p + "self_attn.q_proj.weight"),
+        "kv_a": lin(p + "self_attn.kv_a_proj_with_mqa.weight"),
         "kv_norm": f64(sd[p + "self_attn.kv_a_layernorm.weight"]),
-        "kv_b": lin(p + "self_attn.kv_b_proj.weight"), "o": lin(p + "self_attn.o_proj.weight"),
-        "ffn_norm": f64(sd[p + "post_attention_layernorm.weight"]), "router": router,
-        "gate": experts["gate_proj"], "up": experts["up_proj"], "down": experts["down_proj"],
-        "shared": shared})
-  return {"embed": f64(sd["model.embed_tokens.weight"]), "layers": layers,
-          "norm": f64(sd["model.norm.weight"]), "head": lin("lm_head.weight")}
+        "kv_b": lin(p + "self_attn.kv_b_proj.weight"),
+        "o": lin(p + "self_attn.o_proj.weight"),
+        "ffn_norm": f64(sd[p + "post_attention_layernorm.weight"]),
+        "router": router,
+        "gate": experts["gate_proj"],
+        "up": experts["up_proj"],
+        "down": experts["down_proj"],
+        "shared": shared,
+      }
+    )
+  return {
+    "embed": f64(sd["model.embed_tokens.weight"]),
+    "layers": layers,
+    "norm": f64(sd["model.norm.weight"]),
+    "head": lin("lm_head.weight"),
+  }
 
 
 def hf_hparams(hf, **ours):
   """A `hp` namespace straight from the authors' config.json names (plus our own knobs)."""
   rope_cfg = hf.get("rope_scaling") or {}
   values = dict(
-      num_heads=hf["num_attention_heads"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-      qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
-      kv_lora_rank=hf["kv_lora_rank"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-      rope_theta=hf.get("rope_theta", 10000.0),
-      rope_scaling="yarn" if rope_cfg else "none", rope_factor=rope_cfg.get("factor", 1.0),
-      rope_original_max_position=rope_cfg.get("original_max_position_embeddings", 4096),
-      rope_beta_fast=rope_cfg.get("beta_fast", 32), rope_beta_slow=rope_cfg.get("beta_slow", 1),
-      rope_mscale=rope_cfg.get("mscale", 1.0), rope_mscale_all_dim=rope_cfg.get("mscale_all_dim", 0.0),
-      num_experts_per_tok=hf["num_experts_per_tok"], n_routed_experts=hf["n_routed_experts"],
-      num_iterations=hf["inner_iter"], independent_gates=hf["use_igate"],
-      inner_residual=hf["inner_residual"], outer_residual=hf["outer_residual"],
-      residual_style="reference", norm_topk_prob=hf.get("norm_topk_prob", False),
-      routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
-      aux_loss_alpha=hf.get("aux_loss_alpha", 0.001), min_capacity=4)
+    num_heads=hf["num_attention_heads"],
+    qk_nope_head_dim=hf["qk_nope_head_dim"],
+    qk_rope_head_dim=hf["qk_rope_head_dim"],
+    v_head_dim=hf["v_head_dim"],
+    kv_lora_rank=hf["kv_lora_rank"],
+    rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+    rope_theta=hf.get("rope_theta", 10000.0),
+    rope_scaling="yarn" if rope_cfg else "none",
+    rope_factor=rope_cfg.get("factor", 1.0),
+    rope_original_max_position=rope_cfg.get("original_max_position_embeddings", 4096),
+    rope_beta_fast=rope_cfg.get("beta_fast", 32),
+    rope_beta_slow=rope_cfg.get("beta_slow", 1),
+    rope_mscale=rope_cfg.get("mscale", 1.0),
+    rope_mscale_all_dim=rope_cfg.get("mscale_all_dim", 0.0),
+    num_experts_per_tok=hf["num_experts_per_tok"],
+    n_routed_experts=hf["n_routed_experts"],
+    num_iterations=hf["inner_iter"],
+    independent_gates=hf["use_igate"],
+    inner_residual=hf["inner_residual"],
+    outer_residual=hf["outer_residual"],
+    residual_style="reference",
+    norm_topk_prob=hf.get("norm_topk_prob", False),
+    routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
+    aux_loss_alpha=hf.get("aux_loss_alpha", 0.001),
+    min_capacity=4,
+  )
   values.update(ours)
   return SimpleNamespace(**values)
 

@@ -25,19 +25,40 @@ REPO = Path(__file__).resolve().parents[1]
 PAIR = ("moe_k8", "coe_c2")
 HIDDEN, LAYERS, ROUTED = 32, 2, 31  # the shrunk model below; tiny N=32 is 31 routed + 1 shared
 SHRINK = (
-    f"--set=model.hidden_size={HIDDEN}", f"--set=model.num_layers={LAYERS}", "--set=model.num_heads=2",
-    "--set=model.kv_lora_rank=16", "--set=model.qk_nope_head_dim=8", "--set=model.qk_rope_head_dim=8",
-    "--set=model.v_head_dim=8", "--set=model.moe_intermediate_size=16",
-    "--set=model.rope_original_max_position=32", "--set=data.synthetic_train_size=200",
-    "--set=data.synthetic_val_size=16", "--set=data.vocab_size=300", "--set=train.checkpoint_every=0",
-    "--batch_size=2", "--max_length=32", "--eval_every=1", "--eval_batches=1", "--eval_batch_size=4",
+  f"--set=model.hidden_size={HIDDEN}",
+  f"--set=model.num_layers={LAYERS}",
+  "--set=model.num_heads=2",
+  "--set=model.kv_lora_rank=16",
+  "--set=model.qk_nope_head_dim=8",
+  "--set=model.qk_rope_head_dim=8",
+  "--set=model.v_head_dim=8",
+  "--set=model.moe_intermediate_size=16",
+  "--set=model.rope_original_max_position=32",
+  "--set=data.synthetic_train_size=200",
+  "--set=data.synthetic_val_size=16",
+  "--set=data.vocab_size=300",
+  "--set=train.checkpoint_every=0",
+  "--batch_size=2",
+  "--max_length=32",
+  "--eval_every=1",
+  "--eval_batches=1",
+  "--eval_batch_size=4",
 )
 STEPS = 2
 
 
 def _env(tmp: Path) -> dict[str, str]:
-  env = dict(os.environ, SCALE="tiny", STEPS=str(STEPS), SEEDS="1", DATA="", TOKENIZER="",
-             RUNS_DIR=str(tmp / "runs"), RESULTS_DIR=str(tmp / "results"), PYTHON=sys.executable)
+  env = dict(
+    os.environ,
+    SCALE="tiny",
+    STEPS=str(STEPS),
+    SEEDS="1",
+    DATA="",
+    TOKENIZER="",
+    RUNS_DIR=str(tmp / "runs"),
+    RESULTS_DIR=str(tmp / "results"),
+    PYTHON=sys.executable,
+  )
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
   # Reruns of this test reuse the compiled programs (the shrunk models' shapes never change).
   env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax_compilation_cache"))
@@ -48,8 +69,14 @@ def _env(tmp: Path) -> dict[str, str]:
 def suite(tmp_path_factory):
   """(runs dir, results dir, stdout) of the GPU script run at tiny scale, shrunk."""
   tmp = tmp_path_factory.mktemp("ablation")
-  result = subprocess.run(["bash", str(REPO / "experiments" / "gpu_main_pair.sh"), *SHRINK],
-                          cwd=REPO, env=_env(tmp), capture_output=True, text=True, timeout=1200)
+  result = subprocess.run(
+    ["bash", str(REPO / "experiments" / "gpu_main_pair.sh"), *SHRINK],
+    cwd=REPO,
+    env=_env(tmp),
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   return tmp / "runs", tmp / "results", result.stdout
 
@@ -95,7 +122,7 @@ def test_table_md_matches_csv_and_states_the_memory_saving(suite):
   _, results, _ = suite
   lines = (results / "table.md").read_text().splitlines()
   header = "| " + " | ".join(ablation.COLUMNS) + " |"
-  body = lines[lines.index(header) + 2:lines.index(header) + 2 + len(PAIR)]
+  body = lines[lines.index(header) + 2 : lines.index(header) + 2 + len(PAIR)]
   cells = [[c.strip() for c in line.strip("|").split("|")] for line in body]
   assert cells == [list(row.values()) for row in _csv_rows(results)]
   assert any("17.6%" in line and "paper" in line for line in lines)
@@ -118,10 +145,25 @@ def test_second_invocation_skips_finished_runs(suite):
   summaries = [runs / name / "seed0" / "summary.json" for name in PAIR]
   before = [p.stat().st_mtime_ns for p in summaries]
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.ablation", "--suite=main", "--scale=tiny", "--seeds=1",
-       f"--steps={STEPS}", f"--runs_dir={runs}", f"--results_dir={results}",
-       "--set=model.dispatch=dropless", *SHRINK],  # the recipe gpu_main_pair.sh ran
-      cwd=REPO, env=_env(runs.parent), capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "experiments.ablation",
+      "--suite=main",
+      "--scale=tiny",
+      "--seeds=1",
+      f"--steps={STEPS}",
+      f"--runs_dir={runs}",
+      f"--results_dir={results}",
+      "--set=model.dispatch=dropless",
+      *SHRINK,
+    ],  # the recipe gpu_main_pair.sh ran
+    cwd=REPO,
+    env=_env(runs.parent),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert result.stdout.count("[skip]") == len(PAIR) and "[run ]" not in result.stdout
   assert [p.stat().st_mtime_ns for p in summaries] == before
@@ -149,21 +191,46 @@ def test_suite_names():
 
 
 def test_recipe_becomes_config_overrides():
-  recipe = ablation.Recipe(data_dir="d", tokenizer="t.json", steps=5, packing=True, eval_batches=2,
-                           overrides=("train.lr=0.001",))
+  recipe = ablation.Recipe(
+    data_dir="d",
+    tokenizer="t.json",
+    steps=5,
+    packing=True,
+    eval_batches=2,
+    overrides=("train.lr=0.001",),
+  )
   flags = recipe.flags_for("cache")
   assert flags[:2] == ["--config.data.cache_dir=cache", "--config.data.packing=True"]
-  for expected in ("--config.data.source=json", f"--config.data.train_files={os.path.join('d', 'train.jsonl')}",
-                   "--config.data.tokenizer=t.json", "--config.train.steps=5",
-                   "--config.train.max_eval_batches=2", "--config.train.lr=0.001"):
+  for expected in (
+    "--config.data.source=json",
+    f"--config.data.train_files={os.path.join('d', 'train.jsonl')}",
+    "--config.data.tokenizer=t.json",
+    "--config.train.steps=5",
+    "--config.train.max_eval_batches=2",
+    "--config.train.lr=0.001",
+  ):
     assert expected in flags
   assert not any("batch_size" in f or "max_length" in f for f in flags)  # 0 keeps the config's
 
 
 def _result(name: str, seeds: list[int], losses: list[float]) -> ablation.RunResult:
-  return ablation.RunResult(name=name, paper_name=name, c=1, k=8, n=64, layers=4, paper_val_loss=1.0,
-                            seeds=seeds, val_losses=losses, params_total=1, params_active=1,
-                            peak_bytes=None, step_seconds=1.0, tokens_per_sec=1.0, curves=[])
+  return ablation.RunResult(
+    name=name,
+    paper_name=name,
+    c=1,
+    k=8,
+    n=64,
+    layers=4,
+    paper_val_loss=1.0,
+    seeds=seeds,
+    val_losses=losses,
+    params_total=1,
+    params_active=1,
+    peak_bytes=None,
+    step_seconds=1.0,
+    tokens_per_sec=1.0,
+    curves=[],
+  )
 
 
 def test_paired_differences_match_seeds():
@@ -189,24 +256,35 @@ def test_claim_verdicts_compare_every_seed_with_the_papers_sign():
   def run(name, paper, losses):
     return dataclasses.replace(_result(name, [0, 1], losses), paper_val_loss=paper)
 
-  results = {"coe_c2": run("coe_c2", 1.121, [7.0, 7.1]), "moe_k8": run("moe_k8", 1.196, [7.1, 7.2]),
-             "moe_k16": run("moe_k16", 1.166, [6.9, 7.2])}
+  results = {
+    "coe_c2": run("coe_c2", 1.121, [7.0, 7.1]),
+    "moe_k8": run("moe_k8", 1.196, [7.1, 7.2]),
+    "moe_k16": run("moe_k16", 1.166, [6.9, 7.2]),
+  }
   rows = {row[1]: row for row in ablation.claim_rows(results)}
   assert set(rows) == {"coe_c2 - moe_k8", "coe_c2 - moe_k16"}  # moe_k24 has no runs
-  assert rows["coe_c2 - moe_k8"][2:7] == ["-0.075", "-0.1000 / -0.1000", "-0.1000",
-                                          "same sign, every seed", "yes (1.4 sd)"]
+  assert rows["coe_c2 - moe_k8"][2:7] == [
+    "-0.075",
+    "-0.1000 / -0.1000",
+    "-0.1000",
+    "same sign, every seed",
+    "yes (1.4 sd)",
+  ]
   assert rows["coe_c2 - moe_k16"][5:7] == ["mixed", "no (0.0 sd)"]  # seed sd 0.07 and 0.21
   flipped = dict(results, moe_k8=run("moe_k8", 1.196, [6.0, 6.0]))
   assert ablation.claim_rows(flipped)[0][5] == "opposite, every seed"
 
 
-@pytest.mark.parametrize("diffs, paper_sign, expected", [
+@pytest.mark.parametrize(
+  "diffs, paper_sign, expected",
+  [
     ([-0.05, -0.04, -0.06], -1, "reproduced"),  # CI [-0.075, -0.025]: all below 0
     ([0.05, 0.04, 0.06], -1, "reversed"),
     ([0.002, -0.001, 0.0], -1, "no effect of interest"),  # CI [-0.0028, +0.0035] inside +-0.01
     ([-0.03, 0.01, -0.01], -1, "undecided"),
     ([-0.05], -1, "undecided (1 seed)"),
-])
+  ],
+)
 def test_pre_registered_verdict(diffs, paper_sign, expected):
   low, high, verdict = ablation.paired_verdict(np.asarray(diffs), paper_sign)
   assert verdict == expected

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import numpy_reference as ref
 import pytest
 from matplotlib.figure import Figure
 
-import numpy_reference as ref
 from coe_jax import analysis
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
@@ -23,8 +23,9 @@ from coe_jax.nn.model_config import ModelConfig
 N = 6  # routed experts of the hand-made routing
 
 
-def make_routing(expert_ids, num_experts=N, probs=None, kept=None, token_mask=None,
-                 weights=None) -> analysis.Routing:
+def make_routing(
+  expert_ids, num_experts=N, probs=None, kept=None, token_mask=None, weights=None
+) -> analysis.Routing:
   """A Routing from ids [L, C, b, s, K]; uniform probs, everything kept, all tokens real."""
   ids = np.asarray(expert_ids, np.int32)
   shape = ids.shape
@@ -35,19 +36,24 @@ def make_routing(expert_ids, num_experts=N, probs=None, kept=None, token_mask=No
   mask = np.ones(shape[2:4], bool) if token_mask is None else np.asarray(token_mask, bool)
   if kept is None:
     kept = np.broadcast_to(mask[None, None, :, :, None], shape)
-  return analysis.Routing(expert_ids=ids, combine_weights=np.asarray(weights, np.float32),
-                          kept=np.asarray(kept, bool), router_probs=np.asarray(probs, np.float32),
-                          token_mask=mask)
+  return analysis.Routing(
+    expert_ids=ids,
+    combine_weights=np.asarray(weights, np.float32),
+    kept=np.asarray(kept, bool),
+    router_probs=np.asarray(probs, np.float32),
+    token_mask=mask,
+  )
 
 
-def random_routing(seed=0, layers=2, chain=2, batch=3, seq=5, k=2, num_experts=N,
-                   pad_last=2) -> analysis.Routing:
+def random_routing(
+  seed=0, layers=2, chain=2, batch=3, seq=5, k=2, num_experts=N, pad_last=2
+) -> analysis.Routing:
   """Random distinct-per-token ids, Dirichlet probs, random drops, `pad_last` padded positions."""
   rng = np.random.default_rng(seed)
   ids = np.argsort(rng.random((layers, chain, batch, seq, num_experts)), axis=-1)[..., :k]
   probs = rng.dirichlet(np.ones(num_experts), size=(layers, chain, batch, seq))
   mask = np.ones((batch, seq), bool)
-  mask[:, seq - pad_last:] = False
+  mask[:, seq - pad_last :] = False
   kept = (rng.random(ids.shape) < 0.7) & mask[None, None, :, :, None]
   return make_routing(ids, num_experts, probs=probs, kept=kept, token_mask=mask)
 
@@ -55,6 +61,7 @@ def random_routing(seed=0, layers=2, chain=2, batch=3, seq=5, k=2, num_experts=N
 # ----------------------------------------------------------------------------
 # Load
 # ----------------------------------------------------------------------------
+
 
 def test_load_of_known_routing():
   # One layer, one iteration, K=1 over N=2: three tokens pick expert 0, one picks expert 1.
@@ -92,6 +99,7 @@ def test_load_against_numpy_loop():
 # Entropy and confidence
 # ----------------------------------------------------------------------------
 
+
 def test_uniform_router_has_entropy_log_n():
   routing = make_routing(np.zeros((2, 2, 2, 3, 2), int) + [0, 1])
   confidence = analysis.router_confidence(routing)
@@ -127,6 +135,7 @@ def test_entropy_against_numpy_over_real_tokens_only():
 # ----------------------------------------------------------------------------
 # Co-selection and re-selection
 # ----------------------------------------------------------------------------
+
 
 def test_identical_routing_in_both_iterations_reselects_every_token():
   first = np.array([[0, 1], [2, 3], [4, 5], [0, 5]])
@@ -190,7 +199,7 @@ def test_reselection_against_numpy_loop():
     for b, s in real:
       now = set(routing.expert_ids[l, t + 1, b, s])
       shared = now & set(routing.expert_ids[l, t, b, s])
-      earlier = set(routing.expert_ids[l, :t + 1, b, s].ravel())
+      earlier = set(routing.expert_ids[l, : t + 1, b, s].ravel())
       rate[l, t] += bool(shared) / len(real)
       rate_any[l, t] += bool(now & earlier) / len(real)
       overlap[l, t] += len(shared) / len(real)
@@ -216,10 +225,11 @@ def test_chance_levels_by_enumeration():
 # Combinations
 # ----------------------------------------------------------------------------
 
+
 def test_possible_combinations_of_the_paper_runs():
   # CoE(C=2, K=4) versus MoE(K=8) over N=64: C(64,4)^2 = 635376^2 against C(64,8) = 4426165368,
   # about 91x (not the 823x the issue quotes for the same formula).
-  assert analysis.possible_combinations(64, 4, 2) == 635376 ** 2
+  assert analysis.possible_combinations(64, 4, 2) == 635376**2
   assert analysis.possible_combinations(64, 8, 1) == 4426165368
   ratio = analysis.possible_combinations(64, 4, 2) / analysis.possible_combinations(64, 8, 1)
   assert ratio == pytest.approx(91.208, rel=1e-4)
@@ -243,8 +253,11 @@ def test_distinct_combinations_against_python_sets():
   routing = random_routing(seed=5, chain=3, batch=6, seq=4, pad_last=1)
   combos = analysis.expert_combinations(routing)
   for l in range(2):
-    used = {tuple(frozenset(routing.expert_ids[l, t, b, s]) for t in range(3))
-            for b, s in np.ndindex(6, 4) if routing.token_mask[b, s]}
+    used = {
+      tuple(frozenset(routing.expert_ids[l, t, b, s]) for t in range(3))
+      for b, s in np.ndindex(6, 4)
+      if routing.token_mask[b, s]
+    }
     assert combos.distinct[l] == len(used)
 
 
@@ -252,13 +265,15 @@ def test_distinct_combinations_against_python_sets():
 # Drops
 # ----------------------------------------------------------------------------
 
+
 def test_dropped_per_expert_ignores_padding():
   # K=1, N=2: tokens 0-2 pick expert 0 (token 2 dropped), token 3 picks 1 (kept),
   # token 4 is padding (not kept, but not dropped either).
   ids = np.array([0, 0, 0, 1, 1]).reshape(1, 1, 1, 5, 1)
   kept = np.array([1, 1, 0, 1, 0], bool).reshape(1, 1, 1, 5, 1)
-  drops = analysis.dropped(make_routing(ids, num_experts=2, kept=kept,
-                                        token_mask=[[1, 1, 1, 1, 0]]))
+  drops = analysis.dropped(
+    make_routing(ids, num_experts=2, kept=kept, token_mask=[[1, 1, 1, 1, 0]])
+  )
   np.testing.assert_array_equal(drops.counts[0, 0], [1, 0])
   np.testing.assert_allclose(drops.per_expert[0, 0], [1 / 3, 0])
   np.testing.assert_allclose(drops.fraction[0, 0], 1 / 4)
@@ -268,19 +283,24 @@ def test_padding_changes_no_statistic():
   routing = random_routing(seed=6, pad_last=2)
   real = routing.token_mask[0].sum()
   trimmed = analysis.Routing(
-      expert_ids=routing.expert_ids[:, :, :, :real], combine_weights=routing.combine_weights[
-          :, :, :, :real], kept=routing.kept[:, :, :, :real],
-      router_probs=routing.router_probs[:, :, :, :real], token_mask=routing.token_mask[:, :real])
+    expert_ids=routing.expert_ids[:, :, :, :real],
+    combine_weights=routing.combine_weights[:, :, :, :real],
+    kept=routing.kept[:, :, :, :real],
+    router_probs=routing.router_probs[:, :, :, :real],
+    token_mask=routing.token_mask[:, :real],
+  )
   full, short = analysis.analyze(routing), analysis.analyze(trimmed)
   for name in ("load", "confidence", "co_selection", "reselection", "combinations", "drops"):
-    for leaf_a, leaf_b in zip(jax.tree.leaves(vars(getattr(full, name))),
-                              jax.tree.leaves(vars(getattr(short, name)))):
+    for leaf_a, leaf_b in zip(
+      jax.tree.leaves(vars(getattr(full, name))), jax.tree.leaves(vars(getattr(short, name)))
+    ):
       np.testing.assert_allclose(leaf_a, leaf_b, err_msg=name)
 
 
 # ----------------------------------------------------------------------------
 # Tables and plots
 # ----------------------------------------------------------------------------
+
 
 def test_tables_are_tidy():
   routing = random_routing(seed=7)
@@ -289,8 +309,10 @@ def test_tables_are_tidy():
   assert len(per_iteration) == 2 * 2
   assert per_iteration.loc[per_iteration.iteration == 0, "reselection_rate"].isna().all()
   np.testing.assert_allclose(per_iteration.load_cv, stats.load.cv.ravel())
-  np.testing.assert_allclose(per_iteration.loc[per_iteration.iteration == 1, "reselection_rate"],
-                             stats.reselection.rate[:, 0])
+  np.testing.assert_allclose(
+    per_iteration.loc[per_iteration.iteration == 1, "reselection_rate"],
+    stats.reselection.rate[:, 0],
+  )
   per_expert = analysis.expert_table(stats)
   assert len(per_expert) == 2 * 2 * N
   sums = per_expert.groupby(["layer", "iteration"]).load.sum()
@@ -304,8 +326,9 @@ def test_plots_return_figures():
   load = analysis.plot_load(stats.load, layer=1)
   assert isinstance(load, Figure) and len(load.axes) == 2  # one panel per iteration
   heat = analysis.plot_co_selection(stats.co_selection, layer=0)
-  np.testing.assert_allclose(heat.axes[0].images[0].get_array(),
-                             stats.co_selection.conditional[0, 0])
+  np.testing.assert_allclose(
+    heat.axes[0].images[0].get_array(), stats.co_selection.conditional[0, 0]
+  )
   assert isinstance(analysis.plot_dropped(stats.drops), Figure)
   table = analysis.iteration_table(stats)
   summary = analysis.plot_iteration_summary({"a": table, "b": table})
@@ -324,19 +347,38 @@ def test_co_selection_plot_needs_two_iterations():
 # ----------------------------------------------------------------------------
 
 B, S, V = 2, 8, 40
-TINY = ModelConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, kv_lora_rank=8,
-                   qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=N,
-                   n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=8,
-                   num_iterations=2, initializer_range=0.2, min_capacity=1,
-                   capacity_factor_train=0.75, capacity_factor_eval=1.0, dispatch="capacity")
+TINY = ModelConfig(
+  vocab_size=V,
+  hidden_size=16,
+  num_layers=2,
+  num_heads=2,
+  kv_lora_rank=8,
+  qk_nope_head_dim=4,
+  qk_rope_head_dim=4,
+  v_head_dim=4,
+  n_routed_experts=N,
+  n_shared_experts=1,
+  num_experts_per_tok=2,
+  moe_intermediate_size=8,
+  num_iterations=2,
+  initializer_range=0.2,
+  min_capacity=1,
+  capacity_factor_train=0.75,
+  capacity_factor_eval=1.0,
+  dispatch="capacity",
+)
 
 
 def _batch(seed=0):
   ids = np.random.default_rng(seed).integers(0, V, size=(B, S)).astype(np.int32)
   mask = np.ones((B, S), np.int32)
   mask[1, 5:] = 0
-  return {"input_ids": ids, "attention_mask": mask, "segment_ids": mask.copy(),
-          "positions": np.tile(np.arange(S, dtype=np.int32), (B, 1))}
+  return {
+    "input_ids": ids,
+    "attention_mask": mask,
+    "segment_ids": mask.copy(),
+    "positions": np.tile(np.arange(S, dtype=np.int32), (B, 1)),
+  }
 
 
 def _assert_matches_aux(routing: analysis.Routing, aux_layers) -> None:
@@ -359,8 +401,13 @@ def test_collect_routing_agrees_with_model_aux(train):
   assert routing.num_tokens == batch["attention_mask"].sum()
   assert not routing.kept[:, :, 1, 5:].any()
   forward = ref.fast_jit(functools.partial(model.apply, train=train))
-  _, aux = forward({"params": params}, batch["input_ids"], batch["attention_mask"],
-                   batch["positions"], batch["segment_ids"])
+  _, aux = forward(
+    {"params": params},
+    batch["input_ids"],
+    batch["attention_mask"],
+    batch["positions"],
+    batch["segment_ids"],
+  )
   assert float(aux.layers.dropped_fraction.max()) > 0  # the capacity factors do drop
   _assert_matches_aux(routing, jax.device_get(aux.layers))
 
@@ -377,13 +424,16 @@ def test_routing_from_the_intermediates_of_a_single_coe_layer():
 def test_concatenate_routing_joins_batches():
   a, b = random_routing(seed=10), random_routing(seed=11)
   joined = analysis.concatenate_routing([a, b])
-  np.testing.assert_allclose(analysis.expert_load(joined).counts,
-                             analysis.expert_load(a).counts + analysis.expert_load(b).counts)
+  np.testing.assert_allclose(
+    analysis.expert_load(joined).counts,
+    analysis.expert_load(a).counts + analysis.expert_load(b).counts,
+  )
 
 
 def _train_state(model: CoECausalLM, config: ml_collections.ConfigDict, seed: int = 0):
   """`train_step.init_train_state` with a jitted init (eager init costs seconds of CPU)."""
   from coe_jax.training import optimizer, train_step
+
   init = ref.fast_jit(model.init)
   params = init(jax.random.key(seed), jnp.zeros((1, S), jnp.int32))["params"]
   return train_step.TrainState.create(params, optimizer.make_optimizer(config.train))
@@ -391,6 +441,7 @@ def _train_state(model: CoECausalLM, config: ml_collections.ConfigDict, seed: in
 
 def _train_config() -> ml_collections.ConfigDict:
   from coe_jax import config_lib
+
   config = config_lib.build("tiny", **TINY.to_dict())
   config.data.max_length = S
   return config
@@ -398,6 +449,7 @@ def _train_config() -> ml_collections.ConfigDict:
 
 def test_train_step_logs_per_iteration_routing_stats():
   from coe_jax.training import train_step
+
   model = CoECausalLM(TINY)
   state = _train_state(model, _train_config())
   batch = _batch(seed=2)
@@ -408,13 +460,18 @@ def test_train_step_logs_per_iteration_routing_stats():
   assert not any(name.endswith("_iter") for name in shapes)
   _, metrics = ref.fast_jit(with_stats)(state, batch, rng)
   # Per iteration, averaged over layers and the two micro-batches (rows 0 and 1).
-  micro = [analysis.analyze(analysis.collect_routing(
-      model, {"params": state.params}, {k: v[i:i + 1] for k, v in batch.items()}, train=True))
-      for i in range(2)]
+  micro = [
+    analysis.analyze(
+      analysis.collect_routing(
+        model, {"params": state.params}, {k: v[i : i + 1] for k, v in batch.items()}, train=True
+      )
+    )
+    for i in range(2)
+  ]
   expected = {
-      "load_cv_iter": np.mean([m.load.cv for m in micro], axis=(0, 1)),
-      "router_entropy_iter": np.mean([m.confidence.entropy for m in micro], axis=(0, 1)),
-      "dropped_fraction_iter": np.mean([m.drops.fraction for m in micro], axis=(0, 1)),
+    "load_cv_iter": np.mean([m.load.cv for m in micro], axis=(0, 1)),
+    "router_entropy_iter": np.mean([m.confidence.entropy for m in micro], axis=(0, 1)),
+    "dropped_fraction_iter": np.mean([m.drops.fraction for m in micro], axis=(0, 1)),
   }
   for name, value in expected.items():
     np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
@@ -424,8 +481,10 @@ def test_train_step_logs_per_iteration_routing_stats():
 # Loading runs and texts
 # ----------------------------------------------------------------------------
 
+
 def test_load_run_restores_the_checkpointed_params(tmp_path):
   from coe_jax.training.checkpoint import Checkpointer, save_run_config
+
   config = _train_config()
   model = CoECausalLM(TINY)
   state = _train_state(model, config, seed=3)
@@ -443,10 +502,11 @@ def test_load_run_restores_the_checkpointed_params(tmp_path):
 
 def test_encode_texts_pads_and_masks():
   from coe_jax.data.tokenizer import pad_id, train_bpe
+
   tok = train_bpe(["query : one plus one response : two"] * 4, vocab_size=300)
   texts = ["one plus one", "query : one plus one response : two two two"]
   batch = analysis.encode_texts(tok, texts, max_length=6)
   lengths = [min(len(tok.encode(t, add_special_tokens=False).ids), 6) for t in texts]
   np.testing.assert_array_equal(batch["attention_mask"].sum(1), lengths)
-  assert (batch["input_ids"][0, lengths[0]:] == pad_id(tok)).all()
+  assert (batch["input_ids"][0, lengths[0] :] == pad_id(tok)).all()
   assert batch["input_ids"].shape == batch["positions"].shape == (2, 6)

@@ -10,26 +10,43 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coe_jax.nn.attention import (MultiHeadLatentAttention, apply_rotary, make_attention_mask,
-                               rotary_cos_sin, rotary_mscale, softmax_scale, yarn_inv_freq)
+from coe_jax.nn.attention import (
+  MultiHeadLatentAttention,
+  apply_rotary,
+  make_attention_mask,
+  rotary_cos_sin,
+  rotary_mscale,
+  softmax_scale,
+  yarn_inv_freq,
+)
 from coe_jax.nn.model_config import ModelConfig
 
 SEQ = 12
-SMALL = ModelConfig(vocab_size=64, hidden_size=32, num_heads=4, kv_lora_rank=16,
-                    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
-                    num_experts_per_tok=2, moe_intermediate_size=16, initializer_range=0.2)
+SMALL = ModelConfig(
+  vocab_size=64,
+  hidden_size=32,
+  num_heads=4,
+  kv_lora_rank=16,
+  qk_nope_head_dim=8,
+  qk_rope_head_dim=8,
+  v_head_dim=8,
+  n_routed_experts=4,
+  num_experts_per_tok=2,
+  moe_intermediate_size=16,
+  initializer_range=0.2,
+)
 
 
 # ----------------------------------------------------------------------------
 # Independent numpy (float64) reference, written from the DeepSeek-V2 formulas.
 # ----------------------------------------------------------------------------
 
+
 def np_mscale(s, m):
   return 0.1 * m * np.log(s) + 1.0 if s > 1 else 1.0
 
 
-def np_inv_freq(dim, base, scaling="yarn", factor=40.0, orig=4096, beta_fast=32.0,
-                beta_slow=1.0):
+def np_inv_freq(dim, base, scaling="yarn", factor=40.0, orig=4096, beta_fast=32.0, beta_slow=1.0):
   freq_extra = 1.0 / (base ** (np.arange(0, dim, 2) / dim))
   if scaling == "none":
     return freq_extra
@@ -48,8 +65,15 @@ def np_inv_freq(dim, base, scaling="yarn", factor=40.0, orig=4096, beta_fast=32.
 
 
 def np_inv_freq_of(cfg):
-  return np_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
-                     cfg.rope_original_max_position, cfg.rope_beta_fast, cfg.rope_beta_slow)
+  return np_inv_freq(
+    cfg.qk_rope_head_dim,
+    cfg.rope_theta,
+    cfg.rope_scaling,
+    cfg.rope_factor,
+    cfg.rope_original_max_position,
+    cfg.rope_beta_fast,
+    cfg.rope_beta_slow,
+  )
 
 
 def np_rope(x, positions, cfg):
@@ -60,9 +84,10 @@ def np_rope(x, positions, cfg):
   emb = np.concatenate([freqs, freqs], -1)[:, :, None, :]
   m = 1.0
   if cfg.rope_scaling == "yarn":
-    m = np_mscale(cfg.rope_factor, cfg.rope_mscale) / np_mscale(cfg.rope_factor,
-                                                                cfg.rope_mscale_all_dim)
-  rot = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+    m = np_mscale(cfg.rope_factor, cfg.rope_mscale) / np_mscale(
+      cfg.rope_factor, cfg.rope_mscale_all_dim
+    )
+  rot = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
   return x * np.cos(emb) * m + rot * np.sin(emb) * m
 
 
@@ -70,13 +95,18 @@ def np_mla(params, x, positions, mask, cfg):
   """Full forward in float64. mask: [b, s, s] bool. Returns [b, s, hidden]."""
   p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()} for k, d in params.items()}
   b, s, _ = x.shape
-  H, nope, rope, vd, r = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                          cfg.v_head_dim, cfg.kv_lora_rank)
+  H, nope, rope, vd, r = (
+    cfg.num_heads,
+    cfg.qk_nope_head_dim,
+    cfg.qk_rope_head_dim,
+    cfg.v_head_dim,
+    cfg.kv_lora_rank,
+  )
   q = (x @ p["q_proj"]["kernel"]).reshape(b, s, H, nope + rope)
   q_nope, q_pe = q[..., :nope], q[..., nope:]
   ckv = x @ p["kv_a_proj_with_mqa"]["kernel"]
   c, k_pe = ckv[..., :r], ckv[..., r:]
-  c = c / np.sqrt(np.mean(c ** 2, -1, keepdims=True) + cfg.rms_norm_eps)
+  c = c / np.sqrt(np.mean(c**2, -1, keepdims=True) + cfg.rms_norm_eps)
   c = c * p["kv_a_layernorm"]["scale"]
   kv = (c @ p["kv_b_proj"]["kernel"]).reshape(b, s, H, nope + vd)
   k_nope, value = kv[..., :nope], kv[..., nope:]
@@ -104,12 +134,14 @@ def np_mla(params, x, positions, mask, cfg):
 # Helpers.
 # ----------------------------------------------------------------------------
 
+
 def init_params(cfg, seed=0):
   """Flax params with a random (not all-ones) kv_a_layernorm scale."""
   x = jnp.zeros((1, SEQ, cfg.hidden_size))
   pos = jnp.zeros((1, SEQ), jnp.int32)
-  params = MultiHeadLatentAttention(cfg).init(jax.random.key(seed), x, pos,
-                                              make_attention_mask(seq_len=SEQ))["params"]
+  params = MultiHeadLatentAttention(cfg).init(
+    jax.random.key(seed), x, pos, make_attention_mask(seq_len=SEQ)
+  )["params"]
   scale = 1.0 + 0.2 * jax.random.normal(jax.random.key(seed + 1), (cfg.kv_lora_rank,))
   return {**params, "kv_a_layernorm": {"scale": scale}}
 
@@ -134,27 +166,35 @@ def np_mask(attention_mask):
 # Tests.
 # ----------------------------------------------------------------------------
 
+
 def test_param_names_shapes_and_dtypes():
   params = init_params(SMALL)
   shapes = jax.tree.map(lambda a: a.shape, params)
   assert shapes == {
-      "q_proj": {"kernel": (32, 4 * 16)},
-      "kv_a_proj_with_mqa": {"kernel": (32, 16 + 8)},
-      "kv_a_layernorm": {"scale": (16,)},
-      "kv_b_proj": {"kernel": (16, 4 * (8 + 8))},
-      "o_proj": {"kernel": (4 * 8, 32)},
+    "q_proj": {"kernel": (32, 4 * 16)},
+    "kv_a_proj_with_mqa": {"kernel": (32, 16 + 8)},
+    "kv_a_layernorm": {"scale": (16,)},
+    "kv_b_proj": {"kernel": (16, 4 * (8 + 8))},
+    "o_proj": {"kernel": (4 * 8, 32)},
   }
   raw = MultiHeadLatentAttention(SMALL.replace(dtype="bfloat16")).init(
-      jax.random.key(0), jnp.zeros((1, 4, 32)), jnp.zeros((1, 4), jnp.int32),
-      make_attention_mask(seq_len=4))
+    jax.random.key(0),
+    jnp.zeros((1, 4, 32)),
+    jnp.zeros((1, 4), jnp.int32),
+    make_attention_mask(seq_len=4),
+  )
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(raw))
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     dict(rope_scaling="yarn"),
     dict(rope_scaling="none"),
     dict(rope_scaling="yarn", rope_mscale=1.0, rope_mscale_all_dim=0.707, rope_factor=8.0),
-], ids=["yarn", "none", "yarn-mscale"])
+  ],
+  ids=["yarn", "none", "yarn-mscale"],
+)
 def test_matches_numpy_reference(overrides):
   cfg = SMALL.replace(**overrides)
   params = init_params(cfg)
@@ -174,8 +214,9 @@ def test_matches_numpy_reference_with_padding(query_block):
   attention_mask = np.ones((2, SEQ), np.int32)
   attention_mask[0, :3] = 0  # left padding: queries 0..2 have no allowed key at all
   attention_mask[1, -4:] = 0  # right padding
-  got = np.asarray(forward(cfg, params, x, positions,
-                           make_attention_mask(jnp.asarray(attention_mask))))
+  got = np.asarray(
+    forward(cfg, params, x, positions, make_attention_mask(jnp.asarray(attention_mask)))
+  )
   assert np.isfinite(got).all()
   want = np_mla(params, x.astype(np.float64), positions, np_mask(attention_mask), cfg)
   real = attention_mask.astype(bool)
@@ -192,15 +233,16 @@ def test_paper_yarn_numbers():
   assert yarn_inv_freq(cfg)[0] == plain[0]
   assert np.isclose(yarn_inv_freq(cfg)[-1], plain[-1] / 40)
   assert rotary_mscale(cfg) == 1.0
-  assert math.isclose(softmax_scale(cfg), 192 ** -0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2,
-                      rel_tol=1e-12)
+  assert math.isclose(
+    softmax_scale(cfg), 192**-0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2, rel_tol=1e-12
+  )
 
 
 def test_plain_rotary_numbers():
   cfg = SMALL.replace(rope_scaling="none")
   np.testing.assert_allclose(yarn_inv_freq(cfg), 1e4 ** (-np.arange(0, 8, 2) / 8), rtol=1e-12)
   assert rotary_mscale(cfg) == 1.0
-  assert softmax_scale(cfg) == 16 ** -0.5
+  assert softmax_scale(cfg) == 16**-0.5
 
 
 def test_rotary_layout_permutation():
@@ -217,11 +259,9 @@ def test_make_attention_mask():
   segment_ids = jnp.array([[0, 1, 1, 2, 2]])
   mask = make_attention_mask(attention_mask, segment_ids)
   assert mask.shape == (1, 1, 5, 5) and mask.dtype == jnp.bool_
-  want = np.array([[0, 0, 0, 0, 0],
-                   [0, 1, 0, 0, 0],
-                   [0, 1, 1, 0, 0],
-                   [0, 0, 0, 1, 0],
-                   [0, 0, 0, 1, 1]], bool)
+  want = np.array(
+    [[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]], bool
+  )
   np.testing.assert_array_equal(mask[0, 0], want)
   np.testing.assert_array_equal(make_attention_mask(seq_len=3)[0, 0], np.tril(np.ones((3, 3))))
   with pytest.raises(ValueError):
@@ -260,11 +300,13 @@ def test_packed_segments_do_not_attend_across():
   split = 5
   segment_ids = jnp.asarray([[1] * split + [2] * (SEQ - split)])
   positions = np.concatenate([np.arange(split), np.arange(SEQ - split)])[None].astype(np.int32)
-  packed = np.asarray(forward(SMALL, params, x, positions,
-                              make_attention_mask(segment_ids=segment_ids)))
+  packed = np.asarray(
+    forward(SMALL, params, x, positions, make_attention_mask(segment_ids=segment_ids))
+  )
   for lo, hi in ((0, split), (split, SEQ)):
-    alone = forward(SMALL, params, x[:, lo:hi], positions[:, lo:hi],
-                    make_attention_mask(seq_len=hi - lo))
+    alone = forward(
+      SMALL, params, x[:, lo:hi], positions[:, lo:hi], make_attention_mask(seq_len=hi - lo)
+    )
     np.testing.assert_allclose(packed[:, lo:hi], np.asarray(alone), rtol=1e-5, atol=1e-5)
 
 
@@ -275,8 +317,9 @@ def test_causal_blocks_match_dense_with_packing_and_gradients():
   x, positions = random_inputs(SMALL)
   segment_ids = np.array([[1] * 4 + [2] * 6 + [0] * 2, [0] * 3 + [1] * 9], np.int32)
   real = jnp.asarray(segment_ids > 0, jnp.float32)[..., None]
-  mask = make_attention_mask(jnp.asarray((segment_ids > 0).astype(np.int32)),
-                             jnp.asarray(segment_ids))
+  mask = make_attention_mask(
+    jnp.asarray((segment_ids > 0).astype(np.int32)), jnp.asarray(segment_ids)
+  )
   weights = jax.random.normal(jax.random.key(7), (2, SEQ, SMALL.hidden_size))
 
   def loss(cfg, params, x):

@@ -18,10 +18,21 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 
 
 def test_flops_per_token_matches_a_hand_count():
-  cfg = ModelConfig(vocab_size=100, hidden_size=8, num_layers=2, num_heads=2, kv_lora_rank=4,
-                    qk_nope_head_dim=2, qk_rope_head_dim=2, v_head_dim=3, n_routed_experts=6,
-                    n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=5,
-                    num_iterations=3)
+  cfg = ModelConfig(
+    vocab_size=100,
+    hidden_size=8,
+    num_layers=2,
+    num_heads=2,
+    kv_lora_rank=4,
+    qk_nope_head_dim=2,
+    qk_rope_head_dim=2,
+    v_head_dim=3,
+    n_routed_experts=6,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    moe_intermediate_size=5,
+    num_iterations=3,
+  )
   flops = bench.flops_per_token(cfg, seq_len=10)
   # Per layer: q 8*2*4=64, kv_a 8*6=48, kv_b 4*2*5=40, o 2*3*8=48 -> 200 weights; 2 layers, 2 FLOPs each.
   assert flops.attention_proj == 2 * 2 * 200
@@ -44,10 +55,17 @@ def test_coe_c2_k4_costs_what_moe_k8_costs_in_routed_flops():
 
 
 def _run_gpu_bench(tmp_path, **env_overrides) -> subprocess.CompletedProcess:
-  env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu", PYTHON=sys.executable,
-             **env_overrides)
-  return subprocess.run(["bash", str(REPO / "experiments" / "gpu_bench.sh")], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu", PYTHON=sys.executable, **env_overrides
+  )
+  return subprocess.run(
+    ["bash", str(REPO / "experiments" / "gpu_bench.sh")],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_gpu_bench_refuses_paper_scale_without_an_accelerator(tmp_path):
@@ -58,8 +76,16 @@ def test_gpu_bench_refuses_paper_scale_without_an_accelerator(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_bench_runs_in_cpu_form_and_prints_the_table_last(tmp_path):
-  proc = _run_gpu_bench(tmp_path, SCALE="tiny", STEPS="2", WARMUP="1", BATCH="2", SEQ="16",
-                        DISPATCH="capacity", XLA_FLAGS=FAST_COMPILE_FLAGS)
+  proc = _run_gpu_bench(
+    tmp_path,
+    SCALE="tiny",
+    STEPS="2",
+    WARMUP="1",
+    BATCH="2",
+    SEQ="16",
+    DISPATCH="capacity",
+    XLA_FLAGS=FAST_COMPILE_FLAGS,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / "bench.json").read_text())
   labels = [run["label"] for run in results["runs"]]
@@ -86,11 +112,22 @@ def _suite_model_config(run: dict) -> ModelConfig:
 @pytest.mark.slow
 def test_memory_only_reports_each_dropless_impl_beside_capacity(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
-  results = bench.main(["--config=configs/moe_k8.py:tiny", "--dispatch=capacity,dropless",
-                        "--dropless_impl=blocked,gather", "--memory_only", "--batch=2", "--seq=16"])
+  results = bench.main(
+    [
+      "--config=configs/moe_k8.py:tiny",
+      "--dispatch=capacity,dropless",
+      "--dropless_impl=blocked,gather",
+      "--memory_only",
+      "--batch=2",
+      "--seq=16",
+    ]
+  )
   rows = {r["label"]: r for r in results["memory_only"]}
-  assert list(rows) == ["configs/moe_k8.py:tiny capacity", "configs/moe_k8.py:tiny dropless[blocked]",
-                        "configs/moe_k8.py:tiny dropless[gather]"]
+  assert list(rows) == [
+    "configs/moe_k8.py:tiny capacity",
+    "configs/moe_k8.py:tiny dropless[blocked]",
+    "configs/moe_k8.py:tiny dropless[gather]",
+  ]
   assert rows["configs/moe_k8.py:tiny capacity"]["peak_vs_capacity"] == 1.0
   assert all(r["compiled_peak_bytes"] > 0 and r["peak_vs_capacity"] > 0 for r in rows.values())
 
@@ -100,6 +137,13 @@ def test_paper_width_preset_is_the_paper_layer_at_cpu_size():
   preset = bench.SHAPES[args.shapes]
   config = bench.load_config(f"{bench.SUITE[0][1]}:{preset['scale']}")
   cfg = bench.bench_model_config(config, "dropless", preset["model"])
-  assert (cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.n_shared_experts,
-          cfg.num_layers, cfg.vocab_size, cfg.dtype) == (1024, 704, 63, 1, 2, 8192, "float32")
+  assert (
+    cfg.hidden_size,
+    cfg.moe_intermediate_size,
+    cfg.n_routed_experts,
+    cfg.n_shared_experts,
+    cfg.num_layers,
+    cfg.vocab_size,
+    cfg.dtype,
+  ) == (1024, 704, 63, 1, 2, 8192, "float32")
   assert (preset["batch"], preset["seq"]) == (1, 512)

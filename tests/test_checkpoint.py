@@ -15,17 +15,26 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_train import (  # noqa: F401 (fixture)
+  fast_compilation,
+  metric_rows,
+  shared_trained_run,
+  small_config,
+  tensorboard_scalars,
+)
 
 from coe_jax import config_lib
-from coe_jax.training import train, train_step
-from coe_jax.training.checkpoint import Checkpointer, restore_params
 from coe_jax.data import input_pipeline
-from coe_jax.training.metrics import read_metrics
 from coe_jax.nn.model import CoECausalLM
-from coe_jax.training.checkpoint import FUNCTION_MODEL_FIELDS, check_resumable
 from coe_jax.nn.model_config import EXECUTION, FIELD_KINDS, FUNCTION, ConfigError, ModelConfig
-from test_train import (fast_compilation, metric_rows, shared_trained_run,  # noqa: F401 (fixture)
-                        small_config, tensorboard_scalars)
+from coe_jax.training import train, train_step
+from coe_jax.training.checkpoint import (
+  FUNCTION_MODEL_FIELDS,
+  Checkpointer,
+  check_resumable,
+  restore_params,
+)
+from coe_jax.training.metrics import read_metrics
 
 STEPS = 30  # small_config's train.steps; checkpoints every 5, the last 2 kept
 
@@ -40,8 +49,9 @@ def reference_run(tmp_path_factory) -> Path:
 
 def abstract_state(config):
   model = CoECausalLM(config_lib.model_config_from(config, config.data.vocab_size))
-  return jax.eval_shape(lambda: train_step.init_train_state(model, config.train, config.seed,
-                                                       config.data.max_length))
+  return jax.eval_shape(
+    lambda: train_step.init_train_state(model, config.train, config.seed, config.data.max_length)
+  )
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:
@@ -53,8 +63,10 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 
 def max_abs_diff(a, b) -> float:
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  return max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
 
 
 def test_resume_gives_the_metrics_and_params_of_an_uninterrupted_run(reference_run, tmp_path):
@@ -70,8 +82,9 @@ def test_resume_gives_the_metrics_and_params_of_an_uninterrupted_run(reference_r
   diff = max(abs(resumed[s][k] - expected[s][k]) for s in expected for k in expected[s])
   assert diff == 0.0, f"metrics differ by up to {diff}"
   abstract = abstract_state(small_config()).params
-  params_diff = max_abs_diff(restore_params(str(tmp_path), abstract)[0],
-                             restore_params(str(reference_run), abstract)[0])
+  params_diff = max_abs_diff(
+    restore_params(str(tmp_path), abstract)[0], restore_params(str(reference_run), abstract)[0]
+  )
   assert params_diff == 0.0, f"final params differ by up to {params_diff}"
 
 
@@ -91,26 +104,33 @@ def test_checkpoint_holds_state_and_iterator_position_and_keeps_the_last_two(ref
 
 
 def snapshot(workdir: Path) -> tuple[str, list[int], str]:
-  return ((workdir / "config.json").read_text(), checkpoint_steps(workdir),
-          (workdir / "metrics.jsonl").read_text())
+  return (
+    (workdir / "config.json").read_text(),
+    checkpoint_steps(workdir),
+    (workdir / "metrics.jsonl").read_text(),
+  )
 
 
-@pytest.mark.parametrize("dotted, value, message", [
+@pytest.mark.parametrize(
+  "dotted, value, message",
+  [
     ("model.hidden_size", 48, "model.hidden_size: saved 32, requested 48"),
     ("model.num_iterations", 1, "model.num_iterations: saved 2, requested 1"),
     ("model.num_experts_per_tok", 3, "model.num_experts_per_tok: saved 2, requested 3"),
     # Same shapes, another function: the rope base and the routed scaling.
     ("model.rope_theta", 500000.0, "model.rope_theta: saved 10000.0, requested 500000.0"),
-    ("model.routed_scaling_factor", 2.0,
-     "model.routed_scaling_factor: saved 1.0, requested 2.0"),
-])
-def test_workdir_of_another_model_refuses_to_resume(reference_run, tmp_path, dotted, value,
-                                                          message):
+    ("model.routed_scaling_factor", 2.0, "model.routed_scaling_factor: saved 1.0, requested 2.0"),
+  ],
+)
+def test_workdir_of_another_model_refuses_to_resume(
+  reference_run, tmp_path, dotted, value, message
+):
   workdir = Path(shutil.copytree(reference_run, tmp_path / "run"))
   before = snapshot(workdir)
   with pytest.raises(ConfigError, match="refusing to resume") as error:
-    train.train_and_evaluate(small_config(**{dotted.replace(".", "__"): value}), str(workdir),
-                             progress=False)
+    train.train_and_evaluate(
+      small_config(**{dotted.replace(".", "__"): value}), str(workdir), progress=False
+    )
   assert message in str(error.value)
   assert snapshot(workdir) == before
 
@@ -119,8 +139,15 @@ def test_execution_fields_may_change_on_resume(reference_run, tmp_path):
   workdir = Path(shutil.copytree(reference_run, tmp_path / "run"))
   dispatch = {"capacity": "dropless", "dropless": "capacity"}[small_config().model.dispatch]
   summary = train.train_and_evaluate(
-      small_config(model__dispatch=dispatch, model__dtype="bfloat16", model__remat="full",
-                   model__attention_query_block=0), str(workdir), progress=False)
+    small_config(
+      model__dispatch=dispatch,
+      model__dtype="bfloat16",
+      model__remat="full",
+      model__attention_query_block=0,
+    ),
+    str(workdir),
+    progress=False,
+  )
   assert summary["step"] == STEPS and summary["completed"]
   saved = json.loads((workdir / "config.json").read_text())["model"]
   assert (saved["dispatch"], saved["dtype"], saved["remat"]) == (dispatch, "bfloat16", "full")
@@ -130,11 +157,27 @@ def test_every_model_config_field_is_classified():
   kinds = {f.name: f.metadata.get("kind") for f in dataclasses.fields(ModelConfig)}
   assert set(kinds.values()) <= set(FIELD_KINDS), kinds
   assert FUNCTION_MODEL_FIELDS == tuple(n for n, k in kinds.items() if k == FUNCTION)
-  assert {"rope_theta", "rope_scaling", "rope_factor", "rms_norm_eps", "routed_scaling_factor",
-          "initializer_range", "aux_loss_alpha", "hidden_size"} <= set(FUNCTION_MODEL_FIELDS)
+  assert {
+    "rope_theta",
+    "rope_scaling",
+    "rope_factor",
+    "rms_norm_eps",
+    "routed_scaling_factor",
+    "initializer_range",
+    "aux_loss_alpha",
+    "hidden_size",
+  } <= set(FUNCTION_MODEL_FIELDS)
   assert {n for n, k in kinds.items() if k == EXECUTION} == {
-      "dispatch", "dropless_impl", "dropless_tile", "capacity_factor_train", "capacity_factor_eval",
-      "min_capacity", "attention_query_block", "dtype", "remat"}
+    "dispatch",
+    "dropless_impl",
+    "dropless_tile",
+    "capacity_factor_train",
+    "capacity_factor_eval",
+    "min_capacity",
+    "attention_query_block",
+    "dtype",
+    "remat",
+  }
 
 
 def test_vocabulary_changed_through_the_tokenizer_refuses_to_resume(reference_run, tmp_path):
@@ -143,9 +186,11 @@ def test_vocabulary_changed_through_the_tokenizer_refuses_to_resume(reference_ru
   before = snapshot(workdir)
   with pytest.raises(ConfigError, match=r"refusing to resume") as error:
     train.train_and_evaluate(small_config(data__vocab_size=320), str(workdir), progress=False)
-  assert ("params['lm_head']['kernel']: saved (32, 300), requested (32, 320)" in str(error.value)
-          and "params['embed_tokens']['embedding']: saved (300, 32), requested (320, 32)"
-          in str(error.value))
+  assert "params['lm_head']['kernel']: saved (32, 300), requested (32, 320)" in str(
+    error.value
+  ) and "params['embed_tokens']['embedding']: saved (300, 32), requested (320, 32)" in str(
+    error.value
+  )
   assert snapshot(workdir) == before
 
 
@@ -162,15 +207,17 @@ def batches_with_hook(monkeypatch, at_batch: int, hook) -> None:
   monkeypatch.setattr(input_pipeline.TrainIterator, "__next__", next_batch)
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference_run, tmp_path,
-                                                                   monkeypatch):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+  reference_run, tmp_path, monkeypatch
+):
   def poison(batch):  # token ids past the vocabulary: the embedding gather returns NaN
     return {**batch, "input_ids": np.full_like(batch["input_ids"], 10_000)}
 
   batches_with_hook(monkeypatch, 8, poison)
   handler_before = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(FloatingPointError,
-                     match=r"at step 8; stopping. the last good checkpoint \(step 5\) is intact"):
+  with pytest.raises(
+    FloatingPointError, match=r"at step 8; stopping. the last good checkpoint \(step 5\) is intact"
+  ):
     train.train_and_evaluate(small_config(), str(tmp_path), progress=False)
   assert signal.getsignal(signal.SIGTERM) is handler_before  # the run's stop handler is gone
   assert checkpoint_steps(tmp_path) == [5]

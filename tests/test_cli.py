@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train import REPO, REQUIRED_TRAIN_KEYS, SMALL, jax_cache_env
 
 from coe_jax.training.checkpoint import Checkpointer
 from coe_jax.training.metrics import read_metrics
-from test_train import REPO, REQUIRED_TRAIN_KEYS, SMALL, jax_cache_env
 
 # Enough steps that the run is still going when SIGTERM arrives; the warm-up stays at
 # int(1e-4 * 30000) = 3 steps, as in SMALL, so the compiled train step is the cached one.
@@ -31,8 +31,14 @@ pytestmark = pytest.mark.slow  # subprocess runs of the CLI
 def start_cli(workdir: Path, overrides: dict, env: dict, logs: Path) -> subprocess.Popen:
   """The CLI in the background, its stdout/stderr going to files in `logs` (no pipe to fill)."""
   flags = [f"--config.{field}={value}" for field, value in overrides.items()]
-  command = [sys.executable, "-m", "coe_jax.main", "--config=configs/coe_c2.py:tiny",
-             f"--workdir={workdir}", *flags]
+  command = [
+    sys.executable,
+    "-m",
+    "coe_jax.main",
+    "--config=configs/coe_c2.py:tiny",
+    f"--workdir={workdir}",
+    *flags,
+  ]
   with open(logs / "stdout.txt", "w") as out, open(logs / "stderr.txt", "w") as err:
     return subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=err)
 
@@ -45,8 +51,10 @@ def wait_for_metric_rows(process: subprocess.Popen, path: Path, rows: int, logs:
     time.sleep(0.2)
   process.kill()
   process.wait()
-  pytest.fail(f"no {rows} metric rows (exit code {process.returncode}):\n"
-              f"{(logs / 'stderr.txt').read_text()[-3000:]}")
+  pytest.fail(
+    f"no {rows} metric rows (exit code {process.returncode}):\n"
+    f"{(logs / 'stderr.txt').read_text()[-3000:]}"
+  )
 
 
 @pytest.fixture(scope="module")
@@ -94,28 +102,58 @@ def test_cli_refuses_to_resume_a_workdir_of_another_model_shape(sigterm_run):
   workdir = sigterm_run[0]
   config_before = (workdir / "config.json").read_text()
   result = subprocess.run(
-      [sys.executable, "-m", "coe_jax.main", "--config=configs/coe_c2.py:tiny",
-       f"--workdir={workdir}", "--config.model.hidden_size=48"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "coe_jax.main",
+      "--config=configs/coe_c2.py:tiny",
+      f"--workdir={workdir}",
+      "--config.model.hidden_size=48",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 1
-  assert ("error: workdir holds a run of a different model (a field that changes the parameters"
-          in result.stderr)
+  assert (
+    "error: workdir holds a run of a different model (a field that changes the parameters"
+    in result.stderr
+  )
   assert "model.hidden_size: saved 32, requested 48" in result.stderr
   assert "Traceback" not in result.stderr
   assert (workdir / "config.json").read_text() == config_before
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.model.dispatch=ragged",
-     "model.dispatch: got 'ragged'; allowed values: capacity, dropless"),
-    ("--config.data.source=json",
-     "data.train_files: got ''; source='json' needs at least one file"),
-])
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    (
+      "--config.model.dispatch=ragged",
+      "model.dispatch: got 'ragged'; allowed values: capacity, dropless",
+    ),
+    (
+      "--config.data.source=json",
+      "data.train_files: got ''; source='json' needs at least one file",
+    ),
+  ],
+)
 def test_cli_rejects_a_bad_value_before_compiling(tmp_path, flag, message):
   workdir = tmp_path / "never_created"
   result = subprocess.run(
-      [sys.executable, "-m", "coe_jax.main", "--config=configs/coe_c2.py:tiny",
-       f"--workdir={workdir}", flag], cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "coe_jax.main",
+      "--config=configs/coe_c2.py:tiny",
+      f"--workdir={workdir}",
+      flag,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert message in result.stderr
   assert not workdir.exists()  # rejected before the run started: no data, no compilation

@@ -9,9 +9,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from coe_jax.nn.coe_config import CoEConfig
 from coe_jax.nn.coe_layer import CoELayer, expert_pass
 from coe_jax.nn.dispatch import expert_capacity
@@ -19,9 +19,17 @@ from coe_jax.nn.experts import SwiGLUWeights
 from coe_jax.nn.layers import rms_norm
 
 B, S, D = 2, 6, 16
-BASE = CoEConfig(hidden_size=D, n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,
-                 moe_intermediate_size=8, initializer_range=0.2, capacity_factor_eval=1.0,
-                 capacity_factor_train=0.75, min_capacity=1)
+BASE = CoEConfig(
+  hidden_size=D,
+  n_routed_experts=6,
+  n_shared_experts=1,
+  num_experts_per_tok=2,
+  moe_intermediate_size=8,
+  initializer_range=0.2,
+  capacity_factor_eval=1.0,
+  capacity_factor_train=0.75,
+  min_capacity=1,
+)
 ATOL = RTOL = 1e-4
 STATS_CFG = BASE.replace(num_iterations=2, dispatch="capacity", router_z_loss_coef=0.01)
 
@@ -37,10 +45,13 @@ def _params(cfg, seed=0):
 @functools.lru_cache(maxsize=None)
 def _apply_fn(cfg, train=False):
   """Compiled `(params, h) -> (out, aux, intermediates)`, one per config."""
+
   def fn(params, h, token_mask=None):
-    (out, aux), state = CoELayer(cfg).apply({"params": params}, h, train=train,
-                                            token_mask=token_mask, mutable=["intermediates"])
+    (out, aux), state = CoELayer(cfg).apply(
+      {"params": params}, h, train=train, token_mask=token_mask, mutable=["intermediates"]
+    )
     return out, aux, state["intermediates"]
+
   return ref.fast_jit(fn)
 
 
@@ -68,6 +79,7 @@ def _value_and_grad_fn(cfg):
   def fn(params, h):
     (_, res), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, h)
     return res, grads
+
   return ref.fast_jit(fn)
 
 
@@ -95,14 +107,21 @@ def _check_against_numpy(cfg, seed=0):
   v_params = jax.tree.map(lambda a: rng.normal(size=a.shape), params)
   v_h = rng.normal(size=h.shape)
   eps = 1e-6  # float64: tiny steps keep every routing decision fixed
-  shift = lambda sign: (jax.tree.map(lambda a, v: ref.f64(a) + sign * eps * v, params, v_params),
-                        ref.f64(h) + sign * eps * v_h)
-  (up, routing_up), (down, routing_down) = _numpy_loss(*shift(+1), cfg), _numpy_loss(*shift(-1), cfg)
+  shift = lambda sign: (
+    jax.tree.map(lambda a, v: ref.f64(a) + sign * eps * v, params, v_params),
+    ref.f64(h) + sign * eps * v_h,
+  )
+  (up, routing_up), (down, routing_down) = (
+    _numpy_loss(*shift(+1), cfg),
+    _numpy_loss(*shift(-1), cfg),
+  )
   for a, b in zip(routing_up, routing_down):
     np.testing.assert_array_equal(a, b)  # no top-K / capacity decision flipped in between
   fd = (up - down) / (2 * eps)
-  analytic = sum(float(np.sum(ref.f64(g) * v)) for g, v in
-                 zip(jax.tree.leaves((g_params, g_h)), jax.tree.leaves((v_params, v_h))))
+  analytic = sum(
+    float(np.sum(ref.f64(g) * v))
+    for g, v in zip(jax.tree.leaves((g_params, g_h)), jax.tree.leaves((v_params, v_h)))
+  )
   np.testing.assert_allclose(analytic, fd, rtol=2e-3)
   return info
 
@@ -110,21 +129,35 @@ def _check_against_numpy(cfg, seed=0):
 # Every value of every switch; the 16 (independent_gates, inner, outer, style) combinations,
 # each with a C in {1, 2, 3}, a number of shared experts in {0, 1, 2} (all 9 (C, shared)
 # pairs appear) and a dispatch (capacity with drops, dropless gather, dropless ragged_dot).
-_DISPATCHES = [dict(dispatch="capacity"), dict(dispatch="dropless", dropless_impl="gather"),
-               dict(dispatch="dropless", dropless_impl="ragged_dot")]
+_DISPATCHES = [
+  dict(dispatch="capacity"),
+  dict(dispatch="dropless", dropless_impl="gather"),
+  dict(dispatch="dropless", dropless_impl="ragged_dot"),
+]
 COMBOS = []
 for _i, (_ig, _inner, _outer, _style) in enumerate(
-    itertools.product([True, False], [True, False], [True, False], ["reference", "textbook"])):
-  COMBOS.append(dict(independent_gates=_ig, inner_residual=_inner, outer_residual=_outer,
-                     residual_style=_style, num_iterations=1 + _i % 3,
-                     n_shared_experts=(_i // 3) % 3, **_DISPATCHES[(_i // 2) % 3]))
+  itertools.product([True, False], [True, False], [True, False], ["reference", "textbook"])
+):
+  COMBOS.append(
+    dict(
+      independent_gates=_ig,
+      inner_residual=_inner,
+      outer_residual=_outer,
+      residual_style=_style,
+      num_iterations=1 + _i % 3,
+      n_shared_experts=(_i // 3) % 3,
+      **_DISPATCHES[(_i // 2) % 3],
+    )
+  )
 
 
 def _combo_id(c):
-  return (f"{'igate' if c['independent_gates'] else 'sgate'}-"
-          f"{'in' if c['inner_residual'] else 'noin'}-{'out' if c['outer_residual'] else 'noout'}-"
-          f"{c['residual_style'][:4]}-C{c['num_iterations']}-sh{c['n_shared_experts']}-"
-          f"{c.get('dropless_impl', c['dispatch'])}")
+  return (
+    f"{'igate' if c['independent_gates'] else 'sgate'}-"
+    f"{'in' if c['inner_residual'] else 'noin'}-{'out' if c['outer_residual'] else 'noout'}-"
+    f"{c['residual_style'][:4]}-C{c['num_iterations']}-sh{c['n_shared_experts']}-"
+    f"{c.get('dropless_impl', c['dispatch'])}"
+  )
 
 
 @pytest.mark.parametrize("index", range(len(COMBOS)), ids=[_combo_id(c) for c in COMBOS])
@@ -134,8 +167,9 @@ def test_layer_matches_numpy_spec(index):
 
 def test_reference_default_output_is_u0_plus_sum_of_m():
   # Defaults (inner on, outer off, 'reference'): out = u0 + m1 + ... + mC, h not re-added.
-  cfg = BASE.replace(num_iterations=3, n_shared_experts=0, dispatch="dropless",
-                     dropless_impl="gather")
+  cfg = BASE.replace(
+    num_iterations=3, n_shared_experts=0, dispatch="dropless", dropless_impl="gather"
+  )
   assert cfg.replace(**COMBOS[2]) == cfg  # the same compiled function as that combination
   params, h = _params(cfg, 1), _h(1)
   (out, _, _), _ = _value_and_grad_fn(cfg)(params, jnp.asarray(h))
@@ -156,8 +190,13 @@ def test_c1_is_a_plain_top_k_moe(n_shared):
   u = ref.rms_norm(ref.f64(h), ref.f64(p["ffn_norm"]), cfg.rms_norm_eps).reshape(B * S, D)
   probs = ref.softmax(u @ ref.f64(p["router"][0]).T)
   gates = np.where(probs >= np.sort(probs, -1)[:, [-cfg.num_experts_per_tok]], probs, 0.0)
-  every_expert = np.stack([ref.swiglu(u, ref.f64(p["gate"][e]), ref.f64(p["up"][e]),
-                                      ref.f64(p["down"][e])) for e in range(cfg.n_routed_experts)], 1)
+  every_expert = np.stack(
+    [
+      ref.swiglu(u, ref.f64(p["gate"][e]), ref.f64(p["up"][e]), ref.f64(p["down"][e]))
+      for e in range(cfg.n_routed_experts)
+    ],
+    1,
+  )
   y = u + np.einsum("te,ted->td", gates, every_expert)
   if n_shared:
     assert p["shared"][0].shape == (D, cfg.moe_intermediate_size * n_shared)
@@ -172,24 +211,29 @@ _jitted_expert_pass = ref.fast_jit(expert_pass, static_argnames=("cfg", "capacit
 
 @pytest.mark.parametrize("independent_gates", [True, False])
 def test_scan_equals_unrolled_python_loop(independent_gates):
-  cfg = BASE.replace(num_iterations=3, independent_gates=independent_gates, n_shared_experts=1,
-                     dispatch="capacity")
+  cfg = BASE.replace(
+    num_iterations=3, independent_gates=independent_gates, n_shared_experts=1, dispatch="capacity"
+  )
   params, h = _params(cfg, 3), jnp.asarray(_h(3))
   out, aux, inter = _apply_fn(cfg)(params, h)
-  routed = SwiGLUWeights(gate=params["routed_experts"]["gate_proj"],
-                         up=params["routed_experts"]["up_proj"],
-                         down=params["routed_experts"]["down_proj"])
+  routed = SwiGLUWeights(
+    gate=params["routed_experts"]["gate_proj"],
+    up=params["routed_experts"]["up_proj"],
+    down=params["routed_experts"]["down_proj"],
+  )
   sh = params["shared_experts"]
   shared = SwiGLUWeights(gate=sh["gate_proj"], up=sh["up_proj"], down=sh["down_proj"])
-  cap = expert_capacity(B * S, cfg.num_experts_per_tok, cfg.n_routed_experts,
-                        cfg.capacity_factor_eval, cfg.min_capacity)
+  cap = expert_capacity(
+    B * S, cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.capacity_factor_eval, cfg.min_capacity
+  )
   u = rms_norm(h, params["norm"]["scale"], cfg.rms_norm_eps)
   aux_sum, ids = 0.0, []
   for t in range(cfg.num_iterations):
     router_weight = params["router"][t if independent_gates else 0]
     # (the gate switch only decides which router weight comes in; one compile serves both)
-    m, routing, kept = _jitted_expert_pass(u, router_weight, routed, shared,
-                                           cfg=cfg.replace(independent_gates=True), capacity=cap)
+    m, routing, kept = _jitted_expert_pass(
+      u, router_weight, routed, shared, cfg=cfg.replace(independent_gates=True), capacity=cap
+    )
     u = u + m
     aux_sum += routing.aux_loss
     ids.append(routing.expert_ids)
@@ -204,21 +248,28 @@ def test_sown_intermediates_match_numpy():
   _, _, inter = _apply_fn(cfg)(params, jnp.asarray(h))
   C, K, N = 2, 2, 6
   shapes = {name: value[0].shape for name, value in inter.items()}
-  assert shapes == {"expert_ids": (C, B, S, K), "combine_weights": (C, B, S, K),
-                    "kept": (C, B, S, K), "router_probs": (C, B, S, N)}
+  assert shapes == {
+    "expert_ids": (C, B, S, K),
+    "combine_weights": (C, B, S, K),
+    "kept": (C, B, S, K),
+    "router_probs": (C, B, S, N),
+  }
   assert inter["expert_ids"][0].dtype == jnp.int32 and inter["kept"][0].dtype == jnp.bool_
   assert inter["combine_weights"][0].dtype == jnp.float32
   _, info = ref.coe_block(h, ref.flax_ffn_weights(params), cfg, _capacity(cfg))
   np.testing.assert_array_equal(np.asarray(inter["expert_ids"][0]), np.stack(info["ids"]))
   np.testing.assert_array_equal(np.asarray(inter["kept"][0]), np.stack(info["kept"]))
   assert not np.stack(info["kept"]).all()  # capacity factor 1.0 drops some here
-  np.testing.assert_allclose(np.asarray(inter["combine_weights"][0]), np.stack(info["weights"]),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(inter["router_probs"][0]), np.stack(info["probs"]),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(inter["combine_weights"][0]), np.stack(info["weights"]), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(inter["router_probs"][0]), np.stack(info["probs"]), rtol=1e-5, atol=1e-6
+  )
   # Without a mutable 'intermediates' collection the call simply returns (out, aux).
-  out_plain, _ = jax.eval_shape(lambda p_, h_: CoELayer(cfg).apply({"params": p_}, h_), params,
-                                jnp.asarray(h))
+  out_plain, _ = jax.eval_shape(
+    lambda p_, h_: CoELayer(cfg).apply({"params": p_}, h_), params, jnp.asarray(h)
+  )
   assert out_plain.shape == (B, S, D)
 
 
@@ -233,10 +284,12 @@ def test_aux_statistics_match_numpy(mode):
     token_mask[0, -2:] = 0
     token_mask[1, 0] = 0
   out, aux, inter = _apply_fn(cfg, train)(
-      params, jnp.asarray(h), None if token_mask is None else jnp.asarray(token_mask))
+    params, jnp.asarray(h), None if token_mask is None else jnp.asarray(token_mask)
+  )
   C, N, K = cfg.num_iterations, cfg.n_routed_experts, cfg.num_experts_per_tok
-  want_out, info = ref.coe_block(h, ref.flax_ffn_weights(params), cfg, _capacity(cfg, train),
-                                 token_mask)
+  want_out, info = ref.coe_block(
+    h, ref.flax_ffn_weights(params), cfg, _capacity(cfg, train), token_mask
+  )
   np.testing.assert_allclose(np.asarray(out), want_out, rtol=RTOL, atol=ATOL)
   ids, kept, probs = np.stack(info["ids"]), np.stack(info["kept"]), np.stack(info["probs"])
   np.testing.assert_array_equal(np.asarray(inter["kept"][0]), kept)
@@ -297,11 +350,10 @@ def test_param_shapes_and_router_init():
   params = ref.fast_jit(CoELayer(cfg).init)(jax.random.key(0), jnp.zeros((1, 2, 64)))["params"]
   shapes = jax.tree.map(lambda a: a.shape, params)
   assert shapes == {
-      "norm": {"scale": (64,)},
-      "router": (3, 16, 64),
-      "routed_experts": {"gate_proj": (16, 64, 8), "up_proj": (16, 64, 8),
-                         "down_proj": (16, 8, 64)},
-      "shared_experts": {"gate_proj": (64, 16), "up_proj": (64, 16), "down_proj": (16, 64)},
+    "norm": {"scale": (64,)},
+    "router": (3, 16, 64),
+    "routed_experts": {"gate_proj": (16, 64, 8), "up_proj": (16, 64, 8), "down_proj": (16, 8, 64)},
+    "shared_experts": {"gate_proj": (64, 16), "up_proj": (64, 16), "down_proj": (16, 64)},
   }
   router = np.asarray(params["router"])
   bound = 1 / math.sqrt(64)

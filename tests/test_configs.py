@@ -10,8 +10,8 @@ from fractions import Fraction
 import pytest
 
 from coe_jax import config_lib
-from coe_jax.training import train_config
 from coe_jax.nn.params import count_params
+from coe_jax.training import train_config
 from experiments.ablation import SUITES, load_config, memory_saving_percent
 
 PAPER_RUNS = SUITES["paper"]
@@ -19,19 +19,19 @@ PAPER_RUNS = SUITES["paper"]
 # The paper's runs by hand: (C, routed experts chosen K, routed experts, shared experts, layers,
 # independent gates). N=64 is 63 routed + 1 shared; dense-style K=N=8 is 8 routed, no shared (SPEC 7).
 HAND = {
-    "moe_k8": (1, 8, 63, 1, 4, True),
-    "coe_c2": (2, 4, 63, 1, 4, True),
-    "coe_c2_k8": (2, 8, 63, 1, 4, True),
-    "moe_k16": (1, 16, 63, 1, 4, True),
-    "moe_k24": (1, 24, 63, 1, 4, True),
-    "coe_c2_n48": (2, 4, 47, 1, 4, True),
-    "moe_k8_n48": (1, 8, 47, 1, 4, True),
-    "moe_k8_l8": (1, 8, 63, 1, 8, True),
-    "moe_k8_l12": (1, 8, 63, 1, 12, True),
-    "coe_c2_k8_outer_residual": (2, 8, 63, 1, 4, True),
-    "coe_c2_k8_shared_gate": (2, 8, 63, 1, 4, False),
-    "dense_c1": (1, 8, 8, 0, 4, True),
-    "dense_c2": (2, 8, 8, 0, 4, True),
+  "moe_k8": (1, 8, 63, 1, 4, True),
+  "coe_c2": (2, 4, 63, 1, 4, True),
+  "coe_c2_k8": (2, 8, 63, 1, 4, True),
+  "moe_k16": (1, 16, 63, 1, 4, True),
+  "moe_k24": (1, 24, 63, 1, 4, True),
+  "coe_c2_n48": (2, 4, 47, 1, 4, True),
+  "moe_k8_n48": (1, 8, 47, 1, 4, True),
+  "moe_k8_l8": (1, 8, 63, 1, 8, True),
+  "moe_k8_l12": (1, 8, 63, 1, 12, True),
+  "coe_c2_k8_outer_residual": (2, 8, 63, 1, 4, True),
+  "coe_c2_k8_shared_gate": (2, 8, 63, 1, 4, False),
+  "dense_c1": (1, 8, 8, 0, 4, True),
+  "dense_c2": (2, 8, 8, 0, 4, True),
 }
 
 # Paper-scale sizes (SPEC 5): hidden, expert width, vocabulary, MLA dims.
@@ -39,13 +39,18 @@ HIDDEN, FFN, VOCAB, HEADS = 1024, 704, 102400, 8
 KV_RANK, NOPE, ROPE, V_DIM = 512, 128, 64, 128
 
 
-def hand_count(c: int, k: int, routed: int, shared: int, layers: int, independent: bool) -> tuple[int, int]:
+def hand_count(
+  c: int, k: int, routed: int, shared: int, layers: int, independent: bool
+) -> tuple[int, int]:
   """(total, active per token) parameters of a paper-scale run, written out from SPEC 5."""
   expert = 3 * HIDDEN * FFN  # gate, up, down
-  attention = (HIDDEN * HEADS * (NOPE + ROPE)  # q projection
-               + HIDDEN * (KV_RANK + ROPE) + KV_RANK  # kv down projection and its norm
-               + KV_RANK * HEADS * (NOPE + V_DIM)  # kv up projection
-               + HEADS * V_DIM * HIDDEN)  # output projection
+  attention = (
+    HIDDEN * HEADS * (NOPE + ROPE)  # q projection
+    + HIDDEN * (KV_RANK + ROPE)
+    + KV_RANK  # kv down projection and its norm
+    + KV_RANK * HEADS * (NOPE + V_DIM)  # kv up projection
+    + HEADS * V_DIM * HIDDEN
+  )  # output projection
   routers = (c if independent else 1) * routed * HIDDEN
   norms_per_layer = 2 * HIDDEN  # before attention and before the experts
   per_layer_fixed = attention + shared * expert + routers + norms_per_layer
@@ -70,6 +75,7 @@ def test_config_loads_and_validates(name, scale):
 
 def test_suite_lists_every_paper_config_file():
   from experiments.ablation import CONFIG_DIR
+
   on_disk = {p.stem for p in CONFIG_DIR.glob("*.py")} - {"base", "demo", "__init__"}
   assert set(PAPER_RUNS) == on_disk
 
@@ -89,8 +95,10 @@ def test_moe_baseline_routed_experts_are_the_papers_544m():
 
 def test_n48_memory_saving_is_the_papers_17_6_percent():
   """Total parameters (embeddings and head included) give ~17.7%, within 0.5 point of 17.6%."""
-  coe, moe = (count_params(config_lib.model_config_from(load_config(n, "paper")))
-              for n in ("coe_c2_n48", "moe_k8"))
+  coe, moe = (
+    count_params(config_lib.model_config_from(load_config(n, "paper")))
+    for n in ("coe_c2_n48", "moe_k8")
+  )
   saving = memory_saving_percent(coe.total, moe.total)
   assert abs(saving - 17.6) < 0.5
   by_hand = [hand_count(*HAND[n])[0] for n in ("coe_c2_n48", "moe_k8")]
@@ -121,8 +129,15 @@ def test_tiny_keeps_layer_ratio_to_the_baseline(name):
 
 @pytest.mark.parametrize("name", PAPER_RUNS)
 def test_configs_differ_from_the_baseline_only_in_model_fields_the_paper_varies(name):
-  varied = {"num_iterations", "num_experts_per_tok", "n_routed_experts", "n_shared_experts",
-            "num_layers", "outer_residual", "independent_gates"}
+  varied = {
+    "num_iterations",
+    "num_experts_per_tok",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_layers",
+    "outer_residual",
+    "independent_gates",
+  }
   for scale in config_lib.SCALES:
     base, config = load_config("moe_k8", scale), load_config(name, scale)
     assert config.train.to_dict() == base.train.to_dict()

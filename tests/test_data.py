@@ -19,8 +19,12 @@ from tokenizers import processors
 
 from coe_jax.data import synthetic
 from coe_jax.data import tokenizer as tokenizer_lib
-from coe_jax.data.input_pipeline import (build_datasets, default_data_config, format_example,
-                                         validate_data_config)
+from coe_jax.data.input_pipeline import (
+  build_datasets,
+  default_data_config,
+  format_example,
+  validate_data_config,
+)
 from coe_jax.data.tokenized import build_split
 from coe_jax.nn.model_config import ConfigError, DataError
 
@@ -31,13 +35,17 @@ STEP = re.compile(r"(\d+(?: ?[-+*/] ?\d+)+) = (\d+)")
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 ROWS = [
-    {"question": "What is 2 + 3?", "solution": "2 + 3 = 5\nThe answer is: 5"},
-    {"question": "Tom has 4 apples and eats 1. How many are left?",
-     "solution": "4 - 1 = 3\nThe answer is: 3"},
-    {"question": "A pen costs $2. How much do 6 pens cost?",
-     "solution": "6 * 2 = 12\nThe answer is: 12"},
-    {"question": "What is 10 / 2?", "solution": "10 / 2 = 5\nThe answer is: 5"},
-    {"question": "Ünïcode café: what is 1 + 1?", "solution": "1 + 1 = 2\nThe answer is: 2"},
+  {"question": "What is 2 + 3?", "solution": "2 + 3 = 5\nThe answer is: 5"},
+  {
+    "question": "Tom has 4 apples and eats 1. How many are left?",
+    "solution": "4 - 1 = 3\nThe answer is: 3",
+  },
+  {
+    "question": "A pen costs $2. How much do 6 pens cost?",
+    "solution": "6 * 2 = 12\nThe answer is: 12",
+  },
+  {"question": "What is 10 / 2?", "solution": "10 / 2 = 5\nThe answer is: 5"},
+  {"question": "Ünïcode café: what is 1 + 1?", "solution": "1 + 1 = 2\nThe answer is: 2"},
 ]
 
 
@@ -76,6 +84,7 @@ def synth(tmp_path_factory):
 
 
 # --- synthetic corpus -----------------------------------------------------------------------------
+
 
 def _check_steps(response: str) -> None:
   """Every `a op b ... = c` step is correct and the last one is the final answer."""
@@ -121,6 +130,7 @@ def test_addition_examples_format():
 
 # --- tokenizers -----------------------------------------------------------------------------------
 
+
 def test_bpe_tokenizer_is_cached_with_special_tokens(tmp_path):
   texts = [format_example(e["query"], e["response"]) for e in synthetic.generate_examples(200, 0)]
   calls = []
@@ -129,18 +139,21 @@ def test_bpe_tokenizer_is_cached_with_special_tokens(tmp_path):
     calls.append(1)
     return texts
 
-  tok = tokenizer_lib.load_tokenizer("bpe", workdir=str(tmp_path), train_texts=train_texts,
-                                     vocab_size=320)
+  tok = tokenizer_lib.load_tokenizer(
+    "bpe", workdir=str(tmp_path), train_texts=train_texts, vocab_size=320
+  )
   assert (tmp_path / "tokenizer.json").is_file()
   assert tok.get_vocab_size() == 320
   assert tokenizer_lib.pad_id(tok) == tok.token_to_id("<|padding|>") == 0
   assert tokenizer_lib.eos_id(tok) == tok.token_to_id("<|endoftext|>") == 1
-  again = tokenizer_lib.load_tokenizer("bpe", workdir=str(tmp_path), train_texts=train_texts,
-                                       vocab_size=320)
+  again = tokenizer_lib.load_tokenizer(
+    "bpe", workdir=str(tmp_path), train_texts=train_texts, vocab_size=320
+  )
   assert len(calls) == 1  # reused, not retrained
   assert tokenizer_lib.tokenizer_fingerprint(again) == tokenizer_lib.tokenizer_fingerprint(tok)
-  bigger = tokenizer_lib.load_tokenizer("bpe", workdir=str(tmp_path), train_texts=train_texts,
-                                        vocab_size=360)
+  bigger = tokenizer_lib.load_tokenizer(
+    "bpe", workdir=str(tmp_path), train_texts=train_texts, vocab_size=360
+  )
   assert len(calls) == 2 and bigger.get_vocab_size() == 360
   ids = tok.encode(texts[0], add_special_tokens=False).ids
   assert tok.decode(ids) == texts[0]
@@ -161,6 +174,7 @@ def test_load_tokenizer_paths_and_errors(tmp_path):
 
 def test_hub_tokenizer_offline_error(monkeypatch):
   import huggingface_hub.constants
+
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
   with pytest.raises(ConfigError, match=r"config\.data\.tokenizer.*tokenizer\.json"):
@@ -169,15 +183,23 @@ def test_hub_tokenizer_offline_error(monkeypatch):
 
 # --- text format, truncation, padding -------------------------------------------------------------
 
+
 def test_text_format_has_no_special_tokens(tmp_path):
   base = tokenizer_lib.train_bpe([format_example(r["question"], r["solution"]) for r in ROWS], 300)
   base.post_processor = processors.TemplateProcessing(  # would add eos if special tokens were on
-      single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 1)])
+    single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 1)]
+  )
   base.save(str(tmp_path / "tokenizer.json"))
   files = write_rows(tmp_path / "rows.jsonl", ROWS)
-  data = small_config(tmp_path, source="json", train_files=str(files), val_files=str(files),
-                      query_column="question", response_column="solution",
-                      tokenizer=str(tmp_path / "tokenizer.json"))
+  data = small_config(
+    tmp_path,
+    source="json",
+    train_files=str(files),
+    val_files=str(files),
+    query_column="question",
+    response_column="solution",
+    tokenizer=str(tmp_path / "tokenizer.json"),
+  )
   data.eos_target = False
   ds = build_datasets(data, workdir=None, seed=0)
   for e, row in enumerate(ROWS):
@@ -207,27 +229,38 @@ def test_truncation_padding_and_mask():
   n = len(full_short)
   np.testing.assert_array_equal(batch["input_ids"][1, :n], full_short)
   assert (batch["input_ids"][1, n:] == 0).all()
-  np.testing.assert_array_equal(batch["attention_mask"],
-                                [[1] * length, [1] * n + [0] * (length - n)])
+  np.testing.assert_array_equal(
+    batch["attention_mask"], [[1] * length, [1] * n + [0] * (length - n)]
+  )
   np.testing.assert_array_equal(batch["segment_ids"], batch["attention_mask"])
   np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(length), (2, 1)))
 
 
 # --- local file sources ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
 def test_local_file_sources(tmp_path, suffix):
   train = write_rows(tmp_path / f"train{suffix}", ROWS[:4])
   val = write_rows(tmp_path / f"val{suffix}", ROWS[4:])
   source = "parquet" if suffix == ".parquet" else "json"
-  data = small_config(tmp_path, source=source, train_files=[str(train)], val_files=str(val),
-                      query_column="question", response_column="solution", vocab_size=300)
+  data = small_config(
+    tmp_path,
+    source=source,
+    train_files=[str(train)],
+    val_files=str(val),
+    query_column="question",
+    response_column="solution",
+    vocab_size=300,
+  )
   ds = build_datasets(data, workdir=str(tmp_path / "run"), seed=0)
   assert (ds.train.num_examples, ds.val.num_examples) == (4, 1)
-  assert texts_of(ds.train, ds.tokenizer) == [format_example(r["question"], r["solution"])
-                                             for r in ROWS[:4]]
-  assert texts_of(ds.val, ds.tokenizer) == [format_example(ROWS[4]["question"],
-                                                           ROWS[4]["solution"])]
+  assert texts_of(ds.train, ds.tokenizer) == [
+    format_example(r["question"], r["solution"]) for r in ROWS[:4]
+  ]
+  assert texts_of(ds.val, ds.tokenizer) == [
+    format_example(ROWS[4]["question"], ROWS[4]["solution"])
+  ]
   assert (tmp_path / "run" / "tokenizer.json").is_file()
   data.query_column = "prompt"
   with pytest.raises(ConfigError, match="data.query_column.*'prompt'.*question"):
@@ -235,13 +268,21 @@ def test_local_file_sources(tmp_path, suffix):
 
 
 def test_globs_holdout_and_limits(tmp_path):
-  rows = [{"q": f"What is {i} + 1?", "a": f"{i} + 1 = {i + 1}\nThe answer is: {i + 1}"}
-          for i in range(30)]
+  rows = [
+    {"q": f"What is {i} + 1?", "a": f"{i} + 1 = {i + 1}\nThe answer is: {i + 1}"} for i in range(30)
+  ]
   write_rows(tmp_path / "part0.jsonl", rows[:15])
   write_rows(tmp_path / "part1.jsonl", rows[15:])
-  data = small_config(tmp_path, source="json", train_files=str(tmp_path / "part*.jsonl"),
-                      query_column="q", response_column="a", val_size=5, val_seed=42,
-                      vocab_size=300)
+  data = small_config(
+    tmp_path,
+    source="json",
+    train_files=str(tmp_path / "part*.jsonl"),
+    query_column="q",
+    response_column="a",
+    val_size=5,
+    val_seed=42,
+    vocab_size=300,
+  )
   ds = build_datasets(data, workdir=None, seed=0)
   val_ids = __import__("random").Random(42).sample(range(30), 5)
   expected_val = [format_example(rows[i]["q"], rows[i]["a"]) for i in val_ids]
@@ -256,34 +297,53 @@ def test_globs_holdout_and_limits(tmp_path):
 
 # --- malformed files ------------------------------------------------------------------------------
 
+
 def _jsonl_lines(*lines: str) -> str:
   good = [json.dumps(r) for r in ROWS]
   return "\n".join(good[:2] + list(lines) + good[2:]) + "\n"  # the bad lines start at line 3
 
 
 @pytest.mark.parametrize("tokenizer", ["bpe", "file"])
-@pytest.mark.parametrize("bad_line, message", [
-    ('{"question": "What is 1 + 1?", "solution": "2"',
-     "line 3: invalid JSON (Expecting ',' delimiter at column 47)"),
-    ('{"question": "What is 1 + 1?", "answer": "2"}',
-     "line 3: data.response_column='solution' is not a key of this row (its keys: "
-     "['answer', 'question'])"),
+@pytest.mark.parametrize(
+  "bad_line, message",
+  [
+    (
+      '{"question": "What is 1 + 1?", "solution": "2"',
+      "line 3: invalid JSON (Expecting ',' delimiter at column 47)",
+    ),
+    (
+      '{"question": "What is 1 + 1?", "answer": "2"}',
+      "line 3: data.response_column='solution' is not a key of this row (its keys: "
+      "['answer', 'question'])",
+    ),
     ('["What is 1 + 1?", "2"]', 'line 3: not a JSON object but list ["What is 1 + 1?", "2"]'),
-    ('{"question": "What is 1 + 1?", "solution": 2}',
-     "line 3: data.response_column='solution' holds int 2, not a string"),
-])
-def test_malformed_jsonl_line_names_file_and_line_and_writes_nothing(tmp_path, bad_line, message,
-                                                                     tokenizer):
+    (
+      '{"question": "What is 1 + 1?", "solution": 2}',
+      "line 3: data.response_column='solution' holds int 2, not a string",
+    ),
+  ],
+)
+def test_malformed_jsonl_line_names_file_and_line_and_writes_nothing(
+  tmp_path, bad_line, message, tokenizer
+):
   good = write_rows(tmp_path / "good.jsonl", ROWS)
   bad = tmp_path / "bad.jsonl"
   bad.write_text(_jsonl_lines(bad_line), encoding="utf-8")
   if tokenizer == "file":  # a ready tokenizer: nothing needs the data before the splits do
     tokenizer = str(tmp_path / "tok.json")
-    tokenizer_lib.train_bpe([format_example(r["question"], r["solution"]) for r in ROWS],
-                            300).save(tokenizer)
-  data = small_config(tmp_path, source="json", train_files=str(bad), val_files=str(good),
-                      query_column="question", response_column="solution", vocab_size=300,
-                      tokenizer=tokenizer)
+    tokenizer_lib.train_bpe([format_example(r["question"], r["solution"]) for r in ROWS], 300).save(
+      tokenizer
+    )
+  data = small_config(
+    tmp_path,
+    source="json",
+    train_files=str(bad),
+    val_files=str(good),
+    query_column="question",
+    response_column="solution",
+    vocab_size=300,
+    tokenizer=tokenizer,
+  )
   with pytest.raises(DataError) as error:
     build_datasets(data, workdir=str(tmp_path / "run"), seed=0)
   assert str(error.value) == f"data.train_files: {bad}, {message}"
@@ -294,11 +354,22 @@ def test_malformed_jsonl_line_names_file_and_line_and_writes_nothing(tmp_path, b
 def test_malformed_validation_file_and_json_array_name_their_field_and_item(tmp_path):
   good = write_rows(tmp_path / "good.jsonl", ROWS)
   bad = write_rows(tmp_path / "bad.json", ROWS[:1] + [{"question": "q"}])
-  data = small_config(tmp_path, source="json", train_files=str(good), val_files=str(bad),
-                      query_column="question", response_column="solution", vocab_size=300)
-  with pytest.raises(DataError, match=re.escape(
+  data = small_config(
+    tmp_path,
+    source="json",
+    train_files=str(good),
+    val_files=str(bad),
+    query_column="question",
+    response_column="solution",
+    vocab_size=300,
+  )
+  with pytest.raises(
+    DataError,
+    match=re.escape(
       f"data.val_files: {bad}, item 2 of the JSON array: data.response_column='solution' "
-      "is not a key of this row (its keys: ['question'])")):
+      "is not a key of this row (its keys: ['question'])"
+    ),
+  ):
     build_datasets(data, workdir=None, seed=0)
   assert not (tmp_path / "cache").exists()
 
@@ -306,21 +377,40 @@ def test_malformed_validation_file_and_json_array_name_their_field_and_item(tmp_
 def test_parquet_without_the_column_names_the_file(tmp_path):
   good = write_rows(tmp_path / "good.parquet", ROWS)
   bad = write_rows(tmp_path / "bad.parquet", [{"question": r["question"]} for r in ROWS])
-  data = small_config(tmp_path, source="parquet", train_files=str(good), val_files=str(bad),
-                      query_column="question", response_column="solution", vocab_size=300)
-  with pytest.raises(DataError, match=re.escape(
+  data = small_config(
+    tmp_path,
+    source="parquet",
+    train_files=str(good),
+    val_files=str(bad),
+    query_column="question",
+    response_column="solution",
+    vocab_size=300,
+  )
+  with pytest.raises(
+    DataError,
+    match=re.escape(
       f"data.val_files: {bad}: data.response_column='solution' is not a column of this file "
-      "(its columns: ['question'])")):
+      "(its columns: ['question'])"
+    ),
+  ):
     build_datasets(data, workdir=None, seed=0)
   assert not (tmp_path / "cache").exists()
 
 
 # --- caching --------------------------------------------------------------------------------------
 
+
 def test_cache_is_reused_and_invalidated(tmp_path):
   path = write_rows(tmp_path / "rows.jsonl", ROWS)
-  data = small_config(tmp_path, source="json", train_files=str(path), val_files=str(path),
-                      query_column="question", response_column="solution", vocab_size=300)
+  data = small_config(
+    tmp_path,
+    source="json",
+    train_files=str(path),
+    val_files=str(path),
+    query_column="question",
+    response_column="solution",
+    vocab_size=300,
+  )
   first = build_datasets(data, workdir=None, seed=0)
   second = build_datasets(data, workdir=None, seed=0)
   assert not first.from_cache and second.from_cache
@@ -349,10 +439,12 @@ def test_synthetic_cache_and_workdir_default(tmp_path):
 
 # --- packing --------------------------------------------------------------------------------------
 
+
 def test_packing_segments_and_positions(tmp_path):
   length = 128
-  packed = build_datasets(small_config(tmp_path, packing=True, max_length=length), workdir=None,
-                          seed=0)
+  packed = build_datasets(
+    small_config(tmp_path, packing=True, max_length=length), workdir=None, seed=0
+  )
   split = packed.train
   assert split.num_rows < split.num_examples
   batch = split.batch(range(split.num_rows))
@@ -379,6 +471,7 @@ def test_packing_segments_and_positions(tmp_path):
 
 
 # --- iteration ------------------------------------------------------------------------------------
+
 
 def test_train_iterator_is_deterministic_and_resumes(synth):
   def take(iterator, n):
@@ -422,6 +515,7 @@ def test_val_batches_cover_every_example_once(synth):
 
 
 # --- vocabulary trimming --------------------------------------------------------------------------
+
 
 def _bpe_for_trimming() -> tuple[tokenizers.Tokenizer, list[str]]:
   texts = [format_example(e["query"], e["response"]) for e in synthetic.generate_examples(300, 0)]
@@ -467,8 +561,9 @@ def test_trim_vocabulary_rejects_non_bpe():
 
 
 def test_trim_vocab_config_builds_a_smaller_cached_tokenizer(tmp_path):
-  full = build_datasets(small_config(tmp_path, max_length=512), workdir=str(tmp_path / "full"),
-                        seed=0)  # long rows: nothing truncated, so the texts compare whole
+  full = build_datasets(
+    small_config(tmp_path, max_length=512), workdir=str(tmp_path / "full"), seed=0
+  )  # long rows: nothing truncated, so the texts compare whole
   data = small_config(tmp_path, max_length=512, trim_vocab=60)
   trimmed = build_datasets(data, workdir=str(tmp_path / "run"), seed=0)
   assert trimmed.vocab_size < full.vocab_size
@@ -477,20 +572,28 @@ def test_trim_vocab_config_builds_a_smaller_cached_tokenizer(tmp_path):
   assert texts_of(trimmed.val, trimmed.tokenizer) == texts_of(full.val, full.tokenizer)
   saved = tokenizers.Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json"))
   assert tokenizer_lib.tokenizer_fingerprint(saved) == tokenizer_lib.tokenizer_fingerprint(
-      trimmed.tokenizer)  # generation and evaluation decode with the run's own copy
+    trimmed.tokenizer
+  )  # generation and evaluation decode with the run's own copy
   again = build_datasets(data, workdir=str(tmp_path / "run2"), seed=0)
   assert again.from_cache and again.vocab_size == trimmed.vocab_size
 
 
 # --- validation -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(source="csv"),
-     r"data\.source: got 'csv'; allowed values: synthetic, json, parquet, hf, tfds"),
+
+@pytest.mark.parametrize(
+  "changes, field",
+  [
+    (
+      dict(source="csv"),
+      r"data\.source: got 'csv'; allowed values: synthetic, json, parquet, hf, tfds",
+    ),
     (dict(source="json"), r"data\.train_files"),
     (dict(source="json", train_files="/no/such/file.jsonl"), r"data\.train_files.*no/such"),
-    (dict(source="parquet", train_files=__file__, val_files=["/no/val*.parquet"]),
-     r"data\.val_files"),
+    (
+      dict(source="parquet", train_files=__file__, val_files=["/no/val*.parquet"]),
+      r"data\.val_files",
+    ),
     (dict(max_length=1), r"data\.max_length: got 1"),
     (dict(packing="yes"), r"data\.packing"),
     (dict(tokenizer="/no/such/tokenizer.json"), r"data\.tokenizer"),
@@ -501,7 +604,8 @@ def test_trim_vocab_config_builds_a_smaller_cached_tokenizer(tmp_path):
     (dict(source="tfds", tfds_data_dir="/no/such/dir"), r"data\.tfds_data_dir"),
     (dict(source="hf", hf_name=""), r"data\.hf_name"),
     (dict(synthetic_train_size=0), r"data\.synthetic_train_size"),
-])
+  ],
+)
 def test_config_errors_name_the_field(tmp_path, changes, field):
   data = small_config(tmp_path).to_dict()  # a plain dict, so wrongly typed values get through
   data.update(changes)
@@ -526,9 +630,11 @@ def test_unknown_field_and_defaults(tmp_path):
 
 # --- remote / optional sources --------------------------------------------------------------------
 
+
 def test_hf_source_offline_error(tmp_path, monkeypatch):
   import datasets
   import huggingface_hub.constants
+
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
@@ -542,8 +648,14 @@ def test_hf_source_offline_error(tmp_path, monkeypatch):
   assert "math_qa" in message
 
 
-TINY_QA = [("What is 1 + 1?", "2"), ("What is 2 * 3?", "6"), ("What is 9 - 4?", "5"),
-           ("What is 8 / 2?", "4"), ("What is 7 + 5?", "12"), ("What is 3 * 3?", "9")]
+TINY_QA = [
+  ("What is 1 + 1?", "2"),
+  ("What is 2 * 3?", "6"),
+  ("What is 9 - 4?", "5"),
+  ("What is 8 / 2?", "4"),
+  ("What is 7 + 5?", "12"),
+  ("What is 3 * 3?", "9"),
+]
 
 
 def _prepare_tiny_tfds(data_dir: Path) -> str:
@@ -556,14 +668,17 @@ def _prepare_tiny_tfds(data_dir: Path) -> str:
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      features = tfds.features.FeaturesDict({"question": tfds.features.Text(),
-                                             "answer": tfds.features.Text()})
+      features = tfds.features.FeaturesDict(
+        {"question": tfds.features.Text(), "answer": tfds.features.Text()}
+      )
       return tfds.core.DatasetInfo(builder=self, features=features)
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {"train": self._generate_examples(TINY_QA),
-              "test": self._generate_examples([("What is 4 + 4?", "8"), ("What is 6 - 1?", "5")])}
+      return {
+        "train": self._generate_examples(TINY_QA),
+        "test": self._generate_examples([("What is 4 + 4?", "8"), ("What is 6 - 1?", "5")]),
+      }
 
     def _generate_examples(self, pairs):
       for i, (question, answer) in enumerate(pairs):
@@ -576,13 +691,15 @@ def _prepare_tiny_tfds(data_dir: Path) -> str:
 
 def test_tfds_source_without_tensorflow(tmp_path):
   name = _prepare_tiny_tfds(tmp_path / "tfds")
-  data = small_config(tmp_path, source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path / "tfds"),
-                      vocab_size=300)
+  data = small_config(
+    tmp_path, source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path / "tfds"), vocab_size=300
+  )
   ds = build_datasets(data, workdir=None, seed=0)
   train = sorted(texts_of(ds.train, ds.tokenizer))
   assert train == sorted(format_example(q, a) for q, a in TINY_QA)
   assert sorted(texts_of(ds.val, ds.tokenizer)) == sorted(
-      [format_example("What is 4 + 4?", "8"), format_example("What is 6 - 1?", "5")])
+    [format_example("What is 4 + 4?", "8"), format_example("What is 6 - 1?", "5")]
+  )
   data.tfds_val_split, data.val_size = "", 2  # hold out from train instead
   held = build_datasets(data, workdir=None, seed=0)
   assert (held.train.num_examples, held.val.num_examples) == (4, 2)
@@ -593,9 +710,11 @@ def test_tfds_source_without_tensorflow(tmp_path):
 
 
 def test_tensorflow_datasets_is_imported_lazily(tmp_path):
-  code = ("import sys; from coe_jax.data import build_datasets, default_data_config; "
-          "import coe_jax.data.sources; "
-          "assert 'tensorflow_datasets' not in sys.modules and 'datasets' not in sys.modules")
+  code = (
+    "import sys; from coe_jax.data import build_datasets, default_data_config; "
+    "import coe_jax.data.sources; "
+    "assert 'tensorflow_datasets' not in sys.modules and 'datasets' not in sys.modules"
+  )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -609,9 +728,14 @@ def shared_math_qa_config(tmp_path: Path, **changes):
   tok_path = SHARED_DATA / "tokenizer" / "olmoe" / "tokenizer.json"
   if not (MATH_QA / "validation.jsonl").is_file() or not tok_path.is_file():
     pytest.skip(f"shared data not found at {SHARED_DATA}")
-  return small_config(tmp_path, source="json", train_files=str(MATH_QA / "train.jsonl"),
-                      val_files=[str(MATH_QA / "validation.jsonl")], tokenizer=str(tok_path),
-                      **changes)
+  return small_config(
+    tmp_path,
+    source="json",
+    train_files=str(MATH_QA / "train.jsonl"),
+    val_files=[str(MATH_QA / "validation.jsonl")],
+    tokenizer=str(tok_path),
+    **changes,
+  )
 
 
 @pytest.mark.shared_data
@@ -634,8 +758,9 @@ def test_shared_math_qa_with_olmoe_tokenizer(tmp_path):
 
 @pytest.mark.shared_data
 def test_shared_olmoe_tokenizer_trimmed(tmp_path):
-  data = shared_math_qa_config(tmp_path, max_length=2048, max_train_examples=400,
-                               max_val_examples=20, trim_vocab=1000)
+  data = shared_math_qa_config(
+    tmp_path, max_length=2048, max_train_examples=400, max_val_examples=20, trim_vocab=1000
+  )
   ds = build_datasets(data, workdir=None, seed=0)
   assert 1000 < ds.vocab_size < 3000  # + 256 bytes, 28 added tokens and merge halves
   assert ds.pad_id == ds.tokenizer.token_to_id("<|padding|>")

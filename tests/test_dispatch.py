@@ -7,13 +7,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from coe_jax.nn import blocked
 from coe_jax.nn.blocked import blocked_dispatch, blocked_layout, num_blocked_tiles
-from coe_jax.nn.dispatch import (assignment_slots, capacity_dispatch, dispatch_to_experts,
-                              expert_capacity)
+from coe_jax.nn.dispatch import (
+  assignment_slots,
+  capacity_dispatch,
+  dispatch_to_experts,
+  expert_capacity,
+)
 from coe_jax.nn.experts import SwiGLUWeights, swiglu
 from coe_jax.nn.model_config import ConfigError, ModelConfig
 
@@ -25,16 +29,25 @@ def _problem(seed=0):
   x = rng.normal(size=(T, D)).astype(np.float32)
   ids = np.stack([rng.permutation(N)[:K] for _ in range(T)]).astype(np.int32)
   cw = rng.uniform(0.1, 1.0, size=(T, K)).astype(np.float32)
-  weights = SwiGLUWeights(gate=(0.4 * rng.normal(size=(N, D, F))).astype(np.float32),
-                          up=(0.4 * rng.normal(size=(N, D, F))).astype(np.float32),
-                          down=(0.4 * rng.normal(size=(N, F, D))).astype(np.float32))
+  weights = SwiGLUWeights(
+    gate=(0.4 * rng.normal(size=(N, D, F))).astype(np.float32),
+    up=(0.4 * rng.normal(size=(N, D, F))).astype(np.float32),
+    down=(0.4 * rng.normal(size=(N, F, D))).astype(np.float32),
+  )
   probe = rng.normal(size=(T, D)).astype(np.float32)  # random cotangent for the gradients
   return x, ids, cw, weights, probe
 
 
 def _numpy_output(x, ids, cw, weights, kept=None):
-  return ref.routed_output(ref.f64(x), ids, ref.f64(cw), ref.f64(weights.gate),
-                           ref.f64(weights.up), ref.f64(weights.down), kept)
+  return ref.routed_output(
+    ref.f64(x),
+    ids,
+    ref.f64(cw),
+    ref.f64(weights.gate),
+    ref.f64(weights.up),
+    ref.f64(weights.down),
+    kept,
+  )
 
 
 @functools.partial(ref.fast_jit, static_argnames=("mode", "capacity", "impl"))
@@ -56,10 +69,10 @@ def test_capacity_and_dropless_agree_in_value_and_gradient():
   tight = int(_np_keep_loads(ids).max())  # the smallest capacity at which nothing drops
   assert tight < T
   runs = {
-      "capacity_tight": dict(mode="capacity", capacity=tight, impl="gather"),
-      "capacity_T": dict(mode="capacity", capacity=T, impl="gather"),
-      "dropless_gather": dict(mode="dropless", capacity=1, impl="gather"),
-      "dropless_ragged": dict(mode="dropless", capacity=1, impl="ragged_dot"),
+    "capacity_tight": dict(mode="capacity", capacity=tight, impl="gather"),
+    "capacity_T": dict(mode="capacity", capacity=T, impl="gather"),
+    "dropless_gather": dict(mode="dropless", capacity=1, impl="gather"),
+    "dropless_ragged": dict(mode="dropless", capacity=1, impl="ragged_dot"),
   }
   results = {name: _value_and_grads(x, ids, cw, weights, probe, **kw) for name, kw in runs.items()}
   want = _numpy_output(x, ids, cw, weights)
@@ -71,21 +84,22 @@ def test_capacity_and_dropless_agree_in_value_and_gradient():
   assert all(np.abs(np.asarray(g)).max() > 1e-3 for g in flat_base)  # every gradient is live
   for name, (_, grads) in results.items():
     for g, g0 in zip(jax.tree.leaves(grads), flat_base):
-      np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-5, atol=1e-5,
-                                 err_msg=name)
+      np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_combine_weight_gradient_matches_numpy():
   # d/d cw[t, k] of sum(out * probe) = <expert_ids[t,k](x_t), probe_t>.
   x, ids, cw, weights, probe = _problem(1)
-  _, (_, g_cw, _) = _value_and_grads(x, ids, cw, weights, probe, mode="capacity", capacity=T,
-                                     impl="gather")
+  _, (_, g_cw, _) = _value_and_grads(
+    x, ids, cw, weights, probe, mode="capacity", capacity=T, impl="gather"
+  )
   want = np.zeros((T, K))
   for t in range(T):
     for k in range(K):
       e = ids[t, k]
-      y = ref.swiglu(ref.f64(x[t]), ref.f64(weights.gate[e]), ref.f64(weights.up[e]),
-                     ref.f64(weights.down[e]))
+      y = ref.swiglu(
+        ref.f64(x[t]), ref.f64(weights.gate[e]), ref.f64(weights.up[e]), ref.f64(weights.down[e])
+      )
       want[t, k] = y @ ref.f64(probe[t])
   np.testing.assert_allclose(np.asarray(g_cw), want, rtol=1e-5, atol=1e-5)
 
@@ -112,7 +126,9 @@ def test_buffer_layout_and_zero_padding():
     seen["buffer"] = np.asarray(buffer)
     return buffer
 
-  out = capacity_dispatch(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), identity_expert, N, cap)
+  out = capacity_dispatch(
+    jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), identity_expert, N, cap
+  )
   kept = ref.keep_mask(ids, N, cap)
   buffer = seen["buffer"]
   assert buffer.shape == (N, cap, D)
@@ -125,44 +141,59 @@ def test_buffer_layout_and_zero_padding():
         want[e, fill[e]] = x[t]
         fill[e] += 1
   np.testing.assert_array_equal(buffer, want.astype(np.float32))  # empty rows are exact zeros
-  np.testing.assert_allclose(np.asarray(out.output),
-                             (ref.f64(cw) * kept).sum(-1, keepdims=True) * x, rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(out.output), (ref.f64(cw) * kept).sum(-1, keepdims=True) * x, rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("cap,seed", [(1, 3), (2, 4), (3, 5)])
 def test_small_capacity_drops_exactly_the_numpy_assignments(cap, seed):
   x, ids, cw, weights, probe = _problem(seed)
-  out, grads = _value_and_grads(x, ids, cw, weights, probe, mode="capacity", capacity=cap,
-                                impl="gather")
+  out, grads = _value_and_grads(
+    x, ids, cw, weights, probe, mode="capacity", capacity=cap, impl="gather"
+  )
   kept = ref.keep_mask(ids, N, cap)
   np.testing.assert_array_equal(np.asarray(out.kept), kept)
   dropped_fraction = 1.0 - kept.mean()
   assert dropped_fraction > 0
   np.testing.assert_allclose(float(1.0 - np.asarray(out.kept).mean()), dropped_fraction)
-  np.testing.assert_allclose(np.asarray(out.output), _numpy_output(x, ids, cw, weights, kept),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(out.output), _numpy_output(x, ids, cw, weights, kept), rtol=1e-5, atol=1e-5
+  )
   # Gradients equal those of the dropless computation with the dropped combine weights zeroed
   # (a dropped assignment contributes nothing, and receives zero gradient itself).
-  _, grads0 = _value_and_grads(x, ids, cw * kept, weights, probe, mode="dropless", capacity=1,
-                               impl="gather")
+  _, grads0 = _value_and_grads(
+    x, ids, cw * kept, weights, probe, mode="dropless", capacity=1, impl="gather"
+  )
   g_x, g_cw, g_w = grads
   g0_x, g0_cw, g0_w = grads0
   np.testing.assert_allclose(np.asarray(g_x), np.asarray(g0_x), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(g_cw) * kept, np.asarray(g0_cw) * kept, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(g_cw) * kept, np.asarray(g0_cw) * kept, rtol=1e-5, atol=1e-5
+  )
   assert np.all(np.asarray(g_cw)[~kept] == 0)
   for a, b in zip(jax.tree.leaves(g_w), jax.tree.leaves(g0_w)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,impl,cap", [("capacity", "gather", 2), ("dropless", "gather", 1),
-                                            ("dropless", "ragged_dot", 1)])
+@pytest.mark.parametrize(
+  "mode,impl,cap",
+  [("capacity", "gather", 2), ("dropless", "gather", 1), ("dropless", "ragged_dot", 1)],
+)
 def test_padding_tokens_take_no_capacity_and_get_no_output(mode, impl, cap):
   x, ids, cw, weights, _ = _problem(6)
   token_mask = np.ones(T, bool)
   token_mask[[0, 1, 5, 11]] = False  # early padding would otherwise win capacity
-  out = dispatch_to_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, mode=mode,
-                            capacity=cap, dropless_impl=impl, token_mask=jnp.asarray(token_mask))
+  out = dispatch_to_experts(
+    jnp.asarray(x),
+    jnp.asarray(ids),
+    jnp.asarray(cw),
+    weights,
+    mode=mode,
+    capacity=cap,
+    dropless_impl=impl,
+    token_mask=jnp.asarray(token_mask),
+  )
   kept = ref.keep_mask(ids, N, cap if mode == "capacity" else T, token_mask)
   np.testing.assert_array_equal(np.asarray(out.kept), kept)
   assert not kept[~token_mask].any()
@@ -188,13 +219,15 @@ def test_expert_capacity_formula():
 def test_unknown_mode_is_an_error():
   x, ids, cw, weights, _ = _problem()
   with pytest.raises(ValueError, match="allowed values"):
-    dispatch_to_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, mode="dense",
-                        capacity=4)
+    dispatch_to_experts(
+      jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, mode="dense", capacity=4
+    )
 
 
 # ----------------------------------------------------------------------------
 # dropless_impl='blocked': expert-sorted rows padded to whole tiles.
 # ----------------------------------------------------------------------------
+
 
 def _random_problem(seed, num_tokens, num_experts, k, ids=None, hidden=D, inter=F):
   rng = np.random.default_rng(seed)
@@ -202,9 +235,16 @@ def _random_problem(seed, num_tokens, num_experts, k, ids=None, hidden=D, inter=
   if ids is None:
     ids = np.stack([rng.permutation(num_experts)[:k] for _ in range(num_tokens)])
   cw = rng.uniform(0.1, 1.0, size=(num_tokens, k)).astype(np.float32)
-  weights = SwiGLUWeights(*((0.4 * rng.normal(size=shape)).astype(np.float32) for shape in
-                            [(num_experts, hidden, inter), (num_experts, hidden, inter),
-                             (num_experts, inter, hidden)]))
+  weights = SwiGLUWeights(
+    *(
+      (0.4 * rng.normal(size=shape)).astype(np.float32)
+      for shape in [
+        (num_experts, hidden, inter),
+        (num_experts, hidden, inter),
+        (num_experts, inter, hidden),
+      ]
+    )
+  )
   probe = rng.normal(size=(num_tokens, hidden)).astype(np.float32)
   return x, np.asarray(ids, np.int32), cw, weights, probe
 
@@ -221,46 +261,70 @@ def _loop_reference(x, ids, cw, weights, token_mask=None):
 
 
 @functools.partial(ref.fast_jit, static_argnames=("impl", "tile", "tiles_per_step"))
-def _dropless_value_and_grads(x, ids, cw, weights, probe, token_mask, *, impl, tile=0,
-                              tiles_per_step=1):
+def _dropless_value_and_grads(
+  x, ids, cw, weights, probe, token_mask, *, impl, tile=0, tiles_per_step=1
+):
   def loss(x_, cw_, w_):
     if impl == "loop":
       return jnp.sum(_loop_reference(x_, ids, cw_, w_, token_mask) * probe), None
     if impl == "blocked_direct":  # the GPU form: several tiles (gathered weights) per step
       out = blocked_dispatch(x_, ids, cw_, w_, tile, tiles_per_step, token_mask)
     else:
-      out = dispatch_to_experts(x_, ids, cw_, w_, mode="dropless", capacity=1, dropless_impl=impl,
-                                dropless_tile=tile, token_mask=token_mask)
+      out = dispatch_to_experts(
+        x_,
+        ids,
+        cw_,
+        w_,
+        mode="dropless",
+        capacity=1,
+        dropless_impl=impl,
+        dropless_tile=tile,
+        token_mask=token_mask,
+      )
     return jnp.sum(out.output * probe), out
 
   (value, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, cw, weights)
   return value, out, grads
 
 
-def _assert_dropless_agree(x, ids, cw, weights, probe, token_mask=None, tiles=(1, 3, 8, 64),
-                           tiles_per_step=(2, 5)):
+def _assert_dropless_agree(
+  x, ids, cw, weights, probe, token_mask=None, tiles=(1, 3, 8, 64), tiles_per_step=(2, 5)
+):
   """blocked (every tile size, 1 and several tiles per step) == gather path == per-expert loop."""
-  args = (jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw),
-          jax.tree.map(jnp.asarray, weights), jnp.asarray(probe),
-          None if token_mask is None else jnp.asarray(token_mask))
+  args = (
+    jnp.asarray(x),
+    jnp.asarray(ids),
+    jnp.asarray(cw),
+    jax.tree.map(jnp.asarray, weights),
+    jnp.asarray(probe),
+    None if token_mask is None else jnp.asarray(token_mask),
+  )
   want_value, _, want_grads = _dropless_value_and_grads(*args, impl="loop")
   runs = {"gather": dict(impl="gather")}
   runs.update({f"blocked tile={t}": dict(impl="blocked", tile=t) for t in tiles})
-  runs.update({f"blocked tile=4 x{g}": dict(impl="blocked_direct", tile=4, tiles_per_step=g)
-               for g in tiles_per_step})
+  runs.update(
+    {
+      f"blocked tile=4 x{g}": dict(impl="blocked_direct", tile=4, tiles_per_step=g)
+      for g in tiles_per_step
+    }
+  )
   flat_want = jax.tree.leaves(want_grads)
   assert len(flat_want) == 5  # x, combine weights, gate, up, down
   for name, kwargs in runs.items():
     value, out, grads = _dropless_value_and_grads(*args, **kwargs)
     np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5, err_msg=name)
-    want_kept = np.ones(ids.shape, bool) if token_mask is None else np.broadcast_to(
-        np.asarray(token_mask)[:, None], ids.shape)
+    want_kept = (
+      np.ones(ids.shape, bool)
+      if token_mask is None
+      else np.broadcast_to(np.asarray(token_mask)[:, None], ids.shape)
+    )
     np.testing.assert_array_equal(np.asarray(out.kept), want_kept, err_msg=name)
     want_out = np.asarray(_loop_reference(*args[:4], args[5]))
     np.testing.assert_allclose(np.asarray(out.output), want_out, rtol=1e-5, atol=1e-5, err_msg=name)
     for label, g, g0 in zip(("x", "cw", "gate", "up", "down"), jax.tree.leaves(grads), flat_want):
-      np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-5, atol=1e-5,
-                                 err_msg=f"{name}: d/d{label}")
+      np.testing.assert_allclose(
+        np.asarray(g), np.asarray(g0), rtol=1e-5, atol=1e-5, err_msg=f"{name}: d/d{label}"
+      )
 
 
 def test_blocked_matches_gather_and_a_per_expert_loop_in_value_and_gradient():
@@ -274,9 +338,17 @@ def test_blocked_with_padding_tokens():
   token_mask = np.ones(12, bool)
   token_mask[[0, 1, 5, 11]] = False
   _assert_dropless_agree(x, ids, cw, weights, probe, token_mask)
-  out = dispatch_to_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights,
-                            mode="dropless", capacity=1, dropless_impl="blocked", dropless_tile=4,
-                            token_mask=jnp.asarray(token_mask))
+  out = dispatch_to_experts(
+    jnp.asarray(x),
+    jnp.asarray(ids),
+    jnp.asarray(cw),
+    weights,
+    mode="dropless",
+    capacity=1,
+    dropless_impl="blocked",
+    dropless_tile=4,
+    token_mask=jnp.asarray(token_mask),
+  )
   np.testing.assert_array_equal(np.asarray(out.output)[~token_mask], 0.0)
 
 
@@ -290,8 +362,9 @@ def test_blocked_with_empty_experts_and_one_expert_taking_every_token():
   assert loads[1] == loads[4] == 0 and loads[2] == num_tokens
   _assert_dropless_agree(x, ids, cw, weights, probe)
   # K = 1 and every token on one expert: all rows in one expert's tiles.
-  x, ids, cw, weights, probe = _random_problem(13, num_tokens, num_experts=4, k=1,
-                                               ids=np.full((num_tokens, 1), 3))
+  x, ids, cw, weights, probe = _random_problem(
+    13, num_tokens, num_experts=4, k=1, ids=np.full((num_tokens, 1), 3)
+  )
   _assert_dropless_agree(x, ids, cw, weights, probe)
 
 
@@ -305,16 +378,18 @@ def test_blocked_layout_pads_each_expert_to_whole_tiles():
   tile, num_experts = 2, 4
   num_tiles = num_blocked_tiles(ids.size, num_experts, tile)
   assert num_tiles == (10 + 4 * 1) // 2  # tokens*K + N*(tile-1) rows, in tiles
-  layout = jax.jit(blocked_layout, static_argnums=(1, 2, 3))(jnp.asarray(ids), num_experts, tile,
-                                                              num_tiles)
+  layout = jax.jit(blocked_layout, static_argnums=(1, 2, 3))(
+    jnp.asarray(ids), num_experts, tile, num_tiles
+  )
   assert int(layout.used_tiles) == 2 + 0 + 3 + 1  # ceil(load / tile) per expert
   np.testing.assert_array_equal(np.asarray(layout.tile_expert)[:6], [0, 0, 2, 2, 2, 3])
   rows = np.asarray(layout.row_of_assignment)
   # Expert 0 owns rows 0-3 (3 used), expert 2 rows 4-9 (5 used), expert 3 rows 10-11; token order.
   flat = ids.reshape(-1)
   for e, first in [(0, 0), (2, 4), (3, 10)]:
-    np.testing.assert_array_equal(np.sort(rows.reshape(-1)[flat == e]),
-                                  first + np.arange((flat == e).sum()))
+    np.testing.assert_array_equal(
+      np.sort(rows.reshape(-1)[flat == e]), first + np.arange((flat == e).sum())
+    )
     assert (np.diff(rows.reshape(-1)[flat == e]) > 0).all()  # stable: token order
   of_row = np.asarray(layout.assignment_of_row)
   assert of_row.shape == (num_tiles * tile,)
@@ -327,8 +402,11 @@ def test_blocked_swiglu_runs_only_the_used_tiles():
   tiles = jnp.asarray(x).reshape(4, 3, D)  # every row non-zero
   tile_expert = jnp.asarray([0, 1, 1, 2], jnp.int32)
   for per_step in (1, 2):
-    out = np.asarray(blocked.blocked_swiglu(tiles, tile_expert, jnp.int32(3), weights.gate,
-                                                 weights.up, weights.down, per_step))
+    out = np.asarray(
+      blocked.blocked_swiglu(
+        tiles, tile_expert, jnp.int32(3), weights.gate, weights.up, weights.down, per_step
+      )
+    )
     for i, e in enumerate([0, 1, 1]):
       expert = SwiGLUWeights(weights.gate[e], weights.up[e], weights.down[e])
       np.testing.assert_allclose(out[i], np.asarray(swiglu(expert, tiles[i])), rtol=1e-5, atol=1e-5)
@@ -368,6 +446,7 @@ def test_dropless_tile_is_validated():
 
 def test_default_dropless_tile_follows_the_mean_load():
   from coe_jax.nn.blocked import default_dropless_tile
+
   assert default_dropless_tile(512 * 8, 63) == 64  # mean load 65 (the paper-width CPU bench)
   assert default_dropless_tile(512 * 4, 63) == 32  # mean load 32.5 (CoE(C=2,K=4) there)
   assert default_dropless_tile(64 * 4, 31) == 8  # mean load 8.3

@@ -22,12 +22,12 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from coe_jax import config_lib, evaluation
-from coe_jax.training import train_step
-from coe_jax.training.checkpoint import Checkpointer, save_run_config
 from coe_jax.data import synthetic
 from coe_jax.data.tokenized import build_split, format_example
 from coe_jax.data.tokenizer import EOS_TOKEN, PAD_TOKEN, pad_id
 from coe_jax.nn.model import CoECausalLM
+from coe_jax.training import train_step
+from coe_jax.training.checkpoint import Checkpointer, save_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -38,14 +38,18 @@ needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs .
 # Answers and prompts.
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,expected", [
+
+@pytest.mark.parametrize(
+  "text,expected",
+  [
     ("5 + 7 = 12\nThe answer is: 1,234.\nquery : more 99", "1234"),
     ("The answer is: $18.50 per day", "18.5"),
     ("The answer is: -3", "-3"),
     ("so 4 * 2 = 8\n#### 8\nThen 17 more", "8"),
     ("first 3 then 4 and finally 5.0", "5"),
     ("no digits at all", None),
-])
+  ],
+)
 def test_extract_gsm8k_answer(text, expected):
   assert evaluation.extract_gsm8k_answer(text) == expected
 
@@ -59,16 +63,21 @@ def test_gsm8k_target_and_numeric_match():
 def test_gsm8k_rows_become_training_style_responses():
   row = {"question": "Q?", "answer": "2*3=<<2*3=6>>6 apples.\n#### 1,006"}
   problem = evaluation.to_problem(row, "gsm8k")
-  assert problem == evaluation.Problem("Q?", "2*3=6 apples.\n#### 1,006\nThe answer is: 1006", "1006")
+  assert problem == evaluation.Problem(
+    "Q?", "2*3=6 apples.\n#### 1,006\nThe answer is: 1006", "1006"
+  )
 
 
-@pytest.mark.parametrize("text,expected", [
+@pytest.mark.parametrize(
+  "text,expected",
+  [
     ("so \\boxed{\\frac{1}{2}} and then \\boxed{x^{2}+1}.", "x^{2}+1"),
     ("$\\boxed 5$", "5"),
     ("\\fbox{7}", "7"),
     ("\\boxed{unbalanced", None),
     ("nothing", None),
-])
+  ],
+)
 def test_last_boxed(text, expected):
   assert evaluation.last_boxed(text) == expected
 
@@ -82,18 +91,32 @@ def test_math_rows_and_extraction():
   assert evaluation.extract_math_answer("we get $\\boxed{(1,2)}$ done") == "(1,2)"
 
 
-@pytest.mark.parametrize("a,b", [
-    ("\\dfrac{1}{2}", "\\frac12"), ("1/2", "\\frac{1}{2}"), ("x = 5", "5"), ("10\\%", "10"),
-    ("5 \\text{ cm}", "5"), ("\\$1,000", "1000"), (".5", "0.5"), ("90^\\circ", "90"),
-    ("\\left( 1, 2 \\right)", "(1,2)"), ("\\boxed{7}", "7"), ("\\sqrt2", "\\sqrt{2}"),
-    ("\\text{(A)}", "(A)"), ("2.50", "2.5"),
-])
+@pytest.mark.parametrize(
+  "a,b",
+  [
+    ("\\dfrac{1}{2}", "\\frac12"),
+    ("1/2", "\\frac{1}{2}"),
+    ("x = 5", "5"),
+    ("10\\%", "10"),
+    ("5 \\text{ cm}", "5"),
+    ("\\$1,000", "1000"),
+    (".5", "0.5"),
+    ("90^\\circ", "90"),
+    ("\\left( 1, 2 \\right)", "(1,2)"),
+    ("\\boxed{7}", "7"),
+    ("\\sqrt2", "\\sqrt{2}"),
+    ("\\text{(A)}", "(A)"),
+    ("2.50", "2.5"),
+  ],
+)
 def test_math_answers_that_are_equal(a, b):
   assert evaluation.math_equal(a, b)
 
 
-@pytest.mark.parametrize("a,b", [("\\frac{1}{3}", "\\frac{1}{2}"), ("(1,2)", "(2,1)"),
-                                 ("", "0"), (None, "1"), ("12", "1,2")])
+@pytest.mark.parametrize(
+  "a,b",
+  [("\\frac{1}{3}", "\\frac{1}{2}"), ("(1,2)", "(2,1)"), ("", "0"), (None, "1"), ("12", "1,2")],
+)
 def test_math_answers_that_differ(a, b):
   assert not evaluation.math_equal(a, b)
 
@@ -114,16 +137,22 @@ def test_prompts_and_shots():
 @needs_shared_data
 def test_shared_gsm8k_and_math_files_parse():
   gsm8k = evaluation.load_problems("gsm8k", str(SHARED_DATA / "gsm8k" / "test.jsonl"))
-  assert len(gsm8k) == 1319 and all(evaluation.normalize_number(p.answer) == p.answer for p in gsm8k)
+  assert len(gsm8k) == 1319 and all(
+    evaluation.normalize_number(p.answer) == p.answer for p in gsm8k
+  )
   math_problems = evaluation.load_problems("math", str(SHARED_DATA / "math" / "test.jsonl"))
   assert len(math_problems) == 5000
   assert sum(bool(p.answer) for p in math_problems) >= 4990
   # Extracting from the training-style response gives back the reference answer (one MATH
   # answer, "90\\text{ square\\nunits}", spans two lines).
-  assert all(evaluation.numbers_equal(evaluation.extract_gsm8k_answer(p.response), p.answer)
-             for p in gsm8k)
-  misses = [p.answer for p in math_problems
-            if p.answer and not evaluation.math_equal(evaluation.extract_math_answer(p.response), p.answer)]
+  assert all(
+    evaluation.numbers_equal(evaluation.extract_gsm8k_answer(p.response), p.answer) for p in gsm8k
+  )
+  misses = [
+    p.answer
+    for p in math_problems
+    if p.answer and not evaluation.math_equal(evaluation.extract_math_answer(p.response), p.answer)
+  ]
   assert len(misses) <= 1, misses[:5]
 
 
@@ -140,11 +169,22 @@ def test_shared_gsm8k_and_math_files_parse():
 # ARITH_MEMORISED additions, whose margin was measured over seeds and learning rates (below).
 
 # CoE(C=2, K=2, N=8) with 2 layers, textbook residual (out = h + sum_t m_t).
-ARITH_MODEL = dict(hidden_size=64, num_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
-                   qk_rope_head_dim=16, rope_scaling="none", v_head_dim=16,
-                   moe_intermediate_size=64, n_routed_experts=7, n_shared_experts=1,
-                   num_experts_per_tok=2, num_iterations=2, num_layers=2,
-                   residual_style="textbook")
+ARITH_MODEL = dict(
+  hidden_size=64,
+  num_heads=4,
+  kv_lora_rank=32,
+  qk_nope_head_dim=16,
+  qk_rope_head_dim=16,
+  rope_scaling="none",
+  v_head_dim=16,
+  moe_intermediate_size=64,
+  n_routed_experts=7,
+  n_shared_experts=1,
+  num_experts_per_tok=2,
+  num_iterations=2,
+  num_layers=2,
+  residual_style="textbook",
+)
 ARITH_STEPS, ARITH_BATCH, ARITH_LEN, ARITH_LR = 600, 32, 20, 3e-3
 ARITH_MEMORISED, ARITH_HELD_OUT, ARITH_NEW_TOKENS = 64, 32, 12
 # Measured margins of the memorisation task (600 steps; seeds 0, 1, 2 at lr 3e-3, seed 3 at
@@ -179,30 +219,44 @@ def addition_corpus() -> list[dict]:
 def digit_tokenizer(texts: list[str]) -> tokenizers.Tokenizer:
   """A byte-level BPE (vocabulary 300) that keeps every digit a token of its own."""
   tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+    [
       pre_tokenizers.Digits(individual_digits=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+      pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ]
+  )
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-      vocab_size=300, min_frequency=2, show_progress=False, special_tokens=[PAD_TOKEN, EOS_TOKEN],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+    texts,
+    trainer=trainers.BpeTrainer(
+      vocab_size=300,
+      min_frequency=2,
+      show_progress=False,
+      special_tokens=[PAD_TOKEN, EOS_TOKEN],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ),
+  )
   return tok
 
 
 def _train(config, split, seed: int) -> tuple[train_step.TrainState, float]:
   """config.train.steps steps of the library's train step on random batches of `split`."""
   model = CoECausalLM(config_lib.model_config_from(config))
-  state = jax.jit(lambda: train_step.init_train_state(model, config.train, config.seed, ARITH_LEN))()
+  state = jax.jit(
+    lambda: train_step.init_train_state(model, config.train, config.seed, ARITH_LEN)
+  )()
   step = jax.jit(train_step.make_train_step(model, log_routing_stats=False), donate_argnums=0)
   order = np.random.default_rng(seed)
   for _ in range(config.train.steps):
-    state, metrics = step(state, split.batch(order.integers(0, split.num_rows, ARITH_BATCH)),
-                          jax.random.key(seed))
+    state, metrics = step(
+      state, split.batch(order.integers(0, split.num_rows, ARITH_BATCH)), jax.random.key(seed)
+    )
   return state, float(metrics["loss"])
 
 
-def build_arithmetic_run(root: Path, seed: int = 0, lr: float = ARITH_LR,
-                         steps: int = ARITH_STEPS) -> dict:
+def build_arithmetic_run(
+  root: Path, seed: int = 0, lr: float = ARITH_LR, steps: int = ARITH_STEPS
+) -> dict:
   """A run directory (config.json, tokenizer.json, checkpoint) of a model that memorised
   ARITH_MEMORISED additions; `seed` sets the init, the batch order and the step rng.
 
@@ -221,19 +275,34 @@ def build_arithmetic_run(root: Path, seed: int = 0, lr: float = ARITH_LR,
   texts = [format_example(r["query"], r["response"]) + EOS_TOKEN for r in memorised]
   config = config_lib.build("tiny", vocab_size=tok.get_vocab_size(), **ARITH_MODEL)
   config.seed = seed
-  config.train.update(steps=steps, batch_size=ARITH_BATCH, lr=lr, warmup_fraction=0.05,
-                      schedule="cosine", eval_batch_size=ARITH_MEMORISED)
+  config.train.update(
+    steps=steps,
+    batch_size=ARITH_BATCH,
+    lr=lr,
+    warmup_fraction=0.05,
+    schedule="cosine",
+    eval_batch_size=ARITH_MEMORISED,
+  )
   memorised_path = _write_jsonl(root / "memorised.jsonl", memorised)
-  config.data.update(source="json", max_length=ARITH_LEN, tokenizer=str(workdir / "tokenizer.json"),
-                     train_files=memorised_path, val_files=memorised_path)
+  config.data.update(
+    source="json",
+    max_length=ARITH_LEN,
+    tokenizer=str(workdir / "tokenizer.json"),
+    train_files=memorised_path,
+    val_files=memorised_path,
+  )
   state, last_loss = _train(config, build_split(tok, texts, ARITH_LEN, pad_id(tok), False), seed)
   save_run_config(str(workdir), json.loads(config.to_json_best_effort()))
   checkpointer = Checkpointer(str(workdir), async_save=False)
   checkpointer.save(steps, state, {"epoch": 0, "index": 0})
   checkpointer.close()
-  return dict(workdir=workdir, memorised=memorised_path,
-              held_out=_write_jsonl(root / "held_out.jsonl", held_out),
-              seconds=time.perf_counter() - start, last_loss=last_loss)
+  return dict(
+    workdir=workdir,
+    memorised=memorised_path,
+    held_out=_write_jsonl(root / "held_out.jsonl", held_out),
+    seconds=time.perf_counter() - start,
+    last_loss=last_loss,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -245,15 +314,17 @@ def teacher_forced_shortfall(run, prompts: list[str], completions) -> float:
   """Largest (max logit - logit of the generated token) of the uncached model's full forward
   pass over prompt + generation, at every generated position (0 when greedy decoding agrees)."""
   from coe_jax.inference.decoding import decode_config
+
   rows = [run.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
   full = [r + c.token_ids for r, c in zip(rows, completions)]
   width = max(len(r) for r in full)
   ids, mask = np.zeros((len(full), width), np.int32), np.zeros((len(full), width), np.int32)
   for b, row in enumerate(full):
-    ids[b, :len(row)], mask[b, :len(row)] = row, 1  # right-padded: causal, pads after
+    ids[b, : len(row)], mask[b, : len(row)] = row, 1  # right-padded: causal, pads after
   model = CoECausalLM(decode_config(run.model_config))
-  logits = np.asarray(jax.jit(lambda p, i, m: model.apply({"params": p}, i, m)[0])(
-      run.params, ids, mask))
+  logits = np.asarray(
+    jax.jit(lambda p, i, m: model.apply({"params": p}, i, m)[0])(run.params, ids, mask)
+  )
   shortfall = 0.0
   for b, (prompt, completion) in enumerate(zip(rows, completions)):
     for t, token in enumerate(completion.token_ids):
@@ -267,29 +338,41 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward_pass(arithmetic_run
   """evaluate_run's greedy answers are, token by token, the uncached model's argmax."""
   from coe_jax.inference.decoding import complete
   from coe_jax.inference.run_dir import load_run
+
   workdir = arithmetic_run["workdir"]
   # Unseen additions (uncertain answers) and memorised ones (confident, stop at end-of-text).
-  problems = (evaluation.load_problems("gsm8k", arithmetic_run["held_out"])
-              + evaluation.load_problems("gsm8k", arithmetic_run["memorised"])[:16])
-  data = _write_jsonl(tmp_path / "mixed.jsonl",
-                      [{"query": p.query, "response": p.response} for p in problems])
+  problems = (
+    evaluation.load_problems("gsm8k", arithmetic_run["held_out"])
+    + evaluation.load_problems("gsm8k", arithmetic_run["memorised"])[:16]
+  )
+  data = _write_jsonl(
+    tmp_path / "mixed.jsonl", [{"query": p.query, "response": p.response} for p in problems]
+  )
   settings = evaluation.GenerationSettings(max_new_tokens=ARITH_NEW_TOKENS, batch_size=16)
-  result = evaluation.evaluate_run(str(workdir), "gsm8k", data=data, settings=settings,
-                                 num_samples=len(problems))
+  result = evaluation.evaluate_run(
+    str(workdir), "gsm8k", data=data, settings=settings, num_samples=len(problems)
+  )
   samples = [json.loads(line) for line in (workdir / "eval_gsm8k_samples.jsonl").open()]
   assert result["count"] == len(samples) == len(problems)
 
   run = load_run(str(workdir))
   prompts = [evaluation.build_prompt(p.query) for p in problems]
-  completions = complete(run.params, run.model_config, run.tokenizer, prompts,
-                         max_new_tokens=ARITH_NEW_TOKENS, batch_size=settings.batch_size,
-                         stop_strings=settings.stop_strings)
+  completions = complete(
+    run.params,
+    run.model_config,
+    run.tokenizer,
+    prompts,
+    max_new_tokens=ARITH_NEW_TOKENS,
+    batch_size=settings.batch_size,
+    stop_strings=settings.stop_strings,
+  )
   assert [s["generation"] for s in samples] == [c.text for c in completions]
   assert [s["generated_tokens"] for s in samples] == [len(c.token_ids) for c in completions]
   shortfall = teacher_forced_shortfall(run, prompts, completions)
   print(f"\nteacher-forced shortfall of the greedy tokens: {shortfall:.2e}")
   assert shortfall <= LOGIT_TOLERANCE
   from coe_jax.data.tokenizer import eos_id
+
   for c in completions:
     assert c.token_ids and len(c.token_ids) <= ARITH_NEW_TOKENS
     if not c.finished:
@@ -301,11 +384,14 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward_pass(arithmetic_run
 def test_greedy_generation_answers_memorised_additions(arithmetic_run):
   workdir = arithmetic_run["workdir"]
   settings = evaluation.GenerationSettings(max_new_tokens=ARITH_NEW_TOKENS, batch_size=32)
-  result = evaluation.evaluate_run(str(workdir), "gsm8k", data=arithmetic_run["memorised"],
-                                 settings=settings)
-  print(f"\narithmetic: accuracy {result['accuracy']:.2f} on {result['count']} memorised "
-        f"additions (chance ~0.01); last train loss {arithmetic_run['last_loss']:.3f}; built in "
-        f"{arithmetic_run['seconds']:.0f} s, evaluated in {result['seconds']:.0f} s")
+  result = evaluation.evaluate_run(
+    str(workdir), "gsm8k", data=arithmetic_run["memorised"], settings=settings
+  )
+  print(
+    f"\narithmetic: accuracy {result['accuracy']:.2f} on {result['count']} memorised "
+    f"additions (chance ~0.01); last train loss {arithmetic_run['last_loss']:.3f}; built in "
+    f"{arithmetic_run['seconds']:.0f} s, evaluated in {result['seconds']:.0f} s"
+  )
   assert result["count"] == ARITH_MEMORISED and result["checkpoint_step"] == ARITH_STEPS
   assert result["accuracy"] >= ARITH_MIN_ACCURACY  # every run measured 1.000 (see above)
   saved = json.loads((workdir / "eval_gsm8k.json").read_text())
@@ -319,8 +405,9 @@ def test_greedy_generation_answers_memorised_additions(arithmetic_run):
 def test_val_loss_on_a_file_equals_the_runs_validation_split(arithmetic_run):
   workdir = arithmetic_run["workdir"]
   own = evaluation.evaluate_run(str(workdir), "val_loss")
-  from_file = evaluation.evaluate_run(str(workdir), "val_loss", data=arithmetic_run["memorised"],
-                                    batch_size=50)
+  from_file = evaluation.evaluate_run(
+    str(workdir), "val_loss", data=arithmetic_run["memorised"], batch_size=50
+  )
   assert own["count"] == from_file["count"] == ARITH_MEMORISED
   np.testing.assert_allclose(own["loss"], from_file["loss"], rtol=1e-6)
   # The trained checkpoint, not the init (log 300 = 5.7): every run measured <= 0.2265.
@@ -332,9 +419,21 @@ def test_val_loss_on_a_file_equals_the_runs_validation_split(arithmetic_run):
 @pytest.mark.slow
 def test_command_line_val_loss(arithmetic_run):
   workdir = arithmetic_run["workdir"]
-  done = subprocess.run([sys.executable, "-m", "coe_jax.evaluate", f"--workdir={workdir}",
-                         "--task=val_loss", f"--data={arithmetic_run['memorised']}", "--limit=20"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "coe_jax.evaluate",
+      f"--workdir={workdir}",
+      "--task=val_loss",
+      f"--data={arithmetic_run['memorised']}",
+      "--limit=20",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   result = json.loads((workdir / "eval_val_loss.json").read_text())
   assert result["count"] == 20 and result["limit"] == 20 and np.isfinite(result["loss"])
@@ -345,8 +444,9 @@ def test_command_line_val_loss(arithmetic_run):
 def test_math_task_runs_on_the_shared_test_file(arithmetic_run):
   workdir = arithmetic_run["workdir"]
   settings = evaluation.GenerationSettings(max_new_tokens=8, batch_size=2, max_prompt_length=48)
-  result = evaluation.evaluate_run(str(workdir), "math", limit=2, settings=settings,
-                                   data=str(SHARED_DATA / "math" / "test.jsonl"))
+  result = evaluation.evaluate_run(
+    str(workdir), "math", limit=2, settings=settings, data=str(SHARED_DATA / "math" / "test.jsonl")
+  )
   assert result["count"] == 2 and result["data"].endswith("math/test.jsonl")
   assert 0.0 <= result["accuracy"] <= 1.0
 

@@ -11,17 +11,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from coe_jax import config_lib
-from coe_jax.inference import hf_files
-from coe_jax.training import optimizer, train_step
-from coe_jax.training.checkpoint import Checkpointer, save_run_config
 from coe_jax.data.tokenizer import train_bpe
+from coe_jax.inference import hf_files
 from coe_jax.inference.run_dir import load_run
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ConfigError
+from coe_jax.training import optimizer, train_step
+from coe_jax.training.checkpoint import Checkpointer, save_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP = 7
@@ -29,10 +29,22 @@ STEP = 7
 
 def _tiny_config(vocab_size: int):
   """A tiny CoE(C=2) run config with an explicit vocabulary."""
-  config = config_lib.build("tiny", vocab_size=vocab_size, hidden_size=16, num_heads=2,
-                            kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4,
-                            moe_intermediate_size=8, n_routed_experts=5, n_shared_experts=1,
-                            num_experts_per_tok=2, num_iterations=2, num_layers=2)
+  config = config_lib.build(
+    "tiny",
+    vocab_size=vocab_size,
+    hidden_size=16,
+    num_heads=2,
+    kv_lora_rank=8,
+    qk_nope_head_dim=4,
+    qk_rope_head_dim=4,
+    v_head_dim=4,
+    moe_intermediate_size=8,
+    n_routed_experts=5,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    num_iterations=2,
+    num_layers=2,
+  )
   config.data.max_length = 16
   return config
 
@@ -41,12 +53,16 @@ def _tiny_config(vocab_size: int):
 def run_dir(tmp_path_factory):
   """A run directory as training leaves it: config.json, tokenizer.json, a checkpoint at STEP."""
   workdir = tmp_path_factory.mktemp("run")
-  tok = train_bpe([f"query : What is {a} + {a + 3}? response : {2 * a + 3}" for a in range(60)], 262)
+  tok = train_bpe(
+    [f"query : What is {a} + {a + 3}? response : {2 * a + 3}" for a in range(60)], 262
+  )
   tok.save(str(workdir / "tokenizer.json"))
   config = _tiny_config(tok.get_vocab_size())
   model_config = config_lib.model_config_from(config)
   params = ref.random_params(CoECausalLM(model_config).init, jnp.zeros((1, 8), jnp.int32), seed=1)
-  state = train_step.TrainState.create(jax.tree.map(jnp.asarray, params), optimizer.make_optimizer(config.train))
+  state = train_step.TrainState.create(
+    jax.tree.map(jnp.asarray, params), optimizer.make_optimizer(config.train)
+  )
   state = state.replace(step=jnp.asarray(STEP, jnp.int32))
   save_run_config(str(workdir), json.loads(config.to_json_best_effort()))
   checkpointer = Checkpointer(str(workdir), async_save=False)
@@ -71,13 +87,16 @@ def test_export_writes_the_authors_names_and_layouts(run_dir, tmp_path):
   assert hf["architectures"] == ["CoeForCausalLM"]
   # The authors' architecture, as their config.json names it.
   assert hf["model_type"] == "coe_deepseekv2"
-  assert hf["auto_map"] == {"AutoConfig": "configuration_coe.CoeConfig",
-                            "AutoModel": "modeling_coe.CoeModel",
-                            "AutoModelForCausalLM": "modeling_coe.CoeForCausalLM"}
+  assert hf["auto_map"] == {
+    "AutoConfig": "configuration_coe.CoeConfig",
+    "AutoModel": "modeling_coe.CoeModel",
+    "AutoModelForCausalLM": "modeling_coe.CoeForCausalLM",
+  }
   assert (hf["inner_iter"], hf["use_igate"], hf["num_hidden_layers"]) == (2, True, 2)
   assert hf["vocab_size"] == model_config.vocab_size and "eos_token_id" in hf
   assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
   from safetensors import safe_open
+
   with safe_open(paths["weights"], "np") as f:
     assert f.metadata() == {"format": "pt"}
     names = set(f.keys())
@@ -85,7 +104,9 @@ def test_export_writes_the_authors_names_and_layouts(run_dir, tmp_path):
     router = f.get_tensor("model.layers.0.mlp.gate.1.weight")
   assert "model.layers.0.self_attn.kv_b_proj.weight" in names and "lm_head.weight" in names
   # torch Linear layout [out, in]; our stacked kernels are [layers, experts, in, out].
-  np.testing.assert_array_equal(gate, params["layers"]["mlp"]["routed_experts"]["gate_proj"][1, 3].T)
+  np.testing.assert_array_equal(
+    gate, params["layers"]["mlp"]["routed_experts"]["gate_proj"][1, 3].T
+  )
   np.testing.assert_array_equal(router, params["layers"]["mlp"]["router"][0, 1])
 
 
@@ -107,8 +128,9 @@ def test_export_then_import_gives_identical_logits(run_dir, tmp_path):
   run = load_run(str(tmp_path / "run2"))
   assert run.step == 0 and run.model_config == dropless and run.tokenizer is not None
   np.testing.assert_array_equal(_logits(run.model_config, run.params), _logits(dropless, params))
-  result = hf_files.import_hf(str(tmp_path / "hf"), str(tmp_path / "run3"), config=base,
-                            dispatch="capacity")
+  result = hf_files.import_hf(
+    str(tmp_path / "hf"), str(tmp_path / "run3"), config=base, dispatch="capacity"
+  )
   assert result["overrides"] == {"vocab_size": model_config.vocab_size}
   assert load_run(str(tmp_path / "run3")).model_config == capacity
 
@@ -120,8 +142,9 @@ def test_imported_run_resumes_as_a_training_state(run_dir, tmp_path):
   config = _tiny_config(0)
   hf_files.import_hf(str(tmp_path / "hf"), str(tmp_path / "run2"), config=config)
   config.model.vocab_size = model_config.vocab_size  # the printed --config.model.* override
-  template = jax.eval_shape(lambda: train_step.init_train_state(CoECausalLM(model_config),
-                                                         config.train, 0, 8))
+  template = jax.eval_shape(
+    lambda: train_step.init_train_state(CoECausalLM(model_config), config.train, 0, 8)
+  )
   checkpointer = Checkpointer(str(tmp_path / "run2"))
   state, data_state, step = checkpointer.restore(template)
   checkpointer.close()
@@ -139,8 +162,13 @@ def test_export_refuses_what_the_authors_model_cannot_compute(run_dir, tmp_path)
 def test_command_line_export(run_dir, tmp_path):
   workdir = run_dir[0]
   out = tmp_path / "cli"
-  done = subprocess.run([sys.executable, "-m", "coe_jax.export", f"--workdir={workdir}",
-                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  done = subprocess.run(
+    [sys.executable, "-m", "coe_jax.export", f"--workdir={workdir}", f"--out={out}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert (out / "config.json").exists() and (out / "model.safetensors").exists()
   assert f"Exported step {STEP}" in done.stdout

@@ -7,18 +7,31 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from coe_jax.inference import decoding as gen
 from coe_jax.nn.model import CoECausalLM, init_decode_cache
 from coe_jax.nn.model_config import ModelConfig
 
 V = 48
-TINY = ModelConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, kv_lora_rank=8,
-                   qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=6,
-                   n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=8,
-                   num_iterations=2, initializer_range=0.2, min_capacity=1)
+TINY = ModelConfig(
+  vocab_size=V,
+  hidden_size=16,
+  num_layers=2,
+  num_heads=2,
+  kv_lora_rank=8,
+  qk_nope_head_dim=4,
+  qk_rope_head_dim=4,
+  v_head_dim=4,
+  n_routed_experts=6,
+  n_shared_experts=1,
+  num_experts_per_tok=2,
+  moe_intermediate_size=8,
+  num_iterations=2,
+  initializer_range=0.2,
+  min_capacity=1,
+)
 PAD = 0
 # Row 0 left-padded, row 1 right-padded, row 2 unpadded: [b, 6] prompts.
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]]
@@ -52,7 +65,7 @@ def _full_logits_after(cfg, params, rows):
   ids = np.zeros((len(rows), width), np.int32)
   mask = np.zeros((len(rows), width), np.int32)
   for b, row in enumerate(rows):
-    ids[b, :len(row)], mask[b, :len(row)] = row, 1
+    ids[b, : len(row)], mask[b, : len(row)] = row, 1
   return np.asarray(_full_forward(gen.decode_config(cfg))(params, ids, mask))
 
 
@@ -67,7 +80,7 @@ def test_cached_decoding_equals_full_forward(chain, absorb):
   rows = [p + tokens[b].tolist() for b, p in enumerate(PROMPTS)]
   full = _full_logits_after(cfg, params, rows)
   for b, prompt in enumerate(PROMPTS):
-    expected = full[b, len(prompt) - 1:len(prompt) - 1 + NEW]
+    expected = full[b, len(prompt) - 1 : len(prompt) - 1 + NEW]
     np.testing.assert_allclose(step_logits[b], expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(tokens[b], expected.argmax(-1))  # greedy
 
@@ -76,8 +89,14 @@ def test_cached_model_has_the_same_params_as_the_lm():
   ids = jnp.zeros((2, 4), jnp.int32)
   lm = jax.eval_shape(CoECausalLM(TINY).init, jax.random.key(0), ids)["params"]
   cache = init_decode_cache(TINY, 2, 8)
-  cached = jax.eval_shape(CoECausalLM(TINY, decode="step").init, jax.random.key(0), ids,
-                          jnp.ones_like(ids), ids, cache=cache)["params"]
+  cached = jax.eval_shape(
+    CoECausalLM(TINY, decode="step").init,
+    jax.random.key(0),
+    ids,
+    jnp.ones_like(ids),
+    ids,
+    cache=cache,
+  )["params"]
   shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
   assert shapes(cached) == shapes(lm)
 
@@ -101,8 +120,9 @@ def test_eos_stops_only_its_row_and_pads_the_rest():
 def test_stop_hit_matches_sequence_endings():
   table, valid = gen.stop_sequence_table([[3, 4], [7]])
   tail = jnp.asarray([[3, 4], [4, 1], [-1, 7], [-1, 4], [7, 3]])
-  np.testing.assert_array_equal(gen.stop_hit(tail, jnp.asarray(table), jnp.asarray(valid)),
-                                [True, False, True, False, False])
+  np.testing.assert_array_equal(
+    gen.stop_hit(tail, jnp.asarray(table), jnp.asarray(valid)), [True, False, True, False, False]
+  )
 
 
 def test_sampling_greedy_nucleus_and_determinism():
@@ -139,5 +159,7 @@ def test_cache_bytes_per_token_of_the_paper_config():
 
 def test_prompt_positions_count_real_tokens():
   _, mask = _batch()
-  np.testing.assert_array_equal(gen.prompt_positions(jnp.asarray(mask)),
-                                [[0, 0, 0, 1, 2, 3], [0, 1, 2, 0, 0, 0], [0, 1, 2, 3, 4, 5]])
+  np.testing.assert_array_equal(
+    gen.prompt_positions(jnp.asarray(mask)),
+    [[0, 0, 0, 1, 2, 3], [0, 1, 2, 0, 0, 0], [0, 1, 2, 3, 4, 5]],
+  )

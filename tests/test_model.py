@@ -7,19 +7,32 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from coe_jax.nn.attention import make_attention_mask
 from coe_jax.nn.model import CoECausalLM, DecoderLayer
 from coe_jax.nn.model_config import ConfigError, ModelConfig
 
 B, S, V = 2, 8, 48
-TINY = ModelConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, kv_lora_rank=8,
-                   qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=6,
-                   n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=8,
-                   num_iterations=2, initializer_range=0.2, min_capacity=1,
-                   dispatch="capacity")  # tests of the dropless path set dispatch='dropless'
+TINY = ModelConfig(
+  vocab_size=V,
+  hidden_size=16,
+  num_layers=2,
+  num_heads=2,
+  kv_lora_rank=8,
+  qk_nope_head_dim=4,
+  qk_rope_head_dim=4,
+  v_head_dim=4,
+  n_routed_experts=6,
+  n_shared_experts=1,
+  num_experts_per_tok=2,
+  moe_intermediate_size=8,
+  num_iterations=2,
+  initializer_range=0.2,
+  min_capacity=1,
+  dispatch="capacity",
+)  # tests of the dropless path set dispatch='dropless'
 # Capacity factors at which the capacity path drops in both modes (capacity 4 in training,
 # 7 in eval for 16 tokens, K=2, N=6); shared by several tests so that compiles are reused.
 FWD = TINY.replace(capacity_factor_train=0.75, capacity_factor_eval=1.25)
@@ -37,9 +50,16 @@ def _params(cfg, seed=0):
 def _forward(cfg, train=False):
   def fn(params, ids, attention_mask, positions, segment_ids):
     (logits, aux), state = CoECausalLM(cfg).apply(
-        {"params": params}, ids, attention_mask, positions, segment_ids, train=train,
-        mutable=["intermediates"])
+      {"params": params},
+      ids,
+      attention_mask,
+      positions,
+      segment_ids,
+      train=train,
+      mutable=["intermediates"],
+    )
     return logits, aux, state["intermediates"]["layers"]["mlp"]
+
   return ref.fast_jit(fn)
 
 
@@ -73,13 +93,14 @@ def _batch(seed):
   """(ids, labels, attention_mask) with some right padding, as jnp arrays."""
   ids = _ids(seed)
   mask = np.ones((B, S), np.int32)
-  mask[seed % B, -(1 + seed % 3):] = 0
+  mask[seed % B, -(1 + seed % 3) :] = 0
   return jnp.asarray(ids), jnp.asarray(np.roll(ids, -1, 1)), jnp.asarray(mask)
 
 
 # ----------------------------------------------------------------------------
 # Shapes and the numpy forward.
 # ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_logits_shape_and_dtype(dtype):
@@ -100,8 +121,13 @@ def _perturbed_init(cfg, seed=0):
   params = ref.fast_jit(CoECausalLM(cfg).init)(jax.random.key(seed), jnp.zeros((B, S), jnp.int32))
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map_with_path(
-      lambda path, a: (np.asarray(a) * (1 + 0.3 * rng.normal(size=a.shape))).astype(np.float32)
-      if str(path[-1].key) == "scale" else np.asarray(a), params["params"])
+    lambda path, a: (
+      (np.asarray(a) * (1 + 0.3 * rng.normal(size=a.shape))).astype(np.float32)
+      if str(path[-1].key) == "scale"
+      else np.asarray(a)
+    ),
+    params["params"],
+  )
 
 
 @pytest.mark.parametrize("variant", ["capacity_eval", "capacity_train", "dropless_padded_packed"])
@@ -119,35 +145,55 @@ def test_full_lm_forward_matches_numpy(variant):
   params = _perturbed_init(FWD)  # (dispatch does not change the parameters)
   ids = _ids(1)
   as_jnp = lambda a: None if a is None else jnp.asarray(a)
-  logits, aux, inter = _forward(cfg, train)(params, jnp.asarray(ids), as_jnp(attn_mask),
-                                            as_jnp(positions), as_jnp(segment_ids))
-  cf = None if cfg.dispatch == "dropless" else (
-      cfg.capacity_factor_train if train else cfg.capacity_factor_eval)
-  want, want_aux, infos = ref.lm_forward(ref.flax_weights(params, cfg.num_layers), cfg, ids,
-                                         attn_mask, positions, segment_ids, capacity_factor=cf)
+  logits, aux, inter = _forward(cfg, train)(
+    params, jnp.asarray(ids), as_jnp(attn_mask), as_jnp(positions), as_jnp(segment_ids)
+  )
+  cf = (
+    None
+    if cfg.dispatch == "dropless"
+    else (cfg.capacity_factor_train if train else cfg.capacity_factor_eval)
+  )
+  want, want_aux, infos = ref.lm_forward(
+    ref.flax_weights(params, cfg.num_layers),
+    cfg,
+    ids,
+    attn_mask,
+    positions,
+    segment_ids,
+    capacity_factor=cf,
+  )
   kept = np.stack([np.stack(i["kept"]) for i in infos])
   np.testing.assert_array_equal(np.asarray(inter["kept"][0]), kept)
   if cf is not None:
     assert not kept.all()  # the capacity path really dropped something
-  np.testing.assert_array_equal(np.asarray(inter["expert_ids"][0]),
-                                np.stack([np.stack(i["ids"]) for i in infos]))
+  np.testing.assert_array_equal(
+    np.asarray(inter["expert_ids"][0]), np.stack([np.stack(i["ids"]) for i in infos])
+  )
   assert np.abs(want).std() > 0.5
   np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(float(aux.aux_loss), want_aux, rtol=1e-5)
   # Dropped share of the real tokens' assignments (padding is never routed, never counted).
-  real = np.broadcast_to((np.ones((B, S)) if attn_mask is None else attn_mask)[..., None],
-                         (B, S, cfg.num_experts_per_tok)).astype(bool)
+  real = np.broadcast_to(
+    (np.ones((B, S)) if attn_mask is None else attn_mask)[..., None],
+    (B, S, cfg.num_experts_per_tok),
+  ).astype(bool)
   dropped = ((~kept) & real).reshape(cfg.num_layers, cfg.num_iterations, -1).sum(-1) / real.sum()
   np.testing.assert_allclose(np.asarray(aux.layers.dropped_fraction), dropped, rtol=1e-6)
   if variant == "dropless_padded_packed":
     # Changing the padded tokens' ids changes nothing at the real positions (dropless).
     ids2 = ids.copy()
     ids2[attn_mask == 0] = (ids2[attn_mask == 0] + 7) % V
-    logits2, _, _ = _forward(cfg, train)(params, jnp.asarray(ids2), jnp.asarray(attn_mask),
-                                         jnp.asarray(positions), jnp.asarray(segment_ids))
+    logits2, _, _ = _forward(cfg, train)(
+      params,
+      jnp.asarray(ids2),
+      jnp.asarray(attn_mask),
+      jnp.asarray(positions),
+      jnp.asarray(segment_ids),
+    )
     real = attn_mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(logits2)[real], np.asarray(logits)[real], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(logits2)[real], np.asarray(logits)[real], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_train_and_eval_use_their_capacity_factors():
@@ -161,9 +207,17 @@ def test_train_and_eval_use_their_capacity_factors():
     expert_ids = np.asarray(inter["expert_ids"][0])  # [L, C, b, s, K]
 
     def keep(cap):
-      return np.stack([np.stack([ref.keep_mask(expert_ids[l, t].reshape(tokens, k), n, cap)
-                                 .reshape(B, S, k) for t in range(cfg.num_iterations)])
-                       for l in range(cfg.num_layers)])
+      return np.stack(
+        [
+          np.stack(
+            [
+              ref.keep_mask(expert_ids[l, t].reshape(tokens, k), n, cap).reshape(B, S, k)
+              for t in range(cfg.num_iterations)
+            ]
+          )
+          for l in range(cfg.num_layers)
+        ]
+      )
 
     kept = np.asarray(inter["kept"][0])
     np.testing.assert_array_equal(kept, keep(caps[train]))
@@ -199,14 +253,29 @@ def test_scan_over_layers_equals_layer_by_layer():
 # gradients for all 16 (gate, inner, outer, style) combinations. The first entry is TINY
 # itself, whose compiled step the jit and remat tests reuse.
 GRAD_COMBOS = {
-    "igate-inner-reference-capacity-C2-sh1": dict(),
-    "sgate-noinner-outer-dropless-C3-sh0-bf16": dict(
-        num_layers=1, independent_gates=False, inner_residual=False, outer_residual=True,
-        num_iterations=3, n_shared_experts=0, dispatch="dropless", dtype="bfloat16"),
-    "igate-textbook-ragged-C1-sh2-normtopk-zloss-norope": dict(
-        num_layers=1, residual_style="textbook", num_iterations=1, n_shared_experts=2,
-        dispatch="dropless", dropless_impl="ragged_dot", norm_topk_prob=True,
-        routed_scaling_factor=2.0, router_z_loss_coef=0.001, rope_scaling="none"),
+  "igate-inner-reference-capacity-C2-sh1": dict(),
+  "sgate-noinner-outer-dropless-C3-sh0-bf16": dict(
+    num_layers=1,
+    independent_gates=False,
+    inner_residual=False,
+    outer_residual=True,
+    num_iterations=3,
+    n_shared_experts=0,
+    dispatch="dropless",
+    dtype="bfloat16",
+  ),
+  "igate-textbook-ragged-C1-sh2-normtopk-zloss-norope": dict(
+    num_layers=1,
+    residual_style="textbook",
+    num_iterations=1,
+    n_shared_experts=2,
+    dispatch="dropless",
+    dropless_impl="ragged_dot",
+    norm_topk_prob=True,
+    routed_scaling_factor=2.0,
+    router_z_loss_coef=0.001,
+    rope_scaling="none",
+  ),
 }
 
 
@@ -217,8 +286,9 @@ def test_gradients_finite_for_switch_combinations(name):
   step, _ = _train_step(cfg)
   (loss, (ce, aux)), grads = step(params, *_batch(4))
   assert np.isfinite(float(loss)) and float(aux.aux_loss) > 0
-  np.testing.assert_allclose(float(loss), float(ce) + float(aux.aux_loss) + float(aux.z_loss),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(loss), float(ce) + float(aux.aux_loss) + float(aux.z_loss), rtol=1e-6
+  )
   if cfg.router_z_loss_coef:
     assert float(aux.z_loss) > 0
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -249,8 +319,9 @@ def test_lm_gradient_matches_numpy_directional_derivative():
   ids, labels, mask = np.asarray(ids), np.asarray(labels), np.asarray(mask)
 
   def numpy_loss(p):
-    logits, aux_np, infos = ref.lm_forward(ref.flax_weights(p, cfg.num_layers), cfg, ids, mask,
-                                           capacity_factor=cfg.capacity_factor_train)
+    logits, aux_np, infos = ref.lm_forward(
+      ref.flax_weights(p, cfg.num_layers), cfg, ids, mask, capacity_factor=cfg.capacity_factor_train
+    )
     routing = [np.stack(i[name]) for i in infos for name in ("ids", "kept")]
     return ref.cross_entropy(logits, labels, mask) + aux_np, routing
 
@@ -263,8 +334,10 @@ def test_lm_gradient_matches_numpy_directional_derivative():
   for a, b in zip(routing_up, routing_down):
     np.testing.assert_array_equal(a, b)  # no top-K / capacity decision flipped in between
   fd = (up - down) / (2 * eps)
-  analytic = sum(float(np.sum(ref.f64(g) * v))
-                 for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+  analytic = sum(
+    float(np.sum(ref.f64(g) * v))
+    for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))
+  )
   assert abs(fd) > 1e-2
   np.testing.assert_allclose(analytic, fd, rtol=2e-3)
 
@@ -283,19 +356,31 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
 # Config validation (before anything is traced).
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides,field,allowed", [
+
+@pytest.mark.parametrize(
+  "overrides,field,allowed",
+  [
     (dict(num_experts_per_tok=7), "model.num_experts_per_tok", "between 1 and n_routed_experts=6"),
     (dict(num_iterations=0), "model.num_iterations", "integer >= 1"),
     (dict(capacity_factor_train=0.0), "model.capacity_factor_train", "> 0"),
     (dict(capacity_factor_eval=-1.0), "model.capacity_factor_eval", "> 0"),
     (dict(dispatch="dense"), "model.dispatch", "allowed values: capacity, dropless"),
-    (dict(dropless_impl="megablox"), "model.dropless_impl", "allowed values: auto, gather, ragged_dot"),
+    (
+      dict(dropless_impl="megablox"),
+      "model.dropless_impl",
+      "allowed values: auto, gather, ragged_dot",
+    ),
     (dict(qk_rope_head_dim=5), "model.qk_rope_head_dim", "even integer"),
     (dict(dtype="float16"), "model.dtype", "allowed values: float32, bfloat16"),
-    (dict(residual_style="pre_norm"), "model.residual_style", "allowed values: reference, textbook"),
+    (
+      dict(residual_style="pre_norm"),
+      "model.residual_style",
+      "allowed values: reference, textbook",
+    ),
     (dict(remat="some"), "model.remat", "allowed values: none, full, dots"),
     (dict(n_shared_experts=-1), "model.n_shared_experts", ">= 0"),
-])
+  ],
+)
 def test_bad_config_raises_config_error_naming_the_field(overrides, field, allowed):
   with pytest.raises(ConfigError) as err:
     TINY.replace(**overrides)

@@ -28,16 +28,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_checkpoint import abstract_state, max_abs_diff
+from test_train import (  # noqa: F401 (fixture)
+  REPO,
+  SMALL,
+  fast_compilation,
+  jax_cache_env,
+  shared_trained_run,
+  small_config,
+)
 
-from coe_jax.training import sharding, train, train_config
-from coe_jax.training.checkpoint import Checkpointer, restore_params
 from coe_jax.data import input_pipeline
 from coe_jax.nn.flops import known_peak_tflops, peak_tflops_per_device
-from coe_jax.training.metrics import MetricWriter, read_metrics
 from coe_jax.nn.model_config import ConfigError
-from test_checkpoint import abstract_state, max_abs_diff
-from test_train import (REPO, SMALL, fast_compilation, jax_cache_env,  # noqa: F401 (fixture)
-                        shared_trained_run, small_config)
+from coe_jax.training import sharding, train, train_config
+from coe_jax.training.checkpoint import Checkpointer, restore_params
+from coe_jax.training.metrics import MetricWriter, read_metrics
 
 # test_cli's long run: the warm-up stays int(1e-4 * 30000) = 3 steps, as in SMALL's 30 steps, so
 # every step computes what the 30-step reference run computes at that step.
@@ -57,23 +63,44 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_two_processes(workdir: Path, overrides: dict, env: dict, logs: Path,
-                        process_flags: tuple[list[str], list[str]] = ([], [])
-                        ) -> list[subprocess.Popen]:
+def start_two_processes(
+  workdir: Path,
+  overrides: dict,
+  env: dict,
+  logs: Path,
+  process_flags: tuple[list[str], list[str]] = ([], []),
+) -> list[subprocess.Popen]:
   """`python -m coe_jax.main` as processes 0 and 1 of one run, output to files in `logs`."""
   logs.mkdir(parents=True, exist_ok=True)
   port = free_port()
   processes = []
   for process_id in range(2):
     flags = [f"--config.{field}={value}" for field, value in overrides.items()]
-    flags += ["--config.mesh.distributed=True", f"--config.mesh.coordinator_address=localhost:{port}",
-              "--config.mesh.num_processes=2", f"--config.mesh.process_id={process_id}"]
-    command = [sys.executable, "-m", "coe_jax.main", "--config=configs/coe_c2.py:tiny",
-               f"--workdir={workdir}", *flags, *process_flags[process_id]]
-    process_env = {**os.environ, **env, "JAX_PLATFORMS": "cpu",
-                   "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"}
-    with open(logs / f"stdout{process_id}.txt", "w") as out, \
-         open(logs / f"stderr{process_id}.txt", "w") as err:
+    flags += [
+      "--config.mesh.distributed=True",
+      f"--config.mesh.coordinator_address=localhost:{port}",
+      "--config.mesh.num_processes=2",
+      f"--config.mesh.process_id={process_id}",
+    ]
+    command = [
+      sys.executable,
+      "-m",
+      "coe_jax.main",
+      "--config=configs/coe_c2.py:tiny",
+      f"--workdir={workdir}",
+      *flags,
+      *process_flags[process_id],
+    ]
+    process_env = {
+      **os.environ,
+      **env,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+    }
+    with (
+      open(logs / f"stdout{process_id}.txt", "w") as out,
+      open(logs / f"stderr{process_id}.txt", "w") as err,
+    ):
       processes.append(subprocess.Popen(command, cwd=REPO, env=process_env, stdout=out, stderr=err))
   return processes
 
@@ -92,8 +119,11 @@ def wait_all(processes: list[subprocess.Popen], logs: Path, timeout: float) -> l
 
 
 def stderr_tail(logs: Path) -> str:
-  return "\n".join(f"--- process {i}:\n{(logs / f'stderr{i}.txt').read_text()[-2500:]}"
-                   for i in range(2) if (logs / f"stderr{i}.txt").is_file())
+  return "\n".join(
+    f"--- process {i}:\n{(logs / f'stderr{i}.txt').read_text()[-2500:]}"
+    for i in range(2)
+    if (logs / f"stderr{i}.txt").is_file()
+  )
 
 
 def latest_checkpoint(workdir: Path) -> int:
@@ -134,9 +164,14 @@ def first_leg(run_dir, tmp_path_factory):
     time.sleep(0.1)
   processes[1].send_signal(signal.SIGTERM)
   codes = wait_all(processes, logs, STARTUP_TIMEOUT_S)
-  return dict(workdir=workdir, logs=logs, codes=codes, rows=read_metrics(str(workdir)),
-              checkpoint=latest_checkpoint(workdir),
-              summary=json.loads((workdir / "summary.json").read_text()))
+  return dict(
+    workdir=workdir,
+    logs=logs,
+    codes=codes,
+    rows=read_metrics(str(workdir)),
+    checkpoint=latest_checkpoint(workdir),
+    summary=json.loads((workdir / "summary.json").read_text()),
+  )
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_with_exit_zero(first_leg):
@@ -165,8 +200,9 @@ def test_process_zero_alone_writes_the_logs_and_artefacts(first_leg):
 def test_two_processes_train_as_one_process_on_the_same_global_batches(first_leg, reference_run):
   expected = losses(reference_run)
   got = {row["step"]: row["train/loss"] for row in first_leg["rows"]}
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)],
-                             rtol=LOSS_RTOL)
+  np.testing.assert_allclose(
+    [got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=LOSS_RTOL
+  )
   assert all(row["train/tflops_per_sec_per_device"] > 0 for row in first_leg["rows"])
   assert all("train/mfu" not in row for row in first_leg["rows"])  # CPU: peak unknown
 
@@ -196,9 +232,12 @@ def second_leg(first_leg, reference_run):
   workdir = first_leg["workdir"]
   start = first_leg["checkpoint"]
   stop = start + SECOND_LEG_STEPS
-  config = small_config(**{k.replace(".", "__"): v for k, v in LONG_RUN.items()},
-                        train__profile_steps=f"{start + 1}:{start + 2}",
-                        train__peak_tflops_per_device=1e-3, train__wandb_project="coe-test")
+  config = small_config(
+    **{k.replace(".", "__"): v for k, v in LONG_RUN.items()},
+    train__profile_steps=f"{start + 1}:{start + 2}",
+    train__peak_tflops_per_device=1e-3,
+    train__wandb_project="coe-test",
+  )
   fake = FakeWandb()
   served, checked = [], []
   original_next, original_check = input_pipeline.TrainIterator.__next__, train._check_finite
@@ -216,8 +255,15 @@ def second_leg(first_leg, reference_run):
     patch.setattr(input_pipeline.TrainIterator, "__next__", next_batch)
     patch.setattr(train, "_check_finite", check_finite)
     summary = train.train_and_evaluate(config, str(workdir), stop_at_step=stop, progress=False)
-  return dict(start=start, stop=stop, summary=summary, fake=fake, checked=checked,
-              rows=read_metrics(str(workdir)), checkpoint=latest_checkpoint(workdir))
+  return dict(
+    start=start,
+    stop=stop,
+    summary=summary,
+    fake=fake,
+    checked=checked,
+    rows=read_metrics(str(workdir)),
+    checkpoint=latest_checkpoint(workdir),
+  )
 
 
 def test_one_process_resumes_the_two_process_checkpoint_exactly(second_leg, reference_run):
@@ -226,8 +272,11 @@ def test_one_process_resumes_the_two_process_checkpoint_exactly(second_leg, refe
   rows = {row["step"]: row for row in second_leg["rows"]}
   assert sorted(rows) == list(range(1, stop + 1))
   expected = losses(reference_run)
-  np.testing.assert_allclose([rows[s]["train/loss"] for s in range(start + 1, stop + 1)],
-                             [expected[s] for s in range(start + 1, stop + 1)], rtol=LOSS_RTOL)
+  np.testing.assert_allclose(
+    [rows[s]["train/loss"] for s in range(start + 1, stop + 1)],
+    [expected[s] for s in range(start + 1, stop + 1)],
+    rtol=LOSS_RTOL,
+  )
 
 
 def test_metrics_of_a_step_are_read_after_the_next_step_is_launched(second_leg):
@@ -236,8 +285,9 @@ def test_metrics_of_a_step_are_read_after_the_next_step_is_launched(second_leg):
   # (step s + 1 already dispatched), except on steps that checkpoint (every 5th and the last),
   # which wait for their own step.
   waits = [s % 5 == 0 or s == stop for s in range(start + 1, stop + 1)]
-  assert second_leg["checked"] == [(s, s - start + (0 if wait else 1))
-                                   for s, wait in zip(range(start + 1, stop + 1), waits)]
+  assert second_leg["checked"] == [
+    (s, s - start + (0 if wait else 1)) for s, wait in zip(range(start + 1, stop + 1), waits)
+  ]
   assert not all(waits)
 
 
@@ -245,12 +295,13 @@ def test_training_log_reports_model_flops_tflops_and_mfu(second_leg):
   summary = second_leg["summary"]
   from coe_jax import config_lib
   from coe_jax.nn.flops import flops_per_token
+
   config = small_config()
   model_config = config_lib.model_config_from(config, summary["vocab_size"])
   assert summary["train_flops_per_token"] == flops_per_token(model_config, 32).train > 0
   assert summary["peak_tflops_per_device"] == 1e-3
-  for row in second_leg["rows"][second_leg["start"]:]:
-    tflops = (summary["train_flops_per_token"] * row["train/tokens_per_sec"] / 1e12)  # 1 device
+  for row in second_leg["rows"][second_leg["start"] :]:
+    tflops = summary["train_flops_per_token"] * row["train/tokens_per_sec"] / 1e12  # 1 device
     assert row["train/tflops_per_sec_per_device"] == pytest.approx(tflops, rel=1e-9)
     assert row["train/mfu"] == pytest.approx(tflops / 1e-3, rel=1e-9)
     assert row["train/model_flops_per_token"] == summary["train_flops_per_token"]
@@ -280,45 +331,62 @@ def third_leg(second_leg, tmp_path_factory, run_dir):
   workdir, logs = run_dir / "run", run_dir / "leg3"
   processes = start_two_processes(workdir, SMALL, jax_cache_env(tmp_path_factory), logs)
   codes = wait_all(processes, logs, STARTUP_TIMEOUT_S)
-  return dict(workdir=workdir, logs=logs, codes=codes, rows=read_metrics(str(workdir)),
-              summary=json.loads((workdir / "summary.json").read_text()))
+  return dict(
+    workdir=workdir,
+    logs=logs,
+    codes=codes,
+    rows=read_metrics(str(workdir)),
+    summary=json.loads((workdir / "summary.json").read_text()),
+  )
 
 
 def test_two_processes_resume_a_one_process_checkpoint_to_the_uninterrupted_curve(
-    third_leg, second_leg, reference_run):
+  third_leg, second_leg, reference_run
+):
   assert third_leg["codes"] == [0, 0], stderr_tail(third_leg["logs"])
   assert third_leg["summary"]["completed"] and third_leg["summary"]["step"] == 30
   rows = {row["step"]: row for row in third_leg["rows"]}
   assert sorted(rows) == list(range(1, 31))  # every step once, whichever process count ran it
   expected = {row["step"]: row for row in read_metrics(str(reference_run))}
-  np.testing.assert_allclose([rows[s]["train/loss"] for s in range(1, 31)],
-                             [expected[s]["train/loss"] for s in range(1, 31)], rtol=LOSS_RTOL)
+  np.testing.assert_allclose(
+    [rows[s]["train/loss"] for s in range(1, 31)],
+    [expected[s]["train/loss"] for s in range(1, 31)],
+    rtol=LOSS_RTOL,
+  )
   # The first step after the resume (the reshard from one device to four).
   resumed = second_leg["stop"] + 1
-  assert rows[resumed]["train/loss"] == pytest.approx(expected[resumed]["train/loss"], rel=LOSS_RTOL)
+  assert rows[resumed]["train/loss"] == pytest.approx(
+    expected[resumed]["train/loss"], rel=LOSS_RTOL
+  )
   for step in (20, 30):
     assert rows[step]["val/loss"] == pytest.approx(expected[step]["val/loss"], rel=LOSS_RTOL)
   abstract = abstract_state(small_config()).params
-  params_diff = max_abs_diff(restore_params(str(third_leg["workdir"]), abstract)[0],
-                             restore_params(str(reference_run), abstract)[0])
+  params_diff = max_abs_diff(
+    restore_params(str(third_leg["workdir"]), abstract)[0],
+    restore_params(str(reference_run), abstract)[0],
+  )
   assert params_diff < 1e-4, params_diff
 
 
 def test_processes_started_with_different_flags_refuse_to_train(tmp_path, tmp_path_factory):
   workdir, logs = tmp_path / "run", tmp_path / "logs"
-  processes = start_two_processes(workdir, SMALL, jax_cache_env(tmp_path_factory), logs,
-                                  process_flags=([], ["--config.seed=1"]))
+  processes = start_two_processes(
+    workdir, SMALL, jax_cache_env(tmp_path_factory), logs, process_flags=([], ["--config.seed=1"])
+  )
   assert wait_all(processes, logs, STARTUP_TIMEOUT_S) == [1, 1]
   for i in range(2):
-    assert ("error: the config of process(es) [1] differs from process 0's (this is process "
-            f"{i}); every process must be started with the same flags"
-            in (logs / f"stderr{i}.txt").read_text()), stderr_tail(logs)
+    assert (
+      "error: the config of process(es) [1] differs from process 0's (this is process "
+      f"{i}); every process must be started with the same flags"
+      in (logs / f"stderr{i}.txt").read_text()
+    ), stderr_tail(logs)
   assert not workdir.exists()  # refused before any data, log or checkpoint
 
 
 # ---------------------------------------------------------------------------
 # In-process pieces
 # ---------------------------------------------------------------------------
+
 
 def test_iterator_rows_of_two_processes_make_the_global_batch_and_resume_exactly():
   datasets = input_pipeline.build_datasets(small_config().data)
@@ -347,12 +415,19 @@ def test_process_rows_and_global_batch_on_one_process():
   assert batch["input_ids"].sharding == sharding.batch_sharding(mesh)
 
 
-@pytest.mark.parametrize("dotted, value, message", [
-    ("train.profile_steps", "10", "train.profile_steps: got '10'; must be '' (off) or 'START:STOP'"),
+@pytest.mark.parametrize(
+  "dotted, value, message",
+  [
+    (
+      "train.profile_steps",
+      "10",
+      "train.profile_steps: got '10'; must be '' (off) or 'START:STOP'",
+    ),
     ("train.profile_steps", "5:5", "train.profile_steps: got '5:5'"),
     ("train.profile_steps", "20:40", "STOP <= train.steps=30"),
     ("train.peak_tflops_per_device", -2.0, "train.peak_tflops_per_device: got -2.0; must be -1"),
-])
+  ],
+)
 def test_new_train_fields_are_validated(dotted, value, message):
   config = small_config(**{dotted.replace(".", "__"): value})
   with pytest.raises(ConfigError) as error:

@@ -13,21 +13,36 @@ from coe_jax.training import optimizer
 
 
 def _train_config(**changes):
-  values = dict(fused_optimizer=True, grad_clip=1.0, lr=1e-2, b1=0.9, b2=0.95, weight_decay=0.1, warmup_fraction=0.25,
-                steps=8, schedule="cosine")
+  values = dict(
+    fused_optimizer=True,
+    grad_clip=1.0,
+    lr=1e-2,
+    b1=0.9,
+    b2=0.95,
+    weight_decay=0.1,
+    warmup_fraction=0.25,
+    steps=8,
+    schedule="cosine",
+  )
   values.update(changes)
   return ml_collections.ConfigDict(values)
 
 
 def _params(seed=0):
   rng = np.random.default_rng(seed)
-  return {"layer": {"experts": jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32),
-                    "norm": {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=(8,)), jnp.float32)}},
-          "head": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)}
+  return {
+    "layer": {
+      "experts": jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32),
+      "norm": {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=(8,)), jnp.float32)},
+    },
+    "head": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+  }
 
 
-@pytest.mark.parametrize("changes", [dict(), dict(grad_clip=0.0), dict(grad_clip=100.0),
-                                     dict(weight_decay=0.0, schedule="constant")])
+@pytest.mark.parametrize(
+  "changes",
+  [dict(), dict(grad_clip=0.0), dict(grad_clip=100.0), dict(weight_decay=0.0, schedule="constant")],
+)
 def test_fused_optimizer_matches_the_optax_chain_over_steps(changes):
   cfg = _train_config(**changes)
   fused, reference = optimizer.make_optimizer(cfg), optimizer.make_reference_optimizer(cfg)
@@ -42,8 +57,9 @@ def test_fused_optimizer_matches_the_optax_chain_over_steps(changes):
     return optax.apply_updates(p, updates), s
 
   for i in range(6):  # gradients large enough that clipping at 1.0 triggers
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * (3 if i % 2 else 0.01),
-                                               jnp.float32), params)
+    grads = jax.tree.map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape) * (3 if i % 2 else 0.01), jnp.float32), params
+    )
     for which in states:
       states[which] = jax.jit(step, static_argnums=3)(*states[which], grads, which)
   for got, want in zip(jax.tree.leaves(states["fused"]), jax.tree.leaves(states["reference"])):
@@ -57,8 +73,9 @@ def test_fused_optimizer_decays_matrices_but_not_norm_scales():
   params = _params()
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = fused.update(zeros, fused.init(params), params)
-  np.testing.assert_allclose(np.asarray(updates["head"]), -0.1 * 0.5 * np.asarray(params["head"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(updates["head"]), -0.1 * 0.5 * np.asarray(params["head"]), rtol=1e-6
+  )
   np.testing.assert_array_equal(np.asarray(updates["layer"]["norm"]["scale"]), 0.0)
 
 

@@ -6,23 +6,34 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
 from coe_jax.nn.params import count_params, format_counts, tree_size
 
-SMALL = ModelConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, kv_lora_rank=8,
-                    qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=7,
-                    n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=12)
+SMALL = ModelConfig(
+  vocab_size=50,
+  hidden_size=16,
+  num_layers=2,
+  num_heads=2,
+  kv_lora_rank=8,
+  qk_nope_head_dim=4,
+  qk_rope_head_dim=4,
+  v_head_dim=6,
+  n_routed_experts=7,
+  n_shared_experts=1,
+  num_experts_per_tok=2,
+  moe_intermediate_size=12,
+)
 
 CONFIGS = {
-    "moe_C1": dict(),
-    "coe_C2": dict(num_iterations=2),
-    "shared_gate_C3": dict(num_iterations=3, independent_gates=False),
-    "no_shared_C2": dict(num_iterations=2, n_shared_experts=0),
-    "two_shared_C2_3layers": dict(num_iterations=2, n_shared_experts=2, num_layers=3),
+  "moe_C1": dict(),
+  "coe_C2": dict(num_iterations=2),
+  "shared_gate_C3": dict(num_iterations=3, independent_gates=False),
+  "no_shared_C2": dict(num_iterations=2, n_shared_experts=0),
+  "two_shared_C2_3layers": dict(num_iterations=2, n_shared_experts=2, num_layers=3),
 }
 
 
@@ -47,12 +58,13 @@ def test_count_params_equals_initialised_tree(name):
   assert counts.attention == _subtree_size(params, "layers", "self_attn")
   assert counts.routed_experts == _subtree_size(params, "layers", "mlp", "routed_experts")
   assert counts.routers == _subtree_size(params, "layers", "mlp", "router")
-  shared = (_subtree_size(params, "layers", "mlp", "shared_experts")
-            if cfg.n_shared_experts else 0)
+  shared = _subtree_size(params, "layers", "mlp", "shared_experts") if cfg.n_shared_experts else 0
   assert counts.shared_experts == shared
-  assert counts.norms == (_subtree_size(params, "layers", "input_layernorm")
-                          + _subtree_size(params, "layers", "mlp", "norm")
-                          + _subtree_size(params, "norm"))
+  assert counts.norms == (
+    _subtree_size(params, "layers", "input_layernorm")
+    + _subtree_size(params, "layers", "mlp", "norm")
+    + _subtree_size(params, "norm")
+  )
   assert counts.non_embedding == counts.total - counts.embedding
   assert counts.bytes("bfloat16") * 2 == counts.bytes("float32") == 4 * counts.total
   assert "routed_experts" in format_counts(counts)
@@ -60,21 +72,31 @@ def test_count_params_equals_initialised_tree(name):
 
 def test_paper_moe_k8_n64_hand_count():
   cfg = ModelConfig()  # the paper's MoE(K=8, N=64): 63 routed + 1 shared, f = 704
-  assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.n_routed_experts,
-          cfg.n_shared_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (
-              102400, 1024, 4, 63, 1, 8, 704)
+  assert (
+    cfg.vocab_size,
+    cfg.hidden_size,
+    cfg.num_layers,
+    cfg.n_routed_experts,
+    cfg.n_shared_experts,
+    cfg.num_experts_per_tok,
+    cfg.moe_intermediate_size,
+  ) == (102400, 1024, 4, 63, 1, 8, 704)
   counts = count_params(cfg)
   assert counts.routed_experts == 4 * 63 * 3 * 1024 * 704 == 544_997_376  # "544M"
-  attention = (1024 * 8 * 192  # q_proj: hidden -> 8 heads x (128 nope + 64 rope)
-               + 1024 * 576  # kv_a_proj_with_mqa: hidden -> 512 latent + 64 rope
-               + 512  # kv_a_layernorm
-               + 512 * 8 * 256  # kv_b_proj: latent -> 8 heads x (128 nope + 128 v)
-               + 1024 * 1024)  # o_proj: 8 x 128 -> hidden
-  per_layer = (attention
-               + 63 * 3 * 1024 * 704  # routed experts
-               + 3 * 1024 * 704  # the shared expert
-               + 63 * 1024  # one router (C = 1)
-               + 2 * 1024)  # input_layernorm, post_attention_layernorm
+  attention = (
+    1024 * 8 * 192  # q_proj: hidden -> 8 heads x (128 nope + 64 rope)
+    + 1024 * 576  # kv_a_proj_with_mqa: hidden -> 512 latent + 64 rope
+    + 512  # kv_a_layernorm
+    + 512 * 8 * 256  # kv_b_proj: latent -> 8 heads x (128 nope + 128 v)
+    + 1024 * 1024
+  )  # o_proj: 8 x 128 -> hidden
+  per_layer = (
+    attention
+    + 63 * 3 * 1024 * 704  # routed experts
+    + 3 * 1024 * 704  # the shared expert
+    + 63 * 1024  # one router (C = 1)
+    + 2 * 1024
+  )  # input_layernorm, post_attention_layernorm
   non_embedding = 4 * per_layer + 1024 + 1024 * 102400  # + final norm + untied head
   assert counts.non_embedding == non_embedding
   assert counts.total == non_embedding + 102400 * 1024

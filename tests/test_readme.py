@@ -26,19 +26,22 @@ SECTION = "## Using the CoE layer in your own Flax model"
 
 def readme_snippets() -> list[str]:
   text = (REPO / "README.md").read_text(encoding="utf-8")
-  section = text[text.index(SECTION):]
-  section = section[:section.index("\n## ", len(SECTION))]
+  section = text[text.index(SECTION) :]
+  section = section[: section.index("\n## ", len(SECTION))]
   return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
 def run_worker(out_path: str) -> None:
   import jax
+
   from coe_jax import CoELayer
+
   auto = jax.sharding.AxisType.Auto
-  meshes = {"none": None,
-            "other_names": jax.make_mesh((2, 2), ("rows", "cols"), axis_types=(auto,) * 2),
-            "our_names": jax.make_mesh((2, 1, 2), ("data", "fsdp", "expert"),
-                                       axis_types=(auto,) * 3)}
+  meshes = {
+    "none": None,
+    "other_names": jax.make_mesh((2, 2), ("rows", "cols"), axis_types=(auto,) * 2),
+    "our_names": jax.make_mesh((2, 1, 2), ("data", "fsdp", "expert"), axis_types=(auto,) * 3),
+  }
   results = {}
   for i, code in enumerate(readme_snippets()):
     # The expert-parallel snippet brings its own mesh; the others run under every host mesh.
@@ -51,8 +54,7 @@ def run_worker(out_path: str) -> None:
           exec(code, namespace)
       row = {"y": np.asarray(namespace["y"]).tolist()}
       if "parallel" in namespace:  # the same layer without expert parallelism
-        plain, _ = CoELayer(namespace["cfg"]).apply(namespace["params"], namespace["x"],
-                                                    train=True)
+        plain, _ = CoELayer(namespace["cfg"]).apply(namespace["params"], namespace["x"], train=True)
         row["plain"] = np.asarray(plain).tolist()
       results[f"{i}/{name}"] = row
   Path(out_path).write_text(json.dumps(results))
@@ -61,14 +63,24 @@ def run_worker(out_path: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("readme") / "results.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+  )
+  proc = subprocess.run(
+    [sys.executable, __file__, str(out)],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return {k: {n: np.asarray(v) for n, v in row.items()} for k, row in
-          json.loads(out.read_text()).items()}
+  return {
+    k: {n: np.asarray(v) for n, v in row.items()} for k, row in json.loads(out.read_text()).items()
+  }
 
 
 def test_readme_has_the_three_snippets():
@@ -92,7 +104,9 @@ def test_expert_parallel_equals_the_plain_layer(results):
 
 def test_expert_parallel_rejects_unknown_and_explicit_axes():
   import jax
+
   from coe_jax import ExpertParallel
+
   auto = jax.make_mesh((1,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
   with pytest.raises(ValueError, match=r"axes \['expert'\] are not in the mesh's \['devices'\]"):
     ExpertParallel(auto, batch_axes=("devices",), expert_axis="expert")

@@ -17,16 +17,15 @@ import math
 
 import numpy as np
 import pytest
+from test_data import ROWS, shared_math_qa_config
+from test_train import small_config
 
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import Datasets, build_datasets, format_example
 from coe_jax.data.tokenized import build_split
 from coe_jax.training.metrics import read_metrics
-from coe_jax.training.train_step import evaluate, evaluate_batch_means, next_token_targets
 from coe_jax.training.train import train_and_evaluate
-
-from test_data import ROWS, shared_math_qa_config
-from test_train import small_config
+from coe_jax.training.train_step import evaluate, evaluate_batch_means, next_token_targets
 
 TEXTS = [format_example(r["question"], r["solution"]) for r in ROWS]
 EOS = 1  # train_bpe's <|endoftext|>
@@ -60,8 +59,11 @@ def tok():
 def test_padded_batch_targets_equal_the_reference(tok, cut):
   text_ids = [tok.encode(t, add_special_tokens=False).ids for t in TEXTS]
   lengths = sorted(len(ids) for ids in text_ids)
-  max_length = {"all_truncated": lengths[0] - 1, "mixed": lengths[len(lengths) // 2],
-                "none_truncated": lengths[-1] + 5}[cut]
+  max_length = {
+    "all_truncated": lengths[0] - 1,
+    "mixed": lengths[len(lengths) // 2],
+    "none_truncated": lengths[-1] + 5,
+  }[cut]
   assert tok.token_to_id("<|endoftext|>") == EOS
   split = build_split(tok, TEXTS, max_length, pad_id=0, packing=False, eos_id=EOS)
   batch = split.batch(range(len(TEXTS)))
@@ -105,18 +107,19 @@ def test_without_eos_target_the_last_token_predicts_nothing(tok):
 def test_real_tokenizer_targets_equal_the_reference(tmp_path):
   """olmoe pads with <|padding|> (id 1) but ends text with <|endoftext|> (50279): the EOS
   target is the end-of-text token, as with the DeepSeek-V2 tokenizer whose pad is its EOS."""
-  data = shared_math_qa_config(tmp_path, max_length=256, max_train_examples=64,
-                               max_val_examples=8)
+  data = shared_math_qa_config(tmp_path, max_length=256, max_train_examples=64, max_val_examples=8)
   ds = build_datasets(data, workdir=None, seed=0)
   assert (ds.pad_id, ds.eos_id) == (1, 50279)
   batch = ds.train.batch(range(64))
   for row in range(64):
-    ids = ds.tokenizer.encode(ds.tokenizer.decode(ds.train.example(row).tolist()),
-                              add_special_tokens=False).ids
+    ids = ds.tokenizer.encode(
+      ds.tokenizer.decode(ds.train.example(row).tolist()), add_special_tokens=False
+    ).ids
     assert our_targets(batch, row) == reference_targets(ids, 256, ds.eos_id)
 
 
 # --- the reference's validation number ----------------------------------------------------------
+
 
 def test_reference_val_batches_are_the_first_rows_of_a_seed_zero_shuffle(tok):
   texts = [f"query : what is {i} + 1? response : {i + 1}" for i in range(150)]
@@ -142,8 +145,15 @@ def test_batch_means_differ_from_the_pooled_mean():
 
 @pytest.mark.slow
 def test_training_logs_both_validation_numbers(tmp_path):
-  config = small_config(**{"train.steps": 2, "train.eval_every": 2, "train.paper_val": True,
-                           "train.paper_val_batch_size": 8, "train.checkpoint_every": 2})
+  config = small_config(
+    **{
+      "train.steps": 2,
+      "train.eval_every": 2,
+      "train.paper_val": True,
+      "train.paper_val_batch_size": 8,
+      "train.checkpoint_every": 2,
+    }
+  )
   summary = train_and_evaluate(config, str(tmp_path / "run"), progress=False)
   last = read_metrics(str(tmp_path / "run"))[-1]
   assert math.isfinite(last["val/loss"]) and math.isfinite(last["val/loss_paper"])

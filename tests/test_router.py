@@ -7,9 +7,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from coe_jax.nn.layers import torch_linear_default_init
 from coe_jax.nn.router import route, router_z_loss, sequence_load_balancing_loss
 
@@ -23,12 +23,18 @@ def _inputs(seed=0, w_scale=0.6):
   return x, w
 
 
-@pytest.mark.parametrize("norm_topk_prob,scaling", [(False, 1.0), (True, 1.0), (False, 2.5),
-                                                     (True, 0.5)])
+@pytest.mark.parametrize(
+  "norm_topk_prob,scaling", [(False, 1.0), (True, 1.0), (False, 2.5), (True, 0.5)]
+)
 def test_route_top_k_matches_numpy(norm_topk_prob, scaling):
   x, w = _inputs()
-  out = route(jnp.asarray(x), jnp.asarray(w), k=K, norm_topk_prob=norm_topk_prob,
-              routed_scaling_factor=scaling)
+  out = route(
+    jnp.asarray(x),
+    jnp.asarray(w),
+    k=K,
+    norm_topk_prob=norm_topk_prob,
+    routed_scaling_factor=scaling,
+  )
   ids, weights, probs = ref.route(x, w, K, norm_topk_prob, scaling)
   assert out.expert_ids.shape == (B, S, K) and out.expert_ids.dtype == jnp.int32
   assert out.combine_weights.dtype == jnp.float32 and out.probs.dtype == jnp.float32
@@ -72,8 +78,9 @@ def test_perfectly_balanced_uniform_router_gives_alpha():
   # Uniform probabilities and perfectly balanced counts: ce = 1, sum_e ce * 1/N = 1.
   probs = jnp.full((2, 4, 4), 0.25)
   ids = jnp.asarray(np.array([[[0, 1], [2, 3], [0, 1], [2, 3]]] * 2, np.int32))
-  np.testing.assert_allclose(float(sequence_load_balancing_loss(probs, ids, 0.001)), 0.001,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(sequence_load_balancing_loss(probs, ids, 0.001)), 0.001, rtol=1e-6
+  )
 
 
 def test_load_balancing_loss_gradient_flows_through_probs_not_counts():
@@ -94,7 +101,8 @@ def test_load_balancing_loss_gradient_flows_through_probs_not_counts():
   # the counts held fixed (softmax Jacobian only).
   x, w = _inputs(4)
   g = jax.grad(lambda w_: route(jnp.asarray(x), w_, k=K, aux_loss_alpha=alpha).aux_loss)(
-      jnp.asarray(w))
+    jnp.asarray(w)
+  )
   ids_np, _, probs = ref.route(x, w, K)
   counts = np.zeros((B, N))
   for b in range(B):
@@ -109,15 +117,16 @@ def test_load_balancing_loss_gradient_flows_through_probs_not_counts():
 def test_z_loss_exact_value():
   logits = jnp.asarray([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [-2.0, 0.5, 10.0]]])
   # 0.01 * mean(logsumexp^2) = 0.01 * (3.40760596444438^2 + ln(3)^2 + 10.00008099276224^2) / 3
-  np.testing.assert_allclose(float(router_z_loss(logits, 0.01)), 0.3760678241051137,
-                             rtol=0, atol=1e-7)
+  np.testing.assert_allclose(
+    float(router_z_loss(logits, 0.01)), 0.3760678241051137, rtol=0, atol=1e-7
+  )
   assert float(router_z_loss(logits, 0.0)) == 0.0
   # Through `route`: coef * mean over tokens of logsumexp(x W^T)^2.
   x, w = _inputs(6)
   out = route(jnp.asarray(x), jnp.asarray(w), k=K, z_loss_coef=0.1)
   lg = ref.f64(x) @ ref.f64(w).T
   lse = np.log(np.exp(lg).sum(-1))
-  np.testing.assert_allclose(float(out.z_loss), 0.1 * np.mean(lse ** 2), rtol=1e-5)
+  np.testing.assert_allclose(float(out.z_loss), 0.1 * np.mean(lse**2), rtol=1e-5)
   assert float(route(jnp.asarray(x), jnp.asarray(w), k=K).z_loss) == 0.0
 
 

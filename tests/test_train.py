@@ -24,9 +24,9 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from coe_jax import config_lib
-from coe_jax.training import optimizer, train, train_config, train_step
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ConfigError
+from coe_jax.training import optimizer, train, train_config, train_step
 from coe_jax.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,25 +36,48 @@ CONFIG_FILE = REPO / "configs" / "coe_c2.py"
 # Dotted field -> value, applied to `configs/coe_c2.py:tiny`; test_cli passes the same
 # values as --config.<field>=<value> flags, so its subprocess hits the compilation cache.
 SMALL = {
-    "model.hidden_size": 32, "model.num_layers": 1, "model.n_routed_experts": 7,
-    "model.moe_intermediate_size": 32, "model.kv_lora_rank": 16, "model.qk_nope_head_dim": 8,
-    "model.qk_rope_head_dim": 8, "model.v_head_dim": 8, "model.num_heads": 2,
-    # capacity = tokens (cf 3.5 = N/K): nothing drops, so micro-batches route exactly as the
-    # whole batch (the accumulation test compares them).
-    "model.capacity_factor_train": 3.5,
-    "data.max_length": 32, "data.vocab_size": 300, "data.synthetic_train_size": 400,
-    "data.synthetic_val_size": 32,
-    "train.batch_size": 8, "train.eval_batch_size": 16, "train.max_eval_batches": 2,
-    # 30 steps at the paper's 3e-4 barely move this model; 3e-3 shows learning clearly.
-    "train.lr": 3e-3, "train.steps": 30, "train.eval_every": 10, "train.checkpoint_every": 5,
-    "train.keep_checkpoints": 2,
+  "model.hidden_size": 32,
+  "model.num_layers": 1,
+  "model.n_routed_experts": 7,
+  "model.moe_intermediate_size": 32,
+  "model.kv_lora_rank": 16,
+  "model.qk_nope_head_dim": 8,
+  "model.qk_rope_head_dim": 8,
+  "model.v_head_dim": 8,
+  "model.num_heads": 2,
+  # capacity = tokens (cf 3.5 = N/K): nothing drops, so micro-batches route exactly as the
+  # whole batch (the accumulation test compares them).
+  "model.capacity_factor_train": 3.5,
+  "data.max_length": 32,
+  "data.vocab_size": 300,
+  "data.synthetic_train_size": 400,
+  "data.synthetic_val_size": 32,
+  "train.batch_size": 8,
+  "train.eval_batch_size": 16,
+  "train.max_eval_batches": 2,
+  # 30 steps at the paper's 3e-4 barely move this model; 3e-3 shows learning clearly.
+  "train.lr": 3e-3,
+  "train.steps": 30,
+  "train.eval_every": 10,
+  "train.checkpoint_every": 5,
+  "train.keep_checkpoints": 2,
 }
 # Metrics every train row of metrics.jsonl must hold (the issue's list).
-REQUIRED_TRAIN_KEYS = ("train/loss", "train/aux_loss", "train/lr", "train/grad_norm",
-                       "train/tokens_per_sec", "train/dropped_fraction")
+REQUIRED_TRAIN_KEYS = (
+  "train/loss",
+  "train/aux_loss",
+  "train/lr",
+  "train/grad_norm",
+  "train/tokens_per_sec",
+  "train/dropped_fraction",
+)
 # Timing-dependent columns; everything else in metrics.jsonl is a deterministic number.
-TIMING_KEYS = ("train/tokens_per_sec", "train/step_seconds", "train/tflops_per_sec_per_device",
-               "train/mfu")
+TIMING_KEYS = (
+  "train/tokens_per_sec",
+  "train/step_seconds",
+  "train/tflops_per_sec_per_device",
+  "train/mfu",
+)
 
 
 def load_config_file(path: Path, arg: str) -> ml_collections.ConfigDict:
@@ -84,19 +107,23 @@ def jax_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def jax_cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
   """Environment variables giving a subprocess the settings of `fast_compilation`."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(jax_cache_dir(tmp_path_factory)),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-          "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+  return {
+    "JAX_COMPILATION_CACHE_DIR": str(jax_cache_dir(tmp_path_factory)),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+  }
 
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_compilation(tmp_path_factory):
   """Within this module: no slow XLA passes, and a persistent cache shared by the session."""
-  settings = {"jax_compilation_cache_dir": str(jax_cache_dir(tmp_path_factory)),
-              "jax_persistent_cache_min_compile_time_secs": 0.0,
-              "jax_persistent_cache_min_entry_size_bytes": 0,
-              "jax_disable_most_optimizations": True}
+  settings = {
+    "jax_compilation_cache_dir": str(jax_cache_dir(tmp_path_factory)),
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+    "jax_disable_most_optimizations": True,
+  }
   previous = {name: jax.config.values[name] for name in settings}
   for name, value in settings.items():
     jax.config.update(name, value)
@@ -125,12 +152,13 @@ def tensorboard_scalars(workdir: Path) -> dict[str, list[tuple[int, float]]]:
   purge marker) drops the values logged earlier at steps >= s.
   """
   from tensorboardX.proto import event_pb2
+
   scalars: dict[str, list[tuple[int, float]]] = {}
   for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
     data, offset = path.read_bytes(), 0
     while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset:offset + 8])  # then a 4-byte length CRC
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])  # then a 4-byte length CRC
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
       offset += 12 + length + 4  # record and its 4-byte CRC
       if event.session_log.status == event_pb2.SessionLog.START:
         for values in scalars.values():
@@ -142,30 +170,48 @@ def tensorboard_scalars(workdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def metric_rows(workdir: Path) -> dict[int, dict]:
   """metrics.jsonl by step, without the timing columns."""
-  return {row["step"]: {k: v for k, v in row.items() if k not in TIMING_KEYS}
-          for row in read_metrics(str(workdir))}
+  return {
+    row["step"]: {k: v for k, v in row.items() if k not in TIMING_KEYS}
+    for row in read_metrics(str(workdir))
+  }
 
 
 # ---------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dotted, value, expected", [
+
+@pytest.mark.parametrize(
+  "dotted, value, expected",
+  [
     ("train.steps", 0, "train.steps: got 0; must be an integer >= 1"),
     ("train.schedule", "linear", "train.schedule: got 'linear'; allowed values: constant, cosine"),
-    ("train.grad_accum_steps", 3, "train.batch_size: got 8; must be divisible by "
-                                  "train.grad_accum_steps=3"),
+    (
+      "train.grad_accum_steps",
+      3,
+      "train.batch_size: got 8; must be divisible by train.grad_accum_steps=3",
+    ),
     ("train.b2", 1.0, "train.b2: got 1.0; must be in [0, 1)"),
     ("train.warmup_fraction", 1.5, "train.warmup_fraction: got 1.5; must be in [0, 1)"),
-    ("model.dispatch", "ragged",
-     "model.dispatch: got 'ragged'; allowed values: capacity, dropless"),
+    (
+      "model.dispatch",
+      "ragged",
+      "model.dispatch: got 'ragged'; allowed values: capacity, dropless",
+    ),
     ("model.dtype", "float16", "model.dtype: got 'float16'; allowed values: float32, bfloat16"),
-    ("model.num_experts_per_tok", 9, "model.num_experts_per_tok: got K=9; must be between 1 and "
-                                     "n_routed_experts=7"),
-    ("data.source", "csv", "data.source: got 'csv'; allowed values: synthetic, json, parquet, hf, "
-                           "tfds"),
+    (
+      "model.num_experts_per_tok",
+      9,
+      "model.num_experts_per_tok: got K=9; must be between 1 and n_routed_experts=7",
+    ),
+    (
+      "data.source",
+      "csv",
+      "data.source: got 'csv'; allowed values: synthetic, json, parquet, hf, tfds",
+    ),
     ("data.max_length", 1, "data.max_length: got 1; must be an integer >= 2"),
-])
+  ],
+)
 def test_validate_config_names_the_bad_field_and_allowed_values(dotted, value, expected):
   config = small_config()
   set_field(config, dotted, value)
@@ -176,13 +222,18 @@ def test_validate_config_names_the_bad_field_and_allowed_values(dotted, value, e
 
 def test_validate_config_accepts_the_small_config_and_resolves_the_model():
   model_config = train_config.validate_config(small_config())
-  assert (model_config.num_iterations, model_config.num_experts_per_tok,
-          model_config.n_routed_experts, model_config.hidden_size) == (2, 2, 7, 32)
+  assert (
+    model_config.num_iterations,
+    model_config.num_experts_per_tok,
+    model_config.n_routed_experts,
+    model_config.hidden_size,
+  ) == (2, 2, 7, 32)
 
 
 # ---------------------------------------------------------------------------
 # Optimiser
 # ---------------------------------------------------------------------------
+
 
 def test_learning_rate_warms_up_linearly_over_ten_percent_then_stays_constant():
   schedule = optimizer.learning_rate_schedule(small_config(train__steps=200, train__lr=3e-4).train)
@@ -217,12 +268,16 @@ def test_adamw_decays_matrices_but_not_norm_scales():
     return optax.apply_updates(params, updates)
 
   new = one_step_without_gradient(params)
-  flat = {jax.tree_util.keystr(path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(new)}
+  flat = {
+    jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(new)
+  }
   scales = [name for name in flat if name.endswith("['scale']")]
   assert sorted(scales) == [
-      "['layers']['input_layernorm']['scale']", "['layers']['mlp']['norm']['scale']",
-      "['layers']['self_attn']['kv_a_layernorm']['scale']", "['norm']['scale']"]
+    "['layers']['input_layernorm']['scale']",
+    "['layers']['mlp']['norm']['scale']",
+    "['layers']['self_attn']['kv_a_layernorm']['scale']",
+    "['norm']['scale']",
+  ]
   for name, leaf in flat.items():
     expected = 2.0 if name in scales else 2.0 * (1 - 0.1 * 0.01)  # decoupled decay: p -= lr*wd*p
     np.testing.assert_allclose(leaf, expected, rtol=1e-6, err_msg=name)
@@ -237,13 +292,15 @@ def test_optimizer_clips_the_global_gradient_norm_to_one():
   first_moment = state[1][0].mu  # adamw's mu after one step: (1 - b1) * clipped gradient
   scale = 1 / math.sqrt(138.0)
   for name in grads:
-    np.testing.assert_allclose(first_moment[name] / (1 - config.train.b1), grads[name] * scale,
-                               rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+      first_moment[name] / (1 - config.train.b1), grads[name] * scale, rtol=1e-5, err_msg=name
+    )
 
 
 # ---------------------------------------------------------------------------
 # The train step
 # ---------------------------------------------------------------------------
+
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, jax.Array]:
   """int32 [B, L] batch of random tokens; row i has i trailing pad positions."""
@@ -252,8 +309,12 @@ def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, 
   ids = rng.integers(1, config.data.vocab_size, (batch, length))
   mask = (np.arange(length)[None, :] < length - np.arange(batch)[:, None]).astype(np.int32)
   positions = np.broadcast_to(np.arange(length), (batch, length))
-  return {"input_ids": jnp.asarray(ids * mask, jnp.int32), "attention_mask": jnp.asarray(mask),
-          "segment_ids": jnp.asarray(mask), "positions": jnp.asarray(positions, jnp.int32)}
+  return {
+    "input_ids": jnp.asarray(ids * mask, jnp.int32),
+    "attention_mask": jnp.asarray(mask),
+    "segment_ids": jnp.asarray(mask),
+    "positions": jnp.asarray(positions, jnp.int32),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +329,9 @@ def step_setup():
 def run_step(config, state, batch, grad_accum_steps=1, dtype="float32"):
   """One donated, jitted train step on a copy of `state`; returns (old copy, new state, metrics)."""
   model_config = config_lib.model_config_from(config, config.data.vocab_size).replace(dtype=dtype)
-  step = jax.jit(train_step.make_train_step(CoECausalLM(model_config), grad_accum_steps),
-                 donate_argnums=0)
+  step = jax.jit(
+    train_step.make_train_step(CoECausalLM(model_config), grad_accum_steps), donate_argnums=0
+  )
   before = jax.tree.map(jnp.copy, state)
   after, metrics = step(before, batch, jax.random.key(0))
   return before, after, jax.device_get(metrics)
@@ -302,8 +364,11 @@ def test_gradient_accumulation_matches_one_batch(step_setup, fp32_step):
 def test_bf16_compute_keeps_fp32_params_and_optimizer_state(step_setup, fp32_step):
   _, _, fp32_metrics = fp32_step
   _, after, metrics = run_step(*step_setup, dtype="bfloat16")
-  dtypes = {leaf.dtype for leaf in jax.tree.leaves((after.params, after.opt_state))
-            if jnp.issubdtype(leaf.dtype, jnp.floating)}
+  dtypes = {
+    leaf.dtype
+    for leaf in jax.tree.leaves((after.params, after.opt_state))
+    if jnp.issubdtype(leaf.dtype, jnp.floating)
+  }
   assert dtypes == {jnp.dtype(jnp.float32)}
   assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
   assert metrics["loss"] != fp32_metrics["loss"]  # the forward really ran in bfloat16 ...
@@ -314,6 +379,7 @@ def test_bf16_compute_keeps_fp32_params_and_optimizer_state(step_setup, fp32_ste
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
@@ -360,8 +426,12 @@ def test_metrics_jsonl_tensorboard_and_loss_png_are_written(trained_run):
   for key in (*REQUIRED_TRAIN_KEYS, "val/loss"):
     logged = [(row["step"], row[key]) for row in rows if key in row]
     assert [step for step, _ in board[key]] == [step for step, _ in logged], key
-    np.testing.assert_allclose([value for _, value in board[key]],  # TensorBoard keeps float32
-                               [value for _, value in logged], rtol=1e-6, err_msg=key)
+    np.testing.assert_allclose(
+      [value for _, value in board[key]],  # TensorBoard keeps float32
+      [value for _, value in logged],
+      rtol=1e-6,
+      err_msg=key,
+    )
   png = workdir / "loss.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and summary["loss_png"] == str(png)
   assert summary["params_total"] > summary["params_active"] > 0
@@ -376,11 +446,19 @@ def test_trains_on_real_math_text_with_the_olmoe_tokenizer(tmp_path):
   if not (math_qa / "train.jsonl").is_file() or not tokenizer.is_file():
     pytest.skip(f"real math text or the olmoe tokenizer is not under {SHARED_DATA}")
   config = small_config(
-      data__source="json", data__train_files=str(math_qa / "train.jsonl"),
-      data__val_files=str(math_qa / "validation.jsonl"), data__tokenizer=str(tokenizer),
-      data__max_train_examples=256, data__max_val_examples=8, train__batch_size=4,
-      train__eval_batch_size=8, train__steps=8, train__eval_every=0, train__checkpoint_every=0,
-      train__lr=1e-2)
+    data__source="json",
+    data__train_files=str(math_qa / "train.jsonl"),
+    data__val_files=str(math_qa / "validation.jsonl"),
+    data__tokenizer=str(tokenizer),
+    data__max_train_examples=256,
+    data__max_val_examples=8,
+    train__batch_size=4,
+    train__eval_batch_size=8,
+    train__steps=8,
+    train__eval_every=0,
+    train__checkpoint_every=0,
+    train__lr=1e-2,
+  )
   summary = train.train_and_evaluate(config, str(tmp_path), progress=False)
   assert summary["vocab_size"] == 50280  # model.vocab_size=0: the tokenizer's
   assert summary["first_train_loss"] == pytest.approx(math.log(50280), abs=0.2)

@@ -14,8 +14,9 @@ from coe_jax.data.tokenized import Batch, encode
 from coe_jax.inference.run_dir import Run
 
 
-def validation_batch(run: Run, batch_size: int, data_overrides: Optional[dict[str, Any]] = None
-                     ) -> Batch:
+def validation_batch(
+  run: Run, batch_size: int, data_overrides: Optional[dict[str, Any]] = None
+) -> Batch:
   """The first `batch_size` validation rows of the run's own data (tokenised, cached in workdir).
 
   `data_overrides` replaces `config.data` fields, e.g. file paths that were
@@ -34,8 +35,12 @@ def encode_texts(tokenizer: tokenizers.Tokenizer, texts: Sequence[str], max_leng
   input_ids = np.full((len(texts), max_length), tokenizer_lib.pad_id(tokenizer), np.int32)
   mask = np.zeros((len(texts), max_length), np.int32)
   for row, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
-    input_ids[row, :stop - start] = tokens[start:stop]
-    mask[row, :stop - start] = 1
+    input_ids[row, : stop - start] = tokens[start:stop]
+    mask[row, : stop - start] = 1
   positions = np.tile(np.arange(max_length, dtype=np.int32), (len(texts), 1))
-  return {"input_ids": input_ids, "attention_mask": mask, "segment_ids": mask.copy(),
-          "positions": positions}
+  return {
+    "input_ids": input_ids,
+    "attention_mask": mask,
+    "segment_ids": mask.copy(),
+    "positions": positions,
+  }

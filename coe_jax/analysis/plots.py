@@ -18,8 +18,13 @@ from coe_jax.analysis.statistics import CoSelection, Drops, LoadStats
 DEFAULT_SUMMARY_COLUMNS = ("load_cv", "normalized_entropy", "top1_weight", "reselection_rate")
 
 
-def _bars_per_iteration(values: np.ndarray, reference: Optional[float], ylabel: str,
-                        subtitles: Sequence[str], title: Optional[str]) -> Figure:
+def _bars_per_iteration(
+  values: np.ndarray,
+  reference: Optional[float],
+  ylabel: str,
+  subtitles: Sequence[str],
+  title: Optional[str],
+) -> Figure:
   """One bar chart per iteration of values <[C, N]>, sharing the y axis."""
   chain, n = values.shape
   fig = Figure(figsize=(4.2 * chain, 3.0), layout="constrained")
@@ -41,23 +46,41 @@ def plot_load(load: LoadStats, layer: int = 0, title: Optional[str] = None) -> F
   """Bar chart of each expert's share of the assignments, one panel per iteration of `layer`."""
   n = load.counts.shape[-1]
   chain = load.counts.shape[1]
-  subtitles = [f"iteration {t}: CV {load.cv[layer, t]:.2f}, max/mean "
-               f"{load.max_over_mean[layer, t]:.2f}" for t in range(chain)]
-  return _bars_per_iteration(load.fraction[layer], 1.0 / n, "share of assignments", subtitles,
-                             title or f"expert load, layer {layer}")
+  subtitles = [
+    f"iteration {t}: CV {load.cv[layer, t]:.2f}, max/mean {load.max_over_mean[layer, t]:.2f}"
+    for t in range(chain)
+  ]
+  return _bars_per_iteration(
+    load.fraction[layer],
+    1.0 / n,
+    "share of assignments",
+    subtitles,
+    title or f"expert load, layer {layer}",
+  )
 
 
 def plot_dropped(drops: Drops, layer: int = 0, title: Optional[str] = None) -> Figure:
   """Bar chart of each expert's dropped share of its assignments, one panel per iteration."""
   chain = drops.counts.shape[1]
-  subtitles = [f"iteration {t}: {100 * drops.fraction[layer, t]:.1f}% dropped"
-               for t in range(chain)]
-  return _bars_per_iteration(drops.per_expert[layer], None, "dropped share", subtitles,
-                             title or f"dropped over capacity, layer {layer}")
+  subtitles = [
+    f"iteration {t}: {100 * drops.fraction[layer, t]:.1f}% dropped" for t in range(chain)
+  ]
+  return _bars_per_iteration(
+    drops.per_expert[layer],
+    None,
+    "dropped share",
+    subtitles,
+    title or f"dropped over capacity, layer {layer}",
+  )
 
 
-def plot_co_selection(co: CoSelection, layer: int = 0, transition: int = 0,
-                      conditional: bool = True, title: Optional[str] = None) -> Figure:
+def plot_co_selection(
+  co: CoSelection,
+  layer: int = 0,
+  transition: int = 0,
+  conditional: bool = True,
+  title: Optional[str] = None,
+) -> Figure:
   """Heatmap of expert i at iteration `transition` (rows) against j at the next one (columns).
 
   `conditional=True` shows P(j at t+1 | i at t) (rows sum to K); False shows token counts.
@@ -72,14 +95,17 @@ def plot_co_selection(co: CoSelection, layer: int = 0, transition: int = 0,
   ax.set_xlabel(f"expert j at iteration {transition + 1}")
   ax.set_ylabel(f"expert i at iteration {transition}")
   diagonal = np.diagonal(co.conditional[layer, transition])
-  ax.set_title(title or f"co-selection, layer {layer} (mean diagonal {diagonal.mean():.3f})",
-               fontsize=10)
+  ax.set_title(
+    title or f"co-selection, layer {layer} (mean diagonal {diagonal.mean():.3f})", fontsize=10
+  )
   return fig
 
 
-def plot_iteration_summary(tables: Mapping[str, pd.DataFrame],
-                           columns: Sequence[str] = DEFAULT_SUMMARY_COLUMNS,
-                           title: Optional[str] = None) -> Figure:
+def plot_iteration_summary(
+  tables: Mapping[str, pd.DataFrame],
+  columns: Sequence[str] = DEFAULT_SUMMARY_COLUMNS,
+  title: Optional[str] = None,
+) -> Figure:
   """Grouped bars comparing models: one panel per column of `iteration_table`, one bar
   per (model, layer, iteration). Missing values (re-selection at iteration 0) are left out."""
   fig = Figure(figsize=(4.0 * len(columns), 3.4), layout="constrained")

@@ -50,8 +50,9 @@ class Routing:
       if getattr(self, name).shape != shape:
         raise ValueError(f"{name}: got shape {getattr(self, name).shape}; expected {shape}")
     if self.router_probs.shape[:4] != shape[:4]:
-      raise ValueError(f"router_probs: got shape {self.router_probs.shape}; expected "
-                       f"{shape[:4] + ('N_routed',)}")
+      raise ValueError(
+        f"router_probs: got shape {self.router_probs.shape}; expected {shape[:4] + ('N_routed',)}"
+      )
     if self.token_mask.shape != shape[2:4]:
       raise ValueError(f"token_mask: got shape {self.token_mask.shape}; expected {shape[2:4]}")
 
@@ -94,12 +95,15 @@ def _find_routing_dict(tree: Mapping[str, Any]) -> Mapping[str, Any]:
         return _find_routing_dict(value)
       except KeyError:
         continue
-  raise KeyError("no sown 'expert_ids' in the intermediates; was a CoE layer applied with "
-                 "mutable=['intermediates']?")
+  raise KeyError(
+    "no sown 'expert_ids' in the intermediates; was a CoE layer applied with "
+    "mutable=['intermediates']?"
+  )
 
 
-def routing_from_intermediates(intermediates: Mapping[str, Any],
-                               token_mask: Optional[np.ndarray] = None) -> Routing:
+def routing_from_intermediates(
+  intermediates: Mapping[str, Any], token_mask: Optional[np.ndarray] = None
+) -> Routing:
   """Builds a `Routing` from the 'intermediates' a model or a single `CoELayer` sowed.
 
   Args:
@@ -122,8 +126,9 @@ def routing_from_intermediates(intermediates: Mapping[str, Any],
   return Routing(token_mask=mask, **arrays)
 
 
-def collect_routing(model: nn.Module, variables: Mapping[str, Any], batch: Mapping[str, Any], *,
-                    train: bool = False) -> Routing:
+def collect_routing(
+  model: nn.Module, variables: Mapping[str, Any], batch: Mapping[str, Any], *, train: bool = False
+) -> Routing:
   """Runs `model` on `batch` and returns the routing of every layer and iteration.
 
   Args:
@@ -137,8 +142,9 @@ def collect_routing(model: nn.Module, variables: Mapping[str, Any], batch: Mappi
   input_ids = np.asarray(batch["input_ids"])
   mask = batch.get("attention_mask")
   mask = np.ones_like(input_ids) if mask is None else np.asarray(mask)
-  intermediates = _sowing_forward(model, train)(variables, input_ids, mask, batch.get("positions"),
-                                                batch.get("segment_ids"))
+  intermediates = _sowing_forward(model, train)(
+    variables, input_ids, mask, batch.get("positions"), batch.get("segment_ids")
+  )
   return routing_from_intermediates(jax.device_get(intermediates), mask)
 
 
@@ -147,8 +153,9 @@ def _sowing_forward(model: nn.Module, train: bool):
   """Jitted `(variables, input_ids, mask, positions, segment_ids) -> intermediates`."""
 
   def forward(variables, input_ids, mask, positions, segment_ids):
-    _, state = model.apply(variables, input_ids, mask, positions, segment_ids, train=train,
-                           mutable=["intermediates"])
+    _, state = model.apply(
+      variables, input_ids, mask, positions, segment_ids, train=train, mutable=["intermediates"]
+    )
     return state["intermediates"]
 
   return jax.jit(forward)
@@ -158,7 +165,10 @@ def concatenate_routing(routings: Sequence[Routing]) -> Routing:
   """Joins the routing of several batches along the batch axis (same seq length)."""
   if not routings:
     raise ValueError("concatenate_routing: got no routing")
-  fields = {f.name: np.concatenate([getattr(r, f.name) for r in routings],
-                                   axis=0 if f.name == "token_mask" else 2)
-            for f in dataclasses.fields(Routing)}
+  fields = {
+    f.name: np.concatenate(
+      [getattr(r, f.name) for r in routings], axis=0 if f.name == "token_mask" else 2
+    )
+    for f in dataclasses.fields(Routing)
+  }
   return Routing(**fields)

@@ -168,8 +168,9 @@ class RoutingStats:
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
   """numerator / denominator, 0 where the denominator is 0."""
-  numerator, denominator = np.broadcast_arrays(np.asarray(numerator, np.float64),
-                                               np.asarray(denominator, np.float64))
+  numerator, denominator = np.broadcast_arrays(
+    np.asarray(numerator, np.float64), np.asarray(denominator, np.float64)
+  )
   out = np.zeros(numerator.shape)
   np.divide(numerator, denominator, out=out, where=denominator != 0)
   return out
@@ -190,9 +191,12 @@ def expert_load(routing: Routing) -> LoadStats:
   """Load per expert, layer and iteration; see `LoadStats`."""
   counts = _count_per_expert(routing, np.ones(routing.expert_ids.shape, bool))
   mean = counts.mean(axis=-1)
-  return LoadStats(counts=counts, fraction=_safe_divide(counts, counts.sum(-1, keepdims=True)),
-                   cv=_safe_divide(counts.std(axis=-1), mean),
-                   max_over_mean=_safe_divide(counts.max(axis=-1), mean))
+  return LoadStats(
+    counts=counts,
+    fraction=_safe_divide(counts, counts.sum(-1, keepdims=True)),
+    cv=_safe_divide(counts.std(axis=-1), mean),
+    max_over_mean=_safe_divide(counts.max(axis=-1), mean),
+  )
 
 
 def router_confidence(routing: Routing) -> ConfidenceStats:
@@ -202,8 +206,9 @@ def router_confidence(routing: Routing) -> ConfidenceStats:
   tokens = max(routing.num_tokens, 1)
   entropy = -plogp.sum(axis=(-1, -2)) / tokens
   top1 = routing.real_tokens(routing.combine_weights)[..., 0].astype(np.float64).sum(-1) / tokens
-  return ConfidenceStats(entropy=entropy, top1_weight=top1,
-                         normalized_entropy=entropy / math.log(routing.num_experts))
+  return ConfidenceStats(
+    entropy=entropy, top1_weight=top1, normalized_entropy=entropy / math.log(routing.num_experts)
+  )
 
 
 def co_selection(routing: Routing) -> CoSelection:
@@ -240,9 +245,13 @@ def reselection(routing: Routing) -> Reselection:
     rate[:, t - 1] = (shared_previous > 0).sum(-1) / denominator
     rate_any[:, t - 1] = (shared_earlier > 0).sum(-1) / denominator
     overlap[:, t - 1] = shared_previous.sum(-1) / denominator
-  return Reselection(rate=rate, rate_any_earlier=rate_any, mean_overlap=overlap,
-                     chance_rate=chance_reselection_rate(n, k),
-                     chance_overlap=k * k / n)
+  return Reselection(
+    rate=rate,
+    rate_any_earlier=rate_any,
+    mean_overlap=overlap,
+    chance_rate=chance_reselection_rate(n, k),
+    chance_overlap=k * k / n,
+  )
 
 
 def chance_reselection_rate(num_experts: int, k: int) -> float:
@@ -265,32 +274,46 @@ def expert_combinations(routing: Routing) -> Combinations:
   layers, chain, tokens, k = sets.shape
   per_layer = np.moveaxis(sets, 1, 2).reshape(layers, tokens, chain * k)
   distinct = np.array([_distinct_rows(per_layer[l]) for l in range(layers)], np.int64)
-  per_iteration = np.array([[_distinct_rows(sets[l, t]) for t in range(chain)]
-                            for l in range(layers)], np.int64).reshape(layers, chain)
+  per_iteration = np.array(
+    [[_distinct_rows(sets[l, t]) for t in range(chain)] for l in range(layers)], np.int64
+  ).reshape(layers, chain)
   n = routing.num_experts
-  return Combinations(distinct=distinct, distinct_per_iteration=per_iteration, num_tokens=tokens,
-                      possible=possible_combinations(n, k, chain),
-                      possible_per_iteration=math.comb(n, k))
+  return Combinations(
+    distinct=distinct,
+    distinct_per_iteration=per_iteration,
+    num_tokens=tokens,
+    possible=possible_combinations(n, k, chain),
+    possible_per_iteration=math.comb(n, k),
+  )
 
 
 def dropped(routing: Routing) -> Drops:
   """Assignments of real tokens dropped over capacity; see `Drops`."""
   counts = _count_per_expert(routing, ~routing.kept)
   load = expert_load(routing).counts
-  return Drops(counts=counts, per_expert=_safe_divide(counts, load),
-               fraction=_safe_divide(counts.sum(-1), load.sum(-1)))
+  return Drops(
+    counts=counts,
+    per_expert=_safe_divide(counts, load),
+    fraction=_safe_divide(counts.sum(-1), load.sum(-1)),
+  )
 
 
 def analyze(routing: Routing) -> RoutingStats:
   """Every statistic of `routing`."""
-  return RoutingStats(load=expert_load(routing), confidence=router_confidence(routing),
-                      co_selection=co_selection(routing), reselection=reselection(routing),
-                      combinations=expert_combinations(routing), drops=dropped(routing))
+  return RoutingStats(
+    load=expert_load(routing),
+    confidence=router_confidence(routing),
+    co_selection=co_selection(routing),
+    reselection=reselection(routing),
+    combinations=expert_combinations(routing),
+    drops=dropped(routing),
+  )
 
 
 # ----------------------------------------------------------------------------
 # Tidy tables
 # ----------------------------------------------------------------------------
+
 
 def _transition_column(values: np.ndarray, layer: int, t: int) -> float:
   """Value of a [layers, C-1] statistic for iteration t (NaN at t = 0, which follows nothing)."""
@@ -303,8 +326,10 @@ def iteration_table(stats: RoutingStats) -> pd.DataFrame:
   rows = []
   for layer in range(stats.num_layers):
     for t in range(stats.num_iterations):
-      rows.append(dict(
-          layer=layer, iteration=t,
+      rows.append(
+        dict(
+          layer=layer,
+          iteration=t,
           load_cv=stats.load.cv[layer, t],
           load_max_over_mean=stats.load.max_over_mean[layer, t],
           entropy=stats.confidence.entropy[layer, t],
@@ -312,22 +337,31 @@ def iteration_table(stats: RoutingStats) -> pd.DataFrame:
           top1_weight=stats.confidence.top1_weight[layer, t],
           dropped_fraction=stats.drops.fraction[layer, t],
           reselection_rate=_transition_column(stats.reselection.rate, layer, t),
-          reselection_rate_any_earlier=_transition_column(stats.reselection.rate_any_earlier,
-                                                          layer, t),
+          reselection_rate_any_earlier=_transition_column(
+            stats.reselection.rate_any_earlier, layer, t
+          ),
           mean_overlap=_transition_column(stats.reselection.mean_overlap, layer, t),
-          distinct_sets=int(stats.combinations.distinct_per_iteration[layer, t])))
+          distinct_sets=int(stats.combinations.distinct_per_iteration[layer, t]),
+        )
+      )
   return pd.DataFrame(rows)
 
 
 def expert_table(stats: RoutingStats) -> pd.DataFrame:
   """One row per (layer, iteration, expert): load, its share, drops and the dropped share."""
   layers, chain, n = stats.load.counts.shape
-  index = pd.MultiIndex.from_product([range(layers), range(chain), range(n)],
-                                     names=["layer", "iteration", "expert"])
-  return pd.DataFrame(dict(
-      load=stats.load.counts.ravel(), load_fraction=stats.load.fraction.ravel(),
-      dropped=stats.drops.counts.ravel(), dropped_fraction=stats.drops.per_expert.ravel()),
-      index=index).reset_index()
+  index = pd.MultiIndex.from_product(
+    [range(layers), range(chain), range(n)], names=["layer", "iteration", "expert"]
+  )
+  return pd.DataFrame(
+    dict(
+      load=stats.load.counts.ravel(),
+      load_fraction=stats.load.fraction.ravel(),
+      dropped=stats.drops.counts.ravel(),
+      dropped_fraction=stats.drops.per_expert.ravel(),
+    ),
+    index=index,
+  ).reset_index()
 
 
 def layer_table(stats: RoutingStats) -> pd.DataFrame:
@@ -339,14 +373,18 @@ def layer_table(stats: RoutingStats) -> pd.DataFrame:
   nan = float("nan")
   rows = []
   for layer in range(stats.num_layers):
-    rows.append(dict(
-        layer=layer, distinct_combinations=int(combos.distinct[layer]),
-        tokens=combos.num_tokens, possible_combinations=combos.possible,
+    rows.append(
+      dict(
+        layer=layer,
+        distinct_combinations=int(combos.distinct[layer]),
+        tokens=combos.num_tokens,
+        possible_combinations=combos.possible,
         used_share_of_possible=combos.distinct[layer] / combos.possible,
         reselection_rate=again.rate[layer].mean() if has_transitions else nan,
         chance_reselection_rate=again.chance_rate if has_transitions else nan,
         mean_overlap=again.mean_overlap[layer].mean() if has_transitions else nan,
         chance_overlap=again.chance_overlap if has_transitions else nan,
-        co_selection_diagonal=stats.co_selection.diagonal[layer].mean() if has_transitions
-        else nan))
+        co_selection_diagonal=stats.co_selection.diagonal[layer].mean() if has_transitions else nan,
+      )
+    )
   return pd.DataFrame(rows)

@@ -6,14 +6,30 @@ Heavy optional libraries (`datasets`, `tensorflow_datasets`) load only when a
 source needs them.
 """
 
-from coe_jax.data.input_pipeline import (Datasets, TrainIterator, build_datasets,
-                                         default_data_config, format_example, format_prompt,
-                                         validate_data_config)
+from coe_jax.data.input_pipeline import (
+  Datasets,
+  TrainIterator,
+  build_datasets,
+  default_data_config,
+  format_example,
+  format_prompt,
+  validate_data_config,
+)
 from coe_jax.data.synthetic import addition_examples, generate_examples
 from coe_jax.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_fingerprint
 
 __all__ = [
-    "Datasets", "TrainIterator", "addition_examples", "build_datasets", "default_data_config",
-    "eos_id", "format_example", "format_prompt", "generate_examples", "load_tokenizer", "pad_id",
-    "tokenizer_fingerprint", "validate_data_config",
+  "Datasets",
+  "TrainIterator",
+  "addition_examples",
+  "build_datasets",
+  "default_data_config",
+  "eos_id",
+  "format_example",
+  "format_prompt",
+  "generate_examples",
+  "load_tokenizer",
+  "pad_id",
+  "tokenizer_fingerprint",
+  "validate_data_config",
 ]

@@ -29,7 +29,8 @@ def _any_type(default: Any) -> config_dict.FieldReference:
 
 def default_data_config() -> ml_collections.ConfigDict:
   """`config.data`: the embedded synthetic corpus with a BPE tokenizer trained on it."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       # Where examples come from: 'synthetic' (embedded generator), 'json' / 'parquet'
       # (local files), 'hf' (Hugging Face hub, hf_name) or 'tfds' (prepared TFDS, no TF).
       source="synthetic",
@@ -69,10 +70,12 @@ def default_data_config() -> ml_collections.ConfigDict:
       synthetic_seed=0,  # seed of the generated corpus (the train order uses config.seed)
       max_train_examples=0,  # keep only the first N training examples; 0 = all
       max_val_examples=0,  # keep only the first N validation examples; 0 = all
-  ))
+    )
+  )
 
 
 # --- validation -----------------------------------------------------------------------------------
+
 
 def fail(field: str, message: str) -> None:
   raise ConfigError(f"data.{field}: {message}")
@@ -112,8 +115,11 @@ def _check_tokenizer(data: ml_collections.ConfigDict) -> None:
   elif tokenizer_lib.looks_like_path(spec):
     path = os.path.expanduser(spec)
     if not (os.path.isfile(path) or os.path.isfile(os.path.join(path, "tokenizer.json"))):
-      fail("tokenizer", f"got {spec!r}, which is not a tokenizer.json file or a directory "
-            "holding one; allowed values: 'bpe', a tokenizer.json path, or a hub name")
+      fail(
+        "tokenizer",
+        f"got {spec!r}, which is not a tokenizer.json file or a directory "
+        "holding one; allowed values: 'bpe', a tokenizer.json path, or a hub name",
+      )
 
 
 def _check_source_fields(data: ml_collections.ConfigDict) -> None:
@@ -143,8 +149,11 @@ def _check_tfds(data: ml_collections.ConfigDict) -> None:
   if data.tfds_data_dir and not os.path.isdir(os.path.expanduser(data.tfds_data_dir)):
     fail("tfds_data_dir", f"got {data.tfds_data_dir!r}, which is not a directory")
   if importlib.util.find_spec("tensorflow_datasets") is None:
-    fail("source", "got 'tfds', but tensorflow-datasets is not installed "
-          "(pip install 'coe_jax[tfds]'; TensorFlow itself is not needed)")
+    fail(
+      "source",
+      "got 'tfds', but tensorflow-datasets is not installed "
+      "(pip install 'coe_jax[tfds]'; TensorFlow itself is not needed)",
+    )
 
 
 DataConfig = Union[ml_collections.ConfigDict, Mapping[str, Any]]
@@ -155,8 +164,7 @@ def with_defaults(data: DataConfig) -> ml_collections.ConfigDict:
   allowed = default_data_config().to_dict()
   unknown = sorted(set(data.keys()) - set(allowed))
   if unknown:
-    raise ConfigError(f"data config: unknown field(s) {unknown}; "
-                      f"allowed fields: {sorted(allowed)}")
+    raise ConfigError(f"data config: unknown field(s) {unknown}; allowed fields: {sorted(allowed)}")
   return ml_collections.ConfigDict({**allowed, **{k: data[k] for k in data.keys()}})
 
 

@@ -35,18 +35,35 @@ import tokenizers
 
 from coe_jax.data import sources, synthetic, tokenized
 from coe_jax.data import tokenizer as tokenizer_lib
-from coe_jax.data.data_config import (SOURCES, DataConfig, fail, with_defaults,  # noqa: F401
-                                      default_data_config, validate_data_config)
+from coe_jax.data.data_config import (  # noqa: F401
+  SOURCES,
+  DataConfig,
+  default_data_config,
+  fail,
+  validate_data_config,
+  with_defaults,
+)
 from coe_jax.data.tokenized import Batch, Split, format_example, format_prompt
 
-__all__ = ["Batch", "Datasets", "Split", "TrainIterator", "build_datasets", "default_data_config",
-           "format_example", "format_prompt", "validate_data_config", "SOURCES"]
+__all__ = [
+  "Batch",
+  "Datasets",
+  "Split",
+  "TrainIterator",
+  "build_datasets",
+  "default_data_config",
+  "format_example",
+  "format_prompt",
+  "validate_data_config",
+  "SOURCES",
+]
 
 CACHE_VERSION = 2  # bump when the cached layout or the text format changes
 _log = logging.getLogger(__name__)
 
 
 # --- iteration ------------------------------------------------------------------------------------
+
 
 class TrainIterator:
   """Endless, deterministic batches over a split's rows.
@@ -62,8 +79,9 @@ class TrainIterator:
   on any number of processes.
   """
 
-  def __init__(self, split: Split, batch_size: int, seed: int,
-               local_rows: Optional[np.ndarray] = None):
+  def __init__(
+    self, split: Split, batch_size: int, seed: int, local_rows: Optional[np.ndarray] = None
+  ):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if split.num_rows < 1:
@@ -85,7 +103,7 @@ class TrainIterator:
     need = self.batch_size
     while need:
       order = self._permutation(self.epoch)
-      chunk = order[self.index:self.index + need]
+      chunk = order[self.index : self.index + need]
       taken.append(chunk)
       need -= len(chunk)
       self.index += len(chunk)
@@ -114,6 +132,7 @@ class TrainIterator:
 
 # --- datasets -------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Datasets:
   """Tokenised train/val splits with their tokenizer."""
@@ -138,8 +157,9 @@ class Datasets:
     """The tokenizer's vocabulary size, added tokens included."""
     return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-  def train_iterator(self, batch_size: int, seed: int,
-                     local_rows: Optional[np.ndarray] = None) -> TrainIterator:
+  def train_iterator(
+    self, batch_size: int, seed: int, local_rows: Optional[np.ndarray] = None
+  ) -> TrainIterator:
     """Endless shuffled training batches, or only their `local_rows` (see `TrainIterator`)."""
     return TrainIterator(self.train, batch_size, seed, local_rows)
 
@@ -151,8 +171,9 @@ class Datasets:
       batches.append(self.val.batch(rows, pad_rows=batch_size - len(rows)))
     return batches
 
-  def reference_val_batches(self, batch_size: int = 64, num_batches: int = 2,
-                            seed: int = 0) -> list[Batch]:
+  def reference_val_batches(
+    self, batch_size: int = 64, num_batches: int = 2, seed: int = 0
+  ) -> list[Batch]:
     """The rows the reference scores for its validation number (SPEC 6).
 
     The validation rows shuffled once (`np.random.default_rng(seed)`; the
@@ -162,8 +183,10 @@ class Datasets:
     `train_step.evaluate_batch_means`: the mean of the per-batch mean losses.
     """
     order = np.random.default_rng(seed).permutation(self.val.num_rows)
-    return [self.val.batch(order[start:start + batch_size])
-            for start in range(0, min(len(order), batch_size * num_batches), batch_size)]
+    return [
+      self.val.batch(order[start : start + batch_size])
+      for start in range(0, min(len(order), batch_size * num_batches), batch_size)
+    ]
 
 
 def _hash(value: Any) -> str:
@@ -185,22 +208,37 @@ def _tfds_stats(data: ml_collections.ConfigDict) -> list[list[Any]]:
 
 def data_key(data: ml_collections.ConfigDict) -> dict[str, Any]:
   """Everything that fixes the raw examples of both splits (not the tokenizer)."""
-  key: dict[str, Any] = {"version": CACHE_VERSION, "source": data.source,
-                         "max_train": data.max_train_examples, "max_val": data.max_val_examples}
+  key: dict[str, Any] = {
+    "version": CACHE_VERSION,
+    "source": data.source,
+    "max_train": data.max_train_examples,
+    "max_val": data.max_val_examples,
+  }
   if data.source == "synthetic":
-    key.update(generator=synthetic.SYNTHETIC_VERSION, train=data.synthetic_train_size,
-               val=data.synthetic_val_size, seed=data.synthetic_seed)
+    key.update(
+      generator=synthetic.SYNTHETIC_VERSION,
+      train=data.synthetic_train_size,
+      val=data.synthetic_val_size,
+      seed=data.synthetic_seed,
+    )
   elif data.source in ("json", "parquet"):
-    key.update(train=_file_stats(sources.expand_files(data.train_files)),
-               val=_file_stats(sources.expand_files(data.val_files)))
+    key.update(
+      train=_file_stats(sources.expand_files(data.train_files)),
+      val=_file_stats(sources.expand_files(data.val_files)),
+    )
   elif data.source == "hf":
     key.update(name=data.hf_name, split=data.hf_split)
   else:
-    key.update(name=data.tfds_name, data_dir=os.path.abspath(os.path.expanduser(data.tfds_data_dir))
-               if data.tfds_data_dir else "", train_split=data.tfds_train_split,
-               val_split=data.tfds_val_split, columns=[data.tfds_query_feature,
-                                                       data.tfds_answer_feature],
-               files=_tfds_stats(data))
+    key.update(
+      name=data.tfds_name,
+      data_dir=os.path.abspath(os.path.expanduser(data.tfds_data_dir))
+      if data.tfds_data_dir
+      else "",
+      train_split=data.tfds_train_split,
+      val_split=data.tfds_val_split,
+      columns=[data.tfds_query_feature, data.tfds_answer_feature],
+      files=_tfds_stats(data),
+    )
   if data.source in ("json", "parquet", "hf"):
     key["columns"] = [data.query_column, data.response_column]
   if _uses_holdout(data):
@@ -214,23 +252,33 @@ def _uses_holdout(data: ml_collections.ConfigDict) -> bool:
   return data.source == "hf" or (data.source == "tfds" and not data.tfds_val_split)
 
 
-def _table_opener(data: ml_collections.ConfigDict, hf_cache: str
-                  ) -> Callable[[str], sources.Table]:
+def _table_opener(data: ml_collections.ConfigDict, hf_cache: str) -> Callable[[str], sources.Table]:
   """A function opening the 'train' or 'val' side of a non-synthetic source."""
   if data.source in ("json", "parquet"):
     return lambda which: sources.file_table(
-        data.source, sources.expand_files(data[f"{which}_files"]), data.query_column,
-        data.response_column, hf_cache, field=f"{which}_files")
+      data.source,
+      sources.expand_files(data[f"{which}_files"]),
+      data.query_column,
+      data.response_column,
+      hf_cache,
+      field=f"{which}_files",
+    )
   if data.source == "hf":
-    return lambda which: sources.hub_table(data.hf_name, data.hf_split, data.query_column,
-                                           data.response_column)
+    return lambda which: sources.hub_table(
+      data.hf_name, data.hf_split, data.query_column, data.response_column
+    )
   return lambda which: sources.tfds_table(
-      data.tfds_name, data[f"tfds_{which}_split"], data.tfds_data_dir, data.tfds_query_feature,
-      data.tfds_answer_feature)
+    data.tfds_name,
+    data[f"tfds_{which}_split"],
+    data.tfds_data_dir,
+    data.tfds_query_feature,
+    data.tfds_answer_feature,
+  )
 
 
-def _open_tables(data: ml_collections.ConfigDict, hf_cache: str
-                 ) -> tuple[sources.Table, list[int], sources.Table, list[int]]:
+def _open_tables(
+  data: ml_collections.ConfigDict, hf_cache: str
+) -> tuple[sources.Table, list[int], sources.Table, list[int]]:
   """(train table, train rows, val table, val rows) before the max_* limits."""
   if data.source == "synthetic":
     size = data.synthetic_train_size + data.synthetic_val_size
@@ -243,8 +291,12 @@ def _open_tables(data: ml_collections.ConfigDict, hf_cache: str
     train, val = sources.holdout(train_table.num_rows, data.val_size, data.val_seed, "val_size")
     return train_table, train, train_table, val
   val_table = open_table("val")
-  return (train_table, list(range(train_table.num_rows)),
-          val_table, list(range(val_table.num_rows)))
+  return (
+    train_table,
+    list(range(train_table.num_rows)),
+    val_table,
+    list(range(val_table.num_rows)),
+  )
 
 
 class _Texts:
@@ -259,9 +311,9 @@ class _Texts:
       _check_local_files(self._data)
       train_table, train, val_table, val = _open_tables(self._data, self._hf_cache)
       if self._data.max_train_examples:
-        train = train[:self._data.max_train_examples]
+        train = train[: self._data.max_train_examples]
       if self._data.max_val_examples:
-        val = val[:self._data.max_val_examples]
+        val = val[: self._data.max_val_examples]
       self._texts = {"train": _format(train_table.read(train)), "val": _format(val_table.read(val))}
     return self._texts
 
@@ -273,8 +325,13 @@ def _check_local_files(data: ml_collections.ConfigDict) -> None:
   """Raises DataError for a malformed json/parquet file of either split, before any is cached."""
   if data.source in ("json", "parquet"):
     for field in ("train_files", "val_files"):
-      sources.check_files(data.source, sources.expand_files(data[field]), data.query_column,
-                          data.response_column, field)
+      sources.check_files(
+        data.source,
+        sources.expand_files(data[field]),
+        data.query_column,
+        data.response_column,
+        field,
+      )
 
 
 def _format(pairs: sources.Pairs) -> list[str]:
@@ -290,11 +347,17 @@ def resolve_cache_dir(data: ml_collections.ConfigDict, workdir: Optional[str]) -
   return tokenizer_lib.default_cache_root()
 
 
-def _load_tokenizer(data: ml_collections.ConfigDict, cache: Path, raw_key: str,
-                    texts: _Texts) -> tokenizers.Tokenizer:
+def _load_tokenizer(
+  data: ml_collections.ConfigDict, cache: Path, raw_key: str, texts: _Texts
+) -> tokenizers.Tokenizer:
   workdir = str(cache / "tokenizers" / f"bpe-{_hash([raw_key, data.vocab_size])}")
-  tok = tokenizer_lib.load_tokenizer(data.tokenizer, workdir=workdir, vocab_size=data.vocab_size,
-                                     train_texts=texts.train_texts, train_key=raw_key)
+  tok = tokenizer_lib.load_tokenizer(
+    data.tokenizer,
+    workdir=workdir,
+    vocab_size=data.vocab_size,
+    train_texts=texts.train_texts,
+    train_key=raw_key,
+  )
   if not data.trim_vocab:
     return tok
   key = _hash([raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.trim_vocab])
@@ -303,13 +366,18 @@ def _load_tokenizer(data: ml_collections.ConfigDict, cache: Path, raw_key: str,
     return tokenizers.Tokenizer.from_file(str(path))
   trimmed = tokenizer_lib.trim_vocabulary(tok, texts.train_texts(), data.trim_vocab)
   tokenizer_lib.write_text_atomic(path, trimmed.to_str())
-  _log.info("Trimmed the tokenizer to %d tokens (data.trim_vocab=%d); cached in %s",
-            trimmed.get_vocab_size(with_added_tokens=True), data.trim_vocab, path)
+  _log.info(
+    "Trimmed the tokenizer to %d tokens (data.trim_vocab=%d); cached in %s",
+    trimmed.get_vocab_size(with_added_tokens=True),
+    data.trim_vocab,
+    path,
+  )
   return trimmed
 
 
-def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
-                   seed: int = 0, save_tokenizer: bool = True) -> Datasets:
+def build_datasets(
+  data: DataConfig, *, workdir: Optional[str] = None, seed: int = 0, save_tokenizer: bool = True
+) -> Datasets:
   """Validates `data`, loads or builds the tokenised splits and returns them.
 
   `save_tokenizer=False` skips the `<workdir>/tokenizer.json` copy (processes
@@ -327,8 +395,7 @@ def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
   texts = _Texts(data, str(cache / "hf_datasets"))
   tok = _load_tokenizer(data, cache, raw_key, texts)
   eos = _eos_target_id(data, tok)
-  full_key = [raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.max_length, data.packing,
-              eos]
+  full_key = [raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.max_length, data.packing, eos]
   directory = cache / f"{data.source}-{_hash(full_key)}"
   args = (data.max_length, tokenizer_lib.pad_id(tok), data.packing)
   splits = tokenized.load_splits(directory, ("train", "val"), *args)
@@ -337,16 +404,30 @@ def build_datasets(data: DataConfig, *, workdir: Optional[str] = None,
     _save_tokenizer_copy(tok, workdir if save_tokenizer else None)
     return Datasets(tok, splits["train"], splits["val"], str(directory), True, 0.0)
   start = time.perf_counter()
-  splits = {name: tokenized.build_split(tok, t, *args, eos_id=eos)
-            for name, t in texts.get().items()}
+  splits = {
+    name: tokenized.build_split(tok, t, *args, eos_id=eos) for name, t in texts.get().items()
+  }
   seconds = time.perf_counter() - start
-  meta = {"key": data_key(data), "tokenizer": full_key[1], "max_length": data.max_length,
-          "packing": data.packing, "eos_target_id": eos, "seconds": seconds,
-          **{f"{n}_examples": s.num_examples for n, s in splits.items()}}
+  meta = {
+    "key": data_key(data),
+    "tokenizer": full_key[1],
+    "max_length": data.max_length,
+    "packing": data.packing,
+    "eos_target_id": eos,
+    "seconds": seconds,
+    **{f"{n}_examples": s.num_examples for n, s in splits.items()},
+  }
   tokenized.save_splits(directory, splits, meta)
-  _save_tokenizer_copy(tok, workdir if save_tokenizer else None)  # only once the data has been read without error
-  _log.info("Tokenised %d train / %d val examples in %.1f s; cached in %s",
-            splits["train"].num_examples, splits["val"].num_examples, seconds, directory)
+  _save_tokenizer_copy(
+    tok, workdir if save_tokenizer else None
+  )  # only once the data has been read without error
+  _log.info(
+    "Tokenised %d train / %d val examples in %.1f s; cached in %s",
+    splits["train"].num_examples,
+    splits["val"].num_examples,
+    seconds,
+    directory,
+  )
   return Datasets(tok, splits["train"], splits["val"], str(directory), False, seconds)
 
 
@@ -356,9 +437,12 @@ def _eos_target_id(data: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -
     return None
   eos = tokenizer_lib.eos_id(tok)
   if eos is None:
-    fail("eos_target", f"is True, but the tokenizer {data.tokenizer!r} has no end-of-text token "
-          f"(looked for {', '.join(tokenizer_lib.EOS_CANDIDATES)}); allowed values: False, or a "
-          "tokenizer that has one")
+    fail(
+      "eos_target",
+      f"is True, but the tokenizer {data.tokenizer!r} has no end-of-text token "
+      f"(looked for {', '.join(tokenizer_lib.EOS_CANDIDATES)}); allowed values: False, or a "
+      "tokenizer that has one",
+    )
   return eos
 
 

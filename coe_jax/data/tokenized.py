@@ -39,8 +39,13 @@ def format_prompt(query: str) -> str:
   return f"query : {query} response :"
 
 
-def encode(tok: tokenizers.Tokenizer, texts: Sequence[str], max_length: int,
-           eos_id: Optional[int] = None, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+  tok: tokenizers.Tokenizer,
+  texts: Sequence[str],
+  max_length: int,
+  eos_id: Optional[int] = None,
+  chunk: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
   """(tokens, offsets): `texts` tokenised without special tokens, each cut to `max_length`.
 
   With `eos_id`, every example is `text ids + [eos_id]` cut to `max_length`:
@@ -52,8 +57,9 @@ def encode(tok: tokenizers.Tokenizer, texts: Sequence[str], max_length: int,
   pieces: list[np.ndarray] = []
   lengths = np.zeros(len(texts), np.int64)
   for start in range(0, len(texts), chunk):
-    for i, enc in enumerate(tok.encode_batch(list(texts[start:start + chunk]),
-                                             add_special_tokens=False)):
+    for i, enc in enumerate(
+      tok.encode_batch(list(texts[start : start + chunk]), add_special_tokens=False)
+    ):
       ids = np.asarray((enc.ids + suffix)[:max_length], np.int32)
       lengths[start + i] = len(ids)
       pieces.append(ids)
@@ -111,7 +117,7 @@ class Split:
 
   def example(self, e: int) -> np.ndarray:
     """The token ids of example `e`."""
-    return np.asarray(self.tokens[self.offsets[e]:self.offsets[e + 1]])
+    return np.asarray(self.tokens[self.offsets[e] : self.offsets[e + 1]])
 
   def batch(self, row_indices: Iterable[int], pad_rows: int = 0) -> Batch:
     """int32 `input_ids`, `attention_mask`, `segment_ids`, `positions`, each `[B, max_length]`.
@@ -123,17 +129,24 @@ class Split:
     shape = (size, self.max_length)
     input_ids = np.full(shape, self.pad_id, np.int32)
     segment_ids = np.zeros(shape, np.int32)
-    positions = np.zeros(shape, np.int32) if self.packed else np.tile(
-        np.arange(self.max_length, dtype=np.int32), (size, 1))
+    positions = (
+      np.zeros(shape, np.int32)
+      if self.packed
+      else np.tile(np.arange(self.max_length, dtype=np.int32), (size, 1))
+    )
     for b, r in enumerate(row_indices):
       self._fill_row(int(r), input_ids[b], segment_ids[b], positions[b])
-    return {"input_ids": input_ids, "attention_mask": (segment_ids > 0).astype(np.int32),
-            "segment_ids": segment_ids, "positions": positions}
+    return {
+      "input_ids": input_ids,
+      "attention_mask": (segment_ids > 0).astype(np.int32),
+      "segment_ids": segment_ids,
+      "positions": positions,
+    }
 
   def _fill_row(self, r: int, ids: np.ndarray, segs: np.ndarray, pos: np.ndarray) -> None:
     first, last = int(self.rows[r]), int(self.rows[r + 1])
     start, stop = int(self.offsets[first]), int(self.offsets[last])
-    ids[:stop - start] = self.tokens[start:stop]
+    ids[: stop - start] = self.tokens[start:stop]
     for k, e in enumerate(range(first, last)):
       a, b = int(self.offsets[e]) - start, int(self.offsets[e + 1]) - start
       segs[a:b] = k + 1
@@ -141,8 +154,14 @@ class Split:
         pos[a:b] = np.arange(b - a, dtype=np.int32)
 
 
-def build_split(tok: tokenizers.Tokenizer, texts: Sequence[str], max_length: int, pad_id: int,
-                packing: bool, eos_id: Optional[int] = None) -> Split:
+def build_split(
+  tok: tokenizers.Tokenizer,
+  texts: Sequence[str],
+  max_length: int,
+  pad_id: int,
+  packing: bool,
+  eos_id: Optional[int] = None,
+) -> Split:
   """Tokenises `texts` (each ending in `eos_id` unless truncated) and lays them out in rows."""
   tokens, offsets = encode(tok, texts, max_length, eos_id)
   rows = pack_rows(np.diff(offsets), max_length, packing)
@@ -172,8 +191,9 @@ def _load_array(path: Path) -> np.ndarray:
     return np.load(path)
 
 
-def load_splits(directory: Path, names: Sequence[str], max_length: int, pad_id: int,
-                packing: bool) -> dict[str, Split] | None:
+def load_splits(
+  directory: Path, names: Sequence[str], max_length: int, pad_id: int, packing: bool
+) -> dict[str, Split] | None:
   """The cached splits in `directory` (memory-mapped), or None when it is incomplete."""
   if not (directory / "meta.json").is_file():
     return None

@@ -25,10 +25,24 @@ from coe_jax.nn.model_config import ConfigError
 
 PAD_TOKEN = "<|padding|>"
 EOS_TOKEN = "<|endoftext|>"
-PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>", "<｜▁pad▁｜>",
-                  "<|finetune_right_pad_id|>")
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|EOT|>", "<｜end▁of▁sentence｜>", "<|end_of_text|>",
-                  "<|eot_id|>", "<|im_end|>", "<eos>")
+PAD_CANDIDATES = (
+  "<|padding|>",
+  "<pad>",
+  "[PAD]",
+  "<|pad|>",
+  "<｜▁pad▁｜>",
+  "<|finetune_right_pad_id|>",
+)
+EOS_CANDIDATES = (
+  "<|endoftext|>",
+  "</s>",
+  "<|EOT|>",
+  "<｜end▁of▁sentence｜>",
+  "<|end_of_text|>",
+  "<|eot_id|>",
+  "<|im_end|>",
+  "<eos>",
+)
 _META_FILE = "tokenizer_meta.json"
 _LOCAL_EXAMPLE = "../shared/data/tokenizer/olmoe/tokenizer.json"
 
@@ -40,13 +54,21 @@ def default_cache_root() -> Path:
 
 def looks_like_path(spec: str) -> bool:
   """True when `spec` names a local file or directory rather than a hub repository."""
-  return (os.path.exists(os.path.expanduser(spec)) or spec.endswith(".json")
-          or spec.startswith((".", "/", "~")))
+  return (
+    os.path.exists(os.path.expanduser(spec))
+    or spec.endswith(".json")
+    or spec.startswith((".", "/", "~"))
+  )
 
 
-def load_tokenizer(spec: str, *, workdir: Optional[str] = None,
-                   train_texts: Optional[Callable[[], Iterable[str]]] = None,
-                   vocab_size: int = 2048, train_key: str = "") -> tokenizers.Tokenizer:
+def load_tokenizer(
+  spec: str,
+  *,
+  workdir: Optional[str] = None,
+  train_texts: Optional[Callable[[], Iterable[str]]] = None,
+  vocab_size: int = 2048,
+  train_key: str = "",
+) -> tokenizers.Tokenizer:
   """The tokenizer named by `spec` (see the module docstring).
 
   For `"bpe"`, `train_texts` is called only when no matching cached tokenizer
@@ -73,8 +95,10 @@ def _from_file(spec: str) -> tokenizers.Tokenizer:
   if path.is_dir():
     path = path / "tokenizer.json"
   if not path.is_file():
-    raise ConfigError(f"data.tokenizer: got {spec!r}, but {str(path)!r} does not exist; allowed "
-                      "values: 'bpe', a tokenizer.json path (or its directory), or a hub name")
+    raise ConfigError(
+      f"data.tokenizer: got {spec!r}, but {str(path)!r} does not exist; allowed "
+      "values: 'bpe', a tokenizer.json path (or its directory), or a hub name"
+    )
   return tokenizers.Tokenizer.from_file(str(path))
 
 
@@ -83,14 +107,16 @@ def _from_hub(name: str) -> tokenizers.Tokenizer:
     return tokenizers.Tokenizer.from_pretrained(name)
   except Exception as error:  # offline, unknown repo, no tokenizer.json, ...
     raise ConfigError(
-        f"data.tokenizer: could not load {name!r} from the Hugging Face hub "
-        f"({type(error).__name__}: {str(error)[:200]}). Without a network, set "
-        f"config.data.tokenizer to a local tokenizer.json path, e.g. {_LOCAL_EXAMPLE}, "
-        "or to 'bpe' to train one on the training texts.") from error
+      f"data.tokenizer: could not load {name!r} from the Hugging Face hub "
+      f"({type(error).__name__}: {str(error)[:200]}). Without a network, set "
+      f"config.data.tokenizer to a local tokenizer.json path, e.g. {_LOCAL_EXAMPLE}, "
+      "or to 'bpe' to train one on the training texts."
+    ) from error
 
 
-def _cached_bpe(cache: Path, train_texts: Optional[Callable[[], Iterable[str]]],
-                vocab_size: int, train_key: str) -> tokenizers.Tokenizer:
+def _cached_bpe(
+  cache: Path, train_texts: Optional[Callable[[], Iterable[str]]], vocab_size: int, train_key: str
+) -> tokenizers.Tokenizer:
   path, meta_path = cache / "tokenizer.json", cache / _META_FILE
   meta = {"vocab_size": vocab_size, "train_key": train_key}
   if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
@@ -118,9 +144,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, min_frequency=2, show_progress=False,
-      special_tokens=[PAD_TOKEN, EOS_TOKEN],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    vocab_size=vocab_size,
+    min_frequency=2,
+    show_progress=False,
+    special_tokens=[PAD_TOKEN, EOS_TOKEN],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(texts, trainer=trainer)
   return tok
 
@@ -154,8 +183,9 @@ def _bpe_merges(model: dict) -> list[tuple[str, str]]:
   return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
 
 
-def trim_vocabulary(tok: tokenizers.Tokenizer, texts: Iterable[str],
-                    keep: int) -> tokenizers.Tokenizer:
+def trim_vocabulary(
+  tok: tokenizers.Tokenizer, texts: Iterable[str], keep: int
+) -> tokenizers.Tokenizer:
   """A copy of the BPE `tok` keeping only the `keep` tokens most frequent in `texts`.
 
   Also kept: every added/special token, every byte symbol of a byte-level
@@ -171,8 +201,10 @@ def trim_vocabulary(tok: tokenizers.Tokenizer, texts: Iterable[str],
   if model.get("type") != "BPE":
     raise ConfigError(f"data.trim_vocab: needs a BPE tokenizer; this one is {model.get('type')!r}")
   if spec.get("post_processor") and spec["post_processor"].get("special_tokens"):
-    raise ConfigError("data.trim_vocab: tokenizers whose post-processor adds special tokens are "
-                      "not supported; set data.trim_vocab=0")
+    raise ConfigError(
+      "data.trim_vocab: tokenizers whose post-processor adds special tokens are "
+      "not supported; set data.trim_vocab=0"
+    )
   vocab: dict[str, int] = model["vocab"]
   merges = _bpe_merges(model)
   counts: dict[int, int] = {}
@@ -193,8 +225,9 @@ def trim_vocabulary(tok: tokenizers.Tokenizer, texts: Iterable[str],
         stack.append(half)
   new_vocab = {t: n for n, t in enumerate(sorted(kept, key=vocab.__getitem__))}
   model["vocab"] = new_vocab
-  model["merges"] = [[a, b] for a, b in merges
-                     if a in new_vocab and b in new_vocab and a + b in new_vocab]
+  model["merges"] = [
+    [a, b] for a, b in merges if a in new_vocab and b in new_vocab and a + b in new_vocab
+  ]
   next_id = len(new_vocab)
   for added in spec["added_tokens"]:  # added tokens outside the model vocabulary go after it
     if added["content"] in new_vocab:

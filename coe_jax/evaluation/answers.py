@@ -58,7 +58,9 @@ def last_boxed(text: str) -> Optional[str]:
   start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
   if start < 0:
     return None
-  rest = text[start:].split("\\boxed", 1)[-1] if text.startswith("\\boxed", start) else text[start + 5:]
+  rest = (
+    text[start:].split("\\boxed", 1)[-1] if text.startswith("\\boxed", start) else text[start + 5 :]
+  )
   if rest.startswith(" "):
     return rest[1:].split("$")[0].split()[0] if rest[1:].strip() else None
   if not rest.startswith("{"):
@@ -109,10 +111,23 @@ def normalize_math_answer(text: Optional[str]) -> str:
   s = text.strip()
   inner = last_boxed(s) if s.startswith("\\boxed") else None
   s = inner if inner is not None else s
-  for old, new in (("\n", ""), ("\\!", ""), ("\\left", ""), ("\\right", ""), ("\\,", ""),
-                   ("\\;", ""), ("\\:", ""), ("dfrac", "frac"), ("tfrac", "frac"),
-                   ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", ""), ("\\$", ""),
-                   ("$", "")):
+  for old, new in (
+    ("\n", ""),
+    ("\\!", ""),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("\\,", ""),
+    ("\\;", ""),
+    ("\\:", ""),
+    ("dfrac", "frac"),
+    ("tfrac", "frac"),
+    ("^\\circ", ""),
+    ("^{\\circ}", ""),
+    ("\\%", ""),
+    ("%", ""),
+    ("\\$", ""),
+    ("$", ""),
+  ):
     s = s.replace(old, new)
   s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{[^}]*\}\s*$", r"\1", s)  # trailing units
   s = re.sub(r"\\(?:text|mbox|mathrm)\{([^}]*)\}", r"\1", s)

@@ -29,14 +29,20 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from coe_jax.training import train_step
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.data.tokenized import build_split, format_example, format_prompt
-from coe_jax.evaluation.answers import (extract_gsm8k_answer, extract_math_answer, gsm8k_target,
-                                        last_boxed, math_equal, numbers_equal)
+from coe_jax.evaluation.answers import (
+  extract_gsm8k_answer,
+  extract_math_answer,
+  gsm8k_target,
+  last_boxed,
+  math_equal,
+  numbers_equal,
+)
 from coe_jax.inference.decoding import complete
 from coe_jax.inference.run_dir import Run, load_run
+from coe_jax.training import train_step
 
 TASKS = ("val_loss", "gsm8k", "math")
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "math": 512}
@@ -72,14 +78,17 @@ class Problem:
   answer: str
 
 
-def to_problem(row: dict, task: str, query_column: str = "query",
-               response_column: str = "response") -> Problem:
+def to_problem(
+  row: dict, task: str, query_column: str = "query", response_column: str = "response"
+) -> Problem:
   """A jsonl row (GSM8K question/answer, MATH problem/solution, or query/response) as a Problem."""
   if "question" in row and "answer" in row:  # GSM8K
     response = gsm8k_response(row["answer"])
     return Problem(row["question"], response, gsm8k_target(row["answer"]))
   if "problem" in row and "solution" in row:  # MATH
-    return Problem(row["problem"], math_response(row["solution"]), last_boxed(row["solution"]) or "")
+    return Problem(
+      row["problem"], math_response(row["solution"]), last_boxed(row["solution"]) or ""
+    )
   if query_column in row and response_column in row:
     response = row[response_column]
     answer = row.get("answer")
@@ -87,8 +96,10 @@ def to_problem(row: dict, task: str, query_column: str = "query",
       extract = extract_gsm8k_answer if task == "gsm8k" else extract_math_answer
       answer = extract(response) or ""
     return Problem(row[query_column], response, str(answer))
-  raise KeyError(f"row has none of question/answer, problem/solution, "
-                 f"{query_column}/{response_column}: keys {sorted(row)}")
+  raise KeyError(
+    f"row has none of question/answer, problem/solution, "
+    f"{query_column}/{response_column}: keys {sorted(row)}"
+  )
 
 
 def build_prompt(query: str, shots: Sequence[Problem] = ()) -> str:
@@ -97,8 +108,9 @@ def build_prompt(query: str, shots: Sequence[Problem] = ()) -> str:
   return "\n\n".join(parts)
 
 
-def split_shots(problems: list[Problem], num_shots: int, seed: int,
-                shots_from: Optional[list[Problem]] = None) -> tuple[list[Problem], list[Problem]]:
+def split_shots(
+  problems: list[Problem], num_shots: int, seed: int, shots_from: Optional[list[Problem]] = None
+) -> tuple[list[Problem], list[Problem]]:
   """(exemplars, problems to score): `num_shots` exemplars drawn with `seed` from `shots_from`,
   or, without it, from the evaluation problems themselves (then not scored)."""
   if num_shots <= 0:
@@ -120,8 +132,14 @@ def _bar(iterable: Iterable, enabled: bool, **kwargs):
   return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
-def validation_loss(run: Run, problems: Optional[list[Problem]] = None, *, batch_size: int = 0,
-                    max_length: int = 0, progress: bool = False) -> dict[str, float]:
+def validation_loss(
+  run: Run,
+  problems: Optional[list[Problem]] = None,
+  *,
+  batch_size: int = 0,
+  max_length: int = 0,
+  progress: bool = False,
+) -> dict[str, float]:
   """Token cross-entropy and perplexity of `run` (a `run_dir.Run`).
 
   Without `problems`: the run's own validation split and eval batch size.
@@ -136,16 +154,24 @@ def validation_loss(run: Run, problems: Optional[list[Problem]] = None, *, batch
       raise FileNotFoundError(f"{run.workdir}: no tokenizer.json; cannot tokenise --data")
     texts = [format_example(p.query, p.response) for p in problems]
     eos = tokenizer_lib.eos_id(run.tokenizer) if run.config.data.get("eos_target", False) else None
-    split = build_split(run.tokenizer, texts, max_length, tokenizer_lib.pad_id(run.tokenizer), False,
-                        eos_id=eos)  # the run's own targets: with EOS iff it trained with them
+    split = build_split(
+      run.tokenizer, texts, max_length, tokenizer_lib.pad_id(run.tokenizer), False, eos_id=eos
+    )  # the run's own targets: with EOS iff it trained with them
   eval_step = jax.jit(train_step.make_eval_step(run.model))
-  batches = (split.batch(range(start, min(start + batch_size, split.num_rows)),
-                         pad_rows=max(0, start + batch_size - split.num_rows))
-             for start in _bar(range(0, split.num_rows, batch_size), progress, desc="val_loss",
-                               unit="batch"))
+  batches = (
+    split.batch(
+      range(start, min(start + batch_size, split.num_rows)),
+      pad_rows=max(0, start + batch_size - split.num_rows),
+    )
+    for start in _bar(range(0, split.num_rows, batch_size), progress, desc="val_loss", unit="batch")
+  )
   loss, count = train_step.evaluate(eval_step, run.params, batches, with_count=True)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count,
-          "examples": split.num_examples}
+  return {
+    "loss": loss,
+    "perplexity": math.exp(min(loss, 700.0)),
+    "tokens": count,
+    "examples": split.num_examples,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,51 +188,93 @@ class GenerationSettings:
   stop_strings: tuple[str, ...] = DEFAULT_STOP_STRINGS
 
 
-def answer_accuracy(run: Run, problems: list[Problem], task: str, settings: GenerationSettings, *,
-                    shots: Sequence[Problem] = (), progress: bool = False
-                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def answer_accuracy(
+  run: Run,
+  problems: list[Problem],
+  task: str,
+  settings: GenerationSettings,
+  *,
+  shots: Sequence[Problem] = (),
+  progress: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Exact-match accuracy of greedy (or sampled) answers to `problems` after `shots`.
 
   Returns (scores, one dict per problem with the generation and the verdict).
   """
-  extract, equal = ((extract_gsm8k_answer, numbers_equal) if task == "gsm8k"
-                    else (extract_math_answer, math_equal))
+  extract, equal = (
+    (extract_gsm8k_answer, numbers_equal) if task == "gsm8k" else (extract_math_answer, math_equal)
+  )
   prompts = [build_prompt(p.query, shots) for p in problems]
-  outputs = complete(run.params, run.model_config, run.tokenizer, prompts,
-                     max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                     max_prompt_length=settings.max_prompt_length or None,
-                     temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                     stop_strings=settings.stop_strings, progress=progress)
+  outputs = complete(
+    run.params,
+    run.model_config,
+    run.tokenizer,
+    prompts,
+    max_new_tokens=settings.max_new_tokens,
+    batch_size=settings.batch_size,
+    max_prompt_length=settings.max_prompt_length or None,
+    temperature=settings.temperature,
+    top_p=settings.top_p,
+    seed=settings.seed,
+    stop_strings=settings.stop_strings,
+    progress=progress,
+  )
   predictions = []
   for problem, out in zip(problems, outputs):
     predicted = extract(out.text)
-    predictions.append({"query": problem.query, "generation": out.text, "prediction": predicted,
-                        "answer": problem.answer, "correct": bool(equal(predicted, problem.answer)),
-                        "stopped": out.finished, "generated_tokens": len(out.token_ids)})
+    predictions.append(
+      {
+        "query": problem.query,
+        "generation": out.text,
+        "prediction": predicted,
+        "answer": problem.answer,
+        "correct": bool(equal(predicted, problem.answer)),
+        "stopped": out.finished,
+        "generated_tokens": len(out.token_ids),
+      }
+    )
   correct = sum(p["correct"] for p in predictions)
-  scores = {"accuracy": correct / max(len(predictions), 1), "correct": correct,
-            "count": len(predictions), "num_shots": len(shots),
-            "mean_generated_tokens": float(np.mean([p["generated_tokens"] for p in predictions]))
-            if predictions else 0.0}
+  scores = {
+    "accuracy": correct / max(len(predictions), 1),
+    "correct": correct,
+    "count": len(predictions),
+    "num_shots": len(shots),
+    "mean_generated_tokens": float(np.mean([p["generated_tokens"] for p in predictions]))
+    if predictions
+    else 0.0,
+  }
   return scores, predictions
 
 
-def load_problems(task: str, data: Optional[str], query_column: str = "query",
-                  response_column: str = "response") -> list[Problem]:
+def load_problems(
+  task: str, data: Optional[str], query_column: str = "query", response_column: str = "response"
+) -> list[Problem]:
   """Every row of `data` (default: the task's shared test file) as a Problem."""
   if not data:
-    raise ValueError(f"--task={task}: pass --data=PATH to a jsonl of its problems "
-                     "(e.g. ../shared/data/gsm8k/test.jsonl or ../shared/data/math/test.jsonl)")
+    raise ValueError(
+      f"--task={task}: pass --data=PATH to a jsonl of its problems "
+      "(e.g. ../shared/data/gsm8k/test.jsonl or ../shared/data/math/test.jsonl)"
+    )
   path = data
   return [to_problem(row, task, query_column, response_column) for row in read_jsonl(path)]
 
 
-def evaluate_run(workdir: str, task: str, *, data: Optional[str] = None, limit: int = 0,
-                 step: Optional[int] = None, settings: Optional[GenerationSettings] = None,
-                 shots_data: Optional[str] = None, query_column: str = "query",
-                 response_column: str = "response", batch_size: int = 0,
-                 num_samples: int = 20, progress: bool = False, write: bool = True
-                 ) -> dict[str, Any]:
+def evaluate_run(
+  workdir: str,
+  task: str,
+  *,
+  data: Optional[str] = None,
+  limit: int = 0,
+  step: Optional[int] = None,
+  settings: Optional[GenerationSettings] = None,
+  shots_data: Optional[str] = None,
+  query_column: str = "query",
+  response_column: str = "response",
+  batch_size: int = 0,
+  num_samples: int = 20,
+  progress: bool = False,
+  write: bool = True,
+) -> dict[str, Any]:
   """Runs `task` on the run in `workdir`; writes eval_<task>.json and samples; returns the result.
 
   `limit` keeps the first N problems (after few-shot exemplars are set aside).
@@ -216,8 +284,12 @@ def evaluate_run(workdir: str, task: str, *, data: Optional[str] = None, limit: 
   start = time.perf_counter()
   run = load_run(workdir, step)
   settings = settings or GenerationSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS.get(task, 256))
-  result: dict[str, Any] = {"task": task, "workdir": run.workdir, "checkpoint_step": run.step,
-                            "data": data or "validation split of the run"}
+  result: dict[str, Any] = {
+    "task": task,
+    "workdir": run.workdir,
+    "checkpoint_step": run.step,
+    "data": data or "validation split of the run",
+  }
   predictions: list[dict] = []
   if task == "val_loss":
     problems = None
@@ -233,12 +305,18 @@ def evaluate_run(workdir: str, task: str, *, data: Optional[str] = None, limit: 
     shots_from = load_problems(task, shots_data) if shots_data else None
     shots, problems = split_shots(problems, settings.num_shots, settings.seed, shots_from)
     problems = problems[:limit] if limit else problems
-    scores, predictions = answer_accuracy(run, problems, task, settings, shots=shots,
-                                          progress=progress)
-    result.update(scores, score=scores["accuracy"], metric="accuracy",
-                  settings=dataclasses.asdict(settings))
-  result.update(limit=limit, seconds=time.perf_counter() - start,
-                model=run.model_config.to_dict(), config=run.config.to_dict())
+    scores, predictions = answer_accuracy(
+      run, problems, task, settings, shots=shots, progress=progress
+    )
+    result.update(
+      scores, score=scores["accuracy"], metric="accuracy", settings=dataclasses.asdict(settings)
+    )
+  result.update(
+    limit=limit,
+    seconds=time.perf_counter() - start,
+    model=run.model_config.to_dict(),
+    config=run.config.to_dict(),
+  )
   if write:
     _write(run.workdir, task, result, predictions[:num_samples])
   return result

@@ -18,9 +18,11 @@ from coe_jax.nn.model_config import ConfigError, ModelConfig, hf_fixed_values, h
 MODEL_TYPE = "coe_deepseekv2"  # the authors' CoeConfig.model_type
 DEEPSEEK_V2 = "deepseek_v2"  # plain DeepSeek-V2 checkpoints (C=1), also accepted on import
 MODEL_TYPES = (MODEL_TYPE, DEEPSEEK_V2)
-AUTO_MAP = {"AutoConfig": "configuration_coe.CoeConfig",
-            "AutoModel": "modeling_coe.CoeModel",
-            "AutoModelForCausalLM": "modeling_coe.CoeForCausalLM"}
+AUTO_MAP = {
+  "AutoConfig": "configuration_coe.CoeConfig",
+  "AutoModel": "modeling_coe.CoeModel",
+  "AutoModelForCausalLM": "modeling_coe.CoeForCausalLM",
+}
 # The authors' routing (SPEC 3): every chosen expert processes the token. Import uses it unless
 # the caller overrides `dispatch`.
 IMPORT_DISPATCH = "dropless"
@@ -28,14 +30,22 @@ IMPORT_DISPATCH = "dropless"
 # rope_scaling: a dict or null).
 _CONVERTED = ("n_shared_experts", "rope_scaling")
 # Our ModelConfig field <- authors' config.json key (same meaning), from the field metadata.
-_SAME_FIELDS = {ours: theirs for ours, theirs in hf_keys().items()
-                if "." not in theirs and ours not in _CONVERTED}
-_ROPE_FIELDS = {ours: theirs.split(".", 1)[1] for ours, theirs in hf_keys().items()
-                if theirs.startswith("rope_scaling.")}
+_SAME_FIELDS = {
+  ours: theirs for ours, theirs in hf_keys().items() if "." not in theirs and ours not in _CONVERTED
+}
+_ROPE_FIELDS = {
+  ours: theirs.split(".", 1)[1]
+  for ours, theirs in hf_keys().items()
+  if theirs.startswith("rope_scaling.")
+}
 # What DeepSeek-V2's own decoder layer computes, in our fields: one expert pass with one gate
 # per layer (`mlp.gate.weight`) and out = h + experts(norm(h)).
-_DEEPSEEK_V2_CHAIN = {"num_iterations": 1, "independent_gates": False, "inner_residual": False,
-                      "outer_residual": True}
+_DEEPSEEK_V2_CHAIN = {
+  "num_iterations": 1,
+  "independent_gates": False,
+  "inner_residual": False,
+  "outer_residual": True,
+}
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
@@ -47,7 +57,9 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
   DeepSeek-V2, i.e. C=1 with its residual (`_DEEPSEEK_V2_CHAIN`).
   """
   _check_hf_values(hf)
-  values: dict[str, Any] = {ours: hf[theirs] for ours, theirs in _SAME_FIELDS.items() if theirs in hf}
+  values: dict[str, Any] = {
+    ours: hf[theirs] for ours, theirs in _SAME_FIELDS.items() if theirs in hf
+  }
   if hf["model_type"] == DEEPSEEK_V2:
     values.update(_deepseek_v2_chain(hf))
   values["n_shared_experts"] = int(hf.get("n_shared_experts") or 0)
@@ -61,13 +73,17 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
 def _check_hf_values(hf: Mapping[str, Any]) -> None:
   """Raises ConfigError for config.json values our model cannot compute."""
   if hf.get("model_type") not in MODEL_TYPES:
-    raise ConfigError(f"config.json model_type: got {hf.get('model_type')!r}; allowed values: "
-                      f"{', '.join(MODEL_TYPES)}")
+    raise ConfigError(
+      f"config.json model_type: got {hf.get('model_type')!r}; allowed values: "
+      f"{', '.join(MODEL_TYPES)}"
+    )
   if hf.get("q_lora_rank") not in (None, 0):
     raise ConfigError(f"config.json q_lora_rank: got {hf['q_lora_rank']!r}; allowed values: null")
   if hf.get("first_k_dense_replace", 0) not in (0, None):
-    raise ConfigError(f"config.json first_k_dense_replace: got {hf['first_k_dense_replace']!r}; "
-                      "allowed values: 0 (every layer is a CoE layer)")
+    raise ConfigError(
+      f"config.json first_k_dense_replace: got {hf['first_k_dense_replace']!r}; "
+      "allowed values: 0 (every layer is a CoE layer)"
+    )
   if hf.get("tie_word_embeddings", False):
     raise ConfigError("config.json tie_word_embeddings: got true; allowed values: false")
 
@@ -82,9 +98,10 @@ def _deepseek_v2_chain(hf: Mapping[str, Any]) -> dict[str, Any]:
     theirs = hf_keys()[ours]
     if theirs in hf and hf[theirs] != want:
       raise ConfigError(
-          f"config.json {theirs}: got {hf[theirs]!r} with model_type {DEEPSEEK_V2!r}, whose code "
-          f"computes {theirs}={want!r} (one expert pass, out = h + experts(norm(h))); allowed "
-          f"values: {want!r} or absent. A Chain-of-Experts checkpoint has model_type {MODEL_TYPE!r}")
+        f"config.json {theirs}: got {hf[theirs]!r} with model_type {DEEPSEEK_V2!r}, whose code "
+        f"computes {theirs}={want!r} (one expert pass, out = h + experts(norm(h))); allowed "
+        f"values: {want!r} or absent. A Chain-of-Experts checkpoint has model_type {MODEL_TYPE!r}"
+      )
   return dict(_DEEPSEEK_V2_CHAIN)
 
 
@@ -97,8 +114,14 @@ def _rope_from_hf(rope: Any) -> dict[str, Any]:
     raise ConfigError(f"config.json rope_scaling.type: got {kind!r}; allowed values: yarn, or null")
   # Keys absent from config.json take the reference's defaults
   # (DeepseekV2YarnRotaryEmbedding: mscale=1, mscale_all_dim=0), not our paper defaults.
-  values = {"rope_scaling": "yarn", "rope_original_max_position": 4096, "rope_beta_fast": 32.0,
-            "rope_beta_slow": 1.0, "rope_mscale": 1.0, "rope_mscale_all_dim": 0.0}
+  values = {
+    "rope_scaling": "yarn",
+    "rope_original_max_position": 4096,
+    "rope_beta_fast": 32.0,
+    "rope_beta_slow": 1.0,
+    "rope_mscale": 1.0,
+    "rope_mscale_all_dim": 0.0,
+  }
   values.update({ours: rope[theirs] for ours, theirs in _ROPE_FIELDS.items() if theirs in rope})
   return values
 
@@ -114,8 +137,9 @@ def check_authors_can_compute(cfg: ModelConfig) -> None:
     value = getattr(cfg, name)
     if value != only:
       raise ConfigError(
-          f"model.{name}: got {value!r}; the authors' CoeForCausalLM only computes "
-          f"{name}={only!r}, so the exported model would compute something else")
+        f"model.{name}: got {value!r}; the authors' CoeForCausalLM only computes "
+        f"{name}={only!r}, so the exported model would compute something else"
+      )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -125,7 +149,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """
   check_authors_can_compute(cfg)
   hf: dict[str, Any] = {theirs: getattr(cfg, ours) for ours, theirs in _SAME_FIELDS.items()}
-  hf.update({
+  hf.update(
+    {
       "architectures": ["CoeForCausalLM"],
       "model_type": MODEL_TYPE,
       "auto_map": dict(AUTO_MAP),
@@ -142,11 +167,16 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "attention_bias": False,
       "intermediate_size": cfg.moe_intermediate_size * max(cfg.num_experts_per_tok, 1),
       "max_position_embeddings": int(cfg.rope_original_max_position * cfg.rope_factor)
-      if cfg.rope_scaling == "yarn" else cfg.rope_original_max_position,
+      if cfg.rope_scaling == "yarn"
+      else cfg.rope_original_max_position,
       "rope_scaling": None,
-  })
+    }
+  )
   if cfg.rope_scaling == "yarn":
-    hf["rope_scaling"] = {"type": "yarn", **{theirs: getattr(cfg, ours) for ours, theirs in _ROPE_FIELDS.items()}}
+    hf["rope_scaling"] = {
+      "type": "yarn",
+      **{theirs: getattr(cfg, ours) for ours, theirs in _ROPE_FIELDS.items()},
+    }
   return hf
 
 
@@ -159,8 +189,8 @@ def _layer_names(cfg: ModelConfig, i: int) -> dict[tuple[str, ...], tuple[str, b
   """Our param path (within the stacked layer) -> (their name, is a Linear weight)."""
   p = f"model.layers.{i}."
   names = {
-      ("input_layernorm", "scale"): (p + "input_layernorm.weight", False),
-      ("mlp", "norm", "scale"): (p + "post_attention_layernorm.weight", False),
+    ("input_layernorm", "scale"): (p + "input_layernorm.weight", False),
+    ("mlp", "norm", "scale"): (p + "post_attention_layernorm.weight", False),
   }
   for proj in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
     names[("self_attn", proj, "kernel")] = (p + f"self_attn.{proj}.weight", True)
@@ -183,8 +213,9 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def from_hf(config: Mapping[str, Any], state_dict: Mapping[str, Any], **overrides: Any
-            ) -> tuple[CoECausalLM, dict]:
+def from_hf(
+  config: Mapping[str, Any], state_dict: Mapping[str, Any], **overrides: Any
+) -> tuple[CoECausalLM, dict]:
   """(model, variables) from the authors' config.json dict and state dict.
 
   Args:
@@ -202,9 +233,9 @@ def from_hf(config: Mapping[str, Any], state_dict: Mapping[str, Any], **override
   if missing:
     raise KeyError(f"state_dict is missing {len(missing)} weight(s), e.g. {missing[:5]}")
   params: dict = {
-      "embed_tokens": {"embedding": sd["model.embed_tokens.weight"]},
-      "norm": {"scale": sd["model.norm.weight"]},
-      "lm_head": {"kernel": _linear(sd["lm_head.weight"])},
+    "embed_tokens": {"embedding": sd["model.embed_tokens.weight"]},
+    "norm": {"scale": sd["model.norm.weight"]},
+    "lm_head": {"kernel": _linear(sd["lm_head.weight"])},
   }
   layers: dict = {}
   for path, _ in _layer_names(cfg, 0).items():
@@ -212,12 +243,21 @@ def from_hf(config: Mapping[str, Any], state_dict: Mapping[str, Any], **override
     is_linear = _layer_names(cfg, 0)[path][1]
     _set(layers, path, np.stack([_linear(w) if is_linear else w for w in stacked]))
   layers.setdefault("mlp", {})["router"] = np.stack(
-      [np.stack([sd[n] for n in _router_names(cfg, i)]) for i in range(cfg.num_layers)])
+    [np.stack([sd[n] for n in _router_names(cfg, i)]) for i in range(cfg.num_layers)]
+  )
   routed = {}
   for proj in ("gate_proj", "up_proj", "down_proj"):
-    routed[proj] = np.stack([
-        np.stack([_linear(sd[f"model.layers.{i}.mlp.experts.{j}.{proj}.weight"])
-                  for j in range(cfg.n_routed_experts)]) for i in range(cfg.num_layers)])
+    routed[proj] = np.stack(
+      [
+        np.stack(
+          [
+            _linear(sd[f"model.layers.{i}.mlp.experts.{j}.{proj}.weight"])
+            for j in range(cfg.n_routed_experts)
+          ]
+        )
+        for i in range(cfg.num_layers)
+      ]
+    )
   layers["mlp"]["routed_experts"] = routed
   params["layers"] = layers
   return CoECausalLM(cfg), {"params": params}
@@ -234,21 +274,25 @@ def _expected_names(cfg: ModelConfig) -> list[str]:
   for i in range(cfg.num_layers):
     names += [n for n, _ in _layer_names(cfg, i).values()]
     names += _router_names(cfg, i)
-    names += [f"model.layers.{i}.mlp.experts.{j}.{proj}.weight"
-              for j in range(cfg.n_routed_experts) for proj in ("gate_proj", "up_proj", "down_proj")]
+    names += [
+      f"model.layers.{i}.mlp.experts.{j}.{proj}.weight"
+      for j in range(cfg.n_routed_experts)
+      for proj in ("gate_proj", "up_proj", "down_proj")
+    ]
   return names
 
 
-def to_hf(model_or_config: CoECausalLM | ModelConfig, variables: Mapping[str, Any]
-          ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def to_hf(
+  model_or_config: CoECausalLM | ModelConfig, variables: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(config.json dict, state dict of float32 numpy arrays) in the authors' layout."""
   cfg = model_or_config.config if isinstance(model_or_config, CoECausalLM) else model_or_config
   params = variables["params"] if "params" in variables else variables
   params = {k: v for k, v in params.items()}
   sd: dict[str, np.ndarray] = {
-      "model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"], np.float32),
-      "model.norm.weight": np.asarray(params["norm"]["scale"], np.float32),
-      "lm_head.weight": _linear(np.asarray(params["lm_head"]["kernel"], np.float32)),
+    "model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"], np.float32),
+    "model.norm.weight": np.asarray(params["norm"]["scale"], np.float32),
+    "lm_head.weight": _linear(np.asarray(params["lm_head"]["kernel"], np.float32)),
   }
   layers = params["layers"]
   for i in range(cfg.num_layers):

@@ -77,8 +77,12 @@ def cache_bytes_per_token(config: ModelConfig) -> dict[str, float]:
   """
   itemsize = compute_dtype(config.dtype).itemsize
   mla = config.num_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * itemsize
-  full = (config.num_layers * config.num_heads
-          * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * itemsize)
+  full = (
+    config.num_layers
+    * config.num_heads
+    * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    * itemsize
+  )
   return {"mla": mla, "full_kv": full, "ratio": full / mla}
 
 
@@ -96,8 +100,10 @@ def prompt_positions(attention_mask: Int[Array, "batch seq"]) -> Int[Array, "bat
 # Sampling and stop checks (pure, per step).
 # ----------------------------------------------------------------------------
 
-def _nucleus(logits: Float[Array, "batch vocab"], keys: Array, temperature: Array,
-             top_p: Array) -> Int[Array, "batch"]:
+
+def _nucleus(
+  logits: Float[Array, "batch vocab"], keys: Array, temperature: Array, top_p: Array
+) -> Int[Array, "batch"]:
   scaled = logits / jnp.maximum(temperature, 1e-6)
   sorted_logits = -jnp.sort(-scaled, axis=-1)
   probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -108,8 +114,12 @@ def _nucleus(logits: Float[Array, "batch vocab"], keys: Array, temperature: Arra
   return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
 
-def sample_token(logits: Float[Array, "batch vocab"], keys: Array, temperature: Float[Array, ""],
-                 top_p: Float[Array, ""]) -> Int[Array, "batch"]:
+def sample_token(
+  logits: Float[Array, "batch vocab"],
+  keys: Array,
+  temperature: Float[Array, ""],
+  top_p: Float[Array, ""],
+) -> Int[Array, "batch"]:
   """Greedy argmax when temperature <= 0, else a nucleus sample; int32 [batch].
 
   Args:
@@ -118,8 +128,9 @@ def sample_token(logits: Float[Array, "batch vocab"], keys: Array, temperature: 
     temperature / top_p: scalars (traced: changing them does not recompile).
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.lax.cond(temperature > 0, lambda: _nucleus(logits, keys, temperature, top_p),
-                      lambda: greedy)
+  return jax.lax.cond(
+    temperature > 0, lambda: _nucleus(logits, keys, temperature, top_p), lambda: greedy
+  )
 
 
 def stop_sequence_table(stop_sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -129,13 +140,14 @@ def stop_sequence_table(stop_sequences: Sequence[Sequence[int]]) -> tuple[np.nda
   valid = np.zeros((len(stop_sequences), width), bool)
   for j, seq in enumerate(stop_sequences):
     if len(seq):
-      table[j, width - len(seq):] = seq
-      valid[j, width - len(seq):] = True
+      table[j, width - len(seq) :] = seq
+      valid[j, width - len(seq) :] = True
   return table, valid
 
 
-def stop_hit(tail: Int[Array, "batch width"], table: Int[Array, "j width"],
-             valid: Bool[Array, "j width"]) -> Bool[Array, "batch"]:
+def stop_hit(
+  tail: Int[Array, "batch width"], table: Int[Array, "j width"], valid: Bool[Array, "j width"]
+) -> Bool[Array, "batch"]:
   """True where a row's last generated tokens (`tail`, right-aligned) end with a stop sequence."""
   same = (tail[:, None, :] == table[None]) | ~valid[None]
   return jnp.any(jnp.all(same, axis=-1) & valid.any(axis=-1)[None], axis=-1)
@@ -144,6 +156,7 @@ def stop_hit(tail: Int[Array, "batch width"], table: Int[Array, "j width"],
 # ----------------------------------------------------------------------------
 # The jitted program.
 # ----------------------------------------------------------------------------
+
 
 @flax.struct.dataclass
 class GenerationOutput:
@@ -164,11 +177,15 @@ class GenerationOutput:
 
 
 @functools.lru_cache(maxsize=32)
-def make_generate_fn(config: ModelConfig, max_new_tokens: int,
-                     stop_sequences: tuple[tuple[int, ...], ...] = (),
-                     stop_token_ids: tuple[int, ...] = (), absorb: bool = True,
-                     return_logits: bool = False,
-                     compiler_options: tuple[tuple[str, Any], ...] = ()):
+def make_generate_fn(
+  config: ModelConfig,
+  max_new_tokens: int,
+  stop_sequences: tuple[tuple[int, ...], ...] = (),
+  stop_token_ids: tuple[int, ...] = (),
+  absorb: bool = True,
+  return_logits: bool = False,
+  compiler_options: tuple[tuple[str, Any], ...] = (),
+):
   """The jitted `fn(params, input_ids, attention_mask, row_keys, temperature, top_p, eos_id,
   pad_id)` (the last four are scalars: changing them does not recompile; eos_id < 0 = none).
 
@@ -190,10 +207,16 @@ def make_generate_fn(config: ModelConfig, max_new_tokens: int,
     tail = jnp.concatenate([state["tail"][:, 1:], tok[:, None]], axis=1)
     if use_table:
       hit |= stop_hit(tail, jnp.asarray(table), jnp.asarray(valid))
-    new = dict(state, tokens=state["tokens"].at[:, i].set(tok), tail=tail, last=tok,
-               num_tokens=state["num_tokens"] + (~done).astype(jnp.int32),
-               finished=state["finished"] | (hit & ~done), done=done | hit,
-               step=jnp.asarray(i, jnp.int32) + 1)
+    new = dict(
+      state,
+      tokens=state["tokens"].at[:, i].set(tok),
+      tail=tail,
+      last=tok,
+      num_tokens=state["num_tokens"] + (~done).astype(jnp.int32),
+      finished=state["finished"] | (hit & ~done),
+      done=done | hit,
+      step=jnp.asarray(i, jnp.int32) + 1,
+    )
     if return_logits:
       new["logits"] = state["logits"].at[:, i].set(logits)
     return new
@@ -208,15 +231,21 @@ def make_generate_fn(config: ModelConfig, max_new_tokens: int,
 
     batch = input_ids.shape[0]
     state = dict(
-        cache=cache, pos=mask.sum(axis=1), done=mask.sum(axis=1) == 0,
-        finished=jnp.zeros((batch,), bool), num_tokens=jnp.zeros((batch,), jnp.int32),
-        tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-        tail=jnp.full((batch, table.shape[1]), -1, jnp.int32),
-        last=jnp.zeros((batch,), jnp.int32), step=jnp.zeros((), jnp.int32))
+      cache=cache,
+      pos=mask.sum(axis=1),
+      done=mask.sum(axis=1) == 0,
+      finished=jnp.zeros((batch,), bool),
+      num_tokens=jnp.zeros((batch,), jnp.int32),
+      tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+      tail=jnp.full((batch, table.shape[1]), -1, jnp.int32),
+      last=jnp.zeros((batch,), jnp.int32),
+      step=jnp.zeros((), jnp.int32),
+    )
     if return_logits:
       state["logits"] = jnp.zeros((batch, max_new_tokens, first.shape[-1]), jnp.float32)
-    state = record(state, 0, sample_token(first, keys_at(0), temperature, top_p), first, eos_id,
-                   pad_id)
+    state = record(
+      state, 0, sample_token(first, keys_at(0), temperature, top_p), first, eos_id, pad_id
+    )
 
     def cond(state):
       return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
@@ -229,8 +258,12 @@ def make_generate_fn(config: ModelConfig, max_new_tokens: int,
       return record(state, i, tok, logits, eos_id, pad_id)
 
     state = jax.lax.while_loop(cond, body, state)
-    return GenerationOutput(tokens=state["tokens"], num_tokens=state["num_tokens"],
-                            finished=state["finished"], logits=state.get("logits"))
+    return GenerationOutput(
+      tokens=state["tokens"],
+      num_tokens=state["num_tokens"],
+      finished=state["finished"],
+      logits=state.get("logits"),
+    )
 
   return jax.jit(fn, compiler_options=dict(compiler_options) or None)
 
@@ -244,7 +277,8 @@ def _prefill(config: ModelConfig, variables, input_ids, mask, max_new_tokens: in
   cache = init_decode_cache(config, batch, prompt_len + max_new_tokens)
   last_real = jnp.max(jnp.where(mask > 0, jnp.arange(prompt_len), 0), axis=1)
   logits, aux = CoECausalLM(config, decode="prefill").apply(
-      variables, input_ids, mask, prompt_positions(mask), cache=cache, logits_index=last_real)
+    variables, input_ids, mask, prompt_positions(mask), cache=cache, logits_index=last_real
+  )
   return logits[:, 0], aux.cache
 
 
@@ -252,7 +286,8 @@ def _decode_step(config: ModelConfig, variables, state, absorb: bool):
   """Feeds every row's last token at its next position; finished rows count as padding."""
   live = (~state["done"]).astype(jnp.int32)[:, None]
   logits, aux = CoECausalLM(config, decode="step", absorb=absorb).apply(
-      variables, state["last"][:, None], live, state["pos"][:, None], cache=state["cache"])
+    variables, state["last"][:, None], live, state["pos"][:, None], cache=state["cache"]
+  )
   return logits[:, 0], aux.cache
 
 
@@ -262,14 +297,25 @@ def row_keys_for(seed: int, row_ids: Sequence[int]) -> Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(row_ids, jnp.uint32))
 
 
-def generate(params: Any, config: ModelConfig, input_ids: Int[Array, "batch prompt"],
-             attention_mask: Optional[Int[Array, "batch prompt"]] = None, *,
-             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             eos_id: Optional[int] = None, pad_id: int = 0,
-             stop_sequences: Sequence[Sequence[int]] = (), stop_token_ids: Sequence[int] = (),
-             seed: int = 0, row_ids: Optional[Sequence[int]] = None, absorb: bool = True,
-             return_logits: bool = False,
-             compiler_options: Optional[dict[str, Any]] = None) -> GenerationOutput:
+def generate(
+  params: Any,
+  config: ModelConfig,
+  input_ids: Int[Array, "batch prompt"],
+  attention_mask: Optional[Int[Array, "batch prompt"]] = None,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  eos_id: Optional[int] = None,
+  pad_id: int = 0,
+  stop_sequences: Sequence[Sequence[int]] = (),
+  stop_token_ids: Sequence[int] = (),
+  seed: int = 0,
+  row_ids: Optional[Sequence[int]] = None,
+  absorb: bool = True,
+  return_logits: bool = False,
+  compiler_options: Optional[dict[str, Any]] = None,
+) -> GenerationOutput:
   """Generates up to `max_new_tokens` per row after padded prompts (token level).
 
   Args:
@@ -289,19 +335,35 @@ def generate(params: Any, config: ModelConfig, input_ids: Int[Array, "batch prom
     `GenerationOutput`.
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)
-  mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  fn = make_generate_fn(decode_config(config), int(max_new_tokens),
-                        tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s)),
-                        tuple(sorted({int(t) for t in stop_token_ids})), absorb, return_logits,
-                        tuple(sorted((compiler_options or {}).items())))
+  mask = (
+    jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  )
+  fn = make_generate_fn(
+    decode_config(config),
+    int(max_new_tokens),
+    tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s)),
+    tuple(sorted({int(t) for t in stop_token_ids})),
+    absorb,
+    return_logits,
+    tuple(sorted((compiler_options or {}).items())),
+  )
   ids = range(input_ids.shape[0]) if row_ids is None else row_ids
-  return fn(params, input_ids, mask, row_keys_for(seed, ids), jnp.float32(temperature),
-            jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id))
+  return fn(
+    params,
+    input_ids,
+    mask,
+    row_keys_for(seed, ids),
+    jnp.float32(temperature),
+    jnp.float32(top_p),
+    jnp.int32(-1 if eos_id is None else eos_id),
+    jnp.int32(pad_id),
+  )
 
 
 # ----------------------------------------------------------------------------
 # Text in, text out.
 # ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
@@ -335,24 +397,37 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
   return text[:cut]
 
 
-def _pad_batch(encoded: list[list[int]], rows: int, length: int, pad_id: int,
-               padding_side: str) -> tuple[np.ndarray, np.ndarray]:
+def _pad_batch(
+  encoded: list[list[int]], rows: int, length: int, pad_id: int, padding_side: str
+) -> tuple[np.ndarray, np.ndarray]:
   ids = np.full((rows, length), pad_id, np.int32)
   mask = np.zeros((rows, length), np.int32)
   for r, seq in enumerate(encoded):
     if padding_side == "left":
-      ids[r, length - len(seq):], mask[r, length - len(seq):] = seq, 1
+      ids[r, length - len(seq) :], mask[r, length - len(seq) :] = seq, 1
     else:
-      ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
+      ids[r, : len(seq)], mask[r, : len(seq)] = seq, 1
   return ids, mask
 
 
-def complete(params: Any, config: ModelConfig, tokenizer, prompts: Sequence[str], *,
-             max_new_tokens: int = 256, batch_size: int = 8, bucket: int = DEFAULT_BUCKET,
-             max_prompt_length: Optional[int] = None, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, stop_strings: Sequence[str] = (),
-             eos_id: Optional[int] = None, padding_side: str = "left",
-             progress: bool = False) -> list[Completion]:
+def complete(
+  params: Any,
+  config: ModelConfig,
+  tokenizer,
+  prompts: Sequence[str],
+  *,
+  max_new_tokens: int = 256,
+  batch_size: int = 8,
+  bucket: int = DEFAULT_BUCKET,
+  max_prompt_length: Optional[int] = None,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  stop_strings: Sequence[str] = (),
+  eos_id: Optional[int] = None,
+  padding_side: str = "left",
+  progress: bool = False,
+) -> list[Completion]:
   """Completions of text prompts (tokenised without special tokens), in prompt order.
 
   Prompts are sorted by length, cut from the left to `max_prompt_length`,
@@ -377,17 +452,28 @@ def complete(params: Any, config: ModelConfig, tokenizer, prompts: Sequence[str]
   if progress:
     starts = tqdm(starts, desc="generate", unit="batch", dynamic_ncols=True)
   for start in starts:
-    chunk = order[start:start + batch_size]
+    chunk = order[start : start + batch_size]
     length = -(-max(len(encoded[i]) for i in chunk) // bucket) * bucket
     ids, mask = _pad_batch([encoded[i] for i in chunk], batch_size, length, pad_id, padding_side)
     row_ids = list(chunk) + [len(encoded) + r for r in range(batch_size - len(chunk))]
-    out = generate(params, config, ids, mask, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, eos_id=eos_id, pad_id=pad_id,
-                   stop_sequences=stop_sequences, stop_token_ids=stop_ids, seed=seed,
-                   row_ids=row_ids)
+    out = generate(
+      params,
+      config,
+      ids,
+      mask,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+      eos_id=eos_id,
+      pad_id=pad_id,
+      stop_sequences=stop_sequences,
+      stop_token_ids=stop_ids,
+      seed=seed,
+      row_ids=row_ids,
+    )
     tokens, counts, finished = jax.device_get((out.tokens, out.num_tokens, out.finished))
     for r, i in enumerate(chunk):
-      token_ids = [int(t) for t in tokens[r, :counts[r]]]
+      token_ids = [int(t) for t in tokens[r, : counts[r]]]
       text = tokenizer.decode(token_ids, skip_special_tokens=True)
       results[i] = Completion(cut_at_stop(text, stop_strings), token_ids, bool(finished[r]))
   return results  # type: ignore[return-value]

@@ -38,12 +38,12 @@ import tokenizers
 from safetensors.numpy import load_file, save_file
 
 from coe_jax import config_lib
+from coe_jax.data import tokenizer as tokenizer_lib
+from coe_jax.inference.convert import IMPORT_DISPATCH, check_authors_can_compute, from_hf, to_hf
+from coe_jax.inference.run_dir import load_run
+from coe_jax.nn.model_config import ModelConfig, our_knobs
 from coe_jax.training import optimizer, train_step
 from coe_jax.training.checkpoint import Checkpointer, save_run_config
-from coe_jax.inference.convert import IMPORT_DISPATCH, check_authors_can_compute, from_hf, to_hf
-from coe_jax.data import tokenizer as tokenizer_lib
-from coe_jax.nn.model_config import ModelConfig, our_knobs
-from coe_jax.inference.run_dir import load_run
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -59,8 +59,9 @@ def check_exportable(config: ModelConfig) -> None:
   check_authors_can_compute(config)
 
 
-def save_hf(out_dir: str, config: ModelConfig, params: Any, tokenizer_path: Optional[str] = None
-            ) -> dict[str, str]:
+def save_hf(
+  out_dir: str, config: ModelConfig, params: Any, tokenizer_path: Optional[str] = None
+) -> dict[str, str]:
   """Writes config.json + model.safetensors (+ tokenizer.json) in the authors' layout.
 
   Raises ConfigError (before writing) if their model cannot compute `config`'s function.
@@ -70,15 +71,21 @@ def save_hf(out_dir: str, config: ModelConfig, params: Any, tokenizer_path: Opti
   os.makedirs(out_dir, exist_ok=True)
   hf_config, state_dict = to_hf(config, {"params": params})
   hf_config["torch_dtype"] = "float32"
-  paths = {"config": os.path.join(out_dir, CONFIG_FILE), "weights": os.path.join(out_dir, WEIGHTS_FILE)}
+  paths = {
+    "config": os.path.join(out_dir, CONFIG_FILE),
+    "weights": os.path.join(out_dir, WEIGHTS_FILE),
+  }
   if tokenizer_path and os.path.exists(tokenizer_path):
     paths["tokenizer"] = os.path.join(out_dir, "tokenizer.json")
     shutil.copyfile(tokenizer_path, paths["tokenizer"])
     hf_config.update(_special_token_ids(paths["tokenizer"]))
   with open(paths["config"], "w") as f:
     json.dump(hf_config, f, indent=2)
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()},
-            paths["weights"], metadata={"format": "pt"})  # transformers needs format=pt
+  save_file(
+    {k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()},
+    paths["weights"],
+    metadata={"format": "pt"},
+  )  # transformers needs format=pt
   return paths
 
 
@@ -108,8 +115,10 @@ def read_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
   elif os.path.exists(os.path.join(hf_dir, WEIGHTS_FILE)):
     files = [WEIGHTS_FILE]
   else:
-    raise FileNotFoundError(f"{hf_dir!r} has neither {WEIGHTS_FILE} nor {INDEX_FILE} "
-                            "(PyTorch .bin checkpoints: convert them to safetensors first)")
+    raise FileNotFoundError(
+      f"{hf_dir!r} has neither {WEIGHTS_FILE} nor {INDEX_FILE} "
+      "(PyTorch .bin checkpoints: convert them to safetensors first)"
+    )
   state_dict: dict[str, np.ndarray] = {}
   for name in files:
     state_dict.update(load_file(os.path.join(hf_dir, name)))
@@ -132,8 +141,13 @@ def _base_config(config=None):
   return config_lib.build("paper") if config is None else config
 
 
-def import_hf(hf_dir: str, workdir: str, config=None, tokenizer: Optional[str] = None,
-              dispatch: str = IMPORT_DISPATCH) -> dict[str, Any]:
+def import_hf(
+  hf_dir: str,
+  workdir: str,
+  config=None,
+  tokenizer: Optional[str] = None,
+  dispatch: str = IMPORT_DISPATCH,
+) -> dict[str, Any]:
   """Turns the authors' checkpoint in `hf_dir` into a coe_jax run directory (step 0).
 
   Args:
@@ -163,13 +177,17 @@ def import_hf(hf_dir: str, workdir: str, config=None, tokenizer: Optional[str] =
     shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
   save_run_config(workdir, json.loads(config.to_json_best_effort()))
-  state = train_step.TrainState.create(jax.tree.map(jax.numpy.asarray, params),
-                                  optimizer.make_optimizer(config.train))
+  state = train_step.TrainState.create(
+    jax.tree.map(jax.numpy.asarray, params), optimizer.make_optimizer(config.train)
+  )
   checkpointer.save(0, state, {"epoch": 0, "index": 0})
   checkpointer.close()
   with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump({"vocab_size": model_config.vocab_size, "step": 0, "imported_from": os.path.abspath(hf_dir)},
-              f, indent=2)
+    json.dump(
+      {"vocab_size": model_config.vocab_size, "step": 0, "imported_from": os.path.abspath(hf_dir)},
+      f,
+      indent=2,
+    )
   return {"model_config": model_config, "overrides": overrides, "workdir": os.path.abspath(workdir)}
 
 

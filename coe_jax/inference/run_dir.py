@@ -20,10 +20,10 @@ import ml_collections
 import tokenizers
 
 from coe_jax import config_lib
-from coe_jax.training.checkpoint import load_run_config, restore_params
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
+from coe_jax.training.checkpoint import load_run_config, restore_params
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,8 +56,9 @@ class Run:
     return {"params": self.params}
 
 
-def load_tokenizer(workdir: str, config: Optional[ml_collections.ConfigDict] = None
-                   ) -> Optional[tokenizers.Tokenizer]:
+def load_tokenizer(
+  workdir: str, config: Optional[ml_collections.ConfigDict] = None
+) -> Optional[tokenizers.Tokenizer]:
   """`workdir/tokenizer.json` (what a run saves), else `config.data.tokenizer` when that is a
   file or a hub name (not 'bpe', which was trained and saved with the run), else None."""
   path = os.path.join(workdir, "tokenizer.json")
@@ -79,8 +80,10 @@ def vocab_size(workdir: str, config: ml_collections.ConfigDict) -> int:
       return int(value)
   tokenizer = load_tokenizer(workdir, config)
   if tokenizer is None:
-    raise FileNotFoundError(f"{workdir}: model.vocab_size is 0 (the tokenizer's size) and neither "
-                            "summary.json nor tokenizer.json says the vocabulary size")
+    raise FileNotFoundError(
+      f"{workdir}: model.vocab_size is 0 (the tokenizer's size) and neither "
+      "summary.json nor tokenizer.json says the vocabulary size"
+    )
   return tokenizer.get_vocab_size(with_added_tokens=True)
 
 

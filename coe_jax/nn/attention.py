@@ -41,6 +41,7 @@ _MASK_VALUE = float(np.finfo(np.float32).min)
 # YaRN rotary embedding (static numbers, computed in numpy).
 # ----------------------------------------------------------------------------
 
+
 def _get_mscale(scale: float, mscale: float) -> float:
   """YaRN attention-temperature factor: 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
   if scale <= 1:
@@ -71,10 +72,10 @@ def yarn_inv_freq(config: ModelConfig) -> np.ndarray:
   """
   dim, base = config.qk_rope_head_dim, config.rope_theta
   exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
-  freq_extra = 1.0 / (base ** exponents)
+  freq_extra = 1.0 / (base**exponents)
   if config.rope_scaling == "none":
     return freq_extra
-  freq_inter = 1.0 / (config.rope_factor * base ** exponents)
+  freq_inter = 1.0 / (config.rope_factor * base**exponents)
   low, high = _correction_range(config)
   if low == high:
     high += 0.001
@@ -93,15 +94,15 @@ def rotary_mscale(config: ModelConfig) -> float:
 
 def softmax_scale(config: ModelConfig) -> float:
   """q_head_dim ** -0.5, times mscale(factor, mscale_all_dim) ** 2 with YaRN."""
-  scale = config.q_head_dim ** -0.5
+  scale = config.q_head_dim**-0.5
   if config.rope_scaling == "yarn" and config.rope_mscale_all_dim:
     scale *= _get_mscale(config.rope_factor, config.rope_mscale_all_dim) ** 2
   return scale
 
 
-def rotary_cos_sin(positions: Int[Array, "batch seq"],
-                   config: ModelConfig) -> tuple[Float[Array, "batch seq rope"],
-                                                 Float[Array, "batch seq rope"]]:
+def rotary_cos_sin(
+  positions: Int[Array, "batch seq"], config: ModelConfig
+) -> tuple[Float[Array, "batch seq rope"], Float[Array, "batch seq rope"]]:
   """cos and sin tables (float32, [batch, seq, rope]) for absolute token positions.
 
   Uses emb = concat(freqs, freqs) as the reference does, scaled by `rotary_mscale`.
@@ -126,9 +127,11 @@ def _rotate_half(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rotary(x: Float[Array, "batch seq heads rope"],
-                 cos: Float[Array, "batch seq rope"],
-                 sin: Float[Array, "batch seq rope"]) -> Float[Array, "batch seq heads rope"]:
+def apply_rotary(
+  x: Float[Array, "batch seq heads rope"],
+  cos: Float[Array, "batch seq rope"],
+  sin: Float[Array, "batch seq rope"],
+) -> Float[Array, "batch seq heads rope"]:
   """De-interleaves the rope dims, then x * cos + rotate_half(x) * sin (float32 math).
 
   Returns the same shape and dtype as `x`; cos/sin broadcast over heads.
@@ -142,9 +145,12 @@ def apply_rotary(x: Float[Array, "batch seq heads rope"],
 # Masks.
 # ----------------------------------------------------------------------------
 
-def make_attention_mask(attention_mask: Int[Array, "batch seq"] | None = None,
-                        segment_ids: Int[Array, "batch seq"] | None = None,
-                        seq_len: int | None = None) -> Bool[Array, "batch 1 seq seq"]:
+
+def make_attention_mask(
+  attention_mask: Int[Array, "batch seq"] | None = None,
+  segment_ids: Int[Array, "batch seq"] | None = None,
+  seq_len: int | None = None,
+) -> Bool[Array, "batch 1 seq seq"]:
   """Boolean [batch, 1, query, key] mask: True where the query may attend to the key.
 
   Allowed = causal (key <= query) AND the key is a real token (attention_mask != 0)
@@ -155,8 +161,9 @@ def make_attention_mask(attention_mask: Int[Array, "batch seq"] | None = None,
   given = attention_mask if attention_mask is not None else segment_ids
   if seq_len is None:
     if given is None:
-      raise ValueError("make_attention_mask: pass seq_len when attention_mask and "
-                       "segment_ids are both None")
+      raise ValueError(
+        "make_attention_mask: pass seq_len when attention_mask and segment_ids are both None"
+      )
     seq_len = given.shape[-1]
   mask = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]
   if attention_mask is not None:
@@ -169,6 +176,7 @@ def make_attention_mask(attention_mask: Int[Array, "batch seq"] | None = None,
 # ----------------------------------------------------------------------------
 # The module.
 # ----------------------------------------------------------------------------
+
 
 class MultiHeadLatentAttention(nn.Module):
   """DeepSeek-V2 MLA without query compression (q_lora_rank=None).
@@ -188,9 +196,13 @@ class MultiHeadLatentAttention(nn.Module):
   def setup(self):
     config = self.config
     dtype = compute_dtype(config.dtype)
-    dense = functools.partial(nn.Dense, use_bias=False,
-                              kernel_init=normal_init(config.initializer_range),
-                              dtype=dtype, param_dtype=jnp.float32)
+    dense = functools.partial(
+      nn.Dense,
+      use_bias=False,
+      kernel_init=normal_init(config.initializer_range),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+    )
     heads = config.num_heads
     self.q_proj = dense(heads * config.q_head_dim)
     self.kv_a_proj_with_mqa = dense(config.kv_lora_rank + config.qk_rope_head_dim)
@@ -198,39 +210,51 @@ class MultiHeadLatentAttention(nn.Module):
     self.kv_b_proj = dense(heads * (config.qk_nope_head_dim + config.v_head_dim))
     self.o_proj = dense(config.hidden_size)
 
-  def __call__(self, x: Float[Array, "batch seq hidden"], positions: Int[Array, "batch seq"],
-               mask: Bool[Array, "#batch 1 seq seq"]) -> Float[Array, "batch seq hidden"]:
+  def __call__(
+    self,
+    x: Float[Array, "batch seq hidden"],
+    positions: Int[Array, "batch seq"],
+    mask: Bool[Array, "#batch 1 seq seq"],
+  ) -> Float[Array, "batch seq hidden"]:
     """Self-attention over `x`; `mask` from `make_attention_mask` (True = attend)."""
     cos, sin = rotary_cos_sin(positions, self.config)
     q_nope, q_pe = self.project_queries(x, cos, sin)
     c_latent, k_pe = self.project_latent_keys(x, cos, sin)
     return self.attend(q_nope, q_pe, c_latent, k_pe, mask, causal_self=True)
 
-  def project_queries(self, x: Float[Array, "batch seq hidden"],
-                      cos: Float[Array, "batch seq rope"], sin: Float[Array, "batch seq rope"]
-                      ) -> tuple[Float[Array, "batch seq heads nope"],
-                                 Float[Array, "batch seq heads rope"]]:
+  def project_queries(
+    self,
+    x: Float[Array, "batch seq hidden"],
+    cos: Float[Array, "batch seq rope"],
+    sin: Float[Array, "batch seq rope"],
+  ) -> tuple[Float[Array, "batch seq heads nope"], Float[Array, "batch seq heads rope"]]:
     """q_nope [b, s, H, nope] and rotated q_pe [b, s, H, rope], in compute dtype."""
     config = self.config
     q = self.q_proj(x).reshape(*x.shape[:2], config.num_heads, config.q_head_dim)
     q_nope, q_pe = jnp.split(q, [config.qk_nope_head_dim], axis=-1)
     return q_nope, apply_rotary(q_pe, cos, sin)
 
-  def project_latent_keys(self, x: Float[Array, "batch seq hidden"],
-                          cos: Float[Array, "batch seq rope"], sin: Float[Array, "batch seq rope"]
-                          ) -> tuple[Float[Array, "batch seq rank"],
-                                     Float[Array, "batch seq rope"]]:
+  def project_latent_keys(
+    self,
+    x: Float[Array, "batch seq hidden"],
+    cos: Float[Array, "batch seq rope"],
+    sin: Float[Array, "batch seq rope"],
+  ) -> tuple[Float[Array, "batch seq rank"], Float[Array, "batch seq rope"]]:
     """The cacheable key state: normed latent c [b, s, rank] and rotated k_pe [b, s, rope]."""
     compressed = self.kv_a_proj_with_mqa(x)
     c, k_pe = jnp.split(compressed, [self.config.kv_lora_rank], axis=-1)
     k_pe = apply_rotary(k_pe[:, :, None, :], cos, sin)[:, :, 0, :]
     return self.kv_a_layernorm(c), k_pe
 
-  def attend(self, q_nope: Float[Array, "batch q heads nope"],
-             q_pe: Float[Array, "batch q heads rope"],
-             c_latent: Float[Array, "batch k rank"], k_pe: Float[Array, "batch k rope"],
-             mask: Bool[Array, "#batch 1 q k"], causal_self: bool = False
-             ) -> Float[Array, "batch q hidden"]:
+  def attend(
+    self,
+    q_nope: Float[Array, "batch q heads nope"],
+    q_pe: Float[Array, "batch q heads rope"],
+    c_latent: Float[Array, "batch k rank"],
+    k_pe: Float[Array, "batch k rope"],
+    mask: Bool[Array, "#batch 1 q k"],
+    causal_self: bool = False,
+  ) -> Float[Array, "batch q hidden"]:
     """Up-projects the latent to k_nope/value, attends, and applies o_proj.
 
     Query and key lengths may differ (a decoder's cached keys); `mask` is
@@ -240,21 +264,27 @@ class MultiHeadLatentAttention(nn.Module):
     """
     config = self.config
     kv = self.kv_b_proj(c_latent).reshape(
-        *c_latent.shape[:2], config.num_heads, config.qk_nope_head_dim + config.v_head_dim)
+      *c_latent.shape[:2], config.num_heads, config.qk_nope_head_dim + config.v_head_dim
+    )
     k_nope, value = jnp.split(kv, [config.qk_nope_head_dim], axis=-1)
     query_block = config.attention_query_block if causal_self else 0
-    out = _attention(q_nope, q_pe, k_nope, k_pe.astype(q_pe.dtype), value, mask,
-                     softmax_scale(config), query_block)
+    out = _attention(
+      q_nope, q_pe, k_nope, k_pe.astype(q_pe.dtype), value, mask, softmax_scale(config), query_block
+    )
     return self.o_proj(out.reshape(*out.shape[:2], -1))
 
   # --------------------------------------------------------------------------
   # Decoding with a latent cache (used by `coe_jax.nn.model.CachedCoECausalLM`).
   # --------------------------------------------------------------------------
 
-  def attend_absorbed(self, q_nope: Float[Array, "batch q heads nope"],
-                      q_pe: Float[Array, "batch q heads rope"],
-                      c_latent: Float[Array, "batch k rank"], k_pe: Float[Array, "batch k rope"],
-                      mask: Bool[Array, "#batch 1 q k"]) -> Float[Array, "batch q hidden"]:
+  def attend_absorbed(
+    self,
+    q_nope: Float[Array, "batch q heads nope"],
+    q_pe: Float[Array, "batch q heads rope"],
+    c_latent: Float[Array, "batch k rank"],
+    k_pe: Float[Array, "batch k rope"],
+    mask: Bool[Array, "#batch 1 q k"],
+  ) -> Float[Array, "batch q hidden"]:
     """`attend` with kv_b_proj absorbed into the query and output (DeepSeek-V2 decoding).
 
     Equal to `attend` (up to rounding) but never materialises k_nope/value for
@@ -267,27 +297,34 @@ class MultiHeadLatentAttention(nn.Module):
     if self.is_initializing():  # create kv_b_proj's kernel
       self.kv_b_proj(c_latent[:, :1])
     kernel = self.kv_b_proj.variables["params"]["kernel"].astype(q_nope.dtype)
-    kernel = kernel.reshape(config.kv_lora_rank, config.num_heads,
-                            config.qk_nope_head_dim + config.v_head_dim)
+    kernel = kernel.reshape(
+      config.kv_lora_rank, config.num_heads, config.qk_nope_head_dim + config.v_head_dim
+    )
     w_uk, w_uv = jnp.split(kernel, [config.qk_nope_head_dim], axis=-1)
     f32 = jnp.float32
     q_latent = jnp.einsum("bqhd,rhd->bqhr", q_nope, w_uk, preferred_element_type=f32)
     c32 = c_latent.astype(f32)
-    scores = (jnp.einsum("bqhr,bkr->bhqk", q_latent, c32, preferred_element_type=f32)
-              + jnp.einsum("bqhd,bkd->bhqk", q_pe, k_pe.astype(q_pe.dtype),
-                           preferred_element_type=f32))
+    scores = jnp.einsum("bqhr,bkr->bhqk", q_latent, c32, preferred_element_type=f32) + jnp.einsum(
+      "bqhd,bkd->bhqk", q_pe, k_pe.astype(q_pe.dtype), preferred_element_type=f32
+    )
     scores = jnp.where(mask, scores * softmax_scale(config), _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     context = jnp.einsum("bhqk,bkr->bqhr", probs, c32, preferred_element_type=f32)
     out = jnp.einsum("bqhr,rhe->bqhe", context.astype(q_nope.dtype), w_uv)
     return self.o_proj(out.reshape(*out.shape[:2], -1))
 
-  def attend_with_cache(self, x: Float[Array, "batch t hidden"], positions: Int[Array, "batch t"],
-                        mask: Bool[Array, "#batch 1 t k"], c_cache: Float[Array, "batch k rank"],
-                        kpe_cache: Float[Array, "batch k rope"], index: Int[Array, ""],
-                        absorb: bool = True
-                        ) -> tuple[Float[Array, "batch t hidden"], Float[Array, "batch t rank"],
-                                   Float[Array, "batch t rope"]]:
+  def attend_with_cache(
+    self,
+    x: Float[Array, "batch t hidden"],
+    positions: Int[Array, "batch t"],
+    mask: Bool[Array, "#batch 1 t k"],
+    c_cache: Float[Array, "batch k rank"],
+    kpe_cache: Float[Array, "batch k rope"],
+    index: Int[Array, ""],
+    absorb: bool = True,
+  ) -> tuple[
+    Float[Array, "batch t hidden"], Float[Array, "batch t rank"], Float[Array, "batch t rope"]
+  ]:
     """Self-attention of `t` new tokens over a latent cache of `k` slots.
 
     The new tokens' latent and rotary key are written at slots
@@ -300,17 +337,23 @@ class MultiHeadLatentAttention(nn.Module):
     q_nope, q_pe = self.project_queries(x, cos, sin)
     c_new, kpe_new = self.project_latent_keys(x, cos, sin)
     c_all = jax.lax.dynamic_update_slice_in_dim(c_cache, c_new.astype(c_cache.dtype), index, axis=1)
-    kpe_all = jax.lax.dynamic_update_slice_in_dim(kpe_cache, kpe_new.astype(kpe_cache.dtype),
-                                                  index, axis=1)
+    kpe_all = jax.lax.dynamic_update_slice_in_dim(
+      kpe_cache, kpe_new.astype(kpe_cache.dtype), index, axis=1
+    )
     attend = self.attend_absorbed if absorb else self.attend
     return attend(q_nope, q_pe, c_all, kpe_all, mask), c_new, kpe_new
 
 
-def _attention(q_nope: Float[Array, "batch q heads nope"],
-               q_pe: Float[Array, "batch q heads rope"],
-               k_nope: Float[Array, "batch k heads nope"], k_pe: Float[Array, "batch k rope"],
-               value: Float[Array, "batch k heads v"], mask: Bool[Array, "#batch 1 q k"],
-               scale: float, query_block: int = 0) -> Float[Array, "batch q heads v"]:
+def _attention(
+  q_nope: Float[Array, "batch q heads nope"],
+  q_pe: Float[Array, "batch q heads rope"],
+  k_nope: Float[Array, "batch k heads nope"],
+  k_pe: Float[Array, "batch k rope"],
+  value: Float[Array, "batch k heads v"],
+  mask: Bool[Array, "#batch 1 q k"],
+  scale: float,
+  query_block: int = 0,
+) -> Float[Array, "batch q heads v"]:
   """softmax(([q_nope, q_pe] . [k_nope, k_pe]) * scale, masked) . value, float32 softmax.
 
   The shared k_pe is broadcast to the heads and joined to k_nope so the scores
@@ -324,25 +367,35 @@ def _attention(q_nope: Float[Array, "batch q heads nope"],
   heads = q_nope.shape[2]
   query = jnp.concatenate([q_nope, q_pe], axis=-1)
   key = jnp.concatenate(
-      [k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], heads, k_pe.shape[-1]))],
-      axis=-1)
+    [k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_pe.shape[:2], heads, k_pe.shape[-1]))],
+    axis=-1,
+  )
   q_len = query.shape[1]
   if query_block <= 0 or query_block >= q_len:
     return _attend_block(query, key, value, mask, scale)
   if key.shape[1] != q_len:
-    raise ValueError(f"blocked causal attention needs as many keys as queries, got "
-                     f"{key.shape[1]} keys for {q_len} queries")
+    raise ValueError(
+      f"blocked causal attention needs as many keys as queries, got "
+      f"{key.shape[1]} keys for {q_len} queries"
+    )
   outs = []
   for start in range(0, q_len, query_block):
     end = min(start + query_block, q_len)
-    outs.append(_attend_block(query[:, start:end], key[:, :end], value[:, :end],
-                              mask[:, :, start:end, :end], scale))
+    outs.append(
+      _attend_block(
+        query[:, start:end], key[:, :end], value[:, :end], mask[:, :, start:end, :end], scale
+      )
+    )
   return jnp.concatenate(outs, axis=1)
 
 
-def _attend_block(query: Float[Array, "batch q heads d"], key: Float[Array, "batch k heads d"],
-                  value: Float[Array, "batch k heads v"], mask: Bool[Array, "#batch 1 q k"],
-                  scale: float) -> Float[Array, "batch q heads v"]:
+def _attend_block(
+  query: Float[Array, "batch q heads d"],
+  key: Float[Array, "batch k heads d"],
+  value: Float[Array, "batch k heads v"],
+  mask: Bool[Array, "#batch 1 q k"],
+  scale: float,
+) -> Float[Array, "batch q heads v"]:
   """Dense masked attention of `query` over `key`/`value` (float32 scores and softmax)."""
   scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
   probs = jax.nn.softmax(jnp.where(mask, scores * scale, _MASK_VALUE), axis=-1)

@@ -82,9 +82,13 @@ def num_blocked_tiles(num_assignments: int, num_experts: int, tile: int) -> int:
   return max(1, (num_assignments + num_experts * (tile - 1)) // tile)
 
 
-def blocked_layout(expert_ids: Int[Array, "tokens k"], num_experts: int, tile: int,
-                   num_tiles: int, token_mask: Optional[Bool[Array, "tokens"]] = None
-                   ) -> BlockedLayout:
+def blocked_layout(
+  expert_ids: Int[Array, "tokens k"],
+  num_experts: int,
+  tile: int,
+  num_tiles: int,
+  token_mask: Optional[Bool[Array, "tokens"]] = None,
+) -> BlockedLayout:
   """Sorts assignments by expert and pads each expert's group to a multiple of `tile` rows.
 
   Expert e's rows start at tile boundary `tile * sum_{e' < e} ceil(n_e' / tile)`,
@@ -109,15 +113,20 @@ def blocked_layout(expert_ids: Int[Array, "tokens k"], num_experts: int, tile: i
   sorted_rows = padded_start[safe_ids] + jnp.arange(n, dtype=jnp.int32) - start[safe_ids]
   sorted_rows = jnp.where(real, sorted_rows, num_rows)
   row_of_assignment = jnp.zeros((n,), jnp.int32).at[order].set(sorted_rows)
-  assignment_of_row = jnp.full((num_rows,), n, jnp.int32).at[row_of_assignment].set(
-      jnp.arange(n, dtype=jnp.int32), mode="drop")
+  assignment_of_row = (
+    jnp.full((num_rows,), n, jnp.int32)
+    .at[row_of_assignment]
+    .set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+  )
   tile_index = jnp.arange(num_tiles, dtype=jnp.int32)
   tile_expert = jnp.sum(tile_end[None, :] <= tile_index[:, None], axis=1, dtype=jnp.int32)
-  return BlockedLayout(row_of_assignment=row_of_assignment.reshape(num_tokens, k),
-                       assignment_of_row=assignment_of_row,
-                       tile_expert=jnp.minimum(tile_expert, num_experts - 1),
-                       used_tiles=tile_end[-1].astype(jnp.int32),
-                       kept=(flat < num_experts).reshape(num_tokens, k))
+  return BlockedLayout(
+    row_of_assignment=row_of_assignment.reshape(num_tokens, k),
+    assignment_of_row=assignment_of_row,
+    tile_expert=jnp.minimum(tile_expert, num_experts - 1),
+    used_tiles=tile_end[-1].astype(jnp.int32),
+    kept=(flat < num_experts).reshape(num_tokens, k),
+  )
 
 
 def _take_experts(w: Array, experts: Int[Array, "g"]) -> Array:
@@ -169,22 +178,32 @@ def _blocked_forward(tiles, tile_expert, used_tiles, gate, up, down, tiles_per_s
     g = jnp.einsum("gwd,gdf->gwf", x, _take_experts(gate, e))
     u = jnp.einsum("gwd,gdf->gwf", x, _take_experts(up, e))
     out = jnp.einsum("gwf,gfd->gwd", jax.nn.silu(g) * u, _take_experts(down, e))
-    return (jax.lax.dynamic_update_index_in_dim(y, out, s, 0),
-            jax.lax.dynamic_update_index_in_dim(g_all, g, s, 0),
-            jax.lax.dynamic_update_index_in_dim(u_all, u, s, 0))
+    return (
+      jax.lax.dynamic_update_index_in_dim(y, out, s, 0),
+      jax.lax.dynamic_update_index_in_dim(g_all, g, s, 0),
+      jax.lax.dynamic_update_index_in_dim(u_all, u, s, 0),
+    )
 
-  zeros = lambda width: _varying_like(jnp.zeros((steps, tiles_per_step, tile, width), tiles.dtype),
-                                      tiles)
+  zeros = lambda width: _varying_like(
+    jnp.zeros((steps, tiles_per_step, tile, width), tiles.dtype), tiles
+  )
   used_steps = (used_tiles + tiles_per_step - 1) // tiles_per_step
-  y, g_all, u_all = jax.lax.fori_loop(0, used_steps, body, (zeros(hidden), zeros(inter),
-                                                           zeros(inter)))
+  y, g_all, u_all = jax.lax.fori_loop(
+    0, used_steps, body, (zeros(hidden), zeros(inter), zeros(inter))
+  )
   return y.reshape(tiles.shape), g_all, u_all
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def blocked_swiglu(tiles: Float[Array, "tiles tile hidden"], tile_expert: Int[Array, "tiles"],
-                   used_tiles: Int[Array, ""], gate: Array, up: Array, down: Array,
-                   tiles_per_step: int = 1) -> Float[Array, "tiles tile hidden"]:
+def blocked_swiglu(
+  tiles: Float[Array, "tiles tile hidden"],
+  tile_expert: Int[Array, "tiles"],
+  used_tiles: Int[Array, ""],
+  gate: Array,
+  up: Array,
+  down: Array,
+  tiles_per_step: int = 1,
+) -> Float[Array, "tiles tile hidden"]:
   """Tile i's rows through expert tile_expert[i]'s SwiGLU, for the first `used_tiles` tiles.
 
   `tile_expert` must be non-decreasing (tiles in expert order, as `blocked_layout` makes them).
@@ -225,30 +244,45 @@ def _blocked_swiglu_bwd(tiles_per_step, residuals, d_y):
     d_h = jnp.einsum("gwd,gfd->gwf", dy, _take_experts(down, e), preferred_element_type=f32)
     d_u = (d_h * silu_g).astype(x.dtype)
     d_g = (d_h * u.astype(f32) * sig * (1 + g.astype(f32) * (1 - sig))).astype(x.dtype)
-    dx = (jnp.einsum("gwf,gdf->gwd", d_g, _take_experts(gate, e), preferred_element_type=f32)
-          + jnp.einsum("gwf,gdf->gwd", d_u, _take_experts(up, e), preferred_element_type=f32))
-    return (jax.lax.dynamic_update_index_in_dim(d_x, dx.astype(x.dtype), s, 0),
-            _add_to_experts(d_gate, e, jnp.einsum("gwd,gwf->gdf", x, d_g, preferred_element_type=f32)),
-            _add_to_experts(d_up, e, jnp.einsum("gwd,gwf->gdf", x, d_u, preferred_element_type=f32)),
-            _add_to_experts(d_down, e, jnp.einsum("gwf,gwd->gfd", h, dy, preferred_element_type=f32)))
+    dx = jnp.einsum(
+      "gwf,gdf->gwd", d_g, _take_experts(gate, e), preferred_element_type=f32
+    ) + jnp.einsum("gwf,gdf->gwd", d_u, _take_experts(up, e), preferred_element_type=f32)
+    return (
+      jax.lax.dynamic_update_index_in_dim(d_x, dx.astype(x.dtype), s, 0),
+      _add_to_experts(d_gate, e, jnp.einsum("gwd,gwf->gdf", x, d_g, preferred_element_type=f32)),
+      _add_to_experts(d_up, e, jnp.einsum("gwd,gwf->gdf", x, d_u, preferred_element_type=f32)),
+      _add_to_experts(d_down, e, jnp.einsum("gwf,gwd->gfd", h, dy, preferred_element_type=f32)),
+    )
 
-  init = jax.tree.map(lambda z: _varying_like(z, xs),
-                      (jnp.zeros_like(xs), jnp.zeros(gate.shape, f32), jnp.zeros(up.shape, f32),
-                       jnp.zeros(down.shape, f32)))
+  init = jax.tree.map(
+    lambda z: _varying_like(z, xs),
+    (
+      jnp.zeros_like(xs),
+      jnp.zeros(gate.shape, f32),
+      jnp.zeros(up.shape, f32),
+      jnp.zeros(down.shape, f32),
+    ),
+  )
   used_steps = (used_tiles + tiles_per_step - 1) // tiles_per_step
   d_x, d_gate, d_up, d_down = jax.lax.fori_loop(0, used_steps, body, init)
-  d_gate, d_up, d_down = (_sum_to_type_of(g, w).astype(w.dtype)
-                          for g, w in ((d_gate, gate), (d_up, up), (d_down, down)))
+  d_gate, d_up, d_down = (
+    _sum_to_type_of(g, w).astype(w.dtype) for g, w in ((d_gate, gate), (d_up, up), (d_down, down))
+  )
   return d_x.reshape(tiles.shape), None, None, d_gate, d_up, d_down
 
 
 blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
 
 
-def blocked_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "tokens k"],
-                     combine_weights: Float[Array, "tokens k"], weights: SwiGLUWeights,
-                     tile: int, tiles_per_step: int = 1,
-                     token_mask: Optional[Bool[Array, "tokens"]] = None) -> DispatchOutput:
+def blocked_dispatch(
+  x: Float[Array, "tokens hidden"],
+  expert_ids: Int[Array, "tokens k"],
+  combine_weights: Float[Array, "tokens k"],
+  weights: SwiGLUWeights,
+  tile: int,
+  tiles_per_step: int = 1,
+  token_mask: Optional[Bool[Array, "tokens"]] = None,
+) -> DispatchOutput:
   """Dropless routed output through expert-sorted rows padded to whole `tile`-row tiles.
 
   Static shapes: `num_blocked_tiles` tiles (rounded up to a multiple of
@@ -264,12 +298,23 @@ def blocked_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "t
   tiles_per_step = max(1, min(tiles_per_step, num_tiles))
   num_tiles = -(-num_tiles // tiles_per_step) * tiles_per_step
   layout = blocked_layout(expert_ids, num_experts, tile, num_tiles, token_mask)
-  token_of_row = jnp.where(layout.assignment_of_row < num_tokens * k,
-                           layout.assignment_of_row // k, num_tokens)
+  token_of_row = jnp.where(
+    layout.assignment_of_row < num_tokens * k, layout.assignment_of_row // k, num_tokens
+  )
   rows = gather_rows(x, token_of_row, layout.row_of_assignment)  # [tiles * tile, hidden]
-  out_rows = blocked_swiglu(rows.reshape(num_tiles, tile, -1), layout.tile_expert,
-                            layout.used_tiles, weights.gate, weights.up, weights.down,
-                            tiles_per_step)
-  output = combine_rows(out_rows.reshape(num_tiles * tile, -1), layout.row_of_assignment,
-                    layout.assignment_of_row, combine_weights)
+  out_rows = blocked_swiglu(
+    rows.reshape(num_tiles, tile, -1),
+    layout.tile_expert,
+    layout.used_tiles,
+    weights.gate,
+    weights.up,
+    weights.down,
+    tiles_per_step,
+  )
+  output = combine_rows(
+    out_rows.reshape(num_tiles * tile, -1),
+    layout.row_of_assignment,
+    layout.assignment_of_row,
+    combine_weights,
+  )
   return DispatchOutput(output=output, kept=layout.kept)

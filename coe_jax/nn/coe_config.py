@@ -86,32 +86,60 @@ def validate_coe(config: Any, prefix: str) -> None:
   def check(ok: bool, field: str, message: str) -> None:
     require(ok, f"{prefix}.{field}", message)
 
-  for field in ("hidden_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
-                "num_iterations"):
+  for field in (
+    "hidden_size",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "num_iterations",
+  ):
     value = getattr(config, field)
     check(is_int(value) and value >= 1, field, f"got {value!r}; must be an integer >= 1")
-  check(is_int(config.n_shared_experts) and config.n_shared_experts >= 0, "n_shared_experts",
-        f"got {config.n_shared_experts!r}; must be an integer >= 0")
-  check(config.num_experts_per_tok <= config.n_routed_experts, "num_experts_per_tok",
-        f"got K={config.num_experts_per_tok}; must be between 1 and "
-        f"n_routed_experts={config.n_routed_experts}")
-  for field, allowed in (("dispatch", DISPATCHES), ("dropless_impl", DROPLESS_IMPLS),
-                         ("residual_style", RESIDUAL_STYLES), ("dtype", DTYPES)):
+  check(
+    is_int(config.n_shared_experts) and config.n_shared_experts >= 0,
+    "n_shared_experts",
+    f"got {config.n_shared_experts!r}; must be an integer >= 0",
+  )
+  check(
+    config.num_experts_per_tok <= config.n_routed_experts,
+    "num_experts_per_tok",
+    f"got K={config.num_experts_per_tok}; must be between 1 and "
+    f"n_routed_experts={config.n_routed_experts}",
+  )
+  for field, allowed in (
+    ("dispatch", DISPATCHES),
+    ("dropless_impl", DROPLESS_IMPLS),
+    ("residual_style", RESIDUAL_STYLES),
+    ("dtype", DTYPES),
+  ):
     require_choice(getattr(config, field), f"{prefix}.{field}", allowed)
   for field in ("independent_gates", "inner_residual", "outer_residual", "norm_topk_prob"):
     value = getattr(config, field)
     check(isinstance(value, bool), field, f"got {value!r}; allowed values: True, False")
   for field in ("capacity_factor_train", "capacity_factor_eval"):
     value = getattr(config, field)
-    check(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), field,
-          f"got {value!r}; must be a finite number > 0")
-  check(is_int(config.dropless_tile) and config.dropless_tile >= 0, "dropless_tile",
-        f"got {config.dropless_tile!r}; must be an integer >= 0 (0 = default)")
-  check(is_int(config.min_capacity) and config.min_capacity >= 1, "min_capacity",
-        f"got {config.min_capacity!r}; must be an integer >= 1")
+    check(
+      isinstance(value, (int, float)) and value > 0 and math.isfinite(value),
+      field,
+      f"got {value!r}; must be a finite number > 0",
+    )
+  check(
+    is_int(config.dropless_tile) and config.dropless_tile >= 0,
+    "dropless_tile",
+    f"got {config.dropless_tile!r}; must be an integer >= 0 (0 = default)",
+  )
+  check(
+    is_int(config.min_capacity) and config.min_capacity >= 1,
+    "min_capacity",
+    f"got {config.min_capacity!r}; must be an integer >= 1",
+  )
   for field in ("aux_loss_alpha", "router_z_loss_coef", "initializer_range", "rms_norm_eps"):
     value = getattr(config, field)
-    check(isinstance(value, (int, float)) and value >= 0, field,
-          f"got {value!r}; must be a number >= 0")
-  check(isinstance(config.routed_scaling_factor, (int, float)) and config.routed_scaling_factor > 0,
-        "routed_scaling_factor", f"got {config.routed_scaling_factor!r}; must be > 0")
+    check(
+      isinstance(value, (int, float)) and value >= 0, field, f"got {value!r}; must be a number >= 0"
+    )
+  check(
+    isinstance(config.routed_scaling_factor, (int, float)) and config.routed_scaling_factor > 0,
+    "routed_scaling_factor",
+    f"got {config.routed_scaling_factor!r}; must be > 0",
+  )

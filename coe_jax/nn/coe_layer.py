@@ -71,8 +71,13 @@ def _iteration_stats(probs, expert_ids, kept, token_mask, num_experts):
   entropy_per_token = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
   entropy = jnp.sum(entropy_per_token * token_mask) / jnp.maximum(token_mask.sum(), 1.0)
   load_cv = jnp.std(load) / jnp.maximum(jnp.mean(load), 1e-9)
-  return dict(dropped_fraction=dropped.sum() / num_assignments, load_cv=load_cv,
-              router_entropy=entropy, expert_load=load, expert_dropped=dropped)
+  return dict(
+    dropped_fraction=dropped.sum() / num_assignments,
+    load_cv=load_cv,
+    router_entropy=entropy,
+    expert_load=load,
+    expert_dropped=dropped,
+  )
 
 
 class CoELayer(nn.Module):
@@ -116,48 +121,65 @@ class CoELayer(nn.Module):
   expert_parallel: Optional[ExpertParallel] = None
 
   @nn.compact
-  def __call__(self, h: Float[Array, "batch seq hidden"], train: bool = False,
-               token_mask: Optional[Array] = None
-               ) -> tuple[Float[Array, "batch seq hidden"], CoEAux]:
+  def __call__(
+    self,
+    h: Float[Array, "batch seq hidden"],
+    train: bool = False,
+    token_mask: Optional[Array] = None,
+  ) -> tuple[Float[Array, "batch seq hidden"], CoEAux]:
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
     batch, seq, hidden = h.shape
     num_experts, chain = cfg.n_routed_experts, cfg.num_iterations
 
     u0 = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(h)
-    router_weights = self.param("router", torch_linear_default_init(hidden),
-                                (cfg.num_router_weights, num_experts, hidden), jnp.float32)
+    router_weights = self.param(
+      "router",
+      torch_linear_default_init(hidden),
+      (cfg.num_router_weights, num_experts, hidden),
+      jnp.float32,
+    )
     if not cfg.independent_gates:
       router_weights = jnp.broadcast_to(router_weights, (chain, num_experts, hidden))
-    routed = self.routed_experts_module(num_experts, hidden, cfg.moe_intermediate_size,
-                                        cfg.initializer_range, name=ROUTED_EXPERTS)()
+    routed = self.routed_experts_module(
+      num_experts, hidden, cfg.moe_intermediate_size, cfg.initializer_range, name=ROUTED_EXPERTS
+    )()
     routed = jax.tree.map(lambda w: w.astype(dtype), routed)
     shared = None
     if cfg.n_shared_experts > 0:
-      shared = self.shared_experts_module(hidden, cfg.shared_intermediate_size,
-                                          cfg.initializer_range, name="shared_experts")()
+      shared = self.shared_experts_module(
+        hidden, cfg.shared_intermediate_size, cfg.initializer_range, name="shared_experts"
+      )()
       shared = jax.tree.map(lambda w: w.astype(dtype), shared)
 
     capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
     sow_probs = self.is_mutable_collection("intermediates")
     real = jnp.ones((batch, seq), bool) if token_mask is None else token_mask > 0
-    expert_pass = self._expert_pass(routed, shared, capacity_factor,
-                                    None if token_mask is None else real, real)
+    expert_pass = self._expert_pass(
+      routed, shared, capacity_factor, None if token_mask is None else real, real
+    )
 
     def iteration(carry, router_weight):
       u, m_sum = carry
       m, routing, kept = expert_pass(u, router_weight)
       u_next = (u + m) if cfg.inner_residual else m
-      per_iter = dict(expert_ids=routing.expert_ids, combine_weights=routing.combine_weights,
-                      kept=kept, aux_loss=routing.aux_loss, z_loss=routing.z_loss,
-                      **_iteration_stats(routing.probs, routing.expert_ids, kept,
-                                         real.astype(jnp.float32), num_experts))
+      per_iter = dict(
+        expert_ids=routing.expert_ids,
+        combine_weights=routing.combine_weights,
+        kept=kept,
+        aux_loss=routing.aux_loss,
+        z_loss=routing.z_loss,
+        **_iteration_stats(
+          routing.probs, routing.expert_ids, kept, real.astype(jnp.float32), num_experts
+        ),
+      )
       if sow_probs:
         per_iter["router_probs"] = routing.probs
       return (u_next, m_sum + m), per_iter
 
-    (u_last, m_sum), per_iter = jax.lax.scan(iteration, (u0, jnp.zeros_like(u0)), router_weights,
-                                             unroll=True)
+    (u_last, m_sum), per_iter = jax.lax.scan(
+      iteration, (u0, jnp.zeros_like(u0)), router_weights, unroll=True
+    )
 
     for name in ("expert_ids", "combine_weights", "kept", "router_probs"):
       if name in per_iter:
@@ -169,10 +191,15 @@ class CoELayer(nn.Module):
       out = h.astype(dtype) + u_last
     else:
       out = u_last
-    aux = CoEAux(aux_loss=per_iter["aux_loss"].sum(), z_loss=per_iter["z_loss"].sum(),
-                 dropped_fraction=per_iter["dropped_fraction"], load_cv=per_iter["load_cv"],
-                 router_entropy=per_iter["router_entropy"], expert_load=per_iter["expert_load"],
-                 expert_dropped=per_iter["expert_dropped"])
+    aux = CoEAux(
+      aux_loss=per_iter["aux_loss"].sum(),
+      z_loss=per_iter["z_loss"].sum(),
+      dropped_fraction=per_iter["dropped_fraction"],
+      load_cv=per_iter["load_cv"],
+      router_entropy=per_iter["router_entropy"],
+      expert_load=per_iter["expert_load"],
+      expert_dropped=per_iter["expert_dropped"],
+    )
     return out, aux
 
   def _expert_pass(self, routed, shared, capacity_factor: float, token_mask, real):
@@ -181,40 +208,70 @@ class CoELayer(nn.Module):
 
     def local_pass(u, router_weight, routed, shared, token_mask, expert_axis=None):
       batch, seq, _ = u.shape
-      capacity = dispatch_lib.expert_capacity(batch * seq, cfg.num_experts_per_tok,
-                                              cfg.n_routed_experts, capacity_factor,
-                                              cfg.min_capacity)
-      return expert_pass(u, router_weight, routed, shared, cfg, capacity, token_mask,
-                         expert_axis, self.expert_fn)
+      capacity = dispatch_lib.expert_capacity(
+        batch * seq,
+        cfg.num_experts_per_tok,
+        cfg.n_routed_experts,
+        capacity_factor,
+        cfg.min_capacity,
+      )
+      return expert_pass(
+        u, router_weight, routed, shared, cfg, capacity, token_mask, expert_axis, self.expert_fn
+      )
 
     parallel = self.expert_parallel
     if parallel is None or not parallel.applies_to(real.shape[0]):
       return lambda u, router_weight: local_pass(u, router_weight, routed, shared, token_mask)
     if cfg.n_routed_experts % parallel.expert_shards:
-      raise ValueError(f"expert_parallel: n_routed_experts={cfg.n_routed_experts} does not split "
-                       f"over the {parallel.expert_shards} devices of axis "
-                       f"{parallel.expert_axis!r}")
+      raise ValueError(
+        f"expert_parallel: n_routed_experts={cfg.n_routed_experts} does not split "
+        f"over the {parallel.expert_shards} devices of axis "
+        f"{parallel.expert_axis!r}"
+      )
     sharded = parallel.wrap(local_pass)
     return lambda u, router_weight: sharded(u, router_weight, routed, shared, real)
 
 
-def expert_pass(u, router_weight, routed, shared, cfg: CoEConfig, capacity: int, token_mask=None,
-                expert_axis=None, expert_fn: Callable = swiglu):
+def expert_pass(
+  u,
+  router_weight,
+  routed,
+  shared,
+  cfg: CoEConfig,
+  capacity: int,
+  token_mask=None,
+  expert_axis=None,
+  expert_fn: Callable = swiglu,
+):
   """m = RoutedExperts(u) + SharedExperts(u) for one iteration; returns (m, routing, kept).
 
   `expert_axis`: inside shard_map, the mesh axis `routed` is split over.
   """
   batch, seq, hidden = u.shape
-  routing = route(u, router_weight, k=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
-                  routed_scaling_factor=cfg.routed_scaling_factor,
-                  aux_loss_alpha=cfg.aux_loss_alpha, z_loss_coef=cfg.router_z_loss_coef)
+  routing = route(
+    u,
+    router_weight,
+    k=cfg.num_experts_per_tok,
+    norm_topk_prob=cfg.norm_topk_prob,
+    routed_scaling_factor=cfg.routed_scaling_factor,
+    aux_loss_alpha=cfg.aux_loss_alpha,
+    z_loss_coef=cfg.router_z_loss_coef,
+  )
   flat_ids = routing.expert_ids.reshape(batch * seq, -1)
   flat_weights = routing.combine_weights.reshape(batch * seq, -1)
   result = dispatch_lib.dispatch_to_experts(
-      u.reshape(batch * seq, hidden), flat_ids, flat_weights, routed, mode=cfg.dispatch,
-      capacity=capacity, dropless_impl=cfg.dropless_impl, dropless_tile=cfg.dropless_tile,
-      token_mask=None if token_mask is None else token_mask.reshape(-1), expert_axis=expert_axis,
-      expert_fn=expert_fn)
+    u.reshape(batch * seq, hidden),
+    flat_ids,
+    flat_weights,
+    routed,
+    mode=cfg.dispatch,
+    capacity=capacity,
+    dropless_impl=cfg.dropless_impl,
+    dropless_tile=cfg.dropless_tile,
+    token_mask=None if token_mask is None else token_mask.reshape(-1),
+    expert_axis=expert_axis,
+    expert_fn=expert_fn,
+  )
   m = result.output.reshape(batch, seq, hidden)
   if shared is not None:
     m = m + expert_fn(shared, u)

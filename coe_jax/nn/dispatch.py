@@ -38,10 +38,9 @@ from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
 
-
-
-def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float,
-                    min_capacity: int) -> int:
+def expert_capacity(
+  num_tokens: int, k: int, num_experts: int, capacity_factor: float, min_capacity: int
+) -> int:
   """ceil(capacity_factor * tokens * K / N), at least min_capacity, at most tokens."""
   capacity = math.ceil(capacity_factor * num_tokens * k / num_experts)
   return int(min(max(capacity, min_capacity), num_tokens))
@@ -54,9 +53,12 @@ def resolve_dropless_impl(impl: str) -> str:
   return "blocked"
 
 
-def assignment_slots(expert_ids: Int[Array, "tokens k"], num_experts: int, capacity: int,
-                     token_mask: Optional[Bool[Array, "tokens"]] = None
-                     ) -> tuple[Int[Array, "tokens k"], Bool[Array, "tokens k"]]:
+def assignment_slots(
+  expert_ids: Int[Array, "tokens k"],
+  num_experts: int,
+  capacity: int,
+  token_mask: Optional[Bool[Array, "tokens"]] = None,
+) -> tuple[Int[Array, "tokens k"], Bool[Array, "tokens k"]]:
   """Buffer slot (expert * capacity + position) of every assignment, and whether it fits.
 
   Dropped assignments get the sentinel slot `num_experts * capacity`. Tokens
@@ -77,11 +79,15 @@ def assignment_slots(expert_ids: Int[Array, "tokens k"], num_experts: int, capac
   return slots.reshape(k, num_tokens).T, kept.reshape(k, num_tokens).T
 
 
-def capacity_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "tokens k"],
-                      combine_weights: Float[Array, "tokens k"],
-                      expert_fn: Callable[[Array], Array], num_experts: int,
-                      capacity: int, token_mask: Optional[Bool[Array, "tokens"]] = None
-                      ) -> DispatchOutput:
+def capacity_dispatch(
+  x: Float[Array, "tokens hidden"],
+  expert_ids: Int[Array, "tokens k"],
+  combine_weights: Float[Array, "tokens k"],
+  expert_fn: Callable[[Array], Array],
+  num_experts: int,
+  capacity: int,
+  token_mask: Optional[Bool[Array, "tokens"]] = None,
+) -> DispatchOutput:
   """Gather tokens into [experts, capacity, hidden], run `expert_fn`, gather back.
 
   Empty buffer rows are zero (never uninitialised memory). Both gathers have
@@ -95,19 +101,26 @@ def capacity_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "
   # Which assignment (t * k + slot) fills each buffer row; empty rows hold the sentinel.
   assignment_of_slot = jnp.full((num_experts * capacity,), num_assignments, jnp.int32)
   assignment_of_slot = assignment_of_slot.at[slots.reshape(-1)].set(
-      jnp.arange(num_assignments, dtype=jnp.int32), mode="drop")
-  token_of_slot = jnp.where(assignment_of_slot < num_assignments, assignment_of_slot // k, num_tokens)
+    jnp.arange(num_assignments, dtype=jnp.int32), mode="drop"
+  )
+  token_of_slot = jnp.where(
+    assignment_of_slot < num_assignments, assignment_of_slot // k, num_tokens
+  )
   buffer = gather_rows(x, token_of_slot, slots).reshape(num_experts, capacity, hidden)
   expert_out = expert_fn(buffer).reshape(num_experts * capacity, hidden)
-  return DispatchOutput(output=combine_rows(expert_out, slots, assignment_of_slot, combine_weights),
-                        kept=kept)
+  return DispatchOutput(
+    output=combine_rows(expert_out, slots, assignment_of_slot, combine_weights), kept=kept
+  )
 
 
-def ragged_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "tokens k"],
-                    combine_weights: Float[Array, "tokens k"],
-                    grouped_fn: Callable[[Array, Array], Array],
-                    num_experts: int, token_mask: Optional[Bool[Array, "tokens"]] = None
-                    ) -> DispatchOutput:
+def ragged_dispatch(
+  x: Float[Array, "tokens hidden"],
+  expert_ids: Int[Array, "tokens k"],
+  combine_weights: Float[Array, "tokens k"],
+  grouped_fn: Callable[[Array, Array], Array],
+  num_experts: int,
+  token_mask: Optional[Bool[Array, "tokens"]] = None,
+) -> DispatchOutput:
   """Sort assignments by expert, run `grouped_fn(rows, group_sizes)`, unsort, combine.
 
   Masked-out tokens still run through their experts (the shapes are static)
@@ -120,22 +133,28 @@ def ragged_dispatch(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "to
     combine_weights = jnp.where(kept, combine_weights, 0)
   flat = expert_ids.reshape(-1)
   order = expert_order(flat, num_experts)  # row r of the sorted rows holds assignment order[r]
-  row_of_assignment = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  row_of_assignment = (
+    jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  )
   row_of_assignment = row_of_assignment.reshape(num_tokens, k)
   rows = gather_rows(x, order // k, row_of_assignment)  # Shape: [tokens * k, hidden]
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
   sorted_out = grouped_fn(rows, group_sizes)
-  return DispatchOutput(output=combine_rows(sorted_out, row_of_assignment, order, combine_weights),
-                        kept=kept)
+  return DispatchOutput(
+    output=combine_rows(sorted_out, row_of_assignment, order, combine_weights), kept=kept
+  )
 
 
 # ---------------------------------------------------------------------------
 # Dropless, block-sparse: expert-sorted rows padded to whole tiles
 # ---------------------------------------------------------------------------
 
-def run_on_expert_shards(buffer: Float[Array, "experts capacity hidden"],
-                         local_experts_fn: Callable[[Array], Array],
-                         axis_name: str) -> Float[Array, "experts capacity hidden"]:
+
+def run_on_expert_shards(
+  buffer: Float[Array, "experts capacity hidden"],
+  local_experts_fn: Callable[[Array], Array],
+  axis_name: str,
+) -> Float[Array, "experts capacity hidden"]:
   """Runs each expert's buffer rows on the device that holds that expert.
 
   Inside `jax.shard_map`, with n devices on `axis_name` each holding E/n
@@ -163,13 +182,20 @@ def per_expert_fn(expert_fn: Callable[[Any, Array], Array]) -> Callable[[Any, Ar
   return jax.vmap(expert_fn)
 
 
-def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array, "tokens k"],
-                        combine_weights: Float[Array, "tokens k"], weights: Any, *,
-                        mode: str, capacity: int, dropless_impl: str = "auto",
-                        dropless_tile: int = 0,
-                        token_mask: Optional[Bool[Array, "tokens"]] = None,
-                        expert_axis: Optional[str] = None,
-                        expert_fn: Callable[[Any, Array], Array] = swiglu) -> DispatchOutput:
+def dispatch_to_experts(
+  x: Float[Array, "tokens hidden"],
+  expert_ids: Int[Array, "tokens k"],
+  combine_weights: Float[Array, "tokens k"],
+  weights: Any,
+  *,
+  mode: str,
+  capacity: int,
+  dropless_impl: str = "auto",
+  dropless_tile: int = 0,
+  token_mask: Optional[Bool[Array, "tokens"]] = None,
+  expert_axis: Optional[str] = None,
+  expert_fn: Callable[[Any, Array], Array] = swiglu,
+) -> DispatchOutput:
   """Routed-expert output for every token under the chosen dispatch mode.
 
   Args:
@@ -197,32 +223,63 @@ def dispatch_to_experts(x: Float[Array, "tokens hidden"], expert_ids: Int[Array,
       raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
 
     def exchanged_experts(buffer):
-      return run_on_expert_shards(buffer, lambda rows: run_experts(weights, rows),
-                                  expert_axis)
+      return run_on_expert_shards(buffer, lambda rows: run_experts(weights, rows), expert_axis)
 
-    return capacity_dispatch(x, expert_ids, combine_weights, exchanged_experts,
-                             num_experts * jax.lax.axis_size(expert_axis),
-                             capacity if mode == "capacity" else num_tokens, token_mask)
+    return capacity_dispatch(
+      x,
+      expert_ids,
+      combine_weights,
+      exchanged_experts,
+      num_experts * jax.lax.axis_size(expert_axis),
+      capacity if mode == "capacity" else num_tokens,
+      token_mask,
+    )
   if mode == "capacity":
-    return capacity_dispatch(x, expert_ids, combine_weights,
-                             lambda buf: run_experts(weights, buf), num_experts, capacity,
-                             token_mask)
+    return capacity_dispatch(
+      x,
+      expert_ids,
+      combine_weights,
+      lambda buf: run_experts(weights, buf),
+      num_experts,
+      capacity,
+      token_mask,
+    )
   if mode != "dropless":
     raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
   impl = resolve_dropless_impl(dropless_impl)
   if expert_fn is not swiglu:  # the fast dropless kernels are written for SwiGLU
     impl = "gather" if dropless_impl == "auto" else dropless_impl
     if impl != "gather":
-      raise ValueError(f"dropless_impl={impl!r} computes SwiGLU experts only; allowed with a "
-                       "custom expert_fn: 'auto' (= 'gather'), 'gather'")
+      raise ValueError(
+        f"dropless_impl={impl!r} computes SwiGLU experts only; allowed with a "
+        "custom expert_fn: 'auto' (= 'gather'), 'gather'"
+      )
   if impl == "blocked":
     tile = dropless_tile or default_dropless_tile(expert_ids.size, num_experts)
-    return blocked_dispatch(x, expert_ids, combine_weights, weights, tile,
-                            blocked_tiles_per_step(weights, tile), token_mask)
+    return blocked_dispatch(
+      x,
+      expert_ids,
+      combine_weights,
+      weights,
+      tile,
+      blocked_tiles_per_step(weights, tile),
+      token_mask,
+    )
   if impl == "ragged_dot":
-    return ragged_dispatch(x, expert_ids, combine_weights,
-                           lambda rows, sizes: swiglu_grouped(weights, rows, sizes), num_experts,
-                           token_mask)
-  return capacity_dispatch(x, expert_ids, combine_weights,
-                           lambda buf: run_experts(weights, buf), num_experts, num_tokens,
-                           token_mask)
+    return ragged_dispatch(
+      x,
+      expert_ids,
+      combine_weights,
+      lambda rows, sizes: swiglu_grouped(weights, rows, sizes),
+      num_experts,
+      token_mask,
+    )
+  return capacity_dispatch(
+    x,
+    expert_ids,
+    combine_weights,
+    lambda buf: run_experts(weights, buf),
+    num_experts,
+    num_tokens,
+    token_mask,
+  )

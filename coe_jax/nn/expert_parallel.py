@@ -30,7 +30,8 @@ import math
 from typing import Callable, Optional, Union
 
 import jax
-from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh
+from jax.sharding import PartitionSpec as P
 
 from coe_jax.nn.router import RouterOutput
 
@@ -57,11 +58,16 @@ class ExpertParallel:
     missing = [a for a in (*self.batch_axes, self.expert_axis) if a is not None and a not in names]
     if missing:
       raise ValueError(f"ExpertParallel: axes {missing} are not in the mesh's {sorted(names)}")
-    explicit = [name for name, kind in zip(self.mesh.axis_names, self.mesh.axis_types)
-                if kind == AxisType.Explicit]
+    explicit = [
+      name
+      for name, kind in zip(self.mesh.axis_names, self.mesh.axis_types)
+      if kind == AxisType.Explicit
+    ]
     if explicit:
-      raise ValueError(f"ExpertParallel: mesh axes {explicit} are AxisType.Explicit; the layer's "
-                       "shard_map needs AxisType.Auto axes (jax.make_mesh(..., axis_types=...))")
+      raise ValueError(
+        f"ExpertParallel: mesh axes {explicit} are AxisType.Explicit; the layer's "
+        "shard_map needs AxisType.Auto axes (jax.make_mesh(..., axis_types=...))"
+      )
 
   @property
   def batch_shards(self) -> int:
@@ -86,17 +92,25 @@ class ExpertParallel:
 
     def per_device(u, router_weight, routed, shared, token_mask):
       m, routing, kept = local_pass(u, router_weight, routed, shared, token_mask, axis)
-      routing = routing.replace(aux_loss=jax.lax.pmean(routing.aux_loss, self.batch_axes),
-                                z_loss=jax.lax.pmean(routing.z_loss, self.batch_axes))
+      routing = routing.replace(
+        aux_loss=jax.lax.pmean(routing.aux_loss, self.batch_axes),
+        z_loss=jax.lax.pmean(routing.z_loss, self.batch_axes),
+      )
       return m, routing, kept
 
     def fn(u, router_weight, routed, shared, token_mask):
-      in_specs = (tokens, P(), jax.tree.map(lambda _: expert_weights, routed),
-                  jax.tree.map(lambda _: P(), shared), tokens)
-      routing_specs = RouterOutput(expert_ids=tokens, combine_weights=tokens, probs=tokens,
-                                   aux_loss=P(), z_loss=P())
-      return jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs,
-                           out_specs=(tokens, routing_specs, tokens))(
-                               u, router_weight, routed, shared, token_mask)
+      in_specs = (
+        tokens,
+        P(),
+        jax.tree.map(lambda _: expert_weights, routed),
+        jax.tree.map(lambda _: P(), shared),
+        tokens,
+      )
+      routing_specs = RouterOutput(
+        expert_ids=tokens, combine_weights=tokens, probs=tokens, aux_loss=P(), z_loss=P()
+      )
+      return jax.shard_map(
+        per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(tokens, routing_specs, tokens)
+      )(u, router_weight, routed, shared, token_mask)
 
     return fn

@@ -38,16 +38,18 @@ def swiglu(weights: SwiGLUWeights, x: Float[Array, "... hidden"]) -> Float[Array
   return hidden @ weights.down
 
 
-def swiglu_per_expert(weights: SwiGLUWeights,
-                      x: Float[Array, "experts capacity hidden"]) -> Float[Array, "experts capacity hidden"]:
+def swiglu_per_expert(
+  weights: SwiGLUWeights, x: Float[Array, "experts capacity hidden"]
+) -> Float[Array, "experts capacity hidden"]:
   """Each expert's MLP on its own buffer rows, as batched matmuls (no loop over experts)."""
   gate = jnp.einsum("ecd,edf->ecf", x, weights.gate)
   up = jnp.einsum("ecd,edf->ecf", x, weights.up)
   return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, weights.down)
 
 
-def swiglu_grouped(weights: SwiGLUWeights, x: Float[Array, "assignments hidden"],
-                   group_sizes: Int[Array, "experts"]) -> Float[Array, "assignments hidden"]:
+def swiglu_grouped(
+  weights: SwiGLUWeights, x: Float[Array, "assignments hidden"], group_sizes: Int[Array, "experts"]
+) -> Float[Array, "assignments hidden"]:
   """Experts on rows sorted by expert, as grouped matmuls (`jax.lax.ragged_dot`).
 
   Rows [sum(group_sizes[:e]), sum(group_sizes[:e+1])) belong to expert e.
@@ -74,9 +76,9 @@ class RoutedExperts(nn.Module):
     e, d, f = self.num_experts, self.hidden_size, self.intermediate_size
     init = normal_init(self.init_std)
     return SwiGLUWeights(
-        gate=self.param("gate_proj", init, (e, d, f), jnp.float32),
-        up=self.param("up_proj", init, (e, d, f), jnp.float32),
-        down=self.param("down_proj", init, (e, f, d), jnp.float32),
+      gate=self.param("gate_proj", init, (e, d, f), jnp.float32),
+      up=self.param("up_proj", init, (e, d, f), jnp.float32),
+      down=self.param("down_proj", init, (e, f, d), jnp.float32),
     )
 
 
@@ -96,7 +98,7 @@ class SharedExperts(nn.Module):
     d, f = self.hidden_size, self.intermediate_size
     init = normal_init(self.init_std)
     return SwiGLUWeights(
-        gate=self.param("gate_proj", init, (d, f), jnp.float32),
-        up=self.param("up_proj", init, (d, f), jnp.float32),
-        down=self.param("down_proj", init, (f, d), jnp.float32),
+      gate=self.param("gate_proj", init, (d, f), jnp.float32),
+      up=self.param("up_proj", init, (d, f), jnp.float32),
+      down=self.param("down_proj", init, (f, d), jnp.float32),
     )

@@ -14,6 +14,7 @@ from typing import Optional
 
 from coe_jax.nn.model_config import ModelConfig
 
+
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
   """Forward FLOPs per token of every part of the model (2 FLOPs per multiply-add).
@@ -51,19 +52,27 @@ class FlopCount:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
   """Matmul FLOPs of one token's forward pass (embedding lookup, norms, softmax excluded)."""
-  d, f, layers, chain = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_layers, cfg.num_iterations
+  d, f, layers, chain = (
+    cfg.hidden_size,
+    cfg.moe_intermediate_size,
+    cfg.num_layers,
+    cfg.num_iterations,
+  )
   heads = cfg.num_heads
-  proj_params = (d * heads * cfg.q_head_dim + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-                 + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-                 + heads * cfg.v_head_dim * d)
+  proj_params = (
+    d * heads * cfg.q_head_dim
+    + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    + cfg.kv_lora_rank * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    + heads * cfg.v_head_dim * d
+  )
   swiglu_macs = 3 * d * f
   return FlopCount(
-      attention_proj=2.0 * layers * proj_params,
-      attention_scores=2.0 * layers * (seq_len + 1) / 2 * heads * (cfg.q_head_dim + cfg.v_head_dim),
-      routed_experts=2.0 * layers * chain * cfg.num_experts_per_tok * swiglu_macs,
-      shared_experts=2.0 * layers * chain * cfg.n_shared_experts * swiglu_macs,
-      router=2.0 * layers * chain * d * cfg.n_routed_experts,
-      head=2.0 * d * cfg.vocab_size,
+    attention_proj=2.0 * layers * proj_params,
+    attention_scores=2.0 * layers * (seq_len + 1) / 2 * heads * (cfg.q_head_dim + cfg.v_head_dim),
+    routed_experts=2.0 * layers * chain * cfg.num_experts_per_tok * swiglu_macs,
+    shared_experts=2.0 * layers * chain * cfg.n_shared_experts * swiglu_macs,
+    router=2.0 * layers * chain * d * cfg.n_routed_experts,
+    head=2.0 * d * cfg.vocab_size,
   )
 
 
@@ -71,19 +80,19 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
 # `jax.Device.device_kind` prefix: (bfloat16 matmuls, float32 matmuls). On NVIDIA GPUs XLA runs
 # float32 matmuls as TF32 by default, hence half the bf16 rate; on TPUs float32 is unknown here.
 PEAK_TFLOPS: dict[str, tuple[float, Optional[float]]] = {
-    "NVIDIA H100 80GB HBM3": (989.4, 494.7),  # H100 SXM
-    "NVIDIA H100 PCIe": (756.0, 378.0),
-    "NVIDIA H100 NVL": (835.0, 417.5),
-    "NVIDIA H200": (989.4, 494.7),  # H200 SXM and NVL share the H100 SXM's compute
-    "NVIDIA GH200": (989.4, 494.7),
-    "NVIDIA B200": (2250.0, 1125.0),
-    "NVIDIA A100": (312.0, 156.0),  # every A100 variant (SXM4 / PCIe, 40 / 80 GB)
-    "NVIDIA L4": (121.0, 60.0),
-    "TPU v4": (275.0, None),
-    "TPU v5 lite": (197.0, None),  # v5e
-    "TPU v5p": (459.0, None),
-    "TPU v5": (459.0, None),
-    "TPU v6 lite": (918.0, None),  # v6e (Trillium)
+  "NVIDIA H100 80GB HBM3": (989.4, 494.7),  # H100 SXM
+  "NVIDIA H100 PCIe": (756.0, 378.0),
+  "NVIDIA H100 NVL": (835.0, 417.5),
+  "NVIDIA H200": (989.4, 494.7),  # H200 SXM and NVL share the H100 SXM's compute
+  "NVIDIA GH200": (989.4, 494.7),
+  "NVIDIA B200": (2250.0, 1125.0),
+  "NVIDIA A100": (312.0, 156.0),  # every A100 variant (SXM4 / PCIe, 40 / 80 GB)
+  "NVIDIA L4": (121.0, 60.0),
+  "TPU v4": (275.0, None),
+  "TPU v5 lite": (197.0, None),  # v5e
+  "TPU v5p": (459.0, None),
+  "TPU v5": (459.0, None),
+  "TPU v6 lite": (918.0, None),  # v6e (Trillium)
 }
 
 

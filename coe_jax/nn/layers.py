@@ -47,7 +47,9 @@ class RMSNorm(nn.Module):
     return rms_norm(x, scale, self.eps).astype(self.dtype)
 
 
-def rms_norm(x: Float[Array, "... d"], scale: Float[Array, "d"], eps: float) -> Float[Array, "... d"]:
+def rms_norm(
+  x: Float[Array, "... d"], scale: Float[Array, "d"], eps: float
+) -> Float[Array, "... d"]:
   """Functional RMSNorm in float32; returns float32."""
   x32 = x.astype(jnp.float32)
   variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)

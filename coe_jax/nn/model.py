@@ -75,10 +75,15 @@ class DecoderLayer(nn.Module):
   absorb: bool = True  # decode='step': DeepSeek-V2's absorbed-projection attention
 
   @nn.compact
-  def __call__(self, x: Float[Array, "batch seq hidden"], positions: Int[Array, "batch seq"],
-               mask: Array, token_mask: Optional[Array] = None,
-               layer_cache: Optional[tuple[Array, Array]] = None, index: Optional[Array] = None
-               ) -> tuple[Array, tuple[CoEAux, Optional[tuple[Array, Array]]]]:
+  def __call__(
+    self,
+    x: Float[Array, "batch seq hidden"],
+    positions: Int[Array, "batch seq"],
+    mask: Array,
+    token_mask: Optional[Array] = None,
+    layer_cache: Optional[tuple[Array, Array]] = None,
+    index: Optional[Array] = None,
+  ) -> tuple[Array, tuple[CoEAux, Optional[tuple[Array, Array]]]]:
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
     normed = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
@@ -94,14 +99,16 @@ class DecoderLayer(nn.Module):
       new_entries = (c_new, kpe_new)
     else:
       c_cache, kpe_cache = layer_cache
-      attn_out, c_new, kpe_new = attn.attend_with_cache(normed, positions, mask, c_cache,
-                                                        kpe_cache, index, absorb=self.absorb)
+      attn_out, c_new, kpe_new = attn.attend_with_cache(
+        normed, positions, mask, c_cache, kpe_cache, index, absorb=self.absorb
+      )
       new_entries = (c_new, kpe_new)
     if new_entries is not None:
       c_cache, kpe_cache = layer_cache
       new_entries = (new_entries[0].astype(c_cache.dtype), new_entries[1].astype(kpe_cache.dtype))
     out, aux = CoELayer(cfg.coe, expert_parallel=self.expert_parallel, name="mlp")(
-        x + attn_out, train=self.train, token_mask=token_mask)
+      x + attn_out, train=self.train, token_mask=token_mask
+    )
     return out.astype(dtype), (aux, new_entries)
 
 
@@ -136,13 +143,17 @@ class CoECausalLM(nn.Module):
   absorb: bool = True
 
   @nn.compact
-  def __call__(self, input_ids: Int[Array, "batch seq"],
-               attention_mask: Optional[Int[Array, "batch seq"]] = None,
-               positions: Optional[Int[Array, "batch seq"]] = None,
-               segment_ids: Optional[Int[Array, "batch seq"]] = None,
-               *, train: bool = False, cache: Optional["DecodeCache"] = None,
-               logits_index: Optional[Int[Array, "batch"]] = None
-               ) -> tuple[Float[Array, "batch seq vocab"], ModelAux]:
+  def __call__(
+    self,
+    input_ids: Int[Array, "batch seq"],
+    attention_mask: Optional[Int[Array, "batch seq"]] = None,
+    positions: Optional[Int[Array, "batch seq"]] = None,
+    segment_ids: Optional[Int[Array, "batch seq"]] = None,
+    *,
+    train: bool = False,
+    cache: Optional["DecodeCache"] = None,
+    logits_index: Optional[Int[Array, "batch"]] = None,
+  ) -> tuple[Float[Array, "batch seq vocab"], ModelAux]:
     cfg = self.config
     if self.decode not in DECODE_MODES:
       raise ValueError(f"decode: got {self.decode!r}; allowed values: None, 'prefill', 'step'")
@@ -162,17 +173,33 @@ class CoECausalLM(nn.Module):
     else:
       mask = make_attention_mask(attention_mask, segment_ids, seq)
 
-    x = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=normal_init(cfg.initializer_range),
-                 param_dtype=jnp.float32, dtype=dtype, name="embed_tokens")(input_ids)
-    x, layer_aux, new_entries = self._layers(train)(x, positions, mask, attention_mask,
-                                                    None if cache is None else
-                                                    (cache.c_latent, cache.k_pe),
-                                                    None if cache is None else cache.index)
+    x = nn.Embed(
+      cfg.vocab_size,
+      cfg.hidden_size,
+      embedding_init=normal_init(cfg.initializer_range),
+      param_dtype=jnp.float32,
+      dtype=dtype,
+      name="embed_tokens",
+    )(input_ids)
+    x, layer_aux, new_entries = self._layers(train)(
+      x,
+      positions,
+      mask,
+      attention_mask,
+      None if cache is None else (cache.c_latent, cache.k_pe),
+      None if cache is None else cache.index,
+    )
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # Shape: [b, 1, hidden]
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
-    logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=normal_init(cfg.initializer_range),
-                      dtype=dtype, param_dtype=jnp.float32, name="lm_head")(x)
+    logits = nn.Dense(
+      cfg.vocab_size,
+      use_bias=False,
+      kernel_init=normal_init(cfg.initializer_range),
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name="lm_head",
+    )(x)
     new_cache = None
     if cache is not None:
       if key_mask is None:  # prefill
@@ -180,11 +207,17 @@ class CoECausalLM(nn.Module):
         key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, real, cache.index, axis=1)
       start = (0, 0, cache.index, 0)
       new_cache = DecodeCache(
-          c_latent=jax.lax.dynamic_update_slice(cache.c_latent, new_entries[0], start),
-          k_pe=jax.lax.dynamic_update_slice(cache.k_pe, new_entries[1], start),
-          key_mask=key_mask, index=cache.index + seq)
-    aux = ModelAux(aux_loss=layer_aux.aux_loss.sum(), z_loss=layer_aux.z_loss.sum(),
-                   layers=layer_aux, cache=new_cache)
+        c_latent=jax.lax.dynamic_update_slice(cache.c_latent, new_entries[0], start),
+        k_pe=jax.lax.dynamic_update_slice(cache.k_pe, new_entries[1], start),
+        key_mask=key_mask,
+        index=cache.index + seq,
+      )
+    aux = ModelAux(
+      aux_loss=layer_aux.aux_loss.sum(),
+      z_loss=layer_aux.z_loss.sum(),
+      layers=layer_aux,
+      cache=new_cache,
+    )
     return logits.astype(jnp.float32), aux
 
   def _layers(self, train: bool):
@@ -195,12 +228,22 @@ class CoECausalLM(nn.Module):
     if cfg.remat != "none" and self.decode is None:
       layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_remat_policy(cfg.remat))
     cache_axis = nn.broadcast if self.decode is None else 0
-    scan = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
-                   split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, cache_axis, nn.broadcast),
-                   length=cfg.num_layers, unroll=cfg.num_layers if self.decode is None else 1)
-    layers = scan(cfg, train=train, expert_parallel=self.expert_parallel, decode=self.decode,
-                  absorb=self.absorb, name="layers")
+    scan = nn.scan(
+      layer_cls,
+      variable_axes={"params": 0, "intermediates": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, cache_axis, nn.broadcast),
+      length=cfg.num_layers,
+      unroll=cfg.num_layers if self.decode is None else 1,
+    )
+    layers = scan(
+      cfg,
+      train=train,
+      expert_parallel=self.expert_parallel,
+      decode=self.decode,
+      absorb=self.absorb,
+      name="layers",
+    )
 
     def run(x, positions, mask, token_mask, layer_caches, index):
       x, (layer_aux, new_entries) = layers(x, positions, mask, token_mask, layer_caches, index)
@@ -212,6 +255,7 @@ class CoECausalLM(nn.Module):
 # ----------------------------------------------------------------------------
 # Incremental decoding with an MLA latent cache (used by `coe_jax.inference.decoding`).
 # ----------------------------------------------------------------------------
+
 
 @flax.struct.dataclass
 class DecodeCache:
@@ -242,7 +286,8 @@ def init_decode_cache(config: ModelConfig, batch: int, max_len: int) -> DecodeCa
   dtype = compute_dtype(config.dtype)
   layers = config.num_layers
   return DecodeCache(
-      c_latent=jnp.zeros((layers, batch, max_len, config.kv_lora_rank), dtype),
-      k_pe=jnp.zeros((layers, batch, max_len, config.qk_rope_head_dim), dtype),
-      key_mask=jnp.zeros((batch, max_len), bool),
-      index=jnp.zeros((), jnp.int32))
+    c_latent=jnp.zeros((layers, batch, max_len, config.kv_lora_rank), dtype),
+    k_pe=jnp.zeros((layers, batch, max_len, config.qk_rope_head_dim), dtype),
+    key_mask=jnp.zeros((batch, max_len), bool),
+    index=jnp.zeros((), jnp.int32),
+  )

@@ -32,9 +32,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from coe_jax.nn.coe_config import (COE_FIELDS, DISPATCHES, DROPLESS_IMPLS, DTYPES,  # noqa: F401
-                                RESIDUAL_STYLES, CoEConfig, validate_coe)
 from coe_jax.errors import ConfigError, DataError, is_int, require, require_choice  # noqa: F401
+from coe_jax.nn.coe_config import (  # noqa: F401
+  COE_FIELDS,
+  DISPATCHES,
+  DROPLESS_IMPLS,
+  DTYPES,
+  RESIDUAL_STYLES,
+  CoEConfig,
+  validate_coe,
+)
 
 ROPE_SCALINGS = ("yarn", "none")
 REMATS = ("none", "full", "dots")
@@ -79,10 +86,13 @@ class ModelConfig:
   qk_rope_head_dim: int = _function(64, hf="qk_rope_head_dim")
   v_head_dim: int = _function(128, hf="v_head_dim")
   rope_theta: float = _function(10000.0, hf="rope_theta")
-  rope_scaling: str = _function("yarn", hf="rope_scaling")  # 'yarn' | 'none' (config.json: a dict | null)
+  rope_scaling: str = _function(
+    "yarn", hf="rope_scaling"
+  )  # 'yarn' | 'none' (config.json: a dict | null)
   rope_factor: float = _function(40.0, hf="rope_scaling.factor")
   rope_original_max_position: int = _function(
-      4096, hf="rope_scaling.original_max_position_embeddings")
+    4096, hf="rope_scaling.original_max_position_embeddings"
+  )
   rope_beta_fast: float = _function(32.0, hf="rope_scaling.beta_fast")
   rope_beta_slow: float = _function(1.0, hf="rope_scaling.beta_slow")
   rope_mscale: float = _function(0.707, hf="rope_scaling.mscale")
@@ -100,7 +110,9 @@ class ModelConfig:
   num_iterations: int = _function(1, hf="inner_iter")  # C; C=1 is plain MoE
   # one router per iteration (else one shared router)
   independent_gates: bool = _function(True, hf="use_igate")
-  inner_residual: bool = _function(True, hf="inner_residual")  # u_t = u_{t-1} + m_t (else u_t = m_t)
+  inner_residual: bool = _function(
+    True, hf="inner_residual"
+  )  # u_t = u_{t-1} + m_t (else u_t = m_t)
   # out = h + u_C (else out = u_C; reference default)
   outer_residual: bool = _function(False, hf="outer_residual")
   # 'reference' (SPEC 2) | 'textbook' (out = h + sum m_t); the authors' code has only 'reference'
@@ -166,29 +178,46 @@ class ModelConfig:
     unknown = sorted(set(values) - names)
     if unknown:
       raise ConfigError(
-          f"model config: unknown field(s) {unknown}; allowed fields: {sorted(names)}")
+        f"model config: unknown field(s) {unknown}; allowed fields: {sorted(names)}"
+      )
     return cls(**values)
 
 
 def validate(config: ModelConfig) -> None:
   """Raises ConfigError naming the first bad field; runs before anything is traced."""
   validate_coe(config, prefix="model")
-  for field in ("vocab_size", "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
-                "v_head_dim"):
+  for field in (
+    "vocab_size",
+    "num_layers",
+    "num_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "v_head_dim",
+  ):
     value = getattr(config, field)
-    require(is_int(value) and value >= 1, f"model.{field}",
-            f"got {value!r}; must be an integer >= 1")
-  require(is_int(config.qk_rope_head_dim) and config.qk_rope_head_dim >= 2
-          and config.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
-          f"got {config.qk_rope_head_dim!r}; must be an even integer >= 2")
-  require(is_int(config.attention_query_block) and config.attention_query_block >= 0,
-          "model.attention_query_block",
-          f"got {config.attention_query_block!r}; must be an integer >= 0 (0 = dense)")
+    require(
+      is_int(value) and value >= 1, f"model.{field}", f"got {value!r}; must be an integer >= 1"
+    )
+  require(
+    is_int(config.qk_rope_head_dim)
+    and config.qk_rope_head_dim >= 2
+    and config.qk_rope_head_dim % 2 == 0,
+    "model.qk_rope_head_dim",
+    f"got {config.qk_rope_head_dim!r}; must be an even integer >= 2",
+  )
+  require(
+    is_int(config.attention_query_block) and config.attention_query_block >= 0,
+    "model.attention_query_block",
+    f"got {config.attention_query_block!r}; must be an integer >= 0 (0 = dense)",
+  )
   require_choice(config.rope_scaling, "model.rope_scaling", ROPE_SCALINGS)
   require_choice(config.remat, "model.remat", REMATS)
   if config.rope_scaling == "yarn":
-    require(config.rope_factor >= 1, "model.rope_factor",
-            f"got {config.rope_factor!r}; must be >= 1 with rope_scaling='yarn'")
+    require(
+      config.rope_factor >= 1,
+      "model.rope_factor",
+      f"got {config.rope_factor!r}; must be >= 1 with rope_scaling='yarn'",
+    )
 
 
 def fields_of_kind(kind: str) -> tuple[str, ...]:
@@ -205,11 +234,17 @@ def hf_keys() -> dict[str, str]:
 
 def hf_fixed_values() -> dict[str, Any]:
   """Our field name -> the only value the authors' code computes, for fields config.json lacks."""
-  return {f.name: f.metadata["hf_value"] for f in dataclasses.fields(ModelConfig)
-          if "hf_value" in f.metadata}
+  return {
+    f.name: f.metadata["hf_value"]
+    for f in dataclasses.fields(ModelConfig)
+    if "hf_value" in f.metadata
+  }
 
 
 def our_knobs() -> tuple[str, ...]:
   """Fields the authors' config.json neither carries nor fixes (dispatch, dtype, z-loss, ...)."""
-  return tuple(f.name for f in dataclasses.fields(ModelConfig)
-               if "hf" not in f.metadata and "hf_value" not in f.metadata)
+  return tuple(
+    f.name
+    for f in dataclasses.fields(ModelConfig)
+    if "hf" not in f.metadata and "hf_value" not in f.metadata
+  )

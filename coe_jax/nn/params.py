@@ -78,9 +78,17 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
   total = embedding + head + attention + routed + shared + routers + norms
   active_experts = min(cfg.num_iterations * cfg.num_experts_per_tok, cfg.n_routed_experts)
   active = total - routed + layers * active_experts * expert_params(cfg)
-  return ParamCounts(total=total, embedding=embedding, head=head, attention=attention,
-                     routed_experts=routed, shared_experts=shared, routers=routers, norms=norms,
-                     active_per_token=active)
+  return ParamCounts(
+    total=total,
+    embedding=embedding,
+    head=head,
+    attention=attention,
+    routed_experts=routed,
+    shared_experts=shared,
+    routers=routers,
+    norms=norms,
+    active_per_token=active,
+  )
 
 
 def tree_size(params) -> int:

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 
-
 @flax.struct.dataclass
 class RouterOutput:
   """Routing instructions for one iteration.
@@ -34,16 +33,21 @@ class RouterOutput:
   z_loss: Float[Array, ""]
 
 
-def router_logits(x: Float[Array, "batch seq hidden"],
-                  weight: Float[Array, "experts hidden"]) -> Float[Array, "batch seq experts"]:
+def router_logits(
+  x: Float[Array, "batch seq hidden"], weight: Float[Array, "experts hidden"]
+) -> Float[Array, "batch seq experts"]:
   """Float32 logits whatever the compute dtype (the reference casts both operands)."""
-  return jnp.einsum("bsd,ed->bse", x.astype(jnp.float32), weight.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum(
+    "bsd,ed->bse",
+    x.astype(jnp.float32),
+    weight.astype(jnp.float32),
+    precision=jax.lax.Precision.HIGHEST,
+  )
 
 
-def sequence_load_balancing_loss(probs: Float[Array, "batch seq experts"],
-                                 expert_ids: Int[Array, "batch seq k"],
-                                 alpha: float) -> Float[Array, ""]:
+def sequence_load_balancing_loss(
+  probs: Float[Array, "batch seq experts"], expert_ids: Int[Array, "batch seq k"], alpha: float
+) -> Float[Array, ""]:
   """DeepSeek-V2's sequence-level auxiliary loss (SPEC section 3).
 
   For each sequence b: ce[b, e] = #(token, slot) pairs choosing e / (S * K / N);
@@ -64,9 +68,16 @@ def router_z_loss(logits: Float[Array, "batch seq experts"], coef: float) -> Flo
   return coef * jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
 
-def route(x: Float[Array, "batch seq hidden"], weight: Float[Array, "experts hidden"], *,
-          k: int, norm_topk_prob: bool = False, routed_scaling_factor: float = 1.0,
-          aux_loss_alpha: float = 0.001, z_loss_coef: float = 0.0) -> RouterOutput:
+def route(
+  x: Float[Array, "batch seq hidden"],
+  weight: Float[Array, "experts hidden"],
+  *,
+  k: int,
+  norm_topk_prob: bool = False,
+  routed_scaling_factor: float = 1.0,
+  aux_loss_alpha: float = 0.001,
+  z_loss_coef: float = 0.0,
+) -> RouterOutput:
   """Scores, greedy top-K and losses for one iteration; see `RouterOutput`."""
   logits = router_logits(x, weight)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -75,9 +86,9 @@ def route(x: Float[Array, "batch seq hidden"], weight: Float[Array, "experts hid
     top_weights = top_weights / (jnp.sum(top_weights, axis=-1, keepdims=True) + 1e-20)
   top_weights = top_weights * routed_scaling_factor
   return RouterOutput(
-      expert_ids=expert_ids.astype(jnp.int32),
-      combine_weights=top_weights,
-      probs=probs,
-      aux_loss=sequence_load_balancing_loss(probs, expert_ids, aux_loss_alpha),
-      z_loss=router_z_loss(logits, z_loss_coef),
+    expert_ids=expert_ids.astype(jnp.int32),
+    combine_weights=top_weights,
+    probs=probs,
+    aux_loss=sequence_load_balancing_loss(probs, expert_ids, aux_loss_alpha),
+    z_loss=router_z_loss(logits, z_loss_coef),
   )

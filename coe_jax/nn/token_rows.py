@@ -8,11 +8,11 @@ what a dispatch returns.
 
 from __future__ import annotations
 
-
 import flax
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
 
 @flax.struct.dataclass
 class DispatchOutput:
@@ -36,15 +36,18 @@ def expert_order(flat_ids: Int[Array, "n"], num_experts: int) -> Int[Array, "n"]
   two-operand comparator (PERF.md). Falls back to argsort if the key would overflow.
   """
   n = flat_ids.shape[0]
-  if (num_experts + 1) * n >= 2 ** 31:
+  if (num_experts + 1) * n >= 2**31:
     return jnp.argsort(flat_ids, stable=True)
   index = jnp.arange(n, dtype=jnp.int32)
-  return jax.lax.sort(flat_ids.astype(jnp.int32) * n + index, is_stable=False) % n  # keys are unique
+  return (
+    jax.lax.sort(flat_ids.astype(jnp.int32) * n + index, is_stable=False) % n
+  )  # keys are unique
 
 
 @jax.custom_vjp
-def gather_rows(source: Float[Array, "rows hidden"], index: Int[Array, "out"],
-                inverse: Int[Array, "rows j"]) -> Float[Array, "out hidden"]:
+def gather_rows(
+  source: Float[Array, "rows hidden"], index: Int[Array, "out"], inverse: Int[Array, "rows j"]
+) -> Float[Array, "out hidden"]:
   """`source[index]`, with index == rows reading a zero row, and a gather as its transpose.
 
   `inverse[r]` lists every output position whose index is r (padded with
@@ -72,9 +75,12 @@ def _pad_zero_row(rows: Float[Array, "n hidden"]) -> Float[Array, "n+1 hidden"]:
   return jnp.concatenate([rows, jnp.zeros_like(rows[:1])], axis=0)
 
 
-def combine_rows(expert_rows: Float[Array, "rows hidden"], row_of_assignment: Int[Array, "tokens k"],
-             assignment_of_row: Int[Array, "rows"],
-             combine_weights: Float[Array, "tokens k"]) -> Float[Array, "tokens hidden"]:
+def combine_rows(
+  expert_rows: Float[Array, "rows hidden"],
+  row_of_assignment: Int[Array, "tokens k"],
+  assignment_of_row: Int[Array, "rows"],
+  combine_weights: Float[Array, "tokens k"],
+) -> Float[Array, "tokens hidden"]:
   """sum_k weight[t, k] * expert_rows[row[t, k]], rows past the end reading as zero.
 
   `assignment_of_row[r]` is the flat assignment (t * k + slot) row r holds,
@@ -82,8 +88,11 @@ def combine_rows(expert_rows: Float[Array, "rows hidden"], row_of_assignment: In
   multiplies by float32 weights).
   """
   num_tokens, k = row_of_assignment.shape
-  per_assignment = gather_rows(expert_rows, row_of_assignment.reshape(-1), assignment_of_row[:, None])
+  per_assignment = gather_rows(
+    expert_rows, row_of_assignment.reshape(-1), assignment_of_row[:, None]
+  )
   per_assignment = per_assignment.reshape(num_tokens, k, -1)
-  combined = jnp.einsum("tkd,tk->td", per_assignment.astype(jnp.float32),
-                        combine_weights.astype(jnp.float32))
+  combined = jnp.einsum(
+    "tkd,tk->td", per_assignment.astype(jnp.float32), combine_weights.astype(jnp.float32)
+  )
   return combined.astype(expert_rows.dtype)

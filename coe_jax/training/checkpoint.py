@@ -31,19 +31,26 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    )
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+    )
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+      ),
+      force=force,
+    )
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, int]:
     step = self.latest_step() if step is None else step
@@ -52,22 +59,29 @@ class Checkpointer:
     mismatches = self.param_shape_mismatches(step, abstract_state.params)
     if mismatches:
       raise ConfigError(
-          f"the checkpoint at step {step} under {self.directory} holds params of other shapes than "
-          "the requested model (model.vocab_size, or the tokenizer's vocabulary when it is 0, or "
-          "another structural field differs); refusing to resume (use a new --workdir): "
-          + "; ".join(mismatches))
-    restored = self.manager.restore(step, args=ocp.args.Composite(
+        f"the checkpoint at step {step} under {self.directory} holds params of other shapes than "
+        "the requested model (model.vocab_size, or the tokenizer's vocabulary when it is 0, or "
+        "another structural field differs); refusing to resume (use a new --workdir): "
+        + "; ".join(mismatches)
+      )
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_with_default_sharding(abstract_state)),
-        data=ocp.args.JsonRestore()))
+        data=ocp.args.JsonRestore(),
+      ),
+    )
     return restored["state"], dict(restored["data"]), step
 
   def param_shape_mismatches(self, step: int, abstract_params: Any) -> list[str]:
     """'params<path>: saved <shape>, requested <shape>' for each param whose shapes differ."""
     saved = _shapes(self.manager.item_metadata(step)["state"]["params"])
     requested = _shapes(abstract_params)
-    return [f"params{path}: saved {saved.get(path)}, requested {requested.get(path)}"
-            for path in sorted(saved.keys() | requested.keys())
-            if saved.get(path) != requested.get(path)]
+    return [
+      f"params{path}: saved {saved.get(path)}, requested {requested.get(path)}"
+      for path in sorted(saved.keys() | requested.keys())
+      if saved.get(path) != requested.get(path)
+    ]
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -81,17 +95,25 @@ def _with_default_sharding(abstract: Any) -> Any:
   which names the devices of the machine that trained (e.g. a GPU).
   """
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
-      leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None) or device), abstract)
+  return jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(
+      leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None) or device
+    ),
+    abstract,
+  )
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """Array (or array metadata) shapes of a pytree, by key path."""
-  return {jax.tree_util.keystr(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    jax.tree_util.keystr(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
-def restore_params(workdir_or_dir: str, abstract_params: Any, step: Optional[int] = None) -> tuple[Any, int]:
+def restore_params(
+  workdir_or_dir: str, abstract_params: Any, step: Optional[int] = None
+) -> tuple[Any, int]:
   """Only the params of a run's checkpoint (for analysis, generation, export)."""
   directory = workdir_or_dir
   if os.path.isdir(os.path.join(directory, "checkpoints")):
@@ -103,9 +125,16 @@ def restore_params(workdir_or_dir: str, abstract_params: Any, step: Optional[int
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {directory!r}")
   target = {"params": _with_default_sharding(abstract_params)}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      partial_restore=True, item=target,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+        partial_restore=True,
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      )
+    ),
+  )
   manager.close()
   return restored["state"]["params"], step
 
@@ -131,14 +160,19 @@ def check_resumable(saved: dict, requested: dict) -> None:
     saved, requested: run configs as dicts ({'model': {...}, ...}). A field the
       saved config lacks (written before the field existed) counts as its default.
   """
-  diffs = [f"model.{k}: saved {a!r}, requested {b!r}"
-           for k, a, b in ((k, _model_value(saved, k), _model_value(requested, k))
-                           for k in FUNCTION_MODEL_FIELDS) if a != b]
+  diffs = [
+    f"model.{k}: saved {a!r}, requested {b!r}"
+    for k, a, b in (
+      (k, _model_value(saved, k), _model_value(requested, k)) for k in FUNCTION_MODEL_FIELDS
+    )
+    if a != b
+  ]
   if diffs:
     raise ConfigError(
-        "workdir holds a run of a different model (a field that changes the parameters or the "
-        "function the model computes differs); refusing to resume (use a new --workdir): "
-        + "; ".join(diffs))
+      "workdir holds a run of a different model (a field that changes the parameters or the "
+      "function the model computes differs); refusing to resume (use a new --workdir): "
+      + "; ".join(diffs)
+    )
 
 
 def _model_value(config: dict, name: str) -> Any:

@@ -38,8 +38,14 @@ class MetricWriter:
   else changes.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: Optional[int] = None,
-               wandb_project: str = "", wandb_config: Optional[dict] = None):
+  def __init__(
+    self,
+    workdir: str,
+    tensorboard: bool = True,
+    resume_step: Optional[int] = None,
+    wandb_project: str = "",
+    wandb_config: Optional[dict] = None,
+  ):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
     if resume_step is not None:
@@ -48,6 +54,7 @@ class MetricWriter:
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
+
       purge_step = None if resume_step is None else resume_step + 1
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
     self._wandb = start_wandb(workdir, wandb_project, wandb_config) if wandb_project else None
@@ -83,8 +90,12 @@ def start_wandb(workdir: str, project: str, config: Optional[dict] = None):
     import wandb
   except ImportError:
     import sys
-    print(f"train.wandb_project={project!r}, but wandb is not installed (pip install wandb); "
-          "logging to metrics.jsonl and TensorBoard only.", file=sys.stderr)
+
+    print(
+      f"train.wandb_project={project!r}, but wandb is not installed (pip install wandb); "
+      "logging to metrics.jsonl and TensorBoard only.",
+      file=sys.stderr,
+    )
     return None
   id_path = os.path.join(workdir, WANDB_ID_FILE)
   if os.path.isfile(id_path):
@@ -94,8 +105,14 @@ def start_wandb(workdir: str, project: str, config: Optional[dict] = None):
     run_id = wandb.util.generate_id()
     with open(id_path, "w") as f:
       f.write(run_id)
-  return wandb.init(project=project, id=run_id, resume="allow", dir=workdir, config=config,
-                    name=os.path.basename(os.path.abspath(workdir)))
+  return wandb.init(
+    project=project,
+    id=run_id,
+    resume="allow",
+    dir=workdir,
+    config=config,
+    name=os.path.basename(os.path.abspath(workdir)),
+  )
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -118,6 +135,7 @@ def truncate_metrics_after(workdir: str, step: int) -> None:
 def plot_losses(workdir: str, title: str = "") -> str:
   """Writes `workdir/loss.png` with train and validation loss against step; returns its path."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

@@ -33,7 +33,8 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
 def _decay_mask(params):
   """Weight decay on matrices, not on RMSNorm scales (as the HF Trainer excludes norms)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) != "scale", params)
+    lambda path, _: getattr(path[-1], "key", None) != "scale", params
+  )
 
 
 def make_reference_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -41,8 +42,16 @@ def make_reference_optimizer(train: ml_collections.ConfigDict) -> optax.Gradient
   parts = []
   if train.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train.grad_clip))
-  parts.append(optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=1e-8,
-                           weight_decay=train.weight_decay, mask=_decay_mask))
+  parts.append(
+    optax.adamw(
+      learning_rate_schedule(train),
+      b1=train.b1,
+      b2=train.b2,
+      eps=1e-8,
+      weight_decay=train.weight_decay,
+      mask=_decay_mask,
+    )
+  )
   return optax.chain(*parts)
 
 
@@ -54,15 +63,30 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
   Both keep the chain's state pytree, so checkpoints are interchangeable.
   """
   if train.get("fused_optimizer", False):
-    return fused_clip_adamw(make_reference_optimizer(train), learning_rate_schedule(train),
-                            b1=train.b1, b2=train.b2, eps=1e-8, weight_decay=train.weight_decay,
-                            mask=_decay_mask, max_norm=train.grad_clip)
+    return fused_clip_adamw(
+      make_reference_optimizer(train),
+      learning_rate_schedule(train),
+      b1=train.b1,
+      b2=train.b2,
+      eps=1e-8,
+      weight_decay=train.weight_decay,
+      mask=_decay_mask,
+      max_norm=train.grad_clip,
+    )
   return make_reference_optimizer(train)
 
 
-def fused_clip_adamw(reference: optax.GradientTransformation, schedule: optax.Schedule, *,
-                     b1: float, b2: float, eps: float, weight_decay: float,
-                     mask: Callable[[Any], Any], max_norm: float) -> optax.GradientTransformation:
+def fused_clip_adamw(
+  reference: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  *,
+  b1: float,
+  b2: float,
+  eps: float,
+  weight_decay: float,
+  mask: Callable[[Any], Any],
+  max_norm: float,
+) -> optax.GradientTransformation:
   """The update of `reference` (= chain([clip_by_global_norm(max_norm)], adamw(...))) in one pass.
 
   State: `reference.init(params)`, i.e. ([clip EmptyState,] (ScaleByAdamState,
@@ -87,7 +111,9 @@ def fused_clip_adamw(reference: optax.GradientTransformation, schedule: optax.Sc
       g = g * scale.astype(g.dtype) if max_norm > 0 else g
       mu = (1 - b1) * g + b1 * mu
       nu = (1 - b2) * (g * g) + b2 * nu
-      direction = (mu / correction1.astype(mu.dtype)) / (jnp.sqrt(nu / correction2.astype(nu.dtype)) + eps)
+      direction = (mu / correction1.astype(mu.dtype)) / (
+        jnp.sqrt(nu / correction2.astype(nu.dtype)) + eps
+      )
       if decay:
         direction = direction + weight_decay * p
       return mu, nu, (-lr * direction).astype(p.dtype)
@@ -95,8 +121,14 @@ def fused_clip_adamw(reference: optax.GradientTransformation, schedule: optax.Sc
     out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, mask(params))
     treedef = jax.tree.structure(grads)
     mu, nu, updates = (treedef.unflatten(parts) for parts in zip(*treedef.flatten_up_to(out)))
-    new_state = (*clip_state, (adam._replace(count=count, mu=mu, nu=nu), masked,
-                               lr_state._replace(count=optax.safe_increment(lr_state.count))))
+    new_state = (
+      *clip_state,
+      (
+        adam._replace(count=count, mu=mu, nu=nu),
+        masked,
+        lr_state._replace(count=optax.safe_increment(lr_state.count)),
+      ),
+    )
     return updates, new_state
 
   return optax.GradientTransformation(reference.init, update)

@@ -45,10 +45,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from coe_jax.nn.coe_layer import ROUTED_EXPERTS
 from coe_jax.errors import ConfigError
+from coe_jax.nn.coe_layer import ROUTED_EXPERTS
 from coe_jax.nn.expert_parallel import ExpertParallel
 from coe_jax.nn.model_config import ModelConfig
 
@@ -60,6 +61,7 @@ BATCH_AXES = MESH_AXES
 # Mesh construction and multi-host start
 # ---------------------------------------------------------------------------
 
+
 def initialize_distributed(mesh_config: ml_collections.ConfigDict) -> bool:
   """Starts JAX's multi-process runtime when asked to; returns whether it did.
 
@@ -67,7 +69,9 @@ def initialize_distributed(mesh_config: ml_collections.ConfigDict) -> bool:
   set. Config fields win over the environment; unset ones are left to JAX's
   cluster auto-detection.
   """
-  address = mesh_config.get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  address = mesh_config.get("coordinator_address", "") or os.environ.get(
+    "JAX_COORDINATOR_ADDRESS", ""
+  )
   if not (mesh_config.get("distributed", False) or address):
     return False
   num_processes = mesh_config.get("num_processes", 0) or int(os.environ.get("JAX_NUM_PROCESSES", 0))
@@ -76,9 +80,11 @@ def initialize_distributed(mesh_config: ml_collections.ConfigDict) -> bool:
     process_id = int(os.environ.get("JAX_PROCESS_ID", -1))
   if jax.distributed.is_initialized():
     return True
-  jax.distributed.initialize(coordinator_address=address or None,
-                             num_processes=num_processes or None,
-                             process_id=None if process_id < 0 else process_id)
+  jax.distributed.initialize(
+    coordinator_address=address or None,
+    num_processes=num_processes or None,
+    process_id=None if process_id < 0 else process_id,
+  )
   return True
 
 
@@ -97,17 +103,21 @@ def mesh_shape(data: int, fsdp: int, expert: int, num_devices: int) -> tuple[int
       raise ConfigError(f"mesh: {num_devices} devices do not divide into the fixed axes' {fixed}")
     sizes[free[0]] = num_devices // fixed
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ConfigError(f"mesh: data x fsdp x expert = {sizes} must multiply to the {num_devices} devices")
+    raise ConfigError(
+      f"mesh: data x fsdp x expert = {sizes} must multiply to the {num_devices} devices"
+    )
   return sizes["data"], sizes["fsdp"], sizes["expert"]
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1,
-              devices: Optional[list] = None) -> Mesh:
+def make_mesh(
+  data: int = -1, fsdp: int = 1, expert: int = 1, devices: Optional[list] = None
+) -> Mesh:
   """A (data, fsdp, expert) mesh over `devices` (default: all), automatic sharding mode."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(data, fsdp, expert, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def mesh_from_config(config: ml_collections.ConfigDict) -> Optional[Mesh]:
@@ -127,12 +137,16 @@ def validate_for_mesh(mesh: Mesh, model: ModelConfig, batch_sizes: dict[str, int
   experts = mesh.shape["expert"]
   if model.n_routed_experts % experts:
     divisors = [n for n in range(1, model.n_routed_experts + 1) if model.n_routed_experts % n == 0]
-    raise ConfigError(f"mesh.expert: got {experts}; must divide model.n_routed_experts="
-                      f"{model.n_routed_experts} (allowed: {divisors})")
+    raise ConfigError(
+      f"mesh.expert: got {experts}; must divide model.n_routed_experts="
+      f"{model.n_routed_experts} (allowed: {divisors})"
+    )
   shards = batch_shards(mesh)
   for field, size in batch_sizes.items():
     if size % shards:
-      raise ConfigError(f"{field}: got {size}; must be divisible by data x fsdp x expert = {shards}")
+      raise ConfigError(
+        f"{field}: got {size}; must be divisible by data x fsdp x expert = {shards}"
+      )
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -142,6 +156,7 @@ def batch_shards(mesh: Mesh) -> int:
 # ---------------------------------------------------------------------------
 # Param, optimizer-state and batch shardings
 # ---------------------------------------------------------------------------
+
 
 def _path_names(path) -> list[str]:
   return [str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path]
@@ -204,9 +219,12 @@ def process_rows(mesh: Mesh, global_size: int) -> np.ndarray:
 def global_batch(local_batch: dict[str, Any], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
   """Global arrays of `global_size` rows from this process's rows (`process_rows`) of them."""
   sharding = batch_sharding(mesh)
-  return {name: jax.make_array_from_process_local_data(
-              sharding, np.asarray(value), (global_size, *np.shape(value)[1:]))
-          for name, value in local_batch.items()}
+  return {
+    name: jax.make_array_from_process_local_data(
+      sharding, np.asarray(value), (global_size, *np.shape(value)[1:])
+    )
+    for name, value in local_batch.items()
+  }
 
 
 class StopVote:
@@ -246,19 +264,24 @@ def check_same_on_all_processes(text: str, what: str) -> None:
   if jax.process_count() == 1:
     return
   import hashlib
+
   from jax.experimental import multihost_utils
+
   digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
   gathered = np.asarray(multihost_utils.process_allgather(digest))
   differing = [i for i, other in enumerate(gathered) if not np.array_equal(other, gathered[0])]
   if differing:
-    raise ConfigError(f"{what} of process(es) {differing} differs from process 0's (this is process "
-                      f"{jax.process_index()}); every process must be started with the same flags")
+    raise ConfigError(
+      f"{what} of process(es) {differing} differs from process 0's (this is process "
+      f"{jax.process_index()}); every process must be started with the same flags"
+    )
 
 
 def barrier(name: str) -> None:
   """All processes wait here for each other (a no-op in a single-process run)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -286,6 +309,7 @@ def active_mesh() -> Optional[jax.sharding.AbstractMesh]:
 # What the training loop uses
 # ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Parallelism:
   """How the train loop places state and batches; every method is plain JAX without a mesh.
@@ -302,9 +326,14 @@ class Parallelism:
     mesh = mesh_from_config(config)
     if mesh is not None:
       train = config.train
-      validate_for_mesh(mesh, model, {
+      validate_for_mesh(
+        mesh,
+        model,
+        {
           "train.batch_size / grad_accum_steps": train.batch_size // train.grad_accum_steps,
-          "train.eval_batch_size": train.eval_batch_size})
+          "train.eval_batch_size": train.eval_batch_size,
+        },
+      )
     return cls(mesh)
 
   def expert_parallel(self) -> Optional[ExpertParallel]:
@@ -356,9 +385,12 @@ class Parallelism:
       return MeshJit(jax.jit(train_step, donate_argnums=0), None)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     replicated = NamedSharding(self.mesh, P())
-    jitted = jax.jit(train_step, donate_argnums=0,
-                     in_shardings=(shardings, batch_sharding(self.mesh), replicated),
-                     out_shardings=(shardings, replicated))
+    jitted = jax.jit(
+      train_step,
+      donate_argnums=0,
+      in_shardings=(shardings, batch_sharding(self.mesh), replicated),
+      out_shardings=(shardings, replicated),
+    )
     return MeshJit(jitted, self)
 
   def jit_eval_step(self, eval_step: Callable) -> Callable:

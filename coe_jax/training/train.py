@@ -22,24 +22,33 @@ import numpy as np
 from tqdm import tqdm
 
 from coe_jax import config_lib
-from coe_jax.training import sharding
-from coe_jax.training.checkpoint import Checkpointer, check_resumable, load_run_config, save_run_config
 from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.errors import ConfigError
 from coe_jax.nn.flops import flops_per_token, peak_tflops_per_device
-from coe_jax.training.metrics import MetricWriter, plot_losses
 from coe_jax.nn.model import CoECausalLM
-from coe_jax.training.optimizer import learning_rate_schedule
 from coe_jax.nn.params import count_params
+from coe_jax.training import sharding
+from coe_jax.training.checkpoint import (
+  Checkpointer,
+  check_resumable,
+  load_run_config,
+  save_run_config,
+)
+from coe_jax.training.metrics import MetricWriter, plot_losses
+from coe_jax.training.optimizer import learning_rate_schedule
 from coe_jax.training.train_config import profile_window, validate_config
-from coe_jax.training.train_step import (evaluate, evaluate_batch_means, init_train_state, make_eval_step,
-                          make_train_step)
-
-
+from coe_jax.training.train_step import (
+  evaluate,
+  evaluate_batch_means,
+  init_train_state,
+  make_eval_step,
+  make_train_step,
+)
 
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
+
 
 class _StopFlag:
   """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the next step and exits.
@@ -77,8 +86,12 @@ def compiled_memory_bytes(compiled) -> Optional[int]:
     return None
   if stats is None:
     return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-             - stats.alias_size_in_bytes)
+  return int(
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    + stats.temp_size_in_bytes
+    - stats.alias_size_in_bytes
+  )
 
 
 def device_peak_bytes() -> Optional[int]:
@@ -88,8 +101,9 @@ def device_peak_bytes() -> Optional[int]:
   return int(peak) if peak is not None else None
 
 
-def _check_finite(step: int, loss: float, grad_norm: float, last_checkpoint: Optional[int],
-                  workdir: str) -> None:
+def _check_finite(
+  step: int, loss: float, grad_norm: float, last_checkpoint: Optional[int], workdir: str
+) -> None:
   """Raises before a step whose loss or gradient is NaN/Inf can be logged or checkpointed.
 
   A non-finite gradient norm means the step's update already spoiled the
@@ -97,10 +111,14 @@ def _check_finite(step: int, loss: float, grad_norm: float, last_checkpoint: Opt
   """
   if math.isfinite(loss) and math.isfinite(grad_norm):
     return
-  where = (f"the last good checkpoint (step {last_checkpoint}) is intact under {workdir}/checkpoints"
-           if last_checkpoint is not None else "no checkpoint was written")
-  raise FloatingPointError(f"train loss became {loss} (gradient norm {grad_norm}) at step {step}; "
-                           f"stopping. {where}.")
+  where = (
+    f"the last good checkpoint (step {last_checkpoint}) is intact under {workdir}/checkpoints"
+    if last_checkpoint is not None
+    else "no checkpoint was written"
+  )
+  raise FloatingPointError(
+    f"train loss became {loss} (gradient norm {grad_norm}) at step {step}; stopping. {where}."
+  )
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict:
@@ -120,8 +138,16 @@ class _TrainLog:
   """Turns each step's fetched metrics into rows (metrics.jsonl, TensorBoard, W&B) and the
   progress bar's text; `writer` and `bar` are None / plain on processes other than 0."""
 
-  def __init__(self, writer, bar, train_cfg: ml_collections.ConfigDict, tokens_per_step: int,
-               train_flops_per_token: float, num_devices: int, peak_tflops: Optional[float]):
+  def __init__(
+    self,
+    writer,
+    bar,
+    train_cfg: ml_collections.ConfigDict,
+    tokens_per_step: int,
+    train_flops_per_token: float,
+    num_devices: int,
+    peak_tflops: Optional[float],
+  ):
     self.writer, self.bar, self.train_cfg = writer, bar, train_cfg
     self.tokens_per_step = tokens_per_step
     self.train_flops_per_token = train_flops_per_token
@@ -135,8 +161,9 @@ class _TrainLog:
     self.tick = time.perf_counter()
     self.steps_since_row = 0
 
-  def step(self, done: int, metrics: dict, force: bool = False,
-           extra: Optional[dict] = None) -> None:
+  def step(
+    self, done: int, metrics: dict, force: bool = False, extra: Optional[dict] = None
+  ) -> None:
     """Accounts one finished step; writes a row every train.log_every steps or when `force`."""
     self.steps_since_row += 1
     if not (force or done % self.train_cfg.log_every == 0):
@@ -153,9 +180,11 @@ class _TrainLog:
     if self.writer is not None:
       self.writer.write(done, row)
     if hasattr(self.bar, "set_postfix"):
-      postfix = dict(loss=f"{float(metrics['loss']):.3f}",
-                     tok_s=f"{row['train/tokens_per_sec']:,.0f}",
-                     tflops_dev=f"{row['train/tflops_per_sec_per_device']:.3g}")
+      postfix = dict(
+        loss=f"{float(metrics['loss']):.3f}",
+        tok_s=f"{row['train/tokens_per_sec']:,.0f}",
+        tflops_dev=f"{row['train/tflops_per_sec_per_device']:.3g}",
+      )
       if "train/mfu" in row:
         postfix["mfu"] = f"{100 * row['train/mfu']:.1f}%"
       if "val/loss" in row:
@@ -165,15 +194,23 @@ class _TrainLog:
   def throughput(self, step_time: float) -> dict[str, float]:
     """tokens/s, model TFLOP/s per device and (with a known peak) MFU of a step time."""
     tflops = self.flops_per_step_per_device / step_time / 1e12
-    out = {"train/tokens_per_sec": self.tokens_per_step / step_time,
-           "train/step_seconds": step_time, "train/tflops_per_sec_per_device": tflops}
+    out = {
+      "train/tokens_per_sec": self.tokens_per_step / step_time,
+      "train/step_seconds": step_time,
+      "train/tflops_per_sec_per_device": tflops,
+    }
     if self.peak_tflops:
       out["train/mfu"] = tflops / self.peak_tflops
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: Optional[int] = None, progress: bool = True) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_at_step: Optional[int] = None,
+  progress: bool = True,
+) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns a summary.
 
   `stop_at_step` simulates an interruption: the run checkpoints there and
@@ -197,8 +234,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   primary = sharding.is_primary()
   requested = _config_dict(config)
   sharding.check_same_on_all_processes(
-      json.dumps({**requested, "mesh": {k: v for k, v in requested.get("mesh", {}).items()
-                                        if k != "process_id"}}, sort_keys=True), "the config")
+    json.dumps(
+      {
+        **requested,
+        "mesh": {k: v for k, v in requested.get("mesh", {}).items() if k != "process_id"},
+      },
+      sort_keys=True,
+    ),
+    "the config",
+  )
   saved = load_run_config(workdir)
   if saved is not None:
     check_resumable(saved, requested)
@@ -213,16 +257,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     datasets = build_datasets(config.data, workdir=workdir, seed=config.seed, save_tokenizer=False)
   model_config = config_lib.model_config_from(config, datasets.vocab_size)
   if datasets.vocab_size > model_config.vocab_size:
-    raise ConfigError(f"model.vocab_size: got {model_config.vocab_size}, smaller than the "
-                      f"tokenizer's {datasets.vocab_size}; use >= {datasets.vocab_size} or 0 (= tokenizer's)")
+    raise ConfigError(
+      f"model.vocab_size: got {model_config.vocab_size}, smaller than the "
+      f"tokenizer's {datasets.vocab_size}; use >= {datasets.vocab_size} or 0 (= tokenizer's)"
+    )
   parallel = sharding.Parallelism.for_run(config, model_config)  # config.mesh; no mesh on 1 device
   model = CoECausalLM(model_config, expert_parallel=parallel.expert_parallel())
 
   state = parallel.init_state(
-      lambda: init_train_state(model, train_cfg, config.seed, config.data.max_length))
+    lambda: init_train_state(model, train_cfg, config.seed, config.data.max_length)
+  )
   checkpointer = Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
-  iterator = datasets.train_iterator(train_cfg.batch_size, config.seed,
-                                     parallel.process_rows(train_cfg.batch_size))
+  iterator = datasets.train_iterator(
+    train_cfg.batch_size, config.seed, parallel.process_rows(train_cfg.batch_size)
+  )
   start = 0
   if checkpointer.latest_step() is not None:
     try:
@@ -237,33 +285,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     save_run_config(workdir, requested)  # only once the workdir's checkpoint fits this config
 
   step_fn = parallel.jit_train_step(
-      make_train_step(model, train_cfg.grad_accum_steps, train_cfg.log_routing_stats), state)
+    make_train_step(model, train_cfg.grad_accum_steps, train_cfg.log_routing_stats), state
+  )
   eval_step = parallel.jit_eval_step(make_eval_step(model))
   val_batches = datasets.val_batches(train_cfg.eval_batch_size)
   if train_cfg.max_eval_batches:
-    val_batches = val_batches[:train_cfg.max_eval_batches]
-  paper_val_batches = (datasets.reference_val_batches(train_cfg.paper_val_batch_size,
-                                                      train_cfg.paper_val_batches)
-                       if train_cfg.paper_val else [])
+    val_batches = val_batches[: train_cfg.max_eval_batches]
+  paper_val_batches = (
+    datasets.reference_val_batches(train_cfg.paper_val_batch_size, train_cfg.paper_val_batches)
+    if train_cfg.paper_val
+    else []
+  )
   base_rng = jax.random.key(config.seed + 1)
 
   counts = count_params(model_config)
   tokens_per_step = train_cfg.batch_size * config.data.max_length
   flops = flops_per_token(model_config, config.data.max_length)
-  peak = peak_tflops_per_device(train_cfg.get("peak_tflops_per_device", -1.0),
-                                jax.devices()[0].device_kind, model_config.dtype)
-  summary: dict[str, Any] = dict(params_total=counts.total, params_active=counts.active_per_token,
-                                 params_non_embedding=counts.non_embedding, vocab_size=model_config.vocab_size,
-                                 train_flops_per_token=flops.train, peak_tflops_per_device=peak,
-                                 processes=jax.process_count(), devices=jax.device_count())
-  writer = (MetricWriter(workdir, resume_step=start, wandb_project=train_cfg.get("wandb_project", ""),
-                         wandb_config=requested) if primary else None)
+  peak = peak_tflops_per_device(
+    train_cfg.get("peak_tflops_per_device", -1.0), jax.devices()[0].device_kind, model_config.dtype
+  )
+  summary: dict[str, Any] = dict(
+    params_total=counts.total,
+    params_active=counts.active_per_token,
+    params_non_embedding=counts.non_embedding,
+    vocab_size=model_config.vocab_size,
+    train_flops_per_token=flops.train,
+    peak_tflops_per_device=peak,
+    processes=jax.process_count(),
+    devices=jax.device_count(),
+  )
+  writer = (
+    MetricWriter(
+      workdir,
+      resume_step=start,
+      wandb_project=train_cfg.get("wandb_project", ""),
+      wandb_config=requested,
+    )
+    if primary
+    else None
+  )
   stop = _StopFlag()
   stop.install()
   vote = parallel.stop_vote()  # None in one process: the local flag is the decision
   window = profile_window(train_cfg)
-  trace_dir = os.path.join(workdir, "tensorboard", *(() if primary else
-                                                     (f"process_{jax.process_index()}",)))
+  trace_dir = os.path.join(
+    workdir, "tensorboard", *(() if primary else (f"process_{jax.process_index()}",))
+  )
   tracing = False
   last_checkpoint = start if start else None
   train_losses: list[float] = []
@@ -271,7 +338,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log = None
   try:
     compiled = None
-    end = train_cfg.steps if stop_at_step is None else max(start, min(train_cfg.steps, stop_at_step))
+    end = (
+      train_cfg.steps if stop_at_step is None else max(start, min(train_cfg.steps, stop_at_step))
+    )
     bar = _progress(range(start, end), progress and primary, initial=start, total=train_cfg.steps)
     log = _TrainLog(writer, bar, train_cfg, tokens_per_step, flops.train, jax.device_count(), peak)
     pending: Optional[_Launched] = None
@@ -299,8 +368,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         tracing = True
       state, metrics = compiled(state, batch, rng)
       done = step + 1
-      launched = _Launched(done, metrics,
-                           None if vote is None else vote.cast(stop.signal is not None))
+      launched = _Launched(
+        done, metrics, None if vote is None else vote.cast(stop.signal is not None)
+      )
       if tracing and done >= window[1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
@@ -312,10 +382,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         log.step(pending.done, previous_metrics)
         pending = None
       is_last = done == train_cfg.steps
-      checkpoint_due = is_last or (train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0)
+      checkpoint_due = is_last or (
+        train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0
+      )
       eval_due = is_last or (train_cfg.eval_every and done % train_cfg.eval_every == 0)
-      interrupted = (stop_agreed or (vote is None and stop.signal is not None)
-                     or (stop_at_step is not None and done >= stop_at_step))
+      interrupted = (
+        stop_agreed
+        or (vote is None and stop.signal is not None)
+        or (stop_at_step is not None and done >= stop_at_step)
+      )
       if not (checkpoint_due or eval_due or interrupted):
         pending = launched
         continue
@@ -350,26 +425,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step_times = log.step_times if log is not None else []
   steady = step_times[1:] or step_times
   summary.update(
-      step=final_step, first_train_loss=train_losses[0] if train_losses else None,
-      last_train_loss=train_losses[-1] if train_losses else None, final_val_loss=val_loss,
-      step_seconds_median=float(np.median(steady)) if steady else None,
-      tokens_per_sec=float(tokens_per_step / np.median(steady)) if steady else None,
-      completed=final_step >= train_cfg.steps, device_peak_bytes=device_peak_bytes())
+    step=final_step,
+    first_train_loss=train_losses[0] if train_losses else None,
+    last_train_loss=train_losses[-1] if train_losses else None,
+    final_val_loss=val_loss,
+    step_seconds_median=float(np.median(steady)) if steady else None,
+    tokens_per_sec=float(tokens_per_step / np.median(steady)) if steady else None,
+    completed=final_step >= train_cfg.steps,
+    device_peak_bytes=device_peak_bytes(),
+  )
   if steady:
-    summary.update({key.split("/")[-1]: value
-                    for key, value in log.throughput(float(np.median(steady))).items()
-                    if key in ("train/tflops_per_sec_per_device", "train/mfu")})
+    summary.update(
+      {
+        key.split("/")[-1]: value
+        for key, value in log.throughput(float(np.median(steady))).items()
+        if key in ("train/tflops_per_sec_per_device", "train/mfu")
+      }
+    )
   if not primary:
     return summary
   summary["loss_png"] = plot_losses(workdir, title=os.path.basename(os.path.abspath(workdir)))
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   if progress:
-    print(f"\nRun directory: {os.path.abspath(workdir)}\n"
-          f"  metrics:     {os.path.join(workdir, 'metrics.jsonl')}\n"
-          f"  tensorboard: {os.path.join(workdir, 'tensorboard')}\n"
-          f"  loss curve:  {summary['loss_png']}\n"
-          f"  checkpoint:  {os.path.join(workdir, 'checkpoints')} (step {final_step})")
+    print(
+      f"\nRun directory: {os.path.abspath(workdir)}\n"
+      f"  metrics:     {os.path.join(workdir, 'metrics.jsonl')}\n"
+      f"  tensorboard: {os.path.join(workdir, 'tensorboard')}\n"
+      f"  loss curve:  {summary['loss_png']}\n"
+      f"  checkpoint:  {os.path.join(workdir, 'checkpoints')} (step {final_step})"
+    )
   return summary
 
 

@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from coe_jax.training import sharding
 from coe_jax.nn.model import CoECausalLM
+from coe_jax.training import sharding
 from coe_jax.training.optimizer import make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -55,12 +55,19 @@ def cross_entropy_sum(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.A
 
 
 def _forward(model: CoECausalLM, params, batch: Batch, train: bool):
-  return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                     batch["positions"], batch["segment_ids"], train=train)
+  return model.apply(
+    {"params": params},
+    batch["input_ids"],
+    batch["attention_mask"],
+    batch["positions"],
+    batch["segment_ids"],
+    train=train,
+  )
 
 
-def make_train_step(model: CoECausalLM, grad_accum_steps: int = 1,
-                    log_routing_stats: bool = True) -> Callable:
+def make_train_step(
+  model: CoECausalLM, grad_accum_steps: int = 1, log_routing_stats: bool = True
+) -> Callable:
   """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
   The objective is mean token cross-entropy over the whole batch (all
@@ -82,7 +89,8 @@ def make_train_step(model: CoECausalLM, grad_accum_steps: int = 1,
     _, weights = next_token_targets(batch)
     total_tokens = jnp.maximum(weights.sum(), 1.0)
     micro_batches = jax.tree.map(
-        lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+      lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch
+    )
     micro_batches = sharding.constrain_micro_batches(micro_batches)  # no-op without a mesh
 
     def accumulate(grads_sum, micro):
@@ -95,12 +103,12 @@ def make_train_step(model: CoECausalLM, grad_accum_steps: int = 1,
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {
-        "loss": ce_sums.sum() / jnp.maximum(counts.sum(), 1.0),
-        "aux_loss": auxes.aux_loss.mean(),
-        "z_loss": auxes.z_loss.mean(),
-        "grad_norm": optax.global_norm(grads),
-        "dropped_fraction": auxes.layers.dropped_fraction.mean(),
-        "target_tokens": counts.sum(),
+      "loss": ce_sums.sum() / jnp.maximum(counts.sum(), 1.0),
+      "aux_loss": auxes.aux_loss.mean(),
+      "z_loss": auxes.z_loss.mean(),
+      "grad_norm": optax.global_norm(grads),
+      "dropped_fraction": auxes.layers.dropped_fraction.mean(),
+      "target_tokens": counts.sum(),
     }
     if log_routing_stats:
       # Per iteration, averaged over layers and micro-batches: shape [C].
@@ -122,8 +130,9 @@ def make_eval_step(model: CoECausalLM) -> Callable:
   return eval_step
 
 
-def evaluate(eval_step: Callable, params, batches: Iterable[dict], *,
-             with_count: bool = False) -> float | tuple[float, float]:
+def evaluate(
+  eval_step: Callable, params, batches: Iterable[dict], *, with_count: bool = False
+) -> float | tuple[float, float]:
   """Mean token cross-entropy over `batches` (and the number of targets if `with_count`)."""
   total, count = 0.0, 0.0
   for batch in batches:
@@ -144,8 +153,9 @@ def evaluate_batch_means(eval_step: Callable, params, batches: list[dict]) -> fl
   return float(np.mean(means)) if means else float("nan")
 
 
-def init_train_state(model: CoECausalLM, train: ml_collections.ConfigDict, seed: int,
-                     seq_len: int) -> TrainState:
+def init_train_state(
+  model: CoECausalLM, train: ml_collections.ConfigDict, seed: int, seq_len: int
+) -> TrainState:
   """Fresh params and optimizer state, initialised in one jitted program (not op by op)."""
   tx = make_optimizer(train)
 
