@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from coe_jax.data.tokenized import format_prompt
-from coe_jax.inference.decoding import complete
+from coe_jax.inference.completion import complete
 from coe_jax.inference.run_dir import load_run
 
 # ----------------------------------------------------------------------------

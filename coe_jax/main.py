@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 from coe_jax.nn.model_config import ConfigError
 from coe_jax.nn.params import count_params, format_counts
-from coe_jax.training import sharding, train, train_config
+from coe_jax.training import multihost, train, train_config
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a config file (`file.py[:scale]`).", lock_config=True
@@ -28,8 +28,8 @@ def main(argv):
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
   if config.get("mesh") is not None:
-    sharding.initialize_distributed(config.mesh)  # several processes: only process 0 prints
-  if sharding.is_primary():
+    multihost.initialize_distributed(config.mesh)  # several processes: only process 0 prints
+  if multihost.is_primary():
     print(f"Model ({'vocab from tokenizer' if config.model.vocab_size == 0 else 'vocab fixed'}):")
     print(format_counts(count_params(model_config)))
   try:

@@ -61,7 +61,8 @@ from coe_jax.nn.flops import FlopCount, flops_per_token  # noqa: F401 (re-export
 from coe_jax.nn.layers import compute_dtype
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
-from coe_jax.training import train, train_step
+from coe_jax.training import metrics as metrics_lib
+from coe_jax.training import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = (
@@ -207,7 +208,7 @@ def build_step_bench(
     model_config=model_config,
     batch_shape=(batch, seq),
     compile_seconds=compile_seconds,
-    compiled_peak_bytes=train.compiled_memory_bytes(compiled),
+    compiled_peak_bytes=metrics_lib.compiled_memory_bytes(compiled),
     timed=Timed(label, call),
     last_metrics=holder,
   )
@@ -521,7 +522,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       flops_per_sec=matmul_rate,
       flops_per_cpu_sec=matmul_cpu_rate,
     ),
-    device_peak_bytes=train.device_peak_bytes(),
+    device_peak_bytes=metrics_lib.device_peak_bytes(),
     runs=[summarize_step(b, matmul_rate, matmul_cpu_rate) for b in benches],
     failed=args.failures,
   )

@@ -336,7 +336,7 @@ def teacher_forced_shortfall(run, prompts: list[str], completions) -> float:
 @pytest.mark.slow
 def test_greedy_generation_is_the_argmax_of_the_full_forward_pass(arithmetic_run, tmp_path):
   """evaluate_run's greedy answers are, token by token, the uncached model's argmax."""
-  from coe_jax.inference.decoding import complete
+  from coe_jax.inference.completion import complete
   from coe_jax.inference.run_dir import load_run
 
   workdir = arithmetic_run["workdir"]

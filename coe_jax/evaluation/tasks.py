@@ -40,7 +40,7 @@ from coe_jax.evaluation.answers import (
   math_equal,
   numbers_equal,
 )
-from coe_jax.inference.decoding import complete
+from coe_jax.inference.completion import complete
 from coe_jax.inference.run_dir import Run, load_run
 from coe_jax.training import train_step
 

@@ -1,3 +1,3 @@
 """Training: `train` (the loop), `train_config` (validation), `train_step` (pure steps), `optimizer`,
 `checkpoint` (Orbax, resume checks), `metrics` (logs, TensorBoard, W&B), `sharding`
-(mesh, sharded state, per-process batches, the coordinated stop)."""
+(mesh, sharded state, per-process batches), `multihost` (jax.distributed, the stop vote)."""

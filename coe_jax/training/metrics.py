@@ -1,12 +1,18 @@
-"""Metric output: metrics.jsonl, TensorBoard event files, a loss-curve PNG, optionally W&B."""
+"""Metric output: metrics.jsonl, TensorBoard event files, a loss-curve PNG, optionally W&B;
+`TrainLog` turns the train loop's steps into rows (throughput, MFU) and progress-bar text."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Mapping, Optional
 
+import jax
+import ml_collections
 import numpy as np
+
+from coe_jax.training.optimizer import learning_rate_schedule
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -157,3 +163,96 @@ def plot_losses(workdir: str, title: str = "") -> str:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def compiled_memory_bytes(compiled) -> Optional[int]:
+  """Peak bytes of a compiled XLA program: arguments + outputs + temporaries - aliased."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if stats is None:
+    return None
+  return int(
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    + stats.temp_size_in_bytes
+    - stats.alias_size_in_bytes
+  )
+
+
+def device_peak_bytes() -> Optional[int]:
+  """The first device's peak bytes in use so far, where it reports them (GPU/TPU; None on CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return int(peak) if peak is not None else None
+
+
+class TrainLog:
+  """Turns each step's fetched metrics into rows (metrics.jsonl, TensorBoard, W&B) and the
+  progress bar's text; `writer` and `bar` are None / plain on processes other than 0."""
+
+  def __init__(
+    self,
+    writer,
+    bar,
+    train_cfg: ml_collections.ConfigDict,
+    tokens_per_step: int,
+    train_flops_per_token: float,
+    num_devices: int,
+    peak_tflops: Optional[float],
+  ):
+    self.writer, self.bar, self.train_cfg = writer, bar, train_cfg
+    self.tokens_per_step = tokens_per_step
+    self.train_flops_per_token = train_flops_per_token
+    self.flops_per_step_per_device = train_flops_per_token * tokens_per_step / num_devices
+    self.peak_tflops = peak_tflops
+    self.step_times: list[float] = []
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """Time from here (after compiling, evaluating or checkpointing, which steps do not pay)."""
+    self.tick = time.perf_counter()
+    self.steps_since_row = 0
+
+  def step(
+    self, done: int, metrics: dict, force: bool = False, extra: Optional[dict] = None
+  ) -> None:
+    """Accounts one finished step; writes a row every train.log_every steps or when `force`."""
+    self.steps_since_row += 1
+    if not (force or done % self.train_cfg.log_every == 0):
+      return
+    now = time.perf_counter()
+    step_time = (now - self.tick) / self.steps_since_row
+    self.tick, self.steps_since_row = now, 0
+    self.step_times.append(step_time)
+    row = {f"train/{k}": v for k, v in metrics.items()}
+    row["train/lr"] = float(learning_rate_schedule(self.train_cfg)(done - 1))
+    row["train/model_flops_per_token"] = self.train_flops_per_token  # coe_jax.nn.flops, fwd + bwd
+    row.update(self.throughput(step_time))
+    row.update(extra or {})
+    if self.writer is not None:
+      self.writer.write(done, row)
+    if hasattr(self.bar, "set_postfix"):
+      postfix = dict(
+        loss=f"{float(metrics['loss']):.3f}",
+        tok_s=f"{row['train/tokens_per_sec']:,.0f}",
+        tflops_dev=f"{row['train/tflops_per_sec_per_device']:.3g}",
+      )
+      if "train/mfu" in row:
+        postfix["mfu"] = f"{100 * row['train/mfu']:.1f}%"
+      if "val/loss" in row:
+        postfix["val"] = f"{row['val/loss']:.3f}"
+      self.bar.set_postfix(**postfix)
+
+  def throughput(self, step_time: float) -> dict[str, float]:
+    """tokens/s, model TFLOP/s per device and (with a known peak) MFU of a step time."""
+    tflops = self.flops_per_step_per_device / step_time / 1e12
+    out = {
+      "train/tokens_per_sec": self.tokens_per_step / step_time,
+      "train/step_seconds": step_time,
+      "train/tflops_per_sec_per_device": tflops,
+    }
+    if self.peak_tflops:
+      out["train/mfu"] = tflops / self.peak_tflops
+    return out

@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Any, Callable, Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -52,40 +50,15 @@ from coe_jax.errors import ConfigError
 from coe_jax.nn.coe_layer import ROUTED_EXPERTS
 from coe_jax.nn.expert_parallel import ExpertParallel
 from coe_jax.nn.model_config import ModelConfig
+from coe_jax.training import multihost
 
 MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = MESH_AXES
 
 
 # ---------------------------------------------------------------------------
-# Mesh construction and multi-host start
+# Mesh construction
 # ---------------------------------------------------------------------------
-
-
-def initialize_distributed(mesh_config: ml_collections.ConfigDict) -> bool:
-  """Starts JAX's multi-process runtime when asked to; returns whether it did.
-
-  Asked to: `mesh_config.distributed` is True, or `JAX_COORDINATOR_ADDRESS` is
-  set. Config fields win over the environment; unset ones are left to JAX's
-  cluster auto-detection.
-  """
-  address = mesh_config.get("coordinator_address", "") or os.environ.get(
-    "JAX_COORDINATOR_ADDRESS", ""
-  )
-  if not (mesh_config.get("distributed", False) or address):
-    return False
-  num_processes = mesh_config.get("num_processes", 0) or int(os.environ.get("JAX_NUM_PROCESSES", 0))
-  process_id = mesh_config.get("process_id", -1)
-  if process_id < 0:
-    process_id = int(os.environ.get("JAX_PROCESS_ID", -1))
-  if jax.distributed.is_initialized():
-    return True
-  jax.distributed.initialize(
-    coordinator_address=address or None,
-    num_processes=num_processes or None,
-    process_id=None if process_id < 0 else process_id,
-  )
-  return True
 
 
 def mesh_shape(data: int, fsdp: int, expert: int, num_devices: int) -> tuple[int, int, int]:
@@ -125,7 +98,7 @@ def mesh_from_config(config: ml_collections.ConfigDict) -> Optional[Mesh]:
   mesh_config = config.get("mesh")
   if mesh_config is None:
     return None
-  initialize_distributed(mesh_config)
+  multihost.initialize_distributed(mesh_config)
   if jax.device_count() == 1:
     mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.expert, 1)  # still validate
     return None
@@ -227,64 +200,6 @@ def global_batch(local_batch: dict[str, Any], mesh: Mesh, global_size: int) -> d
   }
 
 
-class StopVote:
-  """A stop request that any process raises, seen by all processes at the same step.
-
-  `cast(local_request)` dispatches a tiny collective (the max of every
-  process's flag) and returns it as a device scalar without waiting; the loop
-  reads it one step later (when the step it followed has run anyway), so the
-  host never blocks on the device for it. Every process reads every vote at
-  the same point of the step schedule, so all of them see the same value
-  there and stop at the same step.
-  """
-
-  def __init__(self, mesh: Mesh):
-    self._mesh = mesh
-    self._sharding = NamedSharding(mesh, P(MESH_AXES))
-    self._local_devices = len(self._sharding.addressable_devices)
-    self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
-
-  def cast(self, local_request: bool) -> jax.Array:
-    flags = np.full((self._local_devices,), int(local_request), np.int32)
-    votes = jax.make_array_from_process_local_data(self._sharding, flags, (self._mesh.size,))
-    return self._max(votes)
-
-
-def is_primary() -> bool:
-  """Whether this is process 0, the one that writes logs and run artefacts."""
-  return jax.process_index() == 0
-
-
-def check_same_on_all_processes(text: str, what: str) -> None:
-  """ConfigError on every process unless all processes pass the same `text` (e.g. their config).
-
-  Processes launched with different flags (another seed, batch size or data)
-  would otherwise train on inconsistent batches without any error.
-  """
-  if jax.process_count() == 1:
-    return
-  import hashlib
-
-  from jax.experimental import multihost_utils
-
-  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
-  gathered = np.asarray(multihost_utils.process_allgather(digest))
-  differing = [i for i, other in enumerate(gathered) if not np.array_equal(other, gathered[0])]
-  if differing:
-    raise ConfigError(
-      f"{what} of process(es) {differing} differs from process 0's (this is process "
-      f"{jax.process_index()}); every process must be started with the same flags"
-    )
-
-
-def barrier(name: str) -> None:
-  """All processes wait here for each other (a no-op in a single-process run)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
 def constrain_micro_batches(micro_batches: Any) -> Any:
   """Keeps each micro-batch split over the batch axes after the [accum, micro] reshape.
 
@@ -373,11 +288,11 @@ class Parallelism:
       return local_batch
     return global_batch(local_batch, self.mesh, global_size)
 
-  def stop_vote(self) -> Optional[StopVote]:
+  def stop_vote(self) -> Optional[multihost.StopVote]:
     """A `StopVote` when several processes must agree on a stop; None in one process."""
     if self.mesh is None or jax.process_count() == 1:
       return None
-    return StopVote(self.mesh)
+    return multihost.StopVote(self.mesh)
 
   def jit_train_step(self, train_step: Callable, state: Any) -> "MeshJit":
     """`train_step(state, batch, rng)` jitted with the state donated and laid out like `state`."""

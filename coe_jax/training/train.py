@@ -27,15 +27,20 @@ from coe_jax.errors import ConfigError
 from coe_jax.nn.flops import flops_per_token, peak_tflops_per_device
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.params import count_params
-from coe_jax.training import sharding
+from coe_jax.training import multihost, sharding
 from coe_jax.training.checkpoint import (
   Checkpointer,
   check_resumable,
   load_run_config,
   save_run_config,
 )
-from coe_jax.training.metrics import MetricWriter, plot_losses
-from coe_jax.training.optimizer import learning_rate_schedule
+from coe_jax.training.metrics import (
+  MetricWriter,
+  TrainLog,
+  compiled_memory_bytes,
+  device_peak_bytes,
+  plot_losses,
+)
 from coe_jax.training.train_config import profile_window, validate_config
 from coe_jax.training.train_step import (
   evaluate,
@@ -54,7 +59,7 @@ class _StopFlag:
   """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the next step and exits.
 
   With several processes the flag is this process's request only: the loop
-  stops where `sharding.StopVote` shows that some process asked, which every
+  stops where `multihost.StopVote` shows that some process asked, which every
   process sees at the same step.
   """
 
@@ -76,29 +81,6 @@ class _StopFlag:
   def restore(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
-
-def compiled_memory_bytes(compiled) -> Optional[int]:
-  """Peak bytes of a compiled XLA program: arguments + outputs + temporaries - aliased."""
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # some backends do not implement it
-    return None
-  if stats is None:
-    return None
-  return int(
-    stats.argument_size_in_bytes
-    + stats.output_size_in_bytes
-    + stats.temp_size_in_bytes
-    - stats.alias_size_in_bytes
-  )
-
-
-def device_peak_bytes() -> Optional[int]:
-  """The first device's peak bytes in use so far, where it reports them (GPU/TPU; None on CPU)."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return int(peak) if peak is not None else None
 
 
 def _check_finite(
@@ -134,76 +116,6 @@ class _Launched:
   vote: Any  # the processes' agreed stop request (device scalar), None in one process
 
 
-class _TrainLog:
-  """Turns each step's fetched metrics into rows (metrics.jsonl, TensorBoard, W&B) and the
-  progress bar's text; `writer` and `bar` are None / plain on processes other than 0."""
-
-  def __init__(
-    self,
-    writer,
-    bar,
-    train_cfg: ml_collections.ConfigDict,
-    tokens_per_step: int,
-    train_flops_per_token: float,
-    num_devices: int,
-    peak_tflops: Optional[float],
-  ):
-    self.writer, self.bar, self.train_cfg = writer, bar, train_cfg
-    self.tokens_per_step = tokens_per_step
-    self.train_flops_per_token = train_flops_per_token
-    self.flops_per_step_per_device = train_flops_per_token * tokens_per_step / num_devices
-    self.peak_tflops = peak_tflops
-    self.step_times: list[float] = []
-    self.restart_clock()
-
-  def restart_clock(self) -> None:
-    """Time from here (after compiling, evaluating or checkpointing, which steps do not pay)."""
-    self.tick = time.perf_counter()
-    self.steps_since_row = 0
-
-  def step(
-    self, done: int, metrics: dict, force: bool = False, extra: Optional[dict] = None
-  ) -> None:
-    """Accounts one finished step; writes a row every train.log_every steps or when `force`."""
-    self.steps_since_row += 1
-    if not (force or done % self.train_cfg.log_every == 0):
-      return
-    now = time.perf_counter()
-    step_time = (now - self.tick) / self.steps_since_row
-    self.tick, self.steps_since_row = now, 0
-    self.step_times.append(step_time)
-    row = {f"train/{k}": v for k, v in metrics.items()}
-    row["train/lr"] = float(learning_rate_schedule(self.train_cfg)(done - 1))
-    row["train/model_flops_per_token"] = self.train_flops_per_token  # coe_jax.nn.flops, fwd + bwd
-    row.update(self.throughput(step_time))
-    row.update(extra or {})
-    if self.writer is not None:
-      self.writer.write(done, row)
-    if hasattr(self.bar, "set_postfix"):
-      postfix = dict(
-        loss=f"{float(metrics['loss']):.3f}",
-        tok_s=f"{row['train/tokens_per_sec']:,.0f}",
-        tflops_dev=f"{row['train/tflops_per_sec_per_device']:.3g}",
-      )
-      if "train/mfu" in row:
-        postfix["mfu"] = f"{100 * row['train/mfu']:.1f}%"
-      if "val/loss" in row:
-        postfix["val"] = f"{row['val/loss']:.3f}"
-      self.bar.set_postfix(**postfix)
-
-  def throughput(self, step_time: float) -> dict[str, float]:
-    """tokens/s, model TFLOP/s per device and (with a known peak) MFU of a step time."""
-    tflops = self.flops_per_step_per_device / step_time / 1e12
-    out = {
-      "train/tokens_per_sec": self.tokens_per_step / step_time,
-      "train/step_seconds": step_time,
-      "train/tflops_per_sec_per_device": tflops,
-    }
-    if self.peak_tflops:
-      out["train/mfu"] = tflops / self.peak_tflops
-    return out
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -230,10 +142,10 @@ def train_and_evaluate(
 
   validate_config(config)
   if config.get("mesh") is not None:
-    sharding.initialize_distributed(config.mesh)  # before anything asks for the process index
-  primary = sharding.is_primary()
+    multihost.initialize_distributed(config.mesh)  # before anything asks for the process index
+  primary = multihost.is_primary()
   requested = _config_dict(config)
-  sharding.check_same_on_all_processes(
+  multihost.check_same_on_all_processes(
     json.dumps(
       {
         **requested,
@@ -252,7 +164,7 @@ def train_and_evaluate(
   # build their own where the cache directory is not shared).
   if primary:
     datasets = build_datasets(config.data, workdir=workdir, seed=config.seed)
-  sharding.barrier("coe_jax:data_cached")
+  multihost.barrier("coe_jax:data_cached")
   if not primary:
     datasets = build_datasets(config.data, workdir=workdir, seed=config.seed, save_tokenizer=False)
   model_config = config_lib.model_config_from(config, datasets.vocab_size)
@@ -342,7 +254,7 @@ def train_and_evaluate(
       train_cfg.steps if stop_at_step is None else max(start, min(train_cfg.steps, stop_at_step))
     )
     bar = _progress(range(start, end), progress and primary, initial=start, total=train_cfg.steps)
-    log = _TrainLog(writer, bar, train_cfg, tokens_per_step, flops.train, jax.device_count(), peak)
+    log = TrainLog(writer, bar, train_cfg, tokens_per_step, flops.train, jax.device_count(), peak)
     pending: Optional[_Launched] = None
 
     def fetch(launched: _Launched) -> tuple[dict, bool]:
