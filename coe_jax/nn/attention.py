@@ -274,7 +274,7 @@ class MultiHeadLatentAttention(nn.Module):
     return self.o_proj(out.reshape(*out.shape[:2], -1))
 
   # --------------------------------------------------------------------------
-  # Decoding with a latent cache (used by `coe_jax.nn.model.CachedCoECausalLM`).
+  # Decoding with a latent cache (used by `CoECausalLM(decode=...)`, coe_jax.nn.model).
   # --------------------------------------------------------------------------
 
   def attend_absorbed(
