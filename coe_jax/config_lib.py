@@ -1,4 +1,4 @@
-"""The base training config and the two scales every paper run comes in.
+"""The base training config and the three scales every paper run comes in.
 
 Each file in `configs/` is a few lines: `get_config(arg)` calls `build(arg,
 **changes)` with the fields its paper run varies. `arg` is the big_vision-style
@@ -47,7 +47,7 @@ def parse_scale(arg: Optional[str]) -> str:
 def scale_experts(paper_k: int, paper_n: int, scale: str) -> dict[str, int]:
   """Maps the paper's (K, N incl. shared) to this scale, keeping K/N and N_shared.
 
-  Dense-style runs (K = N = 8) keep every expert at both scales.
+  Dense-style runs (K = N = 8) keep every expert at every scale.
   """
   divisor = 2 if scale == "tiny" else 1
   if paper_k >= paper_n:  # dense-style: all experts run, no shared expert (SPEC 7)
@@ -151,7 +151,8 @@ def paper_run(
 ) -> ml_collections.ConfigDict:
   """Config of one paper run CoE(C, K, N) with `layers` decoder layers at `arg`'s scale.
 
-  K, N and layers are the paper's; at tiny scale they are mapped keeping K/N
+  K, N and layers are the paper's; at tiny scale they are mapped keeping K/N (narrow keeps K
+  and N, halving the layers like tiny)
   and the layer-count ratios (see `scale_experts`).
   """
   scale = parse_scale(arg)
@@ -178,7 +179,7 @@ def build(arg: Optional[str] = None, **model_changes: Any) -> ml_collections.Con
   """The full config at `arg`'s scale with `model_changes` applied to `config.model`."""
   scale = parse_scale(arg)
   config = ml_collections.ConfigDict()
-  config.scale = scale  # 'paper' | 'tiny'
+  config.scale = scale  # 'paper' | 'tiny' | 'narrow'
   config.seed = 0  # init, data order and step rngs all derive from it
   config.model = _model_config(scale)
   # The reference routes dropless in training and evaluation (SPEC 3); capacity dispatch is

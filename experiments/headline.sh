@@ -11,6 +11,9 @@
 # the final seed-0 models (experiments.analyze_routing) under experiments/results/headline/.
 # Every stage skips finished runs and resumes unfinished ones: rerun after any stop.
 #
+# If the pre-registered rule says 'undecided', EXTRA=1 adds seeds 3 and 4 (the protocol's one
+# extension) and writes the 5-seed reading beside the 3-seed one (`$RESULTS/pair_5seeds`, ...).
+#
 # Environment: SCALE [narrow], STEPS [2000], SEEDS [3], PILOT_STEPS [500], PILOT_LRS
 # [1e-3 2e-3 4e-3], DATA [../shared/data/math_qa], TOKENIZER
 # [../shared/data/tokenizer/olmoe/tokenizer.json], RUNS [runs/headline], RESIDUAL [1].
@@ -46,7 +49,7 @@ for lr in $PILOT_LRS; do
     best_lr="$lr"; best_loss="$loss"
   fi
 done
-echo "pilot: chose lr $best_lr (val loss $best_loss)" | tee "$RESULTS/pilot/choice.txt"
+echo "pilot: chose lr $best_lr (val loss $best_loss)" | tee "$RESULTS/pilot/chosen_lr.txt"
 
 "$PYTHON" -m experiments.ablation --suite=moe_k8,coe_c2 --seeds="$SEEDS" --steps="$STEPS" \
   "${RECIPE[@]}" --set=train.lr="$best_lr" --runs_dir="$RUNS/pair" --results_dir="$RESULTS/pair"
@@ -54,6 +57,15 @@ if [[ "${RESIDUAL:-1}" != 0 ]]; then
   "$PYTHON" -m experiments.ablation --suite=coe_c2_k8,coe_c2_k8_outer_residual --seeds="$SEEDS" \
     --steps="$STEPS" "${RECIPE[@]}" --set=train.lr="$best_lr" --runs_dir="$RUNS/residual" \
     --results_dir="$RESULTS/residual"
+fi
+if [[ "${EXTRA:-0}" != 0 ]]; then  # the protocol's extension: the same runs dirs, 5 seeds
+  "$PYTHON" -m experiments.ablation --suite=moe_k8,coe_c2 --seeds=5 --steps="$STEPS" \
+    "${RECIPE[@]}" --set=train.lr="$best_lr" --runs_dir="$RUNS/pair" --results_dir="$RESULTS/pair_5seeds"
+  if [[ "${RESIDUAL:-1}" != 0 ]]; then
+    "$PYTHON" -m experiments.ablation --suite=coe_c2_k8,coe_c2_k8_outer_residual --seeds=5 \
+      --steps="$STEPS" "${RECIPE[@]}" --set=train.lr="$best_lr" --runs_dir="$RUNS/residual" \
+      --results_dir="$RESULTS/residual_5seeds"
+  fi
 fi
 routed=("$RUNS/pair/moe_k8/seed0" "$RUNS/pair/coe_c2/seed0")
 [[ "${RESIDUAL:-1}" != 0 ]] && routed+=("$RUNS/residual/coe_c2_k8/seed0" "$RUNS/residual/coe_c2_k8_outer_residual/seed0")

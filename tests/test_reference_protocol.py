@@ -134,6 +134,20 @@ def test_reference_val_batches_are_the_first_rows_of_a_seed_zero_shuffle(tok):
   assert [b["input_ids"].shape[0] for b in small.reference_val_batches(64, 2)] == [64, 6]
 
 
+def test_reference_val_batches_hold_one_example_per_row_when_packed(tok):
+  texts = [f"query : what is {i} + 1? response : {i + 1}" for i in range(40)]
+  packed = build_split(tok, texts, 64, pad_id=0, packing=True, eos_id=EOS)
+  unpacked = build_split(tok, texts, 64, pad_id=0, packing=False, eos_id=EOS)
+  assert packed.num_rows < packed.num_examples  # really packed
+  ds = Datasets(tok, packed, packed, "", False, 0.0)
+  batches = ds.reference_val_batches(batch_size=16, num_batches=2, seed=0)
+  order = np.random.default_rng(0).permutation(40)
+  for b, rows in zip(batches, (order[:16], order[16:32])):
+    assert b["segment_ids"].max() == 1  # one example per row
+    np.testing.assert_array_equal(b["input_ids"], unpacked.batch(rows)["input_ids"])
+    np.testing.assert_array_equal(b["positions"], unpacked.batch(rows)["positions"])
+
+
 def test_batch_means_differ_from_the_pooled_mean():
   """(sum, count) per batch: (10, 10) and (1, 2) -> pooled 11/12, reference (1 + 0.5) / 2."""
   results = iter([(10.0, 10.0), (1.0, 2.0)])

@@ -107,17 +107,21 @@ class Datasets:
   def reference_val_batches(
     self, batch_size: int = 64, num_batches: int = 2, seed: int = 0
   ) -> list[Batch]:
-    """The rows the reference scores for its validation number (SPEC 6).
+    """The examples the reference scores for its validation number (SPEC 6).
 
-    The validation rows shuffled once (`np.random.default_rng(seed)`; the
-    reference's torch sampler draws another permutation, so the rows differ but
-    the protocol is the same), then the first `num_batches` full batches of
-    `batch_size` rows (fewer when the split is smaller). Score them with
+    The validation examples shuffled once (`np.random.default_rng(seed)`; the
+    reference's torch sampler draws another permutation, so the examples differ
+    but the protocol is the same), then the first `num_batches` full batches of
+    `batch_size` examples, one example per row even when the split is packed
+    for training (fewer when the split is smaller). Score them with
     `train_step.evaluate_batch_means`: the mean of the per-batch mean losses.
     """
-    order = np.random.default_rng(seed).permutation(self.val.num_rows)
+    examples = dataclasses.replace(
+      self.val, rows=np.arange(self.val.num_examples + 1, dtype=np.int64), packed=False
+    )
+    order = np.random.default_rng(seed).permutation(examples.num_rows)
     return [
-      self.val.batch(order[start : start + batch_size])
+      examples.batch(order[start : start + batch_size])
       for start in range(0, min(len(order), batch_size * num_batches), batch_size)
     ]
 

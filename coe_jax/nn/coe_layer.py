@@ -101,9 +101,9 @@ class CoELayer(nn.Module):
   Attributes:
     config: the layer's `CoEConfig` (a `ModelConfig` passes `model_config.coe`).
     expert_fn: one expert, `(weights, x <[..., hidden]>) -> <[..., hidden]>`, applied to
-      one expert's slice of the stacked weights. SwiGLU (the paper's) by default; any
-      other function runs under every dispatch except the SwiGLU-specific
-      `dropless_impl='ragged_dot'`.
+      one expert's slice of the stacked weights. SwiGLU (the paper's) by default. Any
+      other function runs with capacity dispatch and with dropless 'gather' ('auto' then
+      means 'gather'); 'blocked' and 'ragged_dot' are written for SwiGLU and refuse it.
     routed_experts_module: module class creating the stacked routed weights, called as
       `routed_experts_module(num_experts, hidden_size, intermediate_size, init_std)` and
       returning a pytree whose leaves have a leading [num_experts] axis.
