@@ -191,8 +191,12 @@ def test_process_zero_alone_writes_the_logs_and_artefacts(first_leg):
   assert (summary["processes"], summary["devices"]) == (2, 2 * DEVICES_PER_PROCESS)
   out0, out1 = (logs / "stdout0.txt").read_text(), (logs / "stdout1.txt").read_text()
   assert "Model (vocab from tokenizer):" in out0 and "Run directory" in out0
-  # No counts, no summary lines (Gloo, the CPU collectives library, prints its connections).
-  assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == []
+  # No counts, no summary lines on process 1. Gloo (the CPU collectives library) prints its
+  # connections there, sometimes as lines split mid-sentence by concurrent writes, so the check
+  # looks for what we print rather than for an empty output.
+  ours = ("Model (", "active_per_token", "Run directory", "metrics:", "checkpoint:", "Resumed")
+  assert [line for line in out1.splitlines() if any(mark in line for mark in ours)] == []
+  assert "Gloo" in out1 or not out1.strip()  # what remains is the collectives library's
   assert "it/s" in (logs / "stderr0.txt").read_text()  # the progress bar ...
   assert "it/s" not in (logs / "stderr1.txt").read_text()  # ... on process 0 only
 
