@@ -626,16 +626,25 @@ def paired_curve(result: RunResult, reference: RunResult) -> tuple[np.ndarray, n
   return steps[:length], diffs
 
 
-def _band(ax, steps: np.ndarray, values: np.ndarray, label: str, **style) -> None:
-  """Mean over the first axis, shaded between its min and max."""
+def _band(ax, steps: np.ndarray, values: np.ndarray, label: str, **style) -> str:
+  """Mean over the first axis, shaded between its min and max; returns the line's colour."""
   (line,) = ax.plot(steps, values.mean(0), label=label, **style)
   ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+  return line.get_color()
+
+
+def _seed_lines(ax, steps: np.ndarray, values: np.ndarray, seeds: Sequence[int], color: str) -> None:
+  """One thin line per seed (row of `values`), its seed written at its last point."""
+  for seed, row in zip(seeds, values):
+    ax.plot(steps, row, color=color, linewidth=0.7, alpha=0.8, linestyle=":")
+    ax.annotate(f"s{seed}", (steps[-1], row[-1]), fontsize=6, color=color)
 
 
 def plot_figure(stem: str, title: str, results: Sequence[RunResult], results_dir: Path) -> Path:
   """Two panels against step: validation loss, and its paired difference to the first config.
 
-  Each line is the mean over seeds, shaded between the seeds' min and max.
+  Each thick line is the mean over seeds, shaded between the seeds' min and max; the difference
+  panel also draws every seed's own paired difference (dotted, labelled s<seed>).
   """
   import matplotlib
 
@@ -652,7 +661,10 @@ def plot_figure(stem: str, title: str, results: Sequence[RunResult], results_dir
     _band(loss_ax, steps, np.stack(list(curves.values())), label)
     diff_steps, diffs = paired_curve(r, reference)
     if diffs is not None:
-      _band(diff_ax, diff_steps, diffs, r.paper_name)
+      color = _band(diff_ax, diff_steps, diffs, r.paper_name)
+      if r is not reference:
+        paired_seeds = [s for s in r.seeds if s in reference.seeds]
+        _seed_lines(diff_ax, diff_steps, diffs, paired_seeds, color)
   loss_ax.set(xlabel="step", ylabel="validation loss", title=title)
   loss_ax.legend(fontsize=8)
   diff_ax.axhline(0.0, color="black", linewidth=0.5)

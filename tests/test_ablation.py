@@ -291,3 +291,25 @@ def test_pre_registered_verdict(diffs, paper_sign, expected):
   if len(diffs) == 3:  # mean -+ t(0.975, 2) * sd / sqrt(3), t = 4.303
     half = 4.303 * np.std(diffs, ddof=1) / np.sqrt(3)
     assert (low, high) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
+
+
+def test_paired_difference_panel_draws_every_seed(tmp_path, monkeypatch):
+  steps = np.array([100.0, 200.0])
+  base = dataclasses.replace(
+    _result("moe_k8", [0, 1, 2], [2.0, 2.1, 2.2]),
+    curves=[(steps, np.array([3.0, 2.0 + 0.1 * s])) for s in range(3)],
+  )
+  other = dataclasses.replace(
+    _result("coe_c2", [0, 1, 2], [1.9, 2.2, 2.1]),
+    curves=[(steps, np.array([3.0, v])) for v in (1.9, 2.2, 2.1)],
+  )
+  import matplotlib.pyplot as plt
+
+  figures = []
+  monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
+  path = ablation.plot_figure("pair", "pair", [base, other], tmp_path)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  diff_ax = figures[0].axes[1]
+  dotted = [line for line in diff_ax.lines if line.get_linestyle() == ":"]
+  assert [line.get_ydata()[-1] for line in dotted] == pytest.approx([-0.1, 0.1, -0.1])
+  assert [t.get_text() for t in diff_ax.texts] == ["s0", "s1", "s2"]
