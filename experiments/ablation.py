@@ -633,7 +633,9 @@ def _band(ax, steps: np.ndarray, values: np.ndarray, label: str, **style) -> str
   return line.get_color()
 
 
-def _seed_lines(ax, steps: np.ndarray, values: np.ndarray, seeds: Sequence[int], color: str) -> None:
+def _seed_lines(
+  ax, steps: np.ndarray, values: np.ndarray, seeds: Sequence[int], color: str
+) -> None:
   """One thin line per seed (row of `values`), its seed written at its last point."""
   for seed, row in zip(seeds, values):
     ax.plot(steps, row, color=color, linewidth=0.7, alpha=0.8, linestyle=":")
