@@ -156,6 +156,8 @@ def test_second_invocation_skips_finished_runs(suite):
       f"--runs_dir={runs}",
       f"--results_dir={results}",
       "--set=model.dispatch=dropless",
+      "--set=train.schedule=cosine",
+      "--set=train.paper_val=True",
       *SHRINK,
     ],  # the recipe gpu_main_pair.sh ran
     cwd=REPO,
