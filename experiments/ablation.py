@@ -17,11 +17,13 @@ Results go to `--results_dir` (default `experiments/results/<scale>/`):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +89,12 @@ _TOKENIZER = flags.DEFINE_string(
   "tokenizer", "", "tokenizer.json path or hub name; '' = the config's."
 )
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per config: 0 .. seeds-1.")
+_FIRST_SEED = flags.DEFINE_integer(
+  "first_seed",
+  0,
+  "Train only seeds first_seed .. seeds-1 (the table still reports every finished seed below "
+  "--seeds): splits one suite's seeds between processes or machines sharing --runs_dir.",
+)
 _STEPS = flags.DEFINE_integer("steps", 0, "Optimizer steps per run; 0 = the config's.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Sequences per step; 0 = the config's.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 0, "Tokens per sequence; 0 = the config's.")
@@ -229,20 +237,70 @@ def train_command(
   ]
 
 
+LOCK_FILE = "runner.lock"
+
+
+def _lock_holder_alive(text: str) -> bool:
+  """Whether the 'host pid' in a lock file names a live process of this host (other hosts: yes)."""
+  host, _, pid = text.partition(" ")
+  if host != socket.gethostname():
+    return True
+  try:
+    os.kill(int(pid), 0)
+  except (ValueError, ProcessLookupError):
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def run_lock(workdir: Path):
+  """Holds `workdir/runner.lock` while one runner trains the run; a second runner is refused.
+
+  A lock left by a process that is gone (a killed runner) is taken over.
+  """
+  path = workdir / LOCK_FILE
+  mine = f"{socket.gethostname()} {os.getpid()}"
+  while True:
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      break
+    except FileExistsError:
+      holder = path.read_text()
+      if _lock_holder_alive(holder):
+        raise RuntimeError(
+          f"{workdir} is being trained by another runner ({LOCK_FILE}: host pid = {holder!r}); "
+          "give runners sharing --runs_dir disjoint seeds (--first_seed / --seeds)"
+        ) from None
+      path.unlink(missing_ok=True)  # stale: its runner is gone
+  with os.fdopen(fd, "w") as f:
+    f.write(mine)
+  try:
+    yield
+  finally:
+    path.unlink(missing_ok=True)
+
+
 def run_suite(
-  names: Sequence[str], seeds: int, recipe: Recipe, runs_dir: Path, log=print
+  names: Sequence[str],
+  seeds: int,
+  recipe: Recipe,
+  runs_dir: Path,
+  log=print,
+  first_seed: int = 0,
 ) -> list[Path]:
   """Trains every (config, seed) not yet finished, sequentially; returns the workdirs.
 
-  Seed 0 of every config runs before seed 1 of any, so a partial suite already
-  has a whole table.
+  Seeds first_seed .. seeds-1; seed s of every config runs before seed s+1 of
+  any, so a partial suite already has a whole table.
   """
   cache_dir = runs_dir / "data_cache"
   env = dict(os.environ)
   env.setdefault("JAX_COMPILATION_CACHE_DIR", str(runs_dir / "jax_cache"))  # seeds share programs
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
   workdirs = []
-  for seed in range(seeds):
+  for seed in range(first_seed, seeds):
     for name in names:
       workdir = run_dir(runs_dir, name, seed)
       workdirs.append(workdir)
@@ -253,7 +311,7 @@ def run_suite(
       log(f"[run ] {name} seed {seed}: {' '.join(command)}")
       start = time.perf_counter()
       workdir.mkdir(parents=True, exist_ok=True)
-      with open(workdir / "train.log", "a") as out:
+      with run_lock(workdir), open(workdir / "train.log", "a") as out:
         result = subprocess.run(
           command, cwd=os.getcwd(), env=env, stdout=out, stderr=subprocess.STDOUT
         )
@@ -721,6 +779,8 @@ def main(argv):
     overrides=tuple(_OVERRIDES.value),
   )
   names = suite_configs(_SUITE.value)
+  if not 0 <= _FIRST_SEED.value < _SEEDS.value:
+    raise ValueError(f"--first_seed={_FIRST_SEED.value}: must be in [0, --seeds={_SEEDS.value})")
   runs_dir = Path(_RUNS_DIR.value or REPO / "runs" / "ablation" / scale).resolve()
   results_dir = Path(_RESULTS_DIR.value or REPO / "experiments" / "results" / scale).resolve()
   log = lambda message: print(time.strftime("%H:%M:%S"), message, flush=True)
@@ -728,7 +788,7 @@ def main(argv):
     recipe = load_recipe(runs_dir) or recipe
   else:
     record_recipe(runs_dir, recipe)
-    run_suite(names, _SEEDS.value, recipe, runs_dir, log)
+    run_suite(names, _SEEDS.value, recipe, runs_dir, log, first_seed=_FIRST_SEED.value)
   recipe_line = " ".join(recipe.flags_for("<runs_dir>/data_cache")[1:]) or "the configs' defaults"
   results = report(
     names,
