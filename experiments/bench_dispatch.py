@@ -12,6 +12,7 @@ capacity program (capacity factor 1.25). PERF.md, change 11.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 
@@ -19,10 +20,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coe_jax.nn import blocked
 from coe_jax.nn.blocked import blocked_dispatch
 from coe_jax.nn.dispatch import assignment_slots, dispatch_to_experts, expert_capacity
 from coe_jax.nn.experts import SwiGLUWeights
 from experiments.bench import Timed, run_round_robin
+
+# Stand-ins for `blocked._add_to_experts` (one tile per step): wrong gradients, timing only.
+WEIGHT_GRAD_VARIANTS = {
+  "dW written": lambda acc, e, u: jax.lax.dynamic_update_slice_in_dim(acc, u, e[0], axis=0),
+  "no dW": lambda acc, e, u: acc,
+}
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+  original = getattr(module, name)
+  setattr(module, name, value)
+  try:
+    yield
+  finally:
+    setattr(module, name, original)
 
 
 def main(argv=None) -> None:
@@ -39,6 +57,12 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--gather", action="store_true", help="also dropless_impl='gather'")
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument(
+    "--weight_grad_ablation",
+    action="store_true",
+    help="per tile also: weight-gradient slices written instead of accumulated, and no weight "
+    "gradients at all (what the in-place accumulation and the dW matmuls cost; PERF.md 14)",
+  )
   args = parser.parse_args(argv)
   t, d, f, e, k = args.tokens, args.hidden, args.inter, args.experts, args.k
   rng = np.random.default_rng(0)
@@ -79,12 +103,14 @@ def main(argv=None) -> None:
       ),
     )
   for tile in (int(s) for s in args.tiles.split(",")):
-    add(
-      f"blocked tile={tile}",
-      lambda x_, cw_, w_, tile=tile: (
-        blocked_dispatch(x_, ids, cw_, w_, tile, args.tiles_per_step).output
-      ),
+    routed = lambda x_, cw_, w_, tile=tile: (
+      blocked_dispatch(x_, ids, cw_, w_, tile, args.tiles_per_step).output
     )
+    add(f"blocked tile={tile}", routed)
+    if args.weight_grad_ablation:
+      for label, update in WEIGHT_GRAD_VARIANTS.items():
+        with _patched(blocked, "_add_to_experts", update):  # read while tracing, in add()
+          add(f"blocked tile={tile}, {label}", routed)
   run_round_robin(programs, 1, args.steps)
   print(
     f"T={t} K={k} N={e} d={d} f={f} skew={args.skew}: {1 - float(kept.mean()):.0%} of assignments "
@@ -95,7 +121,7 @@ def main(argv=None) -> None:
   for prog in programs:
     wall, cpu = statistics.median(prog.seconds), statistics.median(prog.cpu_seconds)
     print(
-      f"{prog.name:24s} {1e3 * wall:8.1f} ms wall ({wall / wall0:.2f}x) "
+      f"{prog.name:36s} {1e3 * wall:8.1f} ms wall ({wall / wall0:.2f}x) "
       f"{1e3 * cpu:8.1f} ms CPU ({cpu / cpu0:.2f}x)"
     )
 
