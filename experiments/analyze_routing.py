@@ -6,7 +6,8 @@
 For every run directory (written by `python -m coe_jax.main`) it restores the
 latest checkpoint, routes the first `--rows` validation sequences of the run's
 own data (training capacity factor unless `--eval_capacity`), and writes under
-`--out/<run name>/`: `iterations.csv`, `layers.csv`, `experts.csv`,
+`--out/<run name>/` (the directory's name, with as many parent names as it takes to be
+unique): `iterations.csv`, `layers.csv`, `experts.csv`,
 `load_layer<l>.png`, `co_selection_layer<l>.png` (C >= 2), `dropped_layer<l>.png`;
 plus `summary.png` comparing the runs. See `coe_jax.analysis` for definitions.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -73,15 +75,28 @@ def describe(name: str, run: analysis.Run, stats: analysis.RoutingStats, tokens:
     )
 
 
+def run_names(workdirs: Sequence[str]) -> list[str]:
+  """One output name per run directory: its last path component, or as many trailing
+  components (joined by '_') as it takes to tell the runs apart (`moe_k8/seed0` and
+  `coe_c2/seed0` become `moe_k8_seed0` and `coe_c2_seed0`)."""
+  parts = [Path(os.path.abspath(w)).parts for w in workdirs]
+  if len(set(parts)) < len(parts):
+    raise ValueError(f"the same run directory is given twice: {list(workdirs)}")
+  for depth in range(1, max(len(p) for p in parts) + 1):
+    names = ["_".join(p[-depth:]).strip("/") for p in parts]
+    if len(set(names)) == len(names):
+      return names
+  raise AssertionError("unreachable: distinct paths have distinct suffixes")
+
+
 def analyse_run(
-  workdir: str, rows: int, train_capacity: bool, out: Path
+  workdir: str, name: str, rows: int, train_capacity: bool, out: Path
 ) -> tuple[str, pd.DataFrame]:
   run = analysis.load_run(workdir)
   routing = analysis.collect_routing(
     run.model, run.variables, analysis.validation_batch(run, rows), train=train_capacity
   )
   stats = analysis.analyze(routing)
-  name = Path(os.path.abspath(workdir)).name
   describe(name, run, stats, routing.num_tokens)
   directory = out / name
   directory.mkdir(parents=True, exist_ok=True)
@@ -106,7 +121,10 @@ def analyse_run(
 def main(argv=None) -> None:
   args = parse_args(argv)
   out = Path(args.out)
-  tables = dict(analyse_run(w, args.rows, not args.eval_capacity, out) for w in args.workdirs)
+  tables = dict(
+    analyse_run(w, name, args.rows, not args.eval_capacity, out)
+    for w, name in zip(args.workdirs, run_names(args.workdirs))
+  )
   out.mkdir(parents=True, exist_ok=True)
   save_figure(analysis.plot_iteration_summary(tables), out / "summary.png")
 
