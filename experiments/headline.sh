@@ -38,6 +38,9 @@ RECIPE=(--scale="$SCALE" --data="$DATA" --tokenizer="$TOKENIZER" --batch_size=16
 
 best_lr=""
 best_loss=""
+mkdir -p "$RESULTS/pilot"
+choice="$RESULTS/pilot/choice.txt"
+echo "pilot (MoE(K=8) $SCALE, seed 100, $PILOT_STEPS steps, cosine): final pooled val loss by lr" > "$choice.part"
 for lr in $PILOT_LRS; do
   "$PYTHON" -m experiments.ablation --suite=moe_k8 --seeds=1 --steps="$PILOT_STEPS" "${RECIPE[@]}" \
     --set=seed=100 --set=train.lr="$lr" --runs_dir="$RUNS/pilot/lr$lr" \
@@ -45,11 +48,14 @@ for lr in $PILOT_LRS; do
   loss=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['final_val_loss'])" \
          "$RUNS/pilot/lr$lr/moe_k8/seed0/summary.json")
   echo "pilot: lr $lr -> final val loss $loss"
+  "$PYTHON" -c "import sys; print(f'lr {sys.argv[1]}: {float(sys.argv[2]):.4f}')" "$lr" "$loss" >> "$choice.part"
   if [[ -z "$best_loss" ]] || "$PYTHON" -c "import sys; sys.exit(not float(sys.argv[1]) < float(sys.argv[2]))" "$loss" "$best_loss"; then
     best_lr="$lr"; best_loss="$loss"
   fi
 done
-echo "pilot: chose lr $best_lr (val loss $best_loss)" | tee "$RESULTS/pilot/chosen_lr.txt"
+echo "chosen: $best_lr (lowest)" >> "$choice.part"
+mv "$choice.part" "$choice"
+echo "pilot: chose lr $best_lr (val loss $best_loss); $choice"
 
 "$PYTHON" -m experiments.ablation --suite=moe_k8,coe_c2 --seeds="$SEEDS" --steps="$STEPS" \
   "${RECIPE[@]}" --set=train.lr="$best_lr" --runs_dir="$RUNS/pair" --results_dir="$RESULTS/pair"
