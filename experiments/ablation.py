@@ -246,11 +246,11 @@ def _lock_holder_alive(text: str) -> bool:
   if host != socket.gethostname():
     return True
   try:
-    os.kill(int(pid), 0)
+    os.kill(int(pid), 0)  # PermissionError: alive, another user's
   except (ValueError, ProcessLookupError):
     return False
   except PermissionError:
-    return True
+    pass
   return True
 
 
