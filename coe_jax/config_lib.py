@@ -94,8 +94,9 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
       schedule="constant",  # after warm-up: 'constant' (paper) | 'cosine'
       grad_clip=1.0,  # global-norm clipping; 0 disables
       # True: clip + AdamW as one fused elementwise pass per parameter (2-3.5x faster on CPU,
-      # equal to the optax chain to float32 rounding, not bit for bit); False: the optax chain.
-      fused_optimizer=False,
+      # equal to the optax chain to float32 rounding, not bit for bit); False: the optax chain
+      # (what runs saved before this default keep on resume; experiments/PERF.md 13 and 16).
+      fused_optimizer=True,
       eval_every=10 if paper else 50,  # validation every N steps (and at the end); 0 = end only
       eval_batch_size=64 if paper else 32,  # sequences per validation batch
       max_eval_batches=0,  # 0 = the whole validation set

@@ -336,9 +336,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     "batch 1 x 512 (explicit --batch/--seq/--dtype still win)",
   )
   parser.add_argument(
-    "--fused_optimizer",
-    action="store_true",
-    help="train.fused_optimizer=True: the fused clip + AdamW, not the optax chain",
+    "--optimizer",
+    default="config",
+    choices=("config", "fused", "chain"),
+    help="clip + AdamW as the config says (fused by default), fused, or the optax chain",
   )
   parser.add_argument(
     "--keep_going",
@@ -398,8 +399,8 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
   failures = args.failures = []
   for label, spec in specs:
     config = load_config(spec)
-    if args.fused_optimizer:
-      config.train.fused_optimizer = True
+    if args.optimizer != "config":
+      config.train.fused_optimizer = args.optimizer == "fused"
     batch = args.batch or preset.get("batch") or config.train.batch_size
     seq = args.seq or preset.get("seq") or config.data.max_length
     blocks = (args.attention_query_block or "").split(",")

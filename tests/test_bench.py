@@ -147,3 +147,43 @@ def test_paper_width_preset_is_the_paper_layer_at_cpu_size():
     cfg.dtype,
   ) == (1024, 704, 63, 1, 2, 8192, "float32")
   assert (preset["batch"], preset["seq"]) == (1, 512)
+
+
+def test_profile_step_sums_the_traced_ops_of_each_program_by_kind(tmp_path, capsys):
+  from experiments import profile_step
+
+  out = tmp_path / "profile.json"
+  results = profile_step.main(
+    [
+      "--config=configs/coe_c2.py:tiny",
+      "--dispatch=capacity,dropless",
+      "--dropless_impl=blocked",
+      "--batch=1",
+      "--seq=32",
+      "--warmup=1",
+      "--trace_steps=2",
+      f"--out={out}",
+    ]
+  )
+  assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+  capacity, dropless = results["programs"]
+  assert "capacity" in capacity["label"] and "dropless[blocked]" in dropless["label"]
+  for program in (capacity, dropless):
+    assert program["step_ms"] > 0
+    kinds = program["kinds"]
+    assert any(kinds.get(k, 0) > 0 for k in ("dot", "ynn_fusion"))  # the matmuls were traced
+    assert "while" not in kinds and not any("::" in k or " " in k for k in kinds)
+    assert sum(kinds.values()) == pytest.approx(sum(program["ops"].values()))
+  # Only the blocked program loops over tiles, slicing each tile's expert weights.
+  slicing = lambda kinds: sum(ms for kind, ms in kinds.items() if kind.startswith("dynamic-slice"))
+  assert slicing(dropless["kinds"]) > 0 and slicing(capacity["kinds"]) == 0
+  table = capsys.readouterr().out
+  assert "op kind" in table and "(step wall, in the trace)" in table and "#2 - #1" in table
+
+
+def test_op_kind_drops_the_instruction_number():
+  from experiments.profile_step import op_kind
+
+  assert op_kind("ynn_fusion.12") == "ynn_fusion"
+  assert op_kind("dynamic-slice_bitcast_fusion.6") == "dynamic-slice_bitcast_fusion"
+  assert op_kind("dot") == "dot"

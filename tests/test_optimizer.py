@@ -86,8 +86,15 @@ def test_fused_optimizer_needs_params():
     fused.update(params, fused.init(params), None)
 
 
-def test_the_optax_chain_is_the_default():
-  cfg = _train_config()
+def test_the_fused_update_is_the_config_default():
+  from coe_jax import config_lib
+
+  for scale in ("paper", "tiny"):
+    assert config_lib.build(scale).train.fused_optimizer is True
+
+
+def test_a_config_without_the_field_keeps_the_optax_chain_bit_for_bit():
+  cfg = _train_config()  # like the config.json of a run saved before the fused default
   del cfg["fused_optimizer"]
   params = _params()
   grads = jax.tree.map(lambda p: 3 * p, params)

@@ -56,11 +56,14 @@ def make_reference_optimizer(train: ml_collections.ConfigDict) -> optax.Gradient
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm + AdamW (decay masked off norms): the optax chain
-  (`make_reference_optimizer`), or with `train.fused_optimizer` the same update as one
-  fused elementwise pass per leaf (`fused_clip_adamw`: 2-3.5x faster on CPU at 136M
-  params, equal to the chain to float32 rounding but not bit for bit; PERF.md 13).
-  Both keep the chain's state pytree, so checkpoints are interchangeable.
+  """clip_by_global_norm + AdamW (decay masked off norms).
+
+  `train.fused_optimizer` (the config default) gives the update as one fused
+  elementwise pass per leaf (`fused_clip_adamw`: 2-3.5x faster on CPU at 136M
+  params, equal to the optax chain to float32 rounding but not bit for bit;
+  PERF.md 13); False, or a config without the field (a run saved before it
+  was the default), gives the optax chain (`make_reference_optimizer`). Both
+  keep the chain's state pytree, so checkpoints are interchangeable.
   """
   if train.get("fused_optimizer", False):
     return fused_clip_adamw(
