@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -363,6 +364,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     help="model.attention_query_block override; a comma-separated list "
     "benchmarks each value side by side (e.g. 0,64)",
   )
+  parser.add_argument(
+    "--scan_layers",
+    default=None,
+    help="model.scan_layers override: false (per-layer params) | true (stacked); "
+    "false,true benchmarks both side by side",
+  )
   parser.add_argument("--steps", type=int, default=10, help="timed steps per program")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per program first")
   parser.add_argument(
@@ -404,10 +411,12 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
     batch = args.batch or preset.get("batch") or config.train.batch_size
     seq = args.seq or preset.get("seq") or config.data.max_length
     blocks = (args.attention_query_block or "").split(",")
+    layouts = [_parse_bool(v, "--scan_layers") for v in (args.scan_layers or "").split(",") if v]
     for mode in args.dispatch.split(","):
       for impl, tile in _dropless_variants(mode, impls, tiles):
-        for block in blocks:
+        for block, scan in itertools.product(blocks, layouts or [None]):
           changes = dict(overrides, attention_query_block=int(block) if block else None)
+          changes["scan_layers"] = scan
           if impl is not None:
             changes["dropless_impl"] = impl
           if tile is not None:
@@ -418,6 +427,7 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
             name += f"[{dispatch.resolve_dropless_impl(impl)}]"
           name += f" tile={tile}" if tile is not None and len(tiles) > 1 else ""
           name += f" qb={block}" if len(blocks) > 1 else ""
+          name += f" {'stacked' if scan else 'per-layer'}" if len(layouts) > 1 else ""
           try:
             benches.append(
               build_step_bench(name, config, model_config, batch, seq, args.memory_only)
@@ -431,6 +441,12 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
               file=sys.stderr,
             )
   return benches
+
+
+def _parse_bool(value: str, flag: str) -> bool:
+  if value.lower() not in ("true", "false"):
+    raise SystemExit(f"{flag}: got {value!r}; allowed values: true, false")
+  return value.lower() == "true"
 
 
 def _dropless_variants(mode: str, impls: list[str], tiles: list[int]):

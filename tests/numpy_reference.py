@@ -336,11 +336,14 @@ def flax_layer_weights(layer):
 
 
 def flax_weights(params, num_layers):
-  """Neutral LM weights from CoECausalLM params (slices the stacked [layers] axis)."""
-  layers = [
-    flax_layer_weights(jax.tree.map(lambda a, i=i: np.asarray(a)[i], params["layers"]))
-    for i in range(num_layers)
-  ]
+  """Neutral LM weights from CoECausalLM params (either layer layout)."""
+
+  def layer(i):  # per-layer trees `layers_i`, or `layers` stacked on a leading [layers] axis
+    if f"layers_{i}" in params:
+      return jax.tree.map(np.asarray, params[f"layers_{i}"])
+    return jax.tree.map(lambda a: np.asarray(a)[i], params["layers"])
+
+  layers = [flax_layer_weights(layer(i)) for i in range(num_layers)]
   return {
     "embed": params["embed_tokens"]["embedding"],
     "layers": layers,

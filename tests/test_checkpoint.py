@@ -25,6 +25,7 @@ from test_train import (  # noqa: F401 (fixture)
 
 from coe_jax import config_lib
 from coe_jax.data import input_pipeline
+from coe_jax.inference.run_dir import load_run
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import EXECUTION, FIELD_KINDS, FUNCTION, ConfigError, ModelConfig
 from coe_jax.training import train, train_step
@@ -153,6 +154,22 @@ def test_execution_fields_may_change_on_resume(reference_run, tmp_path):
   assert (saved["dispatch"], saved["dtype"], saved["remat"]) == (dispatch, "bfloat16", "full")
 
 
+def test_a_run_saved_with_stacked_layers_resumes_and_loads_stacked(tmp_path):
+  # A run saved before `scan_layers` existed: stacked params, no such field in config.json.
+  workdir = tmp_path / "run"
+  stacked = small_config(model__scan_layers=True)
+  train.train_and_evaluate(stacked, str(workdir), progress=False, stop_at_step=10)
+  path = workdir / "config.json"
+  saved = json.loads(path.read_text())
+  del saved["model"]["scan_layers"]
+  path.write_text(json.dumps(saved))
+  summary = train.train_and_evaluate(small_config(), str(workdir), progress=False)  # default False
+  assert summary["step"] == STEPS and summary["completed"]
+  assert json.loads(path.read_text())["model"]["scan_layers"] is True  # kept its layout
+  run = load_run(str(workdir), with_tokenizer=False)
+  assert run.model_config.scan_layers and "layers" in run.params and "layers_0" not in run.params
+
+
 def test_every_model_config_field_is_classified():
   kinds = {f.name: f.metadata.get("kind") for f in dataclasses.fields(ModelConfig)}
   assert set(kinds.values()) <= set(FIELD_KINDS), kinds
@@ -177,6 +194,7 @@ def test_every_model_config_field_is_classified():
     "attention_query_block",
     "dtype",
     "remat",
+    "scan_layers",  # the param layout: a resumed run keeps its saved one (train.py)
   }
 
 

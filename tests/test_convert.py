@@ -11,7 +11,7 @@ import numpy_reference as ref
 import pytest
 
 from coe_jax.inference.convert import from_hf, to_hf
-from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model import CoECausalLM, stack_layers
 from coe_jax.nn.model_config import ConfigError, ModelConfig
 
 B, S = 2, 7
@@ -230,7 +230,7 @@ def test_to_hf_then_from_hf_round_trip():
   assert sd["model.layers.1.mlp.experts.4.down_proj.weight"].shape == (16, 6)
   np.testing.assert_array_equal(
     sd["model.layers.1.mlp.experts.4.down_proj.weight"],
-    np.asarray(params["layers"]["mlp"]["routed_experts"]["down_proj"][1, 4]).T,
+    np.asarray(stack_layers(params)["layers"]["mlp"]["routed_experts"]["down_proj"][1, 4]).T,
   )
   assert (hf["inner_iter"], hf["use_igate"], hf["n_routed_experts"], hf["n_shared_experts"]) == (
     3,
@@ -255,6 +255,15 @@ def test_to_hf_then_from_hf_round_trip():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   logits2 = _logits_fn(model2.config)(variables2["params"], jnp.asarray(ids))
   np.testing.assert_array_equal(np.asarray(logits2), np.asarray(logits))
+  # The stacked layout (scan_layers=True) imports and exports the same weights.
+  model3, variables3 = from_hf(hf, sd, scan_layers=True)
+  assert model3.config == cfg.replace(scan_layers=True) and "layers" in variables3["params"]
+  for a, b in zip(jax.tree.leaves(variables3["params"]), jax.tree.leaves(stack_layers(params))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  hf3, sd3 = to_hf(model3, variables3)
+  assert hf3 == hf and set(sd3) == set(sd)
+  for name in sd:
+    np.testing.assert_array_equal(sd3[name], sd[name], err_msg=name)
 
 
 def test_missing_weights_raise_key_error_naming_them():

@@ -18,7 +18,7 @@ from coe_jax import config_lib
 from coe_jax.data.tokenizer import train_bpe
 from coe_jax.inference import hf_files
 from coe_jax.inference.run_dir import load_run
-from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model import CoECausalLM, stack_layers
 from coe_jax.nn.model_config import ConfigError
 from coe_jax.training import optimizer, train_step
 from coe_jax.training.checkpoint import Checkpointer, save_run_config
@@ -105,9 +105,9 @@ def test_export_writes_the_authors_names_and_layouts(run_dir, tmp_path):
   assert "model.layers.0.self_attn.kv_b_proj.weight" in names and "lm_head.weight" in names
   # torch Linear layout [out, in]; our stacked kernels are [layers, experts, in, out].
   np.testing.assert_array_equal(
-    gate, params["layers"]["mlp"]["routed_experts"]["gate_proj"][1, 3].T
+    gate, stack_layers(params)["layers"]["mlp"]["routed_experts"]["gate_proj"][1, 3].T
   )
-  np.testing.assert_array_equal(router, params["layers"]["mlp"]["router"][0, 1])
+  np.testing.assert_array_equal(router, stack_layers(params)["layers"]["mlp"]["router"][0, 1])
 
 
 def test_export_then_import_gives_identical_logits(run_dir, tmp_path):

@@ -69,9 +69,12 @@ def _full_logits_after(cfg, params, rows):
   return np.asarray(_full_forward(gen.decode_config(cfg))(params, ids, mask))
 
 
-@pytest.mark.parametrize("chain,absorb", [(1, True), (2, True), (2, False)])
-def test_cached_decoding_equals_full_forward(chain, absorb):
-  cfg = TINY.replace(num_iterations=chain)
+@pytest.mark.parametrize(
+  "chain,absorb,scan_layers",
+  [(1, True, False), (2, True, False), (2, False, False), (2, True, True)],
+)
+def test_cached_decoding_equals_full_forward(chain, absorb, scan_layers):
+  cfg = TINY.replace(num_iterations=chain, scan_layers=scan_layers)
   params = _params(cfg)
   ids, mask = _batch()
   out = gen.generate(params, cfg, ids, mask, max_new_tokens=NEW, pad_id=PAD, absorb=absorb, **FAST)
@@ -85,12 +88,14 @@ def test_cached_decoding_equals_full_forward(chain, absorb):
     np.testing.assert_array_equal(tokens[b], expected.argmax(-1))  # greedy
 
 
-def test_cached_model_has_the_same_params_as_the_lm():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_model_has_the_same_params_as_the_lm(scan_layers):
+  cfg = TINY.replace(scan_layers=scan_layers)
   ids = jnp.zeros((2, 4), jnp.int32)
-  lm = jax.eval_shape(CoECausalLM(TINY).init, jax.random.key(0), ids)["params"]
-  cache = init_decode_cache(TINY, 2, 8)
+  lm = jax.eval_shape(CoECausalLM(cfg).init, jax.random.key(0), ids)["params"]
+  cache = init_decode_cache(cfg, 2, 8)
   cached = jax.eval_shape(
-    CoECausalLM(TINY, decode="step").init,
+    CoECausalLM(cfg, decode="step").init,
     jax.random.key(0),
     ids,
     jnp.ones_like(ids),

@@ -11,7 +11,7 @@ import numpy_reference as ref
 import pytest
 
 from coe_jax.nn.attention import make_attention_mask
-from coe_jax.nn.model import CoECausalLM, DecoderLayer
+from coe_jax.nn.model import CoECausalLM, DecoderLayer, stack_layers, unstack_layers
 from coe_jax.nn.model_config import ConfigError, ModelConfig
 
 B, S, V = 2, 8, 48
@@ -58,7 +58,7 @@ def _forward(cfg, train=False):
       train=train,
       mutable=["intermediates"],
     )
-    return logits, aux, state["intermediates"]["layers"]["mlp"]
+    return logits, aux, stack_layers(state["intermediates"])["layers"]["mlp"]
 
   return ref.fast_jit(fn)
 
@@ -236,13 +236,37 @@ def test_scan_over_layers_equals_layer_by_layer():
   x = jnp.asarray(np.asarray(params["embed_tokens"]["embedding"])[ids])
   aux_sum = 0.0
   for i in range(cfg.num_layers):
-    x, (layer_aux, no_cache) = layer(jax.tree.map(lambda a: a[i], params["layers"]), x)
+    x, (layer_aux, no_cache) = layer(
+      jax.tree.map(lambda a: a[i], stack_layers(params)["layers"]), x
+    )
     assert no_cache is None
     aux_sum += float(layer_aux.aux_loss)
   x = ref.rms_norm(ref.f64(x), ref.f64(params["norm"]["scale"]), cfg.rms_norm_eps)
   want = x @ ref.f64(params["lm_head"]["kernel"])
   np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(float(aux.aux_loss), aux_sum, rtol=1e-5)
+
+
+def test_per_layer_and_stacked_params_compute_the_same_function():
+  per_layer, stacked = FWD, FWD.replace(scan_layers=True)
+  params, ids = _params(per_layer, 6), jnp.asarray(_ids(6))
+  assert {"layers_0", "layers_1"} <= set(params) and "layers" not in params
+  params_stacked = stack_layers(params)
+  assert "layers" in params_stacked and not any(k.startswith("layers_") for k in params_stacked)
+  want = jax.eval_shape(CoECausalLM(stacked).init, jax.random.key(0), ids)["params"]
+  assert jax.tree.structure(params_stacked) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(unstack_layers(params_stacked)), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # exact round trip
+  for train in (False, True):
+    got = _forward(per_layer, train)(params, ids, None, None, None)
+    ref_out = _forward(stacked, train)(params_stacked, ids, None, None, None)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref_out)):  # logits, aux, routing
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  (loss, _), grads = _train_step(per_layer)[0](params, *_batch(6))
+  (loss_stacked, _), grads_stacked = _train_step(stacked)[0](params_stacked, *_batch(6))
+  np.testing.assert_allclose(float(loss), float(loss_stacked), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(stack_layers(grads)), jax.tree.leaves(grads_stacked)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------
@@ -295,8 +319,11 @@ def test_gradients_finite_for_switch_combinations(name):
     g = np.asarray(g)
     assert np.isfinite(g).all(), jax.tree_util.keystr(path)
   # The router learns (through the combine weights and the load-balancing loss).
-  assert np.abs(np.asarray(grads["layers"]["mlp"]["router"])).max() > 0
-  assert np.abs(np.asarray(grads["layers"]["mlp"]["routed_experts"]["down_proj"])).max() > 0
+  assert np.abs(np.asarray(stack_layers(grads)["layers"]["mlp"]["router"])).max() > 0
+  assert (
+    np.abs(np.asarray(stack_layers(grads)["layers"]["mlp"]["routed_experts"]["down_proj"])).max()
+    > 0
+  )
 
 
 def test_jit_of_forward_and_backward_traces_once():
@@ -379,6 +406,7 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
     ),
     (dict(remat="some"), "model.remat", "allowed values: none, full, dots"),
     (dict(n_shared_experts=-1), "model.n_shared_experts", ">= 0"),
+    (dict(scan_layers="yes"), "model.scan_layers", "allowed values: True, False"),
   ],
 )
 def test_bad_config_raises_config_error_naming_the_field(overrides, field, allowed):

@@ -38,6 +38,10 @@ CONFIGS = {
 
 
 def _subtree_size(params, *path):
+  """Size of params[path[0]][path[1]]...; 'layers' sums over every decoder layer's tree."""
+  if path[0] == "layers":
+    trees = [v for k, v in params.items() if k == "layers" or k.startswith("layers_")]
+    return sum(_subtree_size({"t": tree}, "t", *path[1:]) for tree in trees)
   for key in path:
     params = params[key]
   return tree_size(params)

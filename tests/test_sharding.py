@@ -172,7 +172,7 @@ def _training_results(model_config, batch) -> dict:
       losses.append(float(metrics["loss"]))
     runs[name] = dict(losses=losses, state=state)
   mesh_state = runs["mesh"]["state"]
-  routed = mesh_state.params["layers"]["mlp"]["routed_experts"]["gate_proj"]
+  routed = mesh_state.params["layers_0"]["mlp"]["routed_experts"]["gate_proj"]
   moment = _leaf_at(mesh_state.opt_state, ("mu", "routed_experts", "gate_proj"))
   return dict(
     single_losses=runs["single"]["losses"],
@@ -275,10 +275,11 @@ def test_training_on_2x4_mesh_matches_one_device(worker_results):
 
 def test_expert_params_and_adam_moments_are_split_over_expert_axis(worker_results):
   training = worker_results["training"]
-  assert training["expert_param_spec"][:2] == ["None", "expert"]
+  # Layer 0's routed experts, [E, d, f] (per-layer params): E is split over `expert`.
+  assert training["expert_param_spec"][0] == "expert"
   assert training["expert_moment_spec"] == training["expert_param_spec"]
   global_shape, shard_shape = training["expert_global_shape"], training["expert_shard_shape"]
-  assert shard_shape[1] * TRAIN_MESH[1] == global_shape[1]
+  assert shard_shape[0] * TRAIN_MESH[1] == global_shape[0]
 
 
 def test_mesh_shape_fills_the_free_axis_and_rejects_bad_shapes():

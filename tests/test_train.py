@@ -272,12 +272,12 @@ def test_adamw_decays_matrices_but_not_norm_scales():
     jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(new)
   }
   scales = [name for name in flat if name.endswith("['scale']")]
-  assert sorted(scales) == [
-    "['layers']['input_layernorm']['scale']",
-    "['layers']['mlp']['norm']['scale']",
-    "['layers']['self_attn']['kv_a_layernorm']['scale']",
-    "['norm']['scale']",
+  per_layer = [
+    f"['layers_{i}']['{name}']['scale']"
+    for i in range(config.model.num_layers)
+    for name in ("input_layernorm", "mlp']['norm", "self_attn']['kv_a_layernorm")
   ]
+  assert sorted(scales) == sorted(per_layer + ["['norm']['scale']"])
   for name, leaf in flat.items():
     expected = 2.0 if name in scales else 2.0 * (1 - 0.1 * 0.01)  # decoupled decay: p -= lr*wd*p
     np.testing.assert_allclose(leaf, expected, rtol=1e-6, err_msg=name)

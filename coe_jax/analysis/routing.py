@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
+from coe_jax.nn.model import stack_layers
+
 ROUTING_NAMES = ("expert_ids", "combine_weights", "kept", "router_probs")
 
 
@@ -109,11 +111,12 @@ def routing_from_intermediates(
   Args:
     intermediates: the collection returned by `apply(..., mutable=['intermediates'])`
       (with or without its outer 'intermediates' key). Under `CoECausalLM` each
-      entry is a 1-tuple of a [layers, C, batch, seq, ...] array; under a bare
+      entry is a 1-tuple of a [layers, C, batch, seq, ...] array (per-layer
+      `layers_i` entries are stacked into it); under a bare
       `CoELayer` it is [C, batch, seq, ...] and gets a layer axis of size 1.
     token_mask: <int|bool>[batch, seq] 1 on real tokens; None means all real.
   """
-  tree = intermediates.get("intermediates", intermediates)
+  tree = stack_layers(intermediates.get("intermediates", intermediates))  # layers_i -> [layers]
   found = _find_routing_dict(tree)
   missing = [name for name in ROUTING_NAMES if name not in found]
   if missing:

@@ -3,7 +3,8 @@
 `from_hf(config_json, state_dict)` builds `(CoECausalLM, variables)` from the
 authors' config.json fields and PyTorch state-dict names; `to_hf` is the
 inverse. torch Linear weights are [out, in]; Flax kernels are [in, out]; our
-per-layer weights are stacked on a leading [layers] axis (scanned decoder).
+per-layer weights are one tree per layer (`layers_i`), or stacked on a leading [layers]
+axis with `scan_layers` (`to_hf` reads either).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from coe_jax.nn.model import CoECausalLM
+from coe_jax.nn.model import CoECausalLM, stack_layers, unstack_layers
 from coe_jax.nn.model_config import ConfigError, ModelConfig, hf_fixed_values, hf_keys
 
 MODEL_TYPE = "coe_deepseekv2"  # the authors' CoeConfig.model_type
@@ -260,6 +261,8 @@ def from_hf(
     )
   layers["mlp"]["routed_experts"] = routed
   params["layers"] = layers
+  if not cfg.scan_layers:
+    params = unstack_layers(params)
   return CoECausalLM(cfg), {"params": params}
 
 
@@ -288,7 +291,7 @@ def to_hf(
   """(config.json dict, state dict of float32 numpy arrays) in the authors' layout."""
   cfg = model_or_config.config if isinstance(model_or_config, CoECausalLM) else model_or_config
   params = variables["params"] if "params" in variables else variables
-  params = {k: v for k, v in params.items()}
+  params = stack_layers({k: v for k, v in params.items()})  # either layout
   sd: dict[str, np.ndarray] = {
     "model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"], np.float32),
     "model.norm.weight": np.asarray(params["norm"]["scale"], np.float32),

@@ -23,7 +23,7 @@ from coe_jax import config_lib
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
-from coe_jax.training.checkpoint import load_run_config, restore_params
+from coe_jax.training.checkpoint import load_run_config, restore_params, saved_scan_layers
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -99,6 +99,7 @@ def load_run(workdir: str, step: Optional[int] = None, *, with_tokenizer: bool =
   if saved is None:
     raise FileNotFoundError(f"{workdir!r} holds no config.json; is it a coe_jax run directory?")
   config = ml_collections.ConfigDict(saved)
+  config.model.scan_layers = saved_scan_layers(saved)  # absent: saved before it, stacked
   model_config = config_lib.model_config_from(config, vocab_size(workdir, config))
   params, restored = restore_params(workdir, abstract_params(CoECausalLM(model_config)), step)
   tokenizer = load_tokenizer(workdir, config) if with_tokenizer else None

@@ -4,23 +4,25 @@
     repeat num_layers:  h = x + MLA(RMSNorm(x));  x = CoELayer(h)
     logits = lm_head(RMSNorm(x))          # untied head, float32 logits
 
-The decoder layers run under `nn.scan` (params stacked on a leading [layers]
-axis): the layer body is traced once whatever the depth and per-layer remat
-is a one-line policy. Routing statistics come out with a [layers] axis. The
-training scan is unrolled: XLA then neither copies each layer's params and
-saved activations in and out of stacked buffers nor runs a while loop; on CPU
-that made the train step 11-13% faster and compiled faster too, even at 6
-layers (experiments/PERF.md).
+The decoder layers are one module per layer (`layers_0`, `layers_1`, ...; the
+default, `scan_layers=False`), or with `scan_layers=True` one `nn.scan` with
+params stacked on a leading [layers] axis (the layout of runs saved before
+that field existed). Either way routing statistics come out with a [layers]
+axis. The training scan is unrolled (11-13% faster than the rolled one on CPU,
+experiments/PERF.md 5), but XLA still copies each layer's params out of the
+stacked arrays every step, which per-layer params avoid (PERF.md 17).
+`stack_layers` / `unstack_layers` convert params between the two layouts.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from coe_jax.nn.attention import MultiHeadLatentAttention, make_attention_mask, rotary_cos_sin
@@ -119,8 +121,9 @@ def _remat_policy(name: str):
 class CoECausalLM(nn.Module):
   """Causal LM: `apply(variables, input_ids, ...) -> (logits <float32>[b, s, vocab], ModelAux)`.
 
-  Params: `embed_tokens/embedding` [vocab, hidden]; `layers/...` stacked on a
-  leading [num_layers] axis; `norm/scale`; `lm_head/kernel` [hidden, vocab].
+  Params: `embed_tokens/embedding` [vocab, hidden]; `layers_0/...` ..
+  `layers_{L-1}/...` (with `scan_layers`: `layers/...` stacked on a leading
+  [num_layers] axis); `norm/scale`; `lm_head/kernel` [hidden, vocab].
   `expert_parallel` (optional) runs every CoE layer's routed pass per device
   (`coe_jax.nn.expert_parallel`); the train loop passes `Parallelism.expert_parallel()`.
 
@@ -221,12 +224,15 @@ class CoECausalLM(nn.Module):
     return logits.astype(jnp.float32), aux
 
   def _layers(self, train: bool):
-    """The decoder layers as one `nn.scan` (params stacked on [layers]); returns a function
-    `(x, positions, mask, token_mask, layer_caches, index) -> (x, CoEAux, new cache entries)`."""
+    """The decoder layers; returns a function `(x, positions, mask, token_mask, layer_caches,
+    index) -> (x, CoEAux, new cache entries)` whose aux and entries have a leading [layers]
+    axis (the caches too)."""
     cfg = self.config
     layer_cls = DecoderLayer
     if cfg.remat != "none" and self.decode is None:
       layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_remat_policy(cfg.remat))
+    if not cfg.scan_layers:
+      return self._layer_loop(layer_cls, train)
     cache_axis = nn.broadcast if self.decode is None else 0
     scan = nn.scan(
       layer_cls,
@@ -250,6 +256,81 @@ class CoECausalLM(nn.Module):
       return x, layer_aux, new_entries
 
     return run
+
+  def _layer_loop(self, layer_cls, train: bool):
+    """`_layers` as one module per layer, `layers_{i}`: each layer's params read in place."""
+    cfg = self.config
+    layers = [
+      layer_cls(
+        cfg,
+        train=train,
+        expert_parallel=self.expert_parallel,
+        decode=self.decode,
+        absorb=self.absorb,
+        name=f"{LAYER_PREFIX}{i}",
+      )
+      for i in range(cfg.num_layers)
+    ]
+
+    def run(x, positions, mask, token_mask, layer_caches, index):
+      auxes, entries = [], []
+      for i, layer in enumerate(layers):
+        cache = None if layer_caches is None else tuple(c[i] for c in layer_caches)
+        x, (aux, new_entries) = layer(x, positions, mask, token_mask, cache, index)
+        auxes.append(aux)
+        entries.append(new_entries)
+      return x, _stack(auxes), None if entries[0] is None else _stack(entries)
+
+    return run
+
+
+LAYER_PREFIX = "layers_"  # per-layer params and sown values: layers_0, layers_1, ...
+
+
+def _stack(trees: list[Any]) -> Any:
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def stack_layers(tree: Any) -> Any:
+  """A params (or sown 'intermediates') tree with `layers_0` .. `layers_{L-1}` -> the same
+  with one `layers` entry, every leaf stacked on a new leading [layers] axis (the
+  `scan_layers=True` layout). A tree already in that layout is returned as is."""
+  numbers = sorted(int(k[len(LAYER_PREFIX) :]) for k in tree if _is_layer_key(k))
+  if not numbers:
+    return tree
+  if numbers != list(range(len(numbers))):
+    raise ValueError(f"per-layer entries {numbers} are not layers 0..{len(numbers) - 1}")
+  rest = {k: v for k, v in tree.items() if not _is_layer_key(k)}
+  stacked = [tree[f"{LAYER_PREFIX}{i}"] for i in numbers]
+  return {**rest, "layers": jax.tree.map(lambda *leaves: _stack_leaves(leaves), *stacked)}
+
+
+def unstack_layers(tree: Any) -> Any:
+  """The inverse of `stack_layers`: `layers` ([layers, ...] leaves) -> `layers_0`, ..."""
+  if "layers" not in tree:
+    return tree
+  rest = {k: v for k, v in tree.items() if k != "layers"}
+  num_layers = jax.tree.leaves(tree["layers"])[0].shape[0]
+  return {
+    **rest,
+    **{
+      f"{LAYER_PREFIX}{i}": jax.tree.map(lambda leaf, i=i: leaf[i], tree["layers"])
+      for i in range(num_layers)
+    },
+  }
+
+
+def _is_layer_key(key: Any) -> bool:
+  return (
+    isinstance(key, str) and key.startswith(LAYER_PREFIX) and key[len(LAYER_PREFIX) :].isdigit()
+  )
+
+
+def _stack_leaves(leaves: tuple) -> Any:
+  """Stacks numpy leaves with numpy (host params stay on the host), anything else with jnp."""
+  if all(isinstance(leaf, np.ndarray) for leaf in leaves):
+    return np.stack(leaves)
+  return jnp.stack(leaves)
 
 
 # ----------------------------------------------------------------------------

@@ -142,6 +142,11 @@ class ModelConfig:
   # --- numerics and compilation ---
   dtype: str = _execution("float32")  # compute dtype; params and router are always float32
   remat: str = _execution("none")  # 'none' | 'full' | 'dots' (save matmul outputs)
+  # False: one param tree per decoder layer (`layers_0`, `layers_1`, ...), each read in place
+  # (~8% less CPU time per paper-width train step; experiments/PERF.md 17). True: params stacked
+  # on a leading [layers] axis under `layers` (an unrolled nn.scan; XLA copies every layer's
+  # params out of the stack each step): the layout of runs saved before this field existed.
+  scan_layers: bool = _execution(False)
 
   def __post_init__(self):
     validate(self)
@@ -212,6 +217,11 @@ def validate(config: ModelConfig) -> None:
   )
   require_choice(config.rope_scaling, "model.rope_scaling", ROPE_SCALINGS)
   require_choice(config.remat, "model.remat", REMATS)
+  require(
+    isinstance(config.scan_layers, bool),
+    "model.scan_layers",
+    f"got {config.scan_layers!r}; allowed values: True, False",
+  )
   if config.rope_scaling == "yarn":
     require(
       config.rope_factor >= 1,

@@ -153,6 +153,12 @@ def load_run_config(workdir: str) -> Optional[dict]:
     return json.load(f)
 
 
+def saved_scan_layers(saved: dict) -> bool:
+  """`model.scan_layers` of a saved run config: True (stacked layers) where the field is absent,
+  since every run saved before it existed stacked its layers."""
+  return bool(saved.get("model", {}).get("scan_layers", True))
+
+
 def check_resumable(saved: dict, requested: dict) -> None:
   """Raises ConfigError if a function field of the saved run's model differs from the request.
 

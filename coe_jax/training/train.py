@@ -33,6 +33,7 @@ from coe_jax.training.checkpoint import (
   check_resumable,
   load_run_config,
   save_run_config,
+  saved_scan_layers,
 )
 from coe_jax.training.metrics import (
   MetricWriter,
@@ -158,6 +159,8 @@ def train_and_evaluate(
   saved = load_run_config(workdir)
   if saved is not None:
     check_resumable(saved, requested)
+    # A resumed run keeps its saved param layout (runs saved before scan_layers stacked theirs).
+    config.model.scan_layers = requested["model"]["scan_layers"] = saved_scan_layers(saved)
   train_cfg = config.train
 
   # Process 0 reads, tokenises and caches the data first; the others then load that cache (or
