@@ -187,3 +187,17 @@ def test_op_kind_drops_the_instruction_number():
   assert op_kind("ynn_fusion.12") == "ynn_fusion"
   assert op_kind("dynamic-slice_bitcast_fusion.6") == "dynamic-slice_bitcast_fusion"
   assert op_kind("dot") == "dot"
+
+
+def test_scan_layers_benchmarks_both_param_layouts_side_by_side(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
+  args = ["--config=configs/moe_k8.py:tiny", "--memory_only", "--batch=2", "--seq=16"]
+  results = bench.main([*args, "--scan_layers=false,true"])
+  rows = {r["label"]: r for r in results["memory_only"]}
+  assert list(rows) == [
+    "configs/moe_k8.py:tiny capacity per-layer",
+    "configs/moe_k8.py:tiny capacity stacked",
+  ]
+  assert all(r["compiled_peak_bytes"] > 0 for r in rows.values())
+  with pytest.raises(SystemExit, match="--scan_layers: got 'yes'; allowed values: true, false"):
+    bench.main([*args, "--scan_layers=yes"])
