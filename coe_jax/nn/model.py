@@ -288,7 +288,8 @@ LAYER_PREFIX = "layers_"  # per-layer params and sown values: layers_0, layers_1
 
 
 def _stack(trees: list[Any]) -> Any:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+  """Trees of equal structure -> one tree, every leaf stacked on a new leading axis."""
+  return jax.tree.map(lambda *leaves: _stack_leaves(leaves), *trees)
 
 
 def stack_layers(tree: Any) -> Any:
@@ -301,8 +302,7 @@ def stack_layers(tree: Any) -> Any:
   if numbers != list(range(len(numbers))):
     raise ValueError(f"per-layer entries {numbers} are not layers 0..{len(numbers) - 1}")
   rest = {k: v for k, v in tree.items() if not _is_layer_key(k)}
-  stacked = [tree[f"{LAYER_PREFIX}{i}"] for i in numbers]
-  return {**rest, "layers": jax.tree.map(lambda *leaves: _stack_leaves(leaves), *stacked)}
+  return {**rest, "layers": _stack([tree[f"{LAYER_PREFIX}{i}"] for i in numbers])}
 
 
 def unstack_layers(tree: Any) -> Any:
