@@ -453,3 +453,22 @@ def test_default_dropless_tile_follows_the_mean_load():
   assert default_dropless_tile(64 * 4, 15) == 16  # mean load 17
   assert default_dropless_tile(10, 63) == 8  # never below 8
   assert default_dropless_tile(32768 * 8, 63) == 64  # the CPU cap (256 on GPU/TPU)
+
+
+def test_blocked_backward_gives_each_weight_gradient_its_own_zeros():
+  # Two chained calls (as in a CoE layer's two iterations): XLA must not merge the zero-initialised
+  # [E, d, f] accumulators into one constant that it then copies into every loop (PERF.md 18).
+  import re
+
+  x, ids, cw, weights, _ = _random_problem(17, num_tokens=16, num_experts=6, k=2, inter=D)
+  weights = jax.tree.map(jnp.asarray, weights)
+  routes = [jnp.asarray(ids), jnp.asarray(ids[::-1])]  # each iteration its own routing
+
+  def loss(w, x_, routes_):
+    for route in routes_:
+      x_ = x_ + blocked_dispatch(x_, route, jnp.asarray(cw), w, tile=4).output
+    return jnp.sum(x_)
+
+  hlo = jax.jit(jax.grad(loss)).lower(weights, jnp.asarray(x), routes).compile().as_text()
+  shape = ",".join(str(n) for n in weights.gate.shape)
+  assert len(re.findall(rf"= f32\[{shape}\]\S* copy\(", hlo)) == 0
