@@ -52,7 +52,7 @@ def trace_op_times(call, steps: int) -> dict[str, Any]:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(steps):
         jax.block_until_ready(call())
-    traces = sorted(Path(trace_dir).rglob("*.json.gz"))
+    traces = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))
     if not traces:
       raise RuntimeError(f"jax.profiler.trace wrote no perfetto trace under {trace_dir}")
     with gzip.open(traces[-1]) as f:

@@ -154,18 +154,26 @@ def test_execution_fields_may_change_on_resume(reference_run, tmp_path):
   assert (saved["dispatch"], saved["dtype"], saved["remat"]) == (dispatch, "bfloat16", "full")
 
 
-def test_a_run_saved_with_stacked_layers_resumes_and_loads_stacked(tmp_path):
-  # A run saved before `scan_layers` existed: stacked params, no such field in config.json.
+def test_a_run_saved_before_the_new_defaults_resumes_with_its_layout_and_optimizer(
+  tmp_path, capsys
+):
+  # A run saved before `scan_layers` and the fused optimizer default: stacked params, the optax
+  # chain, neither field in its config.json.
   workdir = tmp_path / "run"
-  stacked = small_config(model__scan_layers=True)
-  train.train_and_evaluate(stacked, str(workdir), progress=False, stop_at_step=10)
+  older = small_config(model__scan_layers=True, train__fused_optimizer=False)
+  train.train_and_evaluate(older, str(workdir), progress=False, stop_at_step=10)
   path = workdir / "config.json"
   saved = json.loads(path.read_text())
-  del saved["model"]["scan_layers"]
+  del saved["model"]["scan_layers"], saved["train"]["fused_optimizer"]
   path.write_text(json.dumps(saved))
-  summary = train.train_and_evaluate(small_config(), str(workdir), progress=False)  # default False
+  capsys.readouterr()
+  summary = train.train_and_evaluate(small_config(), str(workdir), progress=False)  # new defaults
   assert summary["step"] == STEPS and summary["completed"]
-  assert json.loads(path.read_text())["model"]["scan_layers"] is True  # kept its layout
+  resumed = json.loads(path.read_text())
+  assert resumed["model"]["scan_layers"] is True and resumed["train"]["fused_optimizer"] is False
+  out = capsys.readouterr().out
+  assert "model.scan_layers: resuming with the saved run's True (requested False)" in out
+  assert "train.fused_optimizer: resuming with the saved run's False (requested True)" in out
   run = load_run(str(workdir), with_tokenizer=False)
   assert run.model_config.scan_layers and "layers" in run.params and "layers_0" not in run.params
 

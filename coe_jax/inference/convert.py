@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from coe_jax.nn.model import CoECausalLM, stack_layers, unstack_layers
@@ -291,7 +292,7 @@ def to_hf(
   """(config.json dict, state dict of float32 numpy arrays) in the authors' layout."""
   cfg = model_or_config.config if isinstance(model_or_config, CoECausalLM) else model_or_config
   params = variables["params"] if "params" in variables else variables
-  params = stack_layers({k: v for k, v in params.items()})  # either layout
+  params = stack_layers(jax.tree.map(np.asarray, dict(params)))  # either layout, on the host
   sd: dict[str, np.ndarray] = {
     "model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"], np.float32),
     "model.norm.weight": np.asarray(params["norm"]["scale"], np.float32),

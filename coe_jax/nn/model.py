@@ -230,7 +230,9 @@ class CoECausalLM(nn.Module):
     cfg = self.config
     layer_cls = DecoderLayer
     if cfg.remat != "none" and self.decode is None:
-      layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_remat_policy(cfg.remat))
+      layer_cls = nn.remat(
+        DecoderLayer, prevent_cse=not cfg.scan_layers, policy=_remat_policy(cfg.remat)
+      )
     if not cfg.scan_layers:
       return self._layer_loop(layer_cls, train)
     cache_axis = nn.broadcast if self.decode is None else 0

@@ -143,9 +143,10 @@ class ModelConfig:
   dtype: str = _execution("float32")  # compute dtype; params and router are always float32
   remat: str = _execution("none")  # 'none' | 'full' | 'dots' (save matmul outputs)
   # False: one param tree per decoder layer (`layers_0`, `layers_1`, ...), each read in place
-  # (~8% less CPU time per paper-width train step; experiments/PERF.md 17). True: params stacked
+  # (12-14% less CPU time per paper-width train step; experiments/PERF.md 17). True: params stacked
   # on a leading [layers] axis under `layers` (an unrolled nn.scan; XLA copies every layer's
   # params out of the stack each step): the layout of runs saved before this field existed.
+  # The same seed draws different initial weights in the two layouts.
   scan_layers: bool = _execution(False)
 
   def __post_init__(self):

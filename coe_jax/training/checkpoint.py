@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -157,6 +157,28 @@ def saved_scan_layers(saved: dict) -> bool:
   """`model.scan_layers` of a saved run config: True (stacked layers) where the field is absent,
   since every run saved before it existed stacked its layers."""
   return bool(saved.get("model", {}).get("scan_layers", True))
+
+
+def keep_saved_layout_and_optimizer(
+  config: Any, requested: dict, saved: dict, note: Optional[Callable[[str], None]] = None
+) -> None:
+  """On resume, the saved run's param layout (`model.scan_layers`) and optimizer
+  (`train.fused_optimizer`) win over the requested ones, in `config` and `requested`.
+
+  A field the saved config lacks was written before it existed: stacked layers and the optax
+  chain. `note` (e.g. `print`) is told of each requested value that was overridden.
+  """
+  kept = {
+    ("model", "scan_layers"): saved_scan_layers(saved),
+    ("train", "fused_optimizer"): bool(saved.get("train", {}).get("fused_optimizer", False)),
+  }
+  for (section, field), value in kept.items():
+    if requested[section].get(field) != value and note is not None:
+      note(
+        f"{section}.{field}: resuming with the saved run's {value} "
+        f"(requested {requested[section].get(field)})"
+      )
+    config[section][field] = requested[section][field] = value
 
 
 def check_resumable(saved: dict, requested: dict) -> None:

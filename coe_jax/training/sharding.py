@@ -8,8 +8,8 @@ the all-to-all traffic stays between neighbouring devices.
   (`BATCH_AXES`): every device holds different sequences. Attention, norms,
   the head and the loss run data-parallel under `jax.jit`; XLA's SPMD
   partitioner propagates that sharding and inserts the gradient all-reduces.
-* Params and optimizer state (`state_shardings`): the stacked routed-expert
-  weights `[layers, E, ...]` are split over `expert` on their E axis; with
+* Params and optimizer state (`state_shardings`): the routed-expert weights
+  `[E, ...]` (`[layers, E, ...]` with `scan_layers`) are split over `expert` on their E axis; with
   `fsdp > 1` every matrix (experts included) is also split over `fsdp` on its
   largest divisible axis, and XLA all-gathers it where it is used (ZeRO-3).
   The rules look only at a leaf's tree path and shape, and Optax's moment

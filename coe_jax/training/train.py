@@ -31,9 +31,9 @@ from coe_jax.training import multihost, sharding
 from coe_jax.training.checkpoint import (
   Checkpointer,
   check_resumable,
+  keep_saved_layout_and_optimizer,
   load_run_config,
   save_run_config,
-  saved_scan_layers,
 )
 from coe_jax.training.metrics import (
   MetricWriter,
@@ -159,8 +159,7 @@ def train_and_evaluate(
   saved = load_run_config(workdir)
   if saved is not None:
     check_resumable(saved, requested)
-    # A resumed run keeps its saved param layout (runs saved before scan_layers stacked theirs).
-    config.model.scan_layers = requested["model"]["scan_layers"] = saved_scan_layers(saved)
+    keep_saved_layout_and_optimizer(config, requested, saved, note=print if primary else None)
   train_cfg = config.train
 
   # Process 0 reads, tokenises and caches the data first; the others then load that cache (or
