@@ -9,7 +9,7 @@ own data (training capacity factor unless `--eval_capacity`), and writes under
 `--out/<run name>/` (the directory's name, with as many parent names as it takes to be
 unique): `iterations.csv`, `layers.csv`, `experts.csv`,
 `load_layer<l>.png`, `co_selection_layer<l>.png` (C >= 2), `dropped_layer<l>.png`;
-plus `summary.png` comparing the runs. See `coe_jax.analysis` for definitions.
+plus `summary.png` comparing the runs and `summary.txt`, the printed numbers of every run. See `coe_jax.analysis` for definitions.
 """
 
 from __future__ import annotations
@@ -42,17 +42,19 @@ def save_figure(fig, path: Path) -> None:
   print(f"  wrote {path}")
 
 
-def describe(name: str, run: analysis.Run, stats: analysis.RoutingStats, tokens: int) -> None:
+def describe(name: str, run: analysis.Run, stats: analysis.RoutingStats, tokens: int) -> str:
+  """The run's key routing numbers as text (printed, and kept for `summary.txt`)."""
   cfg = run.model.config
-  print(
+  lines = []
+  lines.append(
     f"\n== {name}: step {run.step}, C={cfg.num_iterations}, K={cfg.num_experts_per_tok}, "
     f"N_routed={cfg.n_routed_experts}, layers={cfg.num_layers}, {tokens} real tokens"
   )
   for layer in range(stats.num_layers):
-    print(f" layer {layer}")
+    lines.append(f" layer {layer}")
     for t in range(stats.num_iterations):
       load, confidence = stats.load, stats.confidence
-      print(
+      lines.append(
         f"  iteration {t}: load CV {load.cv[layer, t]:.3f}, max/mean "
         f"{load.max_over_mean[layer, t]:.2f}, entropy {confidence.entropy[layer, t]:.3f} "
         f"nats ({confidence.normalized_entropy[layer, t]:.3f} of log N), top-1 weight "
@@ -62,17 +64,20 @@ def describe(name: str, run: analysis.Run, stats: analysis.RoutingStats, tokens:
     chance_diagonal = cfg.num_experts_per_tok / stats.num_experts
     for t in range(stats.num_iterations - 1):
       diagonal = stats.co_selection.diagonal[layer, t]
-      print(
+      lines.append(
         f"  {t}->{t + 1}: re-selection rate {again.rate[layer, t]:.3f} (chance "
         f"{again.chance_rate:.3f}), mean overlap {again.mean_overlap[layer, t]:.3f} (chance "
         f"{again.chance_overlap:.3f}), co-selection diagonal mean {diagonal.mean():.3f} / max "
         f"{diagonal.max():.3f} (chance ~K/N = {chance_diagonal:.3f})"
       )
-    print(
+    lines.append(
       f"  combinations: {combos.distinct[layer]} distinct over {combos.num_tokens} tokens; "
       f"possible {combos.possible:,}; distinct sets per iteration "
       f"{combos.distinct_per_iteration[layer].tolist()} of {combos.possible_per_iteration:,}"
     )
+  text = "\n".join(lines)
+  print(text)
+  return text
 
 
 def run_names(workdirs: Sequence[str]) -> list[str]:
@@ -91,13 +96,13 @@ def run_names(workdirs: Sequence[str]) -> list[str]:
 
 def analyse_run(
   workdir: str, name: str, rows: int, train_capacity: bool, out: Path
-) -> tuple[str, pd.DataFrame]:
+) -> tuple[str, pd.DataFrame, str]:
   run = analysis.load_run(workdir)
   routing = analysis.collect_routing(
     run.model, run.variables, analysis.validation_batch(run, rows), train=train_capacity
   )
   stats = analysis.analyze(routing)
-  describe(name, run, stats, routing.num_tokens)
+  text = describe(name, run, stats, routing.num_tokens)
   directory = out / name
   directory.mkdir(parents=True, exist_ok=True)
   per_iteration = analysis.iteration_table(stats)
@@ -115,18 +120,23 @@ def analyse_run(
         analysis.plot_co_selection(stats.co_selection, layer),
         directory / f"co_selection_layer{layer}.png",
       )
-  return name, per_iteration
+  return name, per_iteration, text
 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
   out = Path(args.out)
-  tables = dict(
+  results = [
     analyse_run(w, name, args.rows, not args.eval_capacity, out)
     for w, name in zip(args.workdirs, run_names(args.workdirs))
-  )
+  ]
   out.mkdir(parents=True, exist_ok=True)
-  save_figure(analysis.plot_iteration_summary(tables), out / "summary.png")
+  save_figure(
+    analysis.plot_iteration_summary({name: table for name, table, _ in results}),
+    out / "summary.png",
+  )
+  (out / "summary.txt").write_text("".join(f"{text}\n" for _, _, text in results))
+  print(f"  wrote {out / 'summary.txt'}")
 
 
 if __name__ == "__main__":

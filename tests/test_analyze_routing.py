@@ -23,3 +23,19 @@ def test_run_names_are_the_shortest_unique_suffixes():
 def test_the_same_run_twice_is_refused():
   with pytest.raises(ValueError, match="given twice"):
     analyze_routing.run_names(["runs/a", "runs/./a"])
+
+
+def test_a_trained_run_gets_its_tables_figures_and_summary(tmp_path_factory, tmp_path):
+  from test_train import shared_trained_run
+
+  from experiments import analyze_routing
+
+  run = shared_trained_run(tmp_path_factory)
+  out = tmp_path / "routing"
+  analyze_routing.main([str(run), "--rows=4", f"--out={out}"])
+  name = run.name
+  files = {p.name for p in (out / name).iterdir()}
+  assert {"iterations.csv", "layers.csv", "experts.csv", "load_layer0.png"} <= files
+  summary = (out / "summary.txt").read_text()
+  assert summary.startswith(f"\n== {name}: step ") and "re-selection rate" in summary
+  assert (out / "summary.png").stat().st_size > 0
