@@ -25,12 +25,15 @@ def test_the_same_run_twice_is_refused():
     analyze_routing.run_names(["runs/a", "runs/./a"])
 
 
-def test_a_trained_run_gets_its_tables_figures_and_summary(tmp_path_factory, tmp_path):
-  from test_train import shared_trained_run
+def test_a_trained_run_gets_its_tables_figures_and_summary(tmp_path):
+  # Its own short run: the session's shared run must be trained where the tests that compare
+  # against it bit for bit run (tests/test_checkpoint.py).
+  from test_train import small_config
 
-  from experiments import analyze_routing
+  from coe_jax.training import train
 
-  run = shared_trained_run(tmp_path_factory)
+  run = tmp_path / "run"
+  train.train_and_evaluate(small_config(train__steps=5), str(run), progress=False)
   out = tmp_path / "routing"
   analyze_routing.main([str(run), "--rows=4", f"--out={out}"])
   name = run.name
