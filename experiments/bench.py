@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from coe_jax import config_lib
+from coe_jax import config_lib, host_memory
 from coe_jax.nn import blocked, dispatch
 from coe_jax.nn.coe_layer import CoELayer
 
@@ -530,6 +530,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device=str(jax.devices()[0].device_kind),
     device_count=jax.device_count(),
     jax_version=jax.__version__,
+    host_malloc=host_memory.active_settings(),
     steps=args.steps,
     warmup=args.warmup,
     matmul=dict(
@@ -582,6 +583,8 @@ def format_table(results: dict[str, Any]) -> str:
     f"matmul probe: {mm['size']}^2 {mm['dtype']} at {mm['flops_per_sec'] / 1e9:.1f} GFLOP/s "
     f"({results['backend']}, {results['device']}); {results['steps']} timed steps each"
   )
+  malloc = results.get("host_malloc") or {"glibc": "defaults"}
+  lines.append("host allocator: " + " ".join(f"{k}={v}" for k, v in malloc.items()))
   runs = results["runs"]
   if len(runs) > 1:
     base = runs[0]
@@ -645,4 +648,5 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_keeping_host_memory()  # CPU: reuse the step's memory (PERF.md 19)
   main(sys.argv[1:])

@@ -1,0 +1,93 @@
+"""Host memory that stays mapped between steps, for CPU runs (glibc's allocator settings).
+
+XLA:CPU allocates each program's temporary buffer (1.6-2.6 GB for one
+paper-width train step) when the program starts and frees it when it ends.
+With glibc's defaults a block that large is a fresh `mmap` every time, so the
+kernel zero-fills every page of it again on every step: 25-35% of the CPU time
+of a paper-width step, and the matmul probe runs at half speed (PERF.md 19).
+Three of glibc's settings make the allocator keep and reuse the memory:
+
+- `MALLOC_ARENA_MAX=1`: every thread allocates from the main heap (blocks over
+  64 MiB from any other arena are always `mmap`ed);
+- `MALLOC_MMAP_MAX_=0`: no block is `mmap`ed, however large;
+- `MALLOC_TRIM_THRESHOLD_`: freed memory at the top of the heap is not given back.
+
+The settings must be in the environment when the process starts, so the
+command-line programs re-execute themselves once with them
+(`reexec_keeping_host_memory`, first thing in `__main__`). The process keeps its peak
+host memory until it exits. Nothing changes where the settings do not apply (not
+Linux with glibc, or JAX runs on an accelerator) or when `COE_JAX_HOST_MALLOC=system`.
+Libraries and notebooks that import coe_jax are never re-executed; export the
+variables of `GLIBC_MALLOC_SETTINGS` before starting Python to get the same speed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
+import platform
+import sys
+from typing import Mapping, Optional
+
+GLIBC_MALLOC_SETTINGS = {
+  "MALLOC_ARENA_MAX": "1",
+  "MALLOC_MMAP_MAX_": "0",
+  "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+}
+OPT_OUT = "COE_JAX_HOST_MALLOC"  # "system": keep glibc's defaults
+_REEXECUTED = "_COE_JAX_HOST_MALLOC_REEXECUTED"  # set in the re-executed process
+
+
+def jax_runs_on_cpu(environ: Mapping[str, str]) -> bool:
+  """Whether JAX will pick the CPU, judged before importing it (importing it would be too late).
+
+  `JAX_PLATFORMS` decides when set (its first entry); otherwise the CPU is
+  JAX's choice exactly when no accelerator plugin is installed.
+  """
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  return not _accelerator_plugins_installed()
+
+
+def _accelerator_plugins_installed() -> bool:
+  """JAX's own plugin discovery (the `jax_plugins` namespace and entry points), and libtpu."""
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return True
+  namespace = importlib.util.find_spec("jax_plugins")
+  if namespace is not None and any(pkgutil.iter_modules(namespace.submodule_search_locations)):
+    return True
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def malloc_environment(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
+  """The environment to re-execute with, or None when the current one is already right.
+
+  Variables the user set keep their values; only missing ones are added.
+  """
+  if environ.get(OPT_OUT, "").lower() == "system" or environ.get(_REEXECUTED):
+    return None
+  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    return None
+  missing = {k: v for k, v in GLIBC_MALLOC_SETTINGS.items() if k not in environ}
+  if not missing or not jax_runs_on_cpu(environ):
+    return None
+  return {**environ, **missing, _REEXECUTED: "1"}
+
+
+def active_settings() -> dict[str, str]:
+  """The allocator variables this process started with (for benchmark records)."""
+  return {k: os.environ[k] for k in (*GLIBC_MALLOC_SETTINGS, OPT_OUT) if k in os.environ}
+
+
+def reexec_keeping_host_memory() -> None:
+  """Re-executes this command (same interpreter, flags and arguments) with the allocator
+  settings above when they apply and are missing; returns without doing anything otherwise."""
+  environ = malloc_environment(os.environ)
+  if environ is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)

@@ -1,0 +1,136 @@
+"""The CPU allocator settings: which environment re-executes, and that it stops per-step page faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from coe_jax import host_memory
+
+REPO = Path(__file__).resolve().parents[1]
+ON_GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+CPU = {"JAX_PLATFORMS": "cpu"}
+
+
+def without_settings(**extra: str) -> dict[str, str]:
+  names = (*host_memory.GLIBC_MALLOC_SETTINGS, host_memory.OPT_OUT, host_memory._REEXECUTED)
+  env = {k: v for k, v in os.environ.items() if k not in names}
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+  return {**env, **extra}
+
+
+@pytest.mark.skipif(not ON_GLIBC, reason="glibc's allocator settings")
+def test_missing_settings_are_added_and_the_users_own_values_kept():
+  env = host_memory.malloc_environment({**CPU, "MALLOC_ARENA_MAX": "4", "HOME": "/h"})
+  assert env["MALLOC_ARENA_MAX"] == "4"
+  assert env["MALLOC_MMAP_MAX_"] == "0"
+  assert int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 40
+  assert env["HOME"] == "/h"
+  assert env[host_memory._REEXECUTED] == "1"
+
+
+@pytest.mark.parametrize(
+  "environ",
+  [
+    {**CPU, **host_memory.GLIBC_MALLOC_SETTINGS},  # already there
+    {**CPU, host_memory.OPT_OUT: "system"},  # the user's opt-out
+    {**CPU, host_memory._REEXECUTED: "1"},  # never a second re-exec
+    {"JAX_PLATFORMS": "cuda,cpu"},  # an accelerator: host memory is not the step's memory
+    {"JAX_PLATFORMS": "tpu"},
+  ],
+)
+def test_no_reexec_when_the_settings_are_set_unwanted_or_for_an_accelerator(environ):
+  assert host_memory.malloc_environment(environ) is None
+
+
+def test_jax_platforms_decides_before_the_installed_plugins():
+  assert host_memory.jax_runs_on_cpu({"JAX_PLATFORMS": " CPU "})
+  assert not host_memory.jax_runs_on_cpu({"JAX_PLATFORMS": "cuda"})
+
+
+SHOW_ENV = """
+import json, os, sys
+from coe_jax import host_memory
+print("started", flush=True)
+host_memory.reexec_keeping_host_memory()
+names = (*host_memory.GLIBC_MALLOC_SETTINGS, host_memory.OPT_OUT)
+print(json.dumps(dict(argv=sys.argv[1:], env={k: os.environ.get(k) for k in names})))
+"""
+
+
+@pytest.mark.skipif(not ON_GLIBC, reason="glibc's allocator settings")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_a_command_reexecutes_itself_once_with_its_arguments(tmp_path, opt_out):
+  script = tmp_path / "show_env.py"
+  script.write_text(SHOW_ENV)
+  env = without_settings(**CPU, **({host_memory.OPT_OUT: "system"} if opt_out else {}))
+  out = subprocess.run(
+    [sys.executable, "-X", "utf8", str(script), "--flag=1", "two words"],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.splitlines()
+  assert out[:-1] == ["started"] * (1 if opt_out else 2)  # the re-executed process starts again
+  shown = json.loads(out[-1])
+  assert shown["argv"] == ["--flag=1", "two words"]
+  expected = (
+    {k: None for k in host_memory.GLIBC_MALLOC_SETTINGS}
+    if opt_out
+    else (host_memory.GLIBC_MALLOC_SETTINGS)
+  )
+  assert {k: shown["env"][k] for k in host_memory.GLIBC_MALLOC_SETTINGS} == expected
+
+
+COUNT_FAULTS = """
+import json, resource, sys
+from coe_jax import host_memory
+host_memory.reexec_keeping_host_memory()
+import jax, jax.numpy as jnp
+n = 4096  # a [n, n] float32 temporary is 64 MiB: over glibc's largest mmap threshold
+step = jax.jit(lambda x: jnp.sum((x @ x + 1.0) @ x))
+x = jnp.ones((n, n), jnp.float32) / n
+for _ in range(2):
+  step(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+  step(x).block_until_ready()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+print(json.dumps(dict(faults_per_call=(after - before) / 4, pages=n * n * 4 // 4096)))
+"""
+
+
+def transparent_huge_pages_always() -> bool:
+  try:
+    return "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not ON_GLIBC, reason="glibc's allocator settings")
+def test_with_the_settings_a_programs_temporary_memory_is_reused_not_faulted_in_again(tmp_path):
+  script = tmp_path / "count_faults.py"
+  script.write_text(textwrap.dedent(COUNT_FAULTS))
+
+  def faults(**extra):
+    result = subprocess.run(
+      [sys.executable, str(script)],
+      env=without_settings(**CPU, XLA_FLAGS="", **extra),
+      capture_output=True,
+      text=True,
+      check=True,
+    )
+    return json.loads(result.stdout.splitlines()[-1])
+
+  reused = faults()
+  assert reused["faults_per_call"] < 0.1 * reused["pages"]
+  if not transparent_huge_pages_always():  # then each fresh 2 MiB page is a single fault
+    fresh = faults(**{host_memory.OPT_OUT: "system"})
+    assert fresh["faults_per_call"] > 0.5 * fresh["pages"]
