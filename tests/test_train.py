@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import types
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from coe_jax import config_lib
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ConfigError
 from coe_jax.training import optimizer, train, train_config, train_step
-from coe_jax.training.metrics import read_metrics
+from coe_jax.training.metrics import MetricWriter, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -406,6 +407,23 @@ def test_loss_falls_clearly_within_thirty_steps(trained_run):
   val = [row["val/loss"] for row in rows if "val/loss" in row]
   assert len(val) == 3 and val[-1] < uniform - 1.0 and val[-1] < val[0]
   assert summary["final_val_loss"] == val[-1]
+
+
+def test_a_writer_resumed_within_the_same_second_keeps_the_earlier_events(tmp_path, monkeypatch):
+  import tensorboardX.event_file_writer
+
+  # tensorboardX names event files by the wall-clock second: both writers start in the same one.
+  frozen = types.SimpleNamespace(time=lambda: 1.5e9)
+  monkeypatch.setattr(tensorboardX.event_file_writer, "time", frozen)
+  first = MetricWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    first.write(step, {"train/loss": float(step)})
+  first.close()
+  resumed = MetricWriter(str(tmp_path), resume_step=2)
+  resumed.write(3, {"train/loss": 30.0})
+  resumed.close()
+  assert [row["step"] for row in read_metrics(str(tmp_path))] == [1, 2, 3]
+  assert tensorboard_scalars(tmp_path)["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 @pytest.mark.slow

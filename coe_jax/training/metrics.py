@@ -62,7 +62,14 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
 
       purge_step = None if resume_step is None else resume_step + 1
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
+      # tensorboardX names the event file by the wall-clock second alone and opens it with "wb":
+      # a run resumed within the second the previous one started would overwrite its events.
+      # The nanosecond suffix keeps the names distinct and sorted in creation order.
+      self._tb = SummaryWriter(
+        os.path.join(workdir, "tensorboard"),
+        purge_step=purge_step,
+        filename_suffix=f".{time.time_ns()}",
+      )
     self._wandb = start_wandb(workdir, wandb_project, wandb_config) if wandb_project else None
 
   def write(self, step: int, values: Mapping[str, Any]) -> dict[str, float]:
