@@ -444,15 +444,22 @@ def test_dropless_tile_is_validated():
       ModelConfig(dropless_tile=bad)
 
 
-def test_default_dropless_tile_follows_the_mean_load():
-  from coe_jax.nn.blocked import default_dropless_tile
+def test_default_dropless_tile_holds_a_balanced_load_one_deviation_over_the_mean():
+  from coe_jax.nn.blocked import TILE_CAP, default_dropless_tile
 
-  assert default_dropless_tile(512 * 8, 63) == 64  # mean load 65 (the paper-width CPU bench)
-  assert default_dropless_tile(512 * 4, 63) == 32  # mean load 32.5 (CoE(C=2,K=4) there)
-  assert default_dropless_tile(64 * 4, 31) == 8  # mean load 8.3
-  assert default_dropless_tile(64 * 4, 15) == 16  # mean load 17
+  assert default_dropless_tile(512 * 8, 63) == 80  # mean 65 + 8.1 (MoE(K=8), paper-width bench)
+  assert default_dropless_tile(512 * 4, 63) == 40  # mean 32.5 + 5.7 (CoE(C=2,K=4) there)
+  assert default_dropless_tile(64 * 4, 31) == 16  # mean 8.3 + 2.9
+  assert default_dropless_tile(64 * 4, 15) == 24  # mean 17.1 + 4.1
   assert default_dropless_tile(10, 63) == 8  # never below 8
-  assert default_dropless_tile(32768 * 8, 63) == 64  # the CPU cap (256 on GPU/TPU)
+  # Over the cap: equal tiles, e.g. mean 520 + 22.8 = 3 tiles of 184 (3 x 256 would pad 45%).
+  assert default_dropless_tile(4096 * 8, 63) == 184
+  for assignments in (512 * 8, 4096 * 8, 32768 * 8, 10**6):
+    tile = default_dropless_tile(assignments, 63)
+    mean = assignments / 63
+    assert tile % 8 == 0 and tile <= TILE_CAP
+    pieces = -(-(mean + mean**0.5) // tile)  # tiles for a load one deviation over the mean
+    assert pieces * tile - (mean + mean**0.5) < 8 * pieces  # padding under 8 rows a tile
 
 
 def test_blocked_backward_gives_each_weight_gradient_its_own_zeros():

@@ -51,7 +51,7 @@ class CoEConfig:
   # --- dispatch (SPEC 3) ---
   dispatch: str = "dropless"  # 'dropless' (the reference) | 'capacity' (drops over capacity)
   dropless_impl: str = "auto"  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
-  dropless_tile: int = 0  # rows per tile of 'blocked'; 0 = dispatch.default_dropless_tile
+  dropless_tile: int = 0  # rows per tile of 'blocked'; 0 = blocked.default_dropless_tile
   capacity_factor_train: float = 1.25  # capacity = ceil(cf * tokens * K / N) in training
   capacity_factor_eval: float = 2.0  # ... and in evaluation
   min_capacity: int = 4  # capacity never goes below this

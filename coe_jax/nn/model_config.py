@@ -129,7 +129,7 @@ class ModelConfig:
   dropless_impl: str = _execution("auto")
   # Rows per tile of dropless_impl='blocked': each expert's rows are padded to a multiple of it
   # (at most tokens*K + N*(tile-1) rows run). Small: less padding; large: faster matmuls.
-  # 0 = per backend and load (dispatch.default_dropless_tile: <= 64 on CPU, measured).
+  # 0 = from the load (blocked.default_dropless_tile: a balanced load + 1 sd, <= 256 rows).
   dropless_tile: int = _execution(0)
   capacity_factor_train: float = _execution(1.25)
   capacity_factor_eval: float = _execution(2.0)
