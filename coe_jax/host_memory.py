@@ -3,8 +3,8 @@
 XLA:CPU allocates each program's temporary buffer (1.6-2.6 GB for one
 paper-width train step) when the program starts and frees it when it ends.
 With glibc's defaults a block that large is a fresh `mmap` every time, so the
-kernel zero-fills every page of it again on every step: 25-35% of the CPU time
-of a paper-width step, and the matmul probe runs at half speed (PERF.md 19).
+kernel zero-fills every page of it again on every step: a quarter of the CPU
+time of a paper-width step, and the matmul probe runs at half speed (PERF.md 19).
 Three of glibc's settings make the allocator keep and reuse the memory:
 
 - `MALLOC_ARENA_MAX=1`: every thread allocates from the main heap (blocks over
@@ -14,11 +14,14 @@ Three of glibc's settings make the allocator keep and reuse the memory:
 
 The settings must be in the environment when the process starts, so the
 command-line programs re-execute themselves once with them
-(`reexec_keeping_host_memory`, first thing in `__main__`). The process keeps its peak
+(`reexec_keeping_host_memory`, first thing in `__main__`; the imports done
+before it, JAX's included, are done again: ~1 s). The process keeps its peak
 host memory until it exits. Nothing changes where the settings do not apply (not
-Linux with glibc, or JAX runs on an accelerator) or when `COE_JAX_HOST_MALLOC=system`.
-Libraries and notebooks that import coe_jax are never re-executed; export the
-variables of `GLIBC_MALLOC_SETTINGS` before starting Python to get the same speed.
+Linux with glibc, or JAX runs on an accelerator), when `COE_JAX_HOST_MALLOC=system`,
+inside IPython or under a debugger (a re-exec would end the session), or if the
+re-exec itself fails. Libraries and notebooks that import coe_jax are never
+re-executed; export the variables of `GLIBC_MALLOC_SETTINGS` before starting
+Python to get the same speed.
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ _REEXECUTED = "_COE_JAX_HOST_MALLOC_REEXECUTED"  # set in the re-executed proces
 
 
 def jax_runs_on_cpu(environ: Mapping[str, str]) -> bool:
-  """Whether JAX will pick the CPU, judged before importing it (importing it would be too late).
+  """Whether JAX will pick the CPU, judged without initialising a backend (which would be
+  wasted work before a re-exec).
 
   `JAX_PLATFORMS` decides when set (its first entry); otherwise the CPU is
-  JAX's choice exactly when no accelerator plugin is installed.
+  JAX's choice exactly when no accelerator plugin is installed (a machine with
+  a plugin but no device: set `JAX_PLATFORMS=cpu`).
   """
   platforms = environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
@@ -84,10 +89,20 @@ def active_settings() -> dict[str, str]:
 
 def reexec_keeping_host_memory() -> None:
   """Re-executes this command (same interpreter, flags and arguments) with the allocator
-  settings above when they apply and are missing; returns without doing anything otherwise."""
+  settings above when they apply and are missing; returns without doing anything otherwise
+  (and, with a warning on stderr, when the re-exec fails)."""
+  if "IPython" in sys.modules or sys.gettrace() is not None:  # `%run`, pdb, debugpy
+    return
   environ = malloc_environment(os.environ)
   if environ is None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+  except OSError as error:
+    print(
+      f"coe_jax: could not re-execute with glibc's allocator settings ({error}); "
+      "continuing with its defaults",
+      file=sys.stderr,
+    )

@@ -583,7 +583,7 @@ def format_table(results: dict[str, Any]) -> str:
     f"matmul probe: {mm['size']}^2 {mm['dtype']} at {mm['flops_per_sec'] / 1e9:.1f} GFLOP/s "
     f"({results['backend']}, {results['device']}); {results['steps']} timed steps each"
   )
-  malloc = results.get("host_malloc") or {"glibc": "defaults"}
+  malloc = results.get("host_malloc") or {"settings": "none (the platform's defaults)"}
   lines.append("host allocator: " + " ".join(f"{k}={v}" for k, v in malloc.items()))
   runs = results["runs"]
   if len(runs) > 1:

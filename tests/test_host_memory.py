@@ -1,4 +1,4 @@
-"""The CPU allocator settings: which environment re-executes, and that it stops per-step page faults."""
+"""The CPU allocator settings: when a command re-executes, and that they stop per-step page faults."""
 
 from __future__ import annotations
 
@@ -50,9 +50,36 @@ def test_no_reexec_when_the_settings_are_set_unwanted_or_for_an_accelerator(envi
   assert host_memory.malloc_environment(environ) is None
 
 
-def test_jax_platforms_decides_before_the_installed_plugins():
+def test_jax_platforms_decides_before_the_installed_plugins(monkeypatch):
+  monkeypatch.setattr(host_memory, "_accelerator_plugins_installed", lambda: True)
   assert host_memory.jax_runs_on_cpu({"JAX_PLATFORMS": " CPU "})
   assert not host_memory.jax_runs_on_cpu({"JAX_PLATFORMS": "cuda"})
+  assert not host_memory.jax_runs_on_cpu({})  # a GPU plugin installed: JAX would pick the GPU
+  assert host_memory.malloc_environment({}) is None
+  monkeypatch.setattr(host_memory, "_accelerator_plugins_installed", lambda: False)
+  assert host_memory.jax_runs_on_cpu({})
+
+
+@pytest.mark.skipif(not ON_GLIBC, reason="glibc's allocator settings")
+def test_inside_ipython_or_when_exec_fails_the_process_just_goes_on(monkeypatch, capsys):
+  for name in (*host_memory.GLIBC_MALLOC_SETTINGS, host_memory.OPT_OUT, host_memory._REEXECUTED):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  calls = []
+
+  def failing_execve(*args):
+    calls.append(args)
+    raise OSError("no such interpreter")
+
+  monkeypatch.setattr(os, "execve", failing_execve)
+  monkeypatch.setattr(sys, "gettrace", lambda: None)  # also under a coverage tracer
+  monkeypatch.setitem(sys.modules, "IPython", object())
+  host_memory.reexec_keeping_host_memory()  # `%run` in a notebook: never replace the kernel
+  assert calls == []
+  monkeypatch.delitem(sys.modules, "IPython")
+  host_memory.reexec_keeping_host_memory()
+  assert len(calls) == 1 and calls[0][2]["MALLOC_ARENA_MAX"] == "1"
+  assert "continuing with its defaults" in capsys.readouterr().err
 
 
 SHOW_ENV = """
@@ -61,7 +88,8 @@ from coe_jax import host_memory
 print("started", flush=True)
 host_memory.reexec_keeping_host_memory()
 names = (*host_memory.GLIBC_MALLOC_SETTINGS, host_memory.OPT_OUT)
-print(json.dumps(dict(argv=sys.argv[1:], env={k: os.environ.get(k) for k in names})))
+env = {k: os.environ.get(k) for k in names}
+print(json.dumps(dict(argv=sys.argv[1:], utf8_mode=sys.flags.utf8_mode, env=env)))
 """
 
 
@@ -81,10 +109,11 @@ def test_a_command_reexecutes_itself_once_with_its_arguments(tmp_path, opt_out):
   assert out[:-1] == ["started"] * (1 if opt_out else 2)  # the re-executed process starts again
   shown = json.loads(out[-1])
   assert shown["argv"] == ["--flag=1", "two words"]
+  assert shown["utf8_mode"] == 1  # interpreter flags survive the re-exec
   expected = (
     {k: None for k in host_memory.GLIBC_MALLOC_SETTINGS}
     if opt_out
-    else (host_memory.GLIBC_MALLOC_SETTINGS)
+    else host_memory.GLIBC_MALLOC_SETTINGS
   )
   assert {k: shown["env"][k] for k in host_memory.GLIBC_MALLOC_SETTINGS} == expected
 
@@ -94,14 +123,14 @@ import json, resource, sys
 from coe_jax import host_memory
 host_memory.reexec_keeping_host_memory()
 import jax, jax.numpy as jnp
-n = 4096  # a [n, n] float32 temporary is 64 MiB: over glibc's largest mmap threshold
-step = jax.jit(lambda x: jnp.sum((x @ x + 1.0) @ x))
-x = jnp.ones((n, n), jnp.float32) / n
+n = 4096  # the [n, n] float32 temporary is 64 MiB: over glibc's largest mmap threshold
+step = jax.jit(lambda a, b: jnp.sum((a @ b + 1.0) @ a))
+a, b = jnp.ones((n, 8), jnp.float32), jnp.ones((8, n), jnp.float32)
 for _ in range(2):
-  step(x).block_until_ready()
+  step(a, b).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
-  step(x).block_until_ready()
+  step(a, b).block_until_ready()
 after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 print(json.dumps(dict(faults_per_call=(after - before) / 4, pages=n * n * 4 // 4096)))
 """

@@ -32,11 +32,13 @@ def default_dropless_tile(num_assignments: int, num_experts: int) -> int:
   expert's load is then about mean +- sqrt(mean)): one tile holds a load up to
   one standard deviation above the mean, so ~84% of the experts run a single
   tile (one read of their weights) and the rest two. Above `TILE_CAP` rows that
-  target is split into equal tiles. A multiple of 8, at least 8. PERF.md 20, at
-  the paper width on CPU: mean load 65 -> 80 rows (0.94x the capacity path's
-  time with balanced routing; the old power of two, 64: 1.20x), mean load 32.5
-  -> 40 rows (1.04x; 32: 1.23x); with an untrained router's skewed loads both
-  are within 3% of the old choice.
+  target is split into equal tiles (a prediction: loads over 256 rows per expert
+  were not measured). A multiple of 8, at least 8. PERF.md 20, the routed-expert
+  layer at the paper width on CPU, time relative to the capacity path, balanced
+  loads: mean load 65 -> 80 rows 0.88-0.98x (the old power of two, 64:
+  1.20-1.22x), mean load 32.5 -> 40 rows 1.06-1.42x (32: 1.11-1.82x; processes
+  vary); with an untrained router's skewed loads, 1.21-1.23x (64: 1.25-1.27x)
+  and 1.29-1.90x (32: 1.30-1.61x).
   """
   mean = num_assignments / max(num_experts, 1)
   target = mean + math.sqrt(mean)
