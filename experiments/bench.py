@@ -39,6 +39,7 @@ The ratio of the two is the share of the layer's time spent on dispatch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -47,6 +48,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +56,7 @@ import ml_collections
 import numpy as np
 
 from coe_jax import config_lib, host_memory
-from coe_jax.nn import blocked, dispatch
+from coe_jax.nn import blocked, coe_layer, dispatch, router
 from coe_jax.nn.coe_layer import CoELayer
 
 # The analytic FLOP count lives in the library: the training log reports the same numbers.
@@ -77,6 +79,29 @@ SHAPES = {
     scale="paper", batch=1, seq=512, model=dict(num_layers=2, vocab_size=8192, dtype="float32")
   ),
 }
+ROUTINGS = ("model", "balanced")
+
+
+def balanced_route(x, weight, *, k: int, **kwargs) -> router.RouterOutput:
+  """The model's router with its top-K replaced by K distinct experts drawn uniformly per token.
+
+  Loads are then binomial around tokens * K / N, what the load-balancing loss trains an
+  untrained router's skewed loads towards; combine weights, losses and gradients stay the
+  router's (the weights are its probabilities at the drawn experts). Cost only: the routing
+  is fixed (one key), so the draw is the same at every step and iteration.
+  """
+  routing = router.route(x, weight, k=k, **kwargs)
+  noise = jax.random.uniform(jax.random.key(0), routing.probs.shape)
+  _, expert_ids = jax.lax.top_k(noise, k)
+  weights = jnp.take_along_axis(routing.probs, expert_ids, axis=-1)
+  return routing.replace(expert_ids=expert_ids.astype(jnp.int32), combine_weights=weights)
+
+
+def routing_patch(routing: str):
+  """A context in which CoE layers traced route as `routing` says ('model': unchanged)."""
+  if routing == "model":
+    return contextlib.nullcontext()
+  return mock.patch.object(coe_layer, "route", balanced_route)
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +395,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     help="model.scan_layers override: false (per-layer params) | true (stacked); "
     "false,true benchmarks both side by side",
   )
+  parser.add_argument(
+    "--routing",
+    default="model",
+    choices=ROUTINGS,
+    help="model: the untrained router's own (skewed) top-K; balanced: K distinct experts drawn "
+    "uniformly per token (the loads training reaches), weights and losses still the router's",
+  )
   parser.add_argument("--steps", type=int, default=10, help="timed steps per program")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per program first")
   parser.add_argument(
@@ -429,9 +461,10 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
           name += f" qb={block}" if len(blocks) > 1 else ""
           name += f" {'stacked' if scan else 'per-layer'}" if len(layouts) > 1 else ""
           try:
-            benches.append(
-              build_step_bench(name, config, model_config, batch, seq, args.memory_only)
-            )
+            with routing_patch(args.routing):
+              benches.append(
+                build_step_bench(name, config, model_config, batch, seq, args.memory_only)
+              )
           except Exception as error:  # e.g. out of device memory: report it, run the rest
             if not args.keep_going:
               raise
@@ -519,9 +552,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   layer_programs = []
   if args.layer_cost:
     first = benches[0]
-    layer_programs = [
-      layer_program(first.model_config, *first.batch_shape, identity) for identity in (False, True)
-    ]
+    with routing_patch(args.routing):
+      layer_programs = [
+        layer_program(first.model_config, *first.batch_shape, identity)
+        for identity in (False, True)
+      ]
   run_round_robin([b.timed for b in benches] + [probe] + layer_programs, args.warmup, args.steps)
   matmul_rate = probe_flops / statistics.median(probe.seconds)
   matmul_cpu_rate = probe_flops / statistics.median(probe.cpu_seconds)
@@ -531,6 +566,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device_count=jax.device_count(),
     jax_version=jax.__version__,
     host_malloc=host_memory.active_settings(),
+    routing=args.routing,
     steps=args.steps,
     warmup=args.warmup,
     matmul=dict(
@@ -583,6 +619,8 @@ def format_table(results: dict[str, Any]) -> str:
     f"matmul probe: {mm['size']}^2 {mm['dtype']} at {mm['flops_per_sec'] / 1e9:.1f} GFLOP/s "
     f"({results['backend']}, {results['device']}); {results['steps']} timed steps each"
   )
+  if results.get("routing", "model") != "model":
+    lines.append(f"routing: {results['routing']} (K experts drawn uniformly per token)")
   malloc = results.get("host_malloc") or {"settings": "none (the platform's defaults)"}
   lines.append("host allocator: " + " ".join(f"{k}={v}" for k, v in malloc.items()))
   runs = results["runs"]

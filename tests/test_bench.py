@@ -201,3 +201,34 @@ def test_scan_layers_benchmarks_both_param_layouts_side_by_side(monkeypatch):
   assert all(r["compiled_peak_bytes"] > 0 for r in rows.values())
   with pytest.raises(SystemExit, match="--scan_layers: got 'yes'; allowed values: true, false"):
     bench.main([*args, "--scan_layers=yes"])
+
+
+def test_balanced_routing_draws_k_distinct_experts_per_token_and_keeps_the_routers_weights():
+  import jax
+  import numpy as np
+
+  x = jax.random.normal(jax.random.key(1), (4, 256, 16)) + 3.0  # a shared component: skewed
+  weight = jax.random.normal(jax.random.key(2), (31, 16))
+  own = bench.router.route(x, weight, k=4)
+  drawn = bench.balanced_route(x, weight, k=4)
+  ids = np.asarray(drawn.expert_ids)
+  assert all(len(set(row)) == 4 for row in ids.reshape(-1, 4))
+  np.testing.assert_array_equal(
+    np.asarray(drawn.combine_weights),
+    np.take_along_axis(np.asarray(own.probs), ids, axis=-1),
+  )
+  assert float(drawn.aux_loss) == float(own.aux_loss)  # the losses stay the router's
+  loads = [np.bincount(np.asarray(r.expert_ids).ravel(), minlength=31) for r in (own, drawn)]
+  mean = 4 * 256 * 4 / 31
+  assert loads[1].max() < mean + 5 * mean**0.5  # binomial around the mean
+  assert loads[0].max() > loads[1].max()  # the untrained router's own top-K is skewed
+
+
+def test_bench_with_balanced_routing_drops_less_at_capacity(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
+  args = ["--config=configs/moe_k8.py:tiny", "--batch=2", "--seq=64", "--steps=1", "--warmup=0"]
+  dropped = {
+    routing: bench.main([*args, f"--routing={routing}"])["runs"][0]["dropped_fraction"]
+    for routing in bench.ROUTINGS
+  }
+  assert dropped["balanced"] < dropped["model"]
