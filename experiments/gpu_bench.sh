@@ -18,7 +18,8 @@
 # Environment: SCALE (paper|tiny), STEPS (timed steps, default 10), WARMUP (3),
 # BATCH / SEQ (default: the configs'), DISPATCH (capacity,dropless),
 # DROPLESS_IMPL (blocked,ragged_dot; 'gather' runs every expert on every token:
-# 8x the expert work at paper scale, left out by default), DROPLESS_TILE (0 = default), LAYER_COST
+# 8x the expert work at paper scale, left out by default), DROPLESS_TILE (0 = default), ROUTING
+# (model: the untrained router's skewed loads; balanced: the loads training reaches), LAYER_COST
 # (1: also time the dispatch share of one layer), OUT (runs/gpu_bench), PYTHON (the repo .venv python, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ WARMUP=${WARMUP:-3}
 DISPATCH=${DISPATCH:-capacity,dropless}
 DROPLESS_IMPL=${DROPLESS_IMPL:-blocked,ragged_dot}
 DROPLESS_TILE=${DROPLESS_TILE:-0}
+ROUTING=${ROUTING:-model}
 LAYER_COST=${LAYER_COST:-1}
 OUT=${OUT:-runs/gpu_bench}
 PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
@@ -38,7 +40,7 @@ if [[ "$SCALE" == "paper" && "$backend" == "cpu" ]]; then
   echo "gpu_bench.sh: no accelerator (jax backend: cpu); run with SCALE=tiny on CPU" >&2
   exit 2
 fi
-echo "gpu_bench.sh: backend=$backend scale=$SCALE steps=$STEPS dispatch=$DISPATCH dropless=$DROPLESS_IMPL" >&2
+echo "gpu_bench.sh: backend=$backend scale=$SCALE steps=$STEPS dispatch=$DISPATCH dropless=$DROPLESS_IMPL routing=$ROUTING" >&2
 "$PYTHON" -c "import jax; print(jax.devices())" >&2
 if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >&2 || true
@@ -46,7 +48,8 @@ fi
 
 mkdir -p "$OUT"
 args=(--suite --scale="$SCALE" --dispatch="$DISPATCH" --steps="$STEPS" --warmup="$WARMUP"
-      --dropless_impl="$DROPLESS_IMPL" --dropless_tile="$DROPLESS_TILE" --keep_going
+      --dropless_impl="$DROPLESS_IMPL" --dropless_tile="$DROPLESS_TILE" --routing="$ROUTING"
+      --keep_going
       --out="$OUT/bench.json")
 [[ "$LAYER_COST" == "1" ]] && args+=(--layer_cost)
 [[ -n "${BATCH:-}" ]] && args+=(--batch="$BATCH")
