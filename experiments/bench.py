@@ -82,19 +82,26 @@ SHAPES = {
 ROUTINGS = ("model", "balanced")
 
 
-def balanced_route(x, weight, *, k: int, **kwargs) -> router.RouterOutput:
+def balanced_route(
+  x, weight, *, k: int, norm_topk_prob: bool = False, routed_scaling_factor: float = 1.0, **kwargs
+) -> router.RouterOutput:
   """The model's router with its top-K replaced by K distinct experts drawn uniformly per token.
 
   Loads are then binomial around tokens * K / N, what the load-balancing loss trains an
   untrained router's skewed loads towards; combine weights, losses and gradients stay the
-  router's (the weights are its probabilities at the drawn experts). Cost only: the routing
+  router's (its probabilities at the drawn experts, normalised and scaled as the router's
+  own; `router.combine_weights`). Cost only: the routing
   is fixed (one key), so the draw is the same at every step and iteration.
   """
-  routing = router.route(x, weight, k=k, **kwargs)
+  scaling = dict(norm_topk_prob=norm_topk_prob, routed_scaling_factor=routed_scaling_factor)
+  routing = router.route(x, weight, k=k, **scaling, **kwargs)
   noise = jax.random.uniform(jax.random.key(0), routing.probs.shape)
   _, expert_ids = jax.lax.top_k(noise, k)
-  weights = jnp.take_along_axis(routing.probs, expert_ids, axis=-1)
-  return routing.replace(expert_ids=expert_ids.astype(jnp.int32), combine_weights=weights)
+  top_probs = jnp.take_along_axis(routing.probs, expert_ids, axis=-1)
+  return routing.replace(
+    expert_ids=expert_ids.astype(jnp.int32),
+    combine_weights=router.combine_weights(top_probs, **scaling),
+  )
 
 
 def routing_patch(routing: str):

@@ -209,13 +209,17 @@ def test_balanced_routing_draws_k_distinct_experts_per_token_and_keeps_the_route
 
   x = jax.random.normal(jax.random.key(1), (4, 256, 16)) + 3.0  # a shared component: skewed
   weight = jax.random.normal(jax.random.key(2), (31, 16))
-  own = bench.router.route(x, weight, k=4)
-  drawn = bench.balanced_route(x, weight, k=4)
+  scaling = dict(norm_topk_prob=True, routed_scaling_factor=2.5)  # as the router would apply
+  own = bench.router.route(x, weight, k=4, **scaling)
+  drawn = bench.balanced_route(x, weight, k=4, **scaling)
   ids = np.asarray(drawn.expert_ids)
   assert all(len(set(row)) == 4 for row in ids.reshape(-1, 4))
-  np.testing.assert_array_equal(
+  top = np.take_along_axis(np.asarray(own.probs), ids, axis=-1)
+  np.testing.assert_allclose(
     np.asarray(drawn.combine_weights),
-    np.take_along_axis(np.asarray(own.probs), ids, axis=-1),
+    2.5 * top / (top.sum(-1, keepdims=True) + 1e-20),  # the reference's epsilon
+    rtol=1e-5,
+    atol=1e-30,
   )
   assert float(drawn.aux_loss) == float(own.aux_loss)  # the losses stay the router's
   loads = [np.bincount(np.asarray(r.expert_ids).ravel(), minlength=31) for r in (own, drawn)]

@@ -19,9 +19,11 @@ ON_GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 CPU = {"JAX_PLATFORMS": "cpu"}
 
 
+ALL_NAMES = (*host_memory.GLIBC_MALLOC_SETTINGS, host_memory.OPT_OUT, host_memory._REEXECUTED)
+
+
 def without_settings(**extra: str) -> dict[str, str]:
-  names = (*host_memory.GLIBC_MALLOC_SETTINGS, host_memory.OPT_OUT, host_memory._REEXECUTED)
-  env = {k: v for k, v in os.environ.items() if k not in names}
+  env = {k: v for k, v in os.environ.items() if k not in ALL_NAMES}
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
   return {**env, **extra}
 
@@ -62,7 +64,7 @@ def test_jax_platforms_decides_before_the_installed_plugins(monkeypatch):
 
 @pytest.mark.skipif(not ON_GLIBC, reason="glibc's allocator settings")
 def test_inside_ipython_or_when_exec_fails_the_process_just_goes_on(monkeypatch, capsys):
-  for name in (*host_memory.GLIBC_MALLOC_SETTINGS, host_memory.OPT_OUT, host_memory._REEXECUTED):
+  for name in ALL_NAMES:
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   calls = []

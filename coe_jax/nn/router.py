@@ -68,6 +68,16 @@ def router_z_loss(logits: Float[Array, "batch seq experts"], coef: float) -> Flo
   return coef * jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
 
+def combine_weights(
+  top_probs: Float[Array, "batch seq k"], norm_topk_prob: bool, routed_scaling_factor: float
+) -> Float[Array, "batch seq k"]:
+  """The chosen experts' probabilities as combine weights: renormalised over the K when
+  `norm_topk_prob`, then scaled by `routed_scaling_factor` (the reference's order)."""
+  if norm_topk_prob:
+    top_probs = top_probs / (jnp.sum(top_probs, axis=-1, keepdims=True) + 1e-20)
+  return top_probs * routed_scaling_factor
+
+
 def route(
   x: Float[Array, "batch seq hidden"],
   weight: Float[Array, "experts hidden"],
@@ -81,13 +91,10 @@ def route(
   """Scores, greedy top-K and losses for one iteration; see `RouterOutput`."""
   logits = router_logits(x, weight)
   probs = jax.nn.softmax(logits, axis=-1)
-  top_weights, expert_ids = jax.lax.top_k(probs, k)
-  if norm_topk_prob:
-    top_weights = top_weights / (jnp.sum(top_weights, axis=-1, keepdims=True) + 1e-20)
-  top_weights = top_weights * routed_scaling_factor
+  top_probs, expert_ids = jax.lax.top_k(probs, k)
   return RouterOutput(
     expert_ids=expert_ids.astype(jnp.int32),
-    combine_weights=top_weights,
+    combine_weights=combine_weights(top_probs, norm_topk_prob, routed_scaling_factor),
     probs=probs,
     aux_loss=sequence_load_balancing_loss(probs, expert_ids, aux_loss_alpha),
     z_loss=router_z_loss(logits, z_loss_coef),
