@@ -258,16 +258,18 @@ def summarize_step(
   achieved = flops.train * tokens_per_s
   achieved_per_cpu_s = flops.train * batch * seq / spread(bench.timed.cpu_seconds)["median"]
   metrics = jax.device_get(bench.last_metrics["metrics"])
+  cfg = bench.model_config
+  tile = cfg.dropless_tile or blocked.default_dropless_tile(
+    batch * seq * cfg.num_experts_per_tok, cfg.n_routed_experts
+  )
   return dict(
     label=bench.label,
     dispatch=bench.model_config.dispatch,
     dropless_impl=dispatch.resolve_dropless_impl(bench.model_config.dropless_impl)
     if bench.model_config.dispatch == "dropless"
     else None,
-    dropless_tile=bench.model_config.dropless_tile
-    or blocked.default_dropless_tile(
-      batch * seq * bench.model_config.num_experts_per_tok, bench.model_config.n_routed_experts
-    ),
+    dropless_tile=tile,
+    dropless_tile_sizes=list(blocked.default_tile_sizes(tile, cfg.dropless_tile_sizes)),
     C=bench.model_config.num_iterations,
     K=bench.model_config.num_experts_per_tok,
     N_routed=bench.model_config.n_routed_experts,
@@ -358,8 +360,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument(
     "--dropless_tile",
     default=None,
-    help="model.dropless_tile (rows per tile of 'blocked'; 0 = default); a "
+    help="model.dropless_tile (rows per whole tile of 'blocked'; 0 = default); a "
     "comma-separated list benchmarks each value side by side",
+  )
+  parser.add_argument(
+    "--dropless_tile_sizes",
+    default=None,
+    help="model.dropless_tile_sizes (sizes each expert's last tile picks from; 1 = whole tiles "
+    "only, 0 = default); a comma-separated list benchmarks each value side by side",
   )
   parser.add_argument(
     "--shapes",
@@ -441,6 +449,7 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
   )
   impls = (args.dropless_impl or "auto").split(",")
   tiles = [int(t) for t in (args.dropless_tile or "").split(",") if t]
+  sizes = [int(s) for s in (args.dropless_tile_sizes or "").split(",") if s]
   benches = []
   failures = args.failures = []
   for label, spec in specs:
@@ -452,7 +461,7 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
     blocks = (args.attention_query_block or "").split(",")
     layouts = [_parse_bool(v, "--scan_layers") for v in (args.scan_layers or "").split(",") if v]
     for mode in args.dispatch.split(","):
-      for impl, tile in _dropless_variants(mode, impls, tiles):
+      for impl, tile, count in _dropless_variants(mode, impls, tiles, sizes):
         for block, scan in itertools.product(blocks, layouts or [None]):
           changes = dict(overrides, attention_query_block=int(block) if block else None)
           changes["scan_layers"] = scan
@@ -460,11 +469,14 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
             changes["dropless_impl"] = impl
           if tile is not None:
             changes["dropless_tile"] = tile
+          if count is not None:
+            changes["dropless_tile_sizes"] = count
           model_config = bench_model_config(config, mode, changes)
           name = f"{label} {mode}"
           if impl is not None and args.dropless_impl:
             name += f"[{dispatch.resolve_dropless_impl(impl)}]"
           name += f" tile={tile}" if tile is not None and len(tiles) > 1 else ""
+          name += f" sizes={count}" if count is not None and len(sizes) > 1 else ""
           name += f" qb={block}" if len(blocks) > 1 else ""
           name += f" {'stacked' if scan else 'per-layer'}" if len(layouts) > 1 else ""
           try:
@@ -489,17 +501,17 @@ def _parse_bool(value: str, flag: str) -> bool:
   return value.lower() == "true"
 
 
-def _dropless_variants(mode: str, impls: list[str], tiles: list[int]):
-  """(impl, tile) pairs for one dispatch mode: every impl, and every tile for 'blocked'."""
+def _dropless_variants(mode: str, impls: list[str], tiles: list[int], sizes: list[int]):
+  """(impl, tile, sizes) for one dispatch mode: every impl, and for 'blocked' every tile x sizes."""
   if mode != "dropless":
-    return [(None, None)]
-  pairs = []
+    return [(None, None, None)]
+  variants = []
   for impl in impls:
-    blocked = dispatch.resolve_dropless_impl(impl) == "blocked"
-    pairs += (
-      [(impl, t) for t in tiles] if blocked and tiles else [(impl, tiles[0] if tiles else None)]
-    )
-  return pairs
+    if dispatch.resolve_dropless_impl(impl) == "blocked":
+      variants += itertools.product([impl], tiles or [None], sizes or [None])
+    else:
+      variants.append((impl, tiles[0] if tiles else None, sizes[0] if sizes else None))
+  return variants
 
 
 def memory_report(benches: list[StepBench]) -> dict[str, Any]:

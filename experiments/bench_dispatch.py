@@ -44,6 +44,12 @@ def main(argv=None) -> None:
   parser.add_argument("--tiles", default="16,32,64", help="blocked tile sizes (one program each)")
   parser.add_argument("--tiles_per_step", type=int, default=1)
   parser.add_argument(
+    "--tile_sizes",
+    default=str(blocked.LAST_TILE_SIZES),
+    help="comma-separated counts of tile sizes per tile (one program each; 1 = whole tiles only, "
+    f"{blocked.LAST_TILE_SIZES} = the CPU default: smaller last tiles, PERF.md 21)",
+  )
+  parser.add_argument(
     "--skew", type=float, default=1.0, help="Dirichlet concentration; 0 = uniform"
   )
   parser.add_argument("--gather", action="store_true", help="also dropless_impl='gather'")
@@ -96,14 +102,17 @@ def main(argv=None) -> None:
       ),
     )
   for tile in (int(s) for s in args.tiles.split(",")):
-    routed = lambda x_, cw_, w_, tile=tile: (
-      blocked_dispatch(x_, ids, cw_, w_, tile, args.tiles_per_step).output
-    )
-    add(f"blocked tile={tile}", routed)
-    if args.weight_grad_ablation:
-      for label, update in WEIGHT_GRAD_VARIANTS.items():
-        with mock.patch.object(blocked, "_add_to_experts", update):  # read while tracing, in add()
-          add(f"blocked tile={tile}, {label}", routed)
+    for count in (int(c) for c in args.tile_sizes.split(",")):
+      sizes = blocked.tile_sizes(tile, count)
+      routed = lambda x_, cw_, w_, sizes=sizes: (
+        blocked_dispatch(x_, ids, cw_, w_, sizes, args.tiles_per_step).output
+      )
+      name = f"blocked tile={tile}" + (f" sizes={','.join(map(str, sizes))}" if count > 1 else "")
+      add(name, routed)
+      if args.weight_grad_ablation:
+        for label, update in WEIGHT_GRAD_VARIANTS.items():
+          with mock.patch.object(blocked, "_add_to_experts", update):  # read while tracing
+            add(f"{name}, {label}", routed)
   run_round_robin(programs, 1, args.steps)
   print(
     f"T={t} K={k} N={e} d={d} f={f} skew={args.skew}: {1 - float(kept.mean()):.0%} of assignments "
@@ -114,7 +123,7 @@ def main(argv=None) -> None:
   for prog in programs:
     wall, cpu = statistics.median(prog.seconds), statistics.median(prog.cpu_seconds)
     print(
-      f"{prog.name:36s} {1e3 * wall:8.1f} ms wall ({wall / wall0:.2f}x) "
+      f"{prog.name:48s} {1e3 * wall:8.1f} ms wall ({wall / wall0:.2f}x) "
       f"{1e3 * cpu:8.1f} ms CPU ({cpu / cpu0:.2f}x)"
     )
 

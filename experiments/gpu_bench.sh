@@ -18,7 +18,9 @@
 # Environment: SCALE (paper|tiny), STEPS (timed steps, default 10), WARMUP (3),
 # BATCH / SEQ (default: the configs'), DISPATCH (capacity,dropless),
 # DROPLESS_IMPL (blocked,ragged_dot; 'gather' runs every expert on every token:
-# 8x the expert work at paper scale, left out by default), DROPLESS_TILE (0 = default), ROUTING
+# 8x the expert work at paper scale, left out by default), DROPLESS_TILE (0 = default),
+# DROPLESS_TILE_SIZES (sizes for each expert's last tile; 0 = default, 1 on GPU; e.g. 1,5 runs
+# both, PERF.md 21), ROUTING
 # (model: the untrained router's skewed loads; balanced: the loads training reaches), LAYER_COST
 # (1: also time the dispatch share of one layer), OUT (runs/gpu_bench), PYTHON (the repo .venv python, else python3).
 set -euo pipefail
@@ -30,6 +32,7 @@ WARMUP=${WARMUP:-3}
 DISPATCH=${DISPATCH:-capacity,dropless}
 DROPLESS_IMPL=${DROPLESS_IMPL:-blocked,ragged_dot}
 DROPLESS_TILE=${DROPLESS_TILE:-0}
+DROPLESS_TILE_SIZES=${DROPLESS_TILE_SIZES:-0}
 ROUTING=${ROUTING:-model}
 LAYER_COST=${LAYER_COST:-1}
 OUT=${OUT:-runs/gpu_bench}
@@ -48,7 +51,8 @@ fi
 
 mkdir -p "$OUT"
 args=(--suite --scale="$SCALE" --dispatch="$DISPATCH" --steps="$STEPS" --warmup="$WARMUP"
-      --dropless_impl="$DROPLESS_IMPL" --dropless_tile="$DROPLESS_TILE" --routing="$ROUTING"
+      --dropless_impl="$DROPLESS_IMPL" --dropless_tile="$DROPLESS_TILE"
+      --dropless_tile_sizes="$DROPLESS_TILE_SIZES" --routing="$ROUTING"
       --keep_going
       --out="$OUT/bench.json")
 [[ "$LAYER_COST" == "1" ]] && args+=(--layer_cost)

@@ -132,6 +132,44 @@ def test_memory_only_reports_each_dropless_impl_beside_capacity(monkeypatch):
   assert all(r["compiled_peak_bytes"] > 0 and r["peak_vs_capacity"] > 0 for r in rows.values())
 
 
+def test_dropless_variants_cross_tiles_and_tile_sizes_for_blocked_only():
+  assert bench._dropless_variants("capacity", ["auto"], [8], [1, 5]) == [(None, None, None)]
+  assert bench._dropless_variants("dropless", ["auto", "gather"], [8, 16], [1, 5]) == [
+    ("auto", 8, 1),
+    ("auto", 8, 5),
+    ("auto", 16, 1),
+    ("auto", 16, 5),
+    ("gather", 8, 1),
+  ]
+  assert bench._dropless_variants("dropless", ["blocked"], [], []) == [("blocked", None, None)]
+
+
+@pytest.mark.slow
+def test_bench_runs_each_tile_size_count_side_by_side(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
+  results = bench.main(
+    [
+      "--config=configs/moe_k8.py:tiny",
+      "--dispatch=dropless",
+      "--dropless_tile=16",
+      "--dropless_tile_sizes=1,2",
+      "--steps=1",
+      "--warmup=1",
+      "--batch=2",
+      "--seq=16",
+    ]
+  )
+  runs = {r["label"]: r for r in results["runs"]}
+  assert list(runs) == [
+    "configs/moe_k8.py:tiny dropless sizes=1",
+    "configs/moe_k8.py:tiny dropless sizes=2",
+  ]
+  assert runs["configs/moe_k8.py:tiny dropless sizes=1"]["dropless_tile_sizes"] == [16]
+  assert runs["configs/moe_k8.py:tiny dropless sizes=2"]["dropless_tile_sizes"] == [8, 16]
+  losses = [r["loss"] for r in runs.values()]
+  assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the same function either way
+
+
 def test_paper_width_preset_is_the_paper_layer_at_cpu_size():
   args = bench.parse_args(["--suite", "--shapes=paper_width"])
   preset = bench.SHAPES[args.shapes]

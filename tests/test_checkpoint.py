@@ -196,6 +196,7 @@ def test_every_model_config_field_is_classified():
     "dispatch",
     "dropless_impl",
     "dropless_tile",
+    "dropless_tile_sizes",
     "capacity_factor_train",
     "capacity_factor_eval",
     "min_capacity",

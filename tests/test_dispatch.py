@@ -11,7 +11,7 @@ import numpy_reference as ref
 import pytest
 
 from coe_jax.nn import blocked
-from coe_jax.nn.blocked import blocked_dispatch, blocked_layout, num_blocked_tiles
+from coe_jax.nn.blocked import blocked_bounds, blocked_dispatch, blocked_layout
 from coe_jax.nn.dispatch import (
   assignment_slots,
   capacity_dispatch,
@@ -288,9 +288,17 @@ def _dropless_value_and_grads(
 
 
 def _assert_dropless_agree(
-  x, ids, cw, weights, probe, token_mask=None, tiles=(1, 3, 8, 64), tiles_per_step=(2, 5)
+  x,
+  ids,
+  cw,
+  weights,
+  probe,
+  token_mask=None,
+  tiles=(1, 3, 8, 64),
+  tiles_per_step=(2, 5),
+  size_sets=((1, 2, 3), (2, 5, 8)),
 ):
-  """blocked (every tile size, 1 and several tiles per step) == gather path == per-expert loop."""
+  """blocked (every tile size, several sizes, 1 and several tiles per step) == gather == loop."""
   args = (
     jnp.asarray(x),
     jnp.asarray(ids),
@@ -306,6 +314,13 @@ def _assert_dropless_agree(
     {
       f"blocked tile=4 x{g}": dict(impl="blocked_direct", tile=4, tiles_per_step=g)
       for g in tiles_per_step
+    }
+  )
+  runs.update(  # one whole-tile size and smaller sizes for each expert's last tile
+    {
+      f"blocked sizes={sizes} x{g}": dict(impl="blocked_direct", tile=sizes, tiles_per_step=g)
+      for sizes in size_sets
+      for g in (1, tiles_per_step[0])
     }
   )
   flat_want = jax.tree.leaves(want_grads)
@@ -376,13 +391,18 @@ def test_blocked_with_k_equal_to_n():
 def test_blocked_layout_pads_each_expert_to_whole_tiles():
   ids = np.array([[0, 2], [2, 0], [2, 3], [0, 2], [2, 3]], np.int32)  # loads 3, 0, 5, 2
   tile, num_experts = 2, 4
-  num_tiles = num_blocked_tiles(ids.size, num_experts, tile)
+  num_rows, (num_tiles,) = blocked_bounds(ids.size, num_experts, (tile,))
   assert num_tiles == (10 + 4 * 1) // 2  # tokens*K + N*(tile-1) rows, in tiles
-  layout = jax.jit(blocked_layout, static_argnums=(1, 2, 3))(
-    jnp.asarray(ids), num_experts, tile, num_tiles
-  )
-  assert int(layout.used_tiles) == 2 + 0 + 3 + 1  # ceil(load / tile) per expert
-  np.testing.assert_array_equal(np.asarray(layout.tile_expert)[:6], [0, 0, 2, 2, 2, 3])
+  assert num_rows == 10 + 4 * 1
+  layout = jax.jit(blocked_layout, static_argnums=(1, 2))(jnp.asarray(ids), num_experts, (tile,))
+  schedule = layout.schedule
+  assert schedule.sizes == (tile,)
+  np.testing.assert_array_equal(schedule.used, [2 + 0 + 3 + 1])  # ceil(load / tile) per expert
+  np.testing.assert_array_equal(np.asarray(schedule.expert[0])[:6], [0, 0, 2, 2, 2, 3])
+  np.testing.assert_array_equal(np.asarray(schedule.start[0])[:6], [0, 2, 4, 6, 8, 10])
+  np.testing.assert_array_equal(
+    np.asarray(schedule.start[0])[6:], num_rows
+  )  # unused: past the rows
   rows = np.asarray(layout.row_of_assignment)
   # Expert 0 owns rows 0-3 (3 used), expert 2 rows 4-9 (5 used), expert 3 rows 10-11; token order.
   flat = ids.reshape(-1)
@@ -392,26 +412,81 @@ def test_blocked_layout_pads_each_expert_to_whole_tiles():
     )
     assert (np.diff(rows.reshape(-1)[flat == e]) > 0).all()  # stable: token order
   of_row = np.asarray(layout.assignment_of_row)
-  assert of_row.shape == (num_tiles * tile,)
+  assert of_row.shape == (num_rows,)
   np.testing.assert_array_equal(of_row[rows.reshape(-1)], np.arange(ids.size))
-  assert set(np.where(of_row == ids.size)[0]) == {3, 9, *range(12, num_tiles * tile)}  # padding
+  assert set(np.where(of_row == ids.size)[0]) == {3, 9, 12, 13}  # padding
+
+
+def test_blocked_layout_gives_each_experts_last_tile_the_smallest_size_that_holds_it():
+  # Loads 7, 0, 1, 4, 12 with sizes (2, 4): expert 0 runs whole tiles 4 + the last 3 rows in a
+  # tile of 4; expert 2 a tile of 2; expert 3 one tile of 4; expert 4 three tiles of 4.
+  loads = [7, 0, 1, 4, 12]
+  ids = np.repeat(np.arange(5), loads).astype(np.int32)[:, None]
+  rng = np.random.default_rng(0)
+  ids = ids[rng.permutation(len(ids))]
+  layout = blocked_layout(jnp.asarray(ids), 5, (2, 4))
+  schedule = layout.schedule
+  np.testing.assert_array_equal(schedule.used, [1, 6])
+  np.testing.assert_array_equal(np.asarray(schedule.expert[0])[:1], [2])
+  np.testing.assert_array_equal(np.asarray(schedule.start[0])[:1], [8])
+  np.testing.assert_array_equal(np.asarray(schedule.expert[1])[:6], [0, 0, 3, 4, 4, 4])
+  np.testing.assert_array_equal(np.asarray(schedule.start[1])[:6], [0, 4, 10, 14, 18, 22])
+  # Rows: expert 0 at 0-6 (pad 7), expert 2 at 8 (pad 9), expert 3 at 10-13, expert 4 at 14-25.
+  num_rows, bounds = blocked_bounds(ids.size, 5, (2, 4))
+  assert num_rows == ids.size + 5 * 1  # at most one padding row per expert (steps of 2)
+  assert bounds == (min(5, 24 // 1), min(24 // 3, (24 + 5 * 3) // 4))
+  of_row = np.asarray(layout.assignment_of_row)
+  assert set(np.where(of_row[:26] == ids.size)[0]) == {7, 9}
+  flat = ids.reshape(-1)
+  rows = np.asarray(layout.row_of_assignment).reshape(-1)
+  for e, first in [(0, 0), (2, 8), (3, 10), (4, 14)]:
+    np.testing.assert_array_equal(rows[flat == e], first + np.arange(loads[e]))
+
+
+def test_blocked_bounds_hold_for_every_load():
+  # Exhaustive over every way to spread 9 assignments over 3 experts, for several size sets.
+  import itertools
+
+  layout_fn = jax.jit(blocked_layout, static_argnums=(1, 2))
+  for sizes in [(1,), (3,), (2, 4), (1, 2, 3), (2, 5, 8), (4, 9)]:
+    num_rows, bounds = blocked_bounds(9, 3, sizes)
+    for a, b in itertools.product(range(10), repeat=2):
+      if a + b > 9:
+        continue
+      ids = np.repeat(np.arange(3), [a, b, 9 - a - b]).astype(np.int32)[:, None]
+      schedule = layout_fn(jnp.asarray(ids), 3, sizes).schedule
+      used = np.asarray(schedule.used)
+      assert (used <= np.asarray(bounds)).all(), (sizes, a, b)
+      ends = [
+        int(start[n - 1]) + size for start, n, size in zip(schedule.start, used, sizes) if n > 0
+      ]
+      assert max(ends) <= num_rows, (sizes, a, b)
 
 
 def test_blocked_swiglu_runs_only_the_used_tiles():
   x, _, _, weights, _ = _random_problem(16, num_tokens=12, num_experts=3, k=1)
-  tiles = jnp.asarray(x).reshape(4, 3, D)  # every row non-zero
-  tile_expert = jnp.asarray([0, 1, 1, 2], jnp.int32)
+  rows = jnp.asarray(x)  # every row non-zero
+  # Sizes 2 and 4: expert 0 rows 0-3, expert 1 rows 4-5 and 6-9; an unused entry of each size.
   for per_step in (1, 2):
-    out = np.asarray(
-      blocked.blocked_swiglu(
-        tiles, tile_expert, jnp.int32(3), weights.gate, weights.up, weights.down, per_step
-      )
+    schedule = blocked.TileSchedule(
+      expert=(jnp.asarray([1, 2], jnp.int32), jnp.asarray([0, 1], jnp.int32)),
+      start=(jnp.asarray([4, 12], jnp.int32), jnp.asarray([0, 6], jnp.int32)),
+      used=jnp.asarray([1, 2], jnp.int32),
+      sizes=(2, 4),
     )
-    for i, e in enumerate([0, 1, 1]):
+    padded = jnp.concatenate([rows, jnp.zeros((4, D), rows.dtype)]) if per_step > 1 else rows
+    out = np.asarray(
+      blocked.blocked_swiglu(padded, schedule, weights.gate, weights.up, weights.down, per_step)
+    )
+    for first, size, e in [(0, 4, 0), (4, 2, 1), (6, 4, 1)]:
       expert = SwiGLUWeights(weights.gate[e], weights.up[e], weights.down[e])
-      np.testing.assert_allclose(out[i], np.asarray(swiglu(expert, tiles[i])), rtol=1e-5, atol=1e-5)
-    if per_step == 1:  # past used_tiles: never computed (with 2 per step, tile 3 shares a step)
-      np.testing.assert_array_equal(out[3], 0.0)
+      np.testing.assert_allclose(
+        out[first : first + size],
+        np.asarray(swiglu(expert, rows[first : first + size])),
+        rtol=1e-5,
+        atol=1e-5,
+      )
+    np.testing.assert_array_equal(out[10:12], 0.0)  # in no used tile: never computed
 
 
 def test_blocked_padding_rows_are_zero():
@@ -419,29 +494,32 @@ def test_blocked_padding_rows_are_zero():
   seen = {}
   original = blocked.blocked_swiglu
 
-  def spy(tiles, tile_expert, used_tiles, *rest):
-    seen.update(tiles=tiles, used=used_tiles)
-    return original(tiles, tile_expert, used_tiles, *rest)
+  def spy(rows, schedule, *rest):
+    seen.update(rows=rows)
+    return original(rows, schedule, *rest)
 
   blocked.blocked_swiglu = spy
   try:
-    out = blocked_dispatch(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, tile=4)
+    out = blocked_dispatch(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, (2, 4))
   finally:
     blocked.blocked_swiglu = original
-  tiles = np.asarray(seen["tiles"]).reshape(-1, D)
-  layout = blocked_layout(jnp.asarray(ids), 5, 4, np.asarray(seen["tiles"]).shape[0])
+  rows = np.asarray(seen["rows"])
+  layout = blocked_layout(jnp.asarray(ids), 5, (2, 4))
   of_row = np.asarray(layout.assignment_of_row)
-  np.testing.assert_array_equal(tiles[of_row == ids.size], 0.0)  # exact zeros, not garbage
-  np.testing.assert_array_equal(tiles[of_row < ids.size], x[of_row[of_row < ids.size] // 2])
+  assert rows.shape[0] == of_row.shape[0]
+  np.testing.assert_array_equal(rows[of_row == ids.size], 0.0)  # exact zeros, not garbage
+  np.testing.assert_array_equal(rows[of_row < ids.size], x[of_row[of_row < ids.size] // 2])
   want = np.asarray(_loop_reference(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights))
   np.testing.assert_allclose(np.asarray(out.output), want, rtol=1e-5, atol=1e-5)
 
 
-def test_dropless_tile_is_validated():
+def test_dropless_tile_and_tile_sizes_are_validated():
   assert ModelConfig(dropless_impl="blocked", dropless_tile=32).dropless_tile == 32
-  for bad in (-1, 2.5, True):
-    with pytest.raises(ConfigError, match="model.dropless_tile"):
-      ModelConfig(dropless_tile=bad)
+  assert ModelConfig(dropless_tile_sizes=3).coe.dropless_tile_sizes == 3
+  for field in ("dropless_tile", "dropless_tile_sizes"):
+    for bad in (-1, 2.5, True):
+      with pytest.raises(ConfigError, match=rf"model\.{field}\b"):
+        ModelConfig(**{field: bad})
 
 
 def test_default_dropless_tile_holds_a_balanced_load_one_deviation_over_the_mean():
@@ -462,6 +540,19 @@ def test_default_dropless_tile_holds_a_balanced_load_one_deviation_over_the_mean
     assert pieces * tile - (mean + mean**0.5) < 8 * pieces  # padding under 8 rows a tile
 
 
+def test_tile_sizes_step_by_multiples_of_eight_up_to_the_whole_tile():
+  assert blocked.tile_sizes(80, 5) == (16, 32, 48, 64, 80)  # MoE(K=8) at 512 tokens: pad <= 15
+  assert blocked.tile_sizes(40, 5) == (8, 16, 24, 32, 40)  # CoE(C=2,K=4) there
+  assert blocked.tile_sizes(184, 5) == (40, 80, 112, 152, 184)
+  assert blocked.tile_sizes(80, 1) == (80,)  # whole tiles only (the GPU default)
+  assert blocked.tile_sizes(16, 5) == (8, 16) and blocked.tile_sizes(12, 5) == (12,)
+  assert blocked.tile_sizes(4, 5) == (4,)
+  assert blocked.default_tile_sizes(80) == blocked.tile_sizes(80, blocked.LAST_TILE_SIZES)  # CPU
+  rows, tiles = blocked_bounds(512 * 8, 63, blocked.tile_sizes(80, 5))
+  assert rows == 512 * 8 + 63 * 15  # against 512 * 8 + 63 * 79 with whole tiles only
+  assert tiles == (63, 63, 63, 63, min(4096 // 65, (4096 + 63 * 79) // 80))
+
+
 def test_blocked_backward_gives_each_weight_gradient_its_own_zeros():
   # Two chained calls (as in a CoE layer's two iterations): XLA must not merge the zero-initialised
   # [E, d, f] accumulators into one constant that it then copies into every loop (PERF.md 18).
@@ -473,7 +564,7 @@ def test_blocked_backward_gives_each_weight_gradient_its_own_zeros():
 
   def loss(w, x_, routes_):
     for route in routes_:
-      x_ = x_ + blocked_dispatch(x_, route, jnp.asarray(cw), w, tile=4).output
+      x_ = x_ + blocked_dispatch(x_, route, jnp.asarray(cw), w, 4).output
     return jnp.sum(x_)
 
   hlo = jax.jit(jax.grad(loss)).lower(weights, jnp.asarray(x), routes).compile().as_text()

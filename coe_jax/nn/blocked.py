@@ -1,18 +1,20 @@
 """Dropless dispatch, block-sparse (MegaBlocks' layout in plain XLA; `dropless_impl='blocked'`).
 
-Assignments are sorted by expert and each expert's group is padded to a
-multiple of a row tile; every used tile runs against its expert's weights in
-a loop (`blocked_swiglu`, a custom VJP whose backward is one loop too). Work
-and memory grow with tokens x K (at most tokens * K + experts * (tile - 1)
-rows), not with tokens x N. Padding rows are exact zeros (never uninitialised
-memory), and only the used tiles run (a data-dependent trip count).
+Assignments are sorted by expert and each expert's group runs as whole tiles
+of `tile` rows plus one last tile of the smallest of a few sizes that holds the
+rest (on CPU: 80 -> 16, 32, 48, 64, 80 rows); every used tile runs against its
+expert's weights in one loop per size (`blocked_swiglu`, a custom VJP whose
+backward is loops too). Work and memory grow with tokens x K (at most
+tokens * K + experts * (widest step between sizes - 1) rows), not with
+tokens x N. Padding rows are exact zeros (never uninitialised memory), and only
+the used tiles run (data-dependent trip counts).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax
 import jax
@@ -23,22 +25,23 @@ from coe_jax.nn.experts import SwiGLUWeights
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
 TILE_CAP = 256  # most rows in one default tile; an expert's larger load is split into equal tiles
+LAST_TILE_SIZES = 5  # tile sizes on CPU, for each expert's last tile (`default_tile_sizes`)
 
 
 def default_dropless_tile(num_assignments: int, num_experts: int) -> int:
-  """Rows per tile of 'blocked' when `dropless_tile` is 0.
+  """Rows per whole tile of 'blocked' when `dropless_tile` is 0.
 
   Sized for balanced routing (what the load-balancing loss trains towards; an
   expert's load is then about mean +- sqrt(mean)): one tile holds a load up to
   one standard deviation above the mean, so ~84% of the experts run a single
   tile (one read of their weights) and the rest two. Above `TILE_CAP` rows that
-  target is split into equal tiles (mean load 520 -> 3 tiles of 184 rows: 0.73-0.97x
-  capacity, 64: 1.27-1.41x). A multiple of 8, at least 8. PERF.md 20, the routed-expert
-  layer at the paper width on CPU, time relative to the capacity path, balanced
-  loads: mean load 65 -> 80 rows 0.88-0.98x (the old power of two, 64:
-  1.20-1.22x), mean load 32.5 -> 40 rows 1.06-1.42x (32: 1.11-1.82x; processes
-  vary); with an untrained router's skewed loads, 1.21-1.23x (64: 1.25-1.27x)
-  and 1.29-1.90x (32: 1.30-1.61x).
+  target is split into equal tiles (mean load 520 -> 3 tiles of 184 rows). A
+  multiple of 8, at least 8. PERF.md 20 (measured with whole tiles only, the
+  routed-expert layer at the paper width on CPU, relative to the capacity path,
+  balanced loads): mean load 65 -> 80 rows 0.88-0.98x (the old power of two,
+  64: 1.20-1.22x); mean load 32.5 -> 40 rows 1.06-1.42x (32: 1.11-1.82x). The
+  smaller last tiles of `default_tile_sizes` (PERF.md 21) then cut the padding
+  that skewed loads add.
   """
   mean = num_assignments / max(num_experts, 1)
   target = mean + math.sqrt(mean)
@@ -61,61 +64,122 @@ def blocked_tiles_per_step(weights: SwiGLUWeights, tile: int) -> int:
   return max(1, (1 << 30) // (2 * per_tile))
 
 
+def default_tile_sizes(tile: int, count: int = 0) -> tuple[int, ...]:
+  """Row counts of the tiles 'blocked' runs: `tile`, and `count` - 1 smaller sizes for last tiles.
+
+  Each expert's rows run as whole tiles of `tile` rows plus one last tile of the
+  smallest size that holds the rest (`tile_sizes`). count 0 (`dropless_tile_sizes`'
+  default): on CPU `LAST_TILE_SIZES` sizes (80 -> 16, 32, 48, 64, 80), so an expert
+  pads at most 15 rows instead of up to 79, and its weights are still read once
+  per tile (PERF.md 21); elsewhere (unmeasured) one size: a GPU runs many tiles
+  per step, and pads little at its larger loads.
+  """
+  if not count:
+    count = LAST_TILE_SIZES if jax.default_backend() == "cpu" else 1
+  return tile_sizes(tile, count)
+
+
+def tile_sizes(tile: int, count: int) -> tuple[int, ...]:
+  """Up to `count` sizes evenly spaced up to `tile`, multiples of 8 below it (fewer if small)."""
+  count = max(1, min(count, tile // 8))
+  return tuple(
+    sorted({min(tile, 8 * math.ceil(tile * i / count / 8)) for i in range(1, count + 1)})
+  )
+
+
+def blocked_bounds(
+  num_assignments: int, num_experts: int, tile_sizes: Sequence[int]
+) -> tuple[int, tuple[int, ...]]:
+  """Static bounds over all loads with sum_e n_e = num_assignments: rows, and tiles of each size.
+
+  An expert's last tile of size s_i holds more than s_{i-1} of its rows (s_0 = 0),
+  so it pads fewer than the widest step between sizes, and there are at most
+  min(experts, assignments // (s_{i-1} + 1)) such tiles. Tiles of the largest
+  size (whole tiles and last tiles of that size) hold more than s_{m-1} rows
+  each, and number at most sum_e ceil(n_e / s_m).
+  """
+  busy = max(1, min(num_experts, num_assignments))  # experts that can hold an assignment
+  edges = (0, *tile_sizes)
+  steps = [size - lower for lower, size in zip(edges, edges[1:])]
+  rows = num_assignments + busy * (max(steps) - 1)
+  tiles = [min(busy, num_assignments // (lower + 1)) for lower in edges[:-1]]
+  top = tile_sizes[-1]
+  tiles[-1] = min(num_assignments // (edges[-2] + 1), (num_assignments + busy * (top - 1)) // top)
+  return rows, tuple(max(1, t) for t in tiles)
+
+
+@flax.struct.dataclass
+class TileSchedule:
+  """The tiles 'blocked' runs, for each tile size: their experts and first rows.
+
+  Attributes:
+    expert: per size, <int32>[tiles] the expert whose weights each tile uses
+      (tiles in expert order; entries past `used` repeat the last expert).
+    start: per size, <int32>[tiles] each tile's first row; past `used`, the
+      first row after the expert rows (a block of zero rows when several tiles
+      run per step, never read otherwise).
+    used: <int32>[sizes] tiles of each size holding at least one assignment.
+    sizes: the tile sizes (rows), ascending.
+  """
+
+  expert: tuple[Array, ...]
+  start: tuple[Array, ...]
+  used: Array
+  sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+
 @flax.struct.dataclass
 class BlockedLayout:
-  """Where every (token, slot) assignment sits in the tiled, expert-sorted rows.
+  """Where every (token, slot) assignment sits in the expert-sorted, tile-padded rows.
 
   Attributes:
     row_of_assignment: <int32>[tokens, K] row of each assignment; `rows` (one
       past the last) for assignments of masked-out tokens.
     assignment_of_row: <int32>[rows] assignment (t * K + slot) each row holds;
       tokens * K for padding rows.
-    tile_expert: <int32>[tiles] the expert whose weights each tile uses (tiles
-      past `used_tiles` hold zeros and are never run).
-    used_tiles: <int32>[] tiles holding at least one assignment: sum_e ceil(n_e / tile).
+    schedule: the tiles covering every expert's rows.
     kept: <bool>[tokens, K] False only for assignments of masked-out tokens.
   """
 
   row_of_assignment: Array
   assignment_of_row: Array
-  tile_expert: Array
-  used_tiles: Array
+  schedule: TileSchedule
   kept: Array
-
-
-def num_blocked_tiles(num_assignments: int, num_experts: int, tile: int) -> int:
-  """Static bound on sum_e ceil(n_e / tile) over all loads with sum_e n_e = num_assignments.
-
-  Each expert wastes at most tile - 1 padding rows, so the rows never exceed
-  num_assignments + num_experts * (tile - 1); at least one tile.
-  """
-  return max(1, (num_assignments + num_experts * (tile - 1)) // tile)
 
 
 def blocked_layout(
   expert_ids: Int[Array, "tokens k"],
   num_experts: int,
-  tile: int,
-  num_tiles: int,
+  tile_sizes: Sequence[int],
   token_mask: Optional[Bool[Array, "tokens"]] = None,
+  tiles_per_step: int = 1,
 ) -> BlockedLayout:
-  """Sorts assignments by expert and pads each expert's group to a multiple of `tile` rows.
+  """Sorts assignments by expert and pads each expert's group to its tiles.
 
-  Expert e's rows start at tile boundary `tile * sum_{e' < e} ceil(n_e' / tile)`,
-  in token order (the sort is stable). Assignments of masked-out tokens go to
-  a virtual expert past the last and get no row.
+  Expert e's n_e rows (in token order: the sort is stable) are ceil(n_e / s_m) - 1
+  whole tiles of the largest size s_m and a last tile of the smallest size that
+  holds the rest; each expert's rows start where the previous expert's tiles end.
+  With `tiles_per_step` > 1, each size's tile list is padded to a multiple of it,
+  and the rows gain a block of s_m zero rows for the padding entries to read.
+  Assignments of masked-out tokens go to a virtual expert past the last and get no row.
   """
   num_tokens, k = expert_ids.shape
   if token_mask is not None:
     expert_ids = jnp.where(token_mask[:, None], expert_ids, num_experts)
   flat = expert_ids.reshape(-1).astype(jnp.int32)  # assignment t * k + slot
   n = flat.shape[0]
-  num_rows = num_tiles * tile
+  tile_sizes = tuple(tile_sizes)
+  expert_rows, tiles_of_size = blocked_bounds(n, num_experts, tile_sizes)
+  num_rows = expert_rows + (tile_sizes[-1] if tiles_per_step > 1 else 0)
   order = expert_order(flat, num_experts)  # sorted position -> assignment
   counts = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-  tiles_per_expert = (counts + tile - 1) // tile
-  tile_end = jnp.cumsum(tiles_per_expert)  # [E] first tile after expert e's
-  padded_start = (tile_end - tiles_per_expert) * tile  # first row of expert e
+  top = tile_sizes[-1]
+  sizes = jnp.asarray(tile_sizes, jnp.int32)
+  whole = jnp.maximum(counts - 1, 0) // top  # whole tiles before the last one
+  last = counts - whole * top  # rows in the last tile, in [1, top]; 0 for an idle expert
+  last_size = jnp.sum(sizes[None, :] < last[:, None], axis=1, dtype=jnp.int32)  # its size's index
+  padded = whole * top + jnp.where(last > 0, sizes[jnp.minimum(last_size, len(tile_sizes) - 1)], 0)
+  padded_start = jnp.cumsum(padded) - padded  # first row of expert e
   start = jnp.cumsum(counts) - counts  # first sorted position of expert e
   sorted_ids = flat[order]
   real = sorted_ids < num_experts
@@ -128,13 +192,25 @@ def blocked_layout(
     .at[row_of_assignment]
     .set(jnp.arange(n, dtype=jnp.int32), mode="drop")
   )
-  tile_index = jnp.arange(num_tiles, dtype=jnp.int32)
-  tile_expert = jnp.sum(tile_end[None, :] <= tile_index[:, None], axis=1, dtype=jnp.int32)
+  experts, starts, used = [], [], []
+  for i, (size, bound) in enumerate(zip(tile_sizes, tiles_of_size)):
+    is_top = i == len(tile_sizes) - 1
+    per_expert = ((last > 0) & (last_size == i)).astype(jnp.int32) + (whole if is_top else 0)
+    end = jnp.cumsum(per_expert)  # tiles of this size up to and including expert e's
+    index = jnp.arange(-(-bound // tiles_per_step) * tiles_per_step, dtype=jnp.int32)
+    expert = jnp.minimum(
+      jnp.sum(end[None, :] <= index[:, None], axis=1, dtype=jnp.int32), num_experts - 1
+    )
+    first = padded_start[expert] + (index - end[expert] + per_expert[expert]) * size
+    if not is_top:  # after the expert's whole tiles
+      first = first + whole[expert] * top
+    experts.append(expert)
+    starts.append(jnp.where(index < end[-1], first, expert_rows))
+    used.append(end[-1])
   return BlockedLayout(
     row_of_assignment=row_of_assignment.reshape(num_tokens, k),
     assignment_of_row=assignment_of_row,
-    tile_expert=jnp.minimum(tile_expert, num_experts - 1),
-    used_tiles=tile_end[-1].astype(jnp.int32),
+    schedule=TileSchedule(tuple(experts), tuple(starts), jnp.stack(used), tile_sizes),
     kept=(flat < num_experts).reshape(num_tokens, k),
   )
 
@@ -174,91 +250,110 @@ def _sum_to_type_of(grad: Array, primal: Array) -> Array:
   return jax.lax.psum(grad, axes) if axes else grad
 
 
-def _blocked_forward(tiles, tile_expert, used_tiles, gate, up, down, tiles_per_step):
-  """The loop over used tile groups; returns (outputs, gate pre-activations, up activations)."""
-  num_tiles, tile, hidden = tiles.shape
-  inter = gate.shape[-1]
-  steps = num_tiles // tiles_per_step
-  xs = tiles.reshape(steps, tiles_per_step, tile, hidden)
-  experts = tile_expert.reshape(steps, tiles_per_step)
+def _read_tiles(a: Array, starts: Int[Array, "g"], size: int) -> Array:
+  """[g, size, width] rows starts[i] .. starts[i] + size of a [rows, width] (a slice when g = 1)."""
+  if starts.shape[0] == 1:
+    return jax.lax.dynamic_slice_in_dim(a, starts[0], size, axis=0)[None]
+  return a[starts[:, None] + jnp.arange(size, dtype=starts.dtype)]
 
-  def body(s, carry):
+
+def _write_tiles(a: Array, starts: Int[Array, "g"], value: Array) -> Array:
+  """a with `_read_tiles(a, starts, size)` replaced by value [g, size, width], in place."""
+  if starts.shape[0] == 1:
+    return jax.lax.dynamic_update_slice_in_dim(a, value[0].astype(a.dtype), starts[0], axis=0)
+  rows = (starts[:, None] + jnp.arange(value.shape[1], dtype=starts.dtype)).reshape(-1)
+  return a.at[rows].set(value.reshape(rows.shape[0], -1).astype(a.dtype))
+
+
+def _over_tiles(schedule: TileSchedule, tiles_per_step: int, body, carry):
+  """carry through body(carry, size, experts <[g]>, starts <[g]>) for each size's used tile groups.
+
+  One `fori_loop` per size with a data-dependent trip count: only used tiles cost anything.
+  """
+  for i, size in enumerate(schedule.sizes):
+    experts = schedule.expert[i].reshape(-1, tiles_per_step)
+    starts = schedule.start[i].reshape(-1, tiles_per_step)
+    used_steps = (schedule.used[i] + tiles_per_step - 1) // tiles_per_step
+    carry = jax.lax.fori_loop(
+      0,
+      used_steps,
+      lambda s, c, size=size, experts=experts, starts=starts: body(c, size, experts[s], starts[s]),
+      carry,
+    )
+  return carry
+
+
+def _blocked_forward(rows, schedule, gate, up, down, tiles_per_step):
+  """The tile loops; returns (outputs, gate pre-activations, up activations), each per row."""
+  inter = gate.shape[-1]
+
+  def body(carry, size, e, starts):
     y, g_all, u_all = carry
-    x, e = xs[s], experts[s]
+    x = _read_tiles(rows, starts, size)
     g = jnp.einsum("gwd,gdf->gwf", x, _take_experts(gate, e))
     u = jnp.einsum("gwd,gdf->gwf", x, _take_experts(up, e))
     out = jnp.einsum("gwf,gfd->gwd", jax.nn.silu(g) * u, _take_experts(down, e))
     return (
-      jax.lax.dynamic_update_index_in_dim(y, out, s, 0),
-      jax.lax.dynamic_update_index_in_dim(g_all, g, s, 0),
-      jax.lax.dynamic_update_index_in_dim(u_all, u, s, 0),
+      _write_tiles(y, starts, out),
+      _write_tiles(g_all, starts, g),
+      _write_tiles(u_all, starts, u),
     )
 
-  zeros = lambda width: _varying_like(
-    jnp.zeros((steps, tiles_per_step, tile, width), tiles.dtype), tiles
-  )
-  used_steps = (used_tiles + tiles_per_step - 1) // tiles_per_step
-  y, g_all, u_all = jax.lax.fori_loop(
-    0, used_steps, body, (zeros(hidden), zeros(inter), zeros(inter))
-  )
-  return y.reshape(tiles.shape), g_all, u_all
+  zeros = lambda width: _varying_like(jnp.zeros((rows.shape[0], width), rows.dtype), rows)
+  init = (zeros(rows.shape[1]), zeros(inter), zeros(inter))
+  return _over_tiles(schedule, tiles_per_step, body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def blocked_swiglu(
-  tiles: Float[Array, "tiles tile hidden"],
-  tile_expert: Int[Array, "tiles"],
-  used_tiles: Int[Array, ""],
+  rows: Float[Array, "rows hidden"],
+  schedule: TileSchedule,
   gate: Array,
   up: Array,
   down: Array,
   tiles_per_step: int = 1,
-) -> Float[Array, "tiles tile hidden"]:
-  """Tile i's rows through expert tile_expert[i]'s SwiGLU, for the first `used_tiles` tiles.
+) -> Float[Array, "rows hidden"]:
+  """Each scheduled tile's rows through its expert's SwiGLU; rows outside every used tile stay zero.
 
-  `tile_expert` must be non-decreasing (tiles in expert order, as `blocked_layout` makes them).
-
-  The loop runs `tiles_per_step` tiles per iteration (weights gathered per
-  tile when > 1; `num_tiles` must be a multiple of it); steps past the one
-  holding tile `used_tiles - 1` are not run and their outputs read as zeros
-  (in `blocked_dispatch` every tile past `used_tiles` holds zero rows anyway). A custom VJP so that the backward
-  pass is one loop too, accumulating each tile's weight gradient into its
-  expert's slice in place (float32 accumulators), instead of the full-size
+  The tiles of one size run in a loop, `tiles_per_step` per iteration (their
+  weights gathered when > 1; every size's tile list must be a multiple of it
+  long, padding entries reading a block of zero rows). A custom VJP so that the
+  backward pass is loops too, accumulating each tile's weight gradient into
+  its expert's slice in place (float32 accumulators), instead of the full-size
   zero-padded cotangent per iteration that differentiating `dynamic_slice`
-  in a loop would produce. A while loop with a data-dependent trip count:
-  only used tiles cost anything.
+  in a loop would produce.
   """
-  return _blocked_forward(tiles, tile_expert, used_tiles, gate, up, down, tiles_per_step)[0]
+  return _blocked_forward(rows, schedule, gate, up, down, tiles_per_step)[0]
 
 
-def _blocked_swiglu_fwd(tiles, tile_expert, used_tiles, gate, up, down, tiles_per_step):
-  y, g_all, u_all = _blocked_forward(tiles, tile_expert, used_tiles, gate, up, down, tiles_per_step)
-  return y, (tiles, tile_expert, used_tiles, gate, up, down, g_all, u_all)
+def _blocked_swiglu_fwd(rows, schedule, gate, up, down, tiles_per_step):
+  y, g_all, u_all = _blocked_forward(rows, schedule, gate, up, down, tiles_per_step)
+  return y, (rows, schedule, gate, up, down, g_all, u_all)
 
 
 def _blocked_swiglu_bwd(tiles_per_step, residuals, d_y):
-  tiles, tile_expert, used_tiles, gate, up, down, g_all, u_all = residuals
-  num_tiles, tile, hidden = tiles.shape
-  steps = num_tiles // tiles_per_step
-  xs = tiles.reshape(steps, tiles_per_step, tile, hidden)
-  dys = d_y.reshape(steps, tiles_per_step, tile, hidden).astype(tiles.dtype)
-  experts = tile_expert.reshape(steps, tiles_per_step)
+  rows, schedule, gate, up, down, g_all, u_all = residuals
+  d_y = d_y.astype(rows.dtype)
   f32 = jnp.float32
 
-  def body(s, carry):
+  def body(carry, size, e, starts):
     d_x, d_gate, d_up, d_down = carry
-    x, dy, e, g, u = xs[s], dys[s], experts[s], g_all[s], u_all[s]
-    sig = jax.nn.sigmoid(g.astype(f32))
-    silu_g = g.astype(f32) * sig
-    h = (silu_g * u.astype(f32)).astype(x.dtype)
+    x, dy = _read_tiles(rows, starts, size), _read_tiles(d_y, starts, size)
+    g, u = (
+      _read_tiles(g_all, starts, size).astype(f32),
+      _read_tiles(u_all, starts, size).astype(f32),
+    )
+    sig = jax.nn.sigmoid(g)
+    silu_g = g * sig
+    h = (silu_g * u).astype(x.dtype)
     d_h = jnp.einsum("gwd,gfd->gwf", dy, _take_experts(down, e), preferred_element_type=f32)
     d_u = (d_h * silu_g).astype(x.dtype)
-    d_g = (d_h * u.astype(f32) * sig * (1 + g.astype(f32) * (1 - sig))).astype(x.dtype)
+    d_g = (d_h * u * sig * (1 + g * (1 - sig))).astype(x.dtype)
     dx = jnp.einsum(
       "gwf,gdf->gwd", d_g, _take_experts(gate, e), preferred_element_type=f32
     ) + jnp.einsum("gwf,gdf->gwd", d_u, _take_experts(up, e), preferred_element_type=f32)
     return (
-      jax.lax.dynamic_update_index_in_dim(d_x, dx.astype(x.dtype), s, 0),
+      _write_tiles(d_x, starts, dx),
       _add_to_experts(d_gate, e, jnp.einsum("gwd,gwf->gdf", x, d_g, preferred_element_type=f32)),
       _add_to_experts(d_up, e, jnp.einsum("gwd,gwf->gdf", x, d_u, preferred_element_type=f32)),
       _add_to_experts(d_down, e, jnp.einsum("gwf,gwd->gfd", h, dy, preferred_element_type=f32)),
@@ -269,20 +364,20 @@ def _blocked_swiglu_bwd(tiles_per_step, residuals, d_y):
   # broadcasts, across accumulators and across the model's calls of this loop, and then copies
   # the merged buffer into every loop's state: a read and a write of [E, d, f] float32 where one
   # write does (PERF.md 18).
+  used_tiles = jnp.sum(schedule.used)
   zeros = (used_tiles + jnp.arange(3, dtype=used_tiles.dtype)).astype(f32) * 0.0
   init = jax.tree.map(
-    lambda z: _varying_like(z, xs),
+    lambda z: _varying_like(z, rows),
     (
-      jnp.zeros_like(xs),
+      jnp.zeros_like(rows),
       *(jnp.broadcast_to(z, w.shape) for z, w in zip(zeros, (gate, up, down))),
     ),
   )
-  used_steps = (used_tiles + tiles_per_step - 1) // tiles_per_step
-  d_x, d_gate, d_up, d_down = jax.lax.fori_loop(0, used_steps, body, init)
+  d_x, d_gate, d_up, d_down = _over_tiles(schedule, tiles_per_step, body, init)
   d_gate, d_up, d_down = (
     _sum_to_type_of(g, w).astype(w.dtype) for g, w in ((d_gate, gate), (d_up, up), (d_down, down))
   )
-  return d_x.reshape(tiles.shape), None, None, d_gate, d_up, d_down
+  return d_x, None, d_gate, d_up, d_down
 
 
 blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
@@ -293,42 +388,33 @@ def blocked_dispatch(
   expert_ids: Int[Array, "tokens k"],
   combine_weights: Float[Array, "tokens k"],
   weights: SwiGLUWeights,
-  tile: int,
+  tile_sizes: int | Sequence[int],
   tiles_per_step: int = 1,
   token_mask: Optional[Bool[Array, "tokens"]] = None,
 ) -> DispatchOutput:
-  """Dropless routed output through expert-sorted rows padded to whole `tile`-row tiles.
+  """Dropless routed output through expert-sorted rows padded to whole tiles.
 
-  Static shapes: `num_blocked_tiles` tiles (rounded up to a multiple of
-  `tiles_per_step`), i.e. at most tokens * K + N * (tile - 1) rows, filled by
-  the gather in `gather_rows` (padding rows are exact zeros, never
-  uninitialised memory), run by `blocked_swiglu` (only the used tiles), and
-  combined by gather as in the capacity path.
+  Static shapes: at most tokens * K + N * (widest step between `tile_sizes` - 1)
+  rows (`blocked_bounds`), filled by the gather in `gather_rows` (padding rows
+  are exact zeros, never uninitialised memory), run by `blocked_swiglu` (only
+  the used tiles), and combined by gather as in the capacity path. An int is
+  one tile size; sizes over tokens * K are cut to it.
   """
   num_tokens, k = expert_ids.shape
   num_experts = weights.gate.shape[0]
-  tile = max(1, min(tile, num_tokens * k))
-  num_tiles = num_blocked_tiles(num_tokens * k, num_experts, tile)
-  tiles_per_step = max(1, min(tiles_per_step, num_tiles))
-  num_tiles = -(-num_tiles // tiles_per_step) * tiles_per_step
-  layout = blocked_layout(expert_ids, num_experts, tile, num_tiles, token_mask)
+  if isinstance(tile_sizes, int):
+    tile_sizes = (tile_sizes,)
+  tile_sizes = tuple(sorted({max(1, min(int(s), num_tokens * k)) for s in tile_sizes}))
+  tiles_per_step = max(1, tiles_per_step)
+  layout = blocked_layout(expert_ids, num_experts, tile_sizes, token_mask, tiles_per_step)
   token_of_row = jnp.where(
     layout.assignment_of_row < num_tokens * k, layout.assignment_of_row // k, num_tokens
   )
-  rows = gather_rows(x, token_of_row, layout.row_of_assignment)  # [tiles * tile, hidden]
+  rows = gather_rows(x, token_of_row, layout.row_of_assignment)  # [rows, hidden]
   out_rows = blocked_swiglu(
-    rows.reshape(num_tiles, tile, -1),
-    layout.tile_expert,
-    layout.used_tiles,
-    weights.gate,
-    weights.up,
-    weights.down,
-    tiles_per_step,
+    rows, layout.schedule, weights.gate, weights.up, weights.down, tiles_per_step
   )
   output = combine_rows(
-    out_rows.reshape(num_tiles * tile, -1),
-    layout.row_of_assignment,
-    layout.assignment_of_row,
-    combine_weights,
+    out_rows, layout.row_of_assignment, layout.assignment_of_row, combine_weights
   )
   return DispatchOutput(output=output, kept=layout.kept)

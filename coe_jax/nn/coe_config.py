@@ -51,7 +51,8 @@ class CoEConfig:
   # --- dispatch (SPEC 3) ---
   dispatch: str = "dropless"  # 'dropless' (the reference) | 'capacity' (drops over capacity)
   dropless_impl: str = "auto"  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
-  dropless_tile: int = 0  # rows per tile of 'blocked'; 0 = blocked.default_dropless_tile
+  dropless_tile: int = 0  # rows per whole tile of 'blocked'; 0 = blocked.default_dropless_tile
+  dropless_tile_sizes: int = 0  # tile sizes of 'blocked' (last tiles); 0 = 5 on CPU, 1 elsewhere
   capacity_factor_train: float = 1.25  # capacity = ceil(cf * tokens * K / N) in training
   capacity_factor_eval: float = 2.0  # ... and in evaluation
   min_capacity: int = 4  # capacity never goes below this
@@ -127,6 +128,11 @@ def validate_coe(config: Any, prefix: str) -> None:
     is_int(config.dropless_tile) and config.dropless_tile >= 0,
     "dropless_tile",
     f"got {config.dropless_tile!r}; must be an integer >= 0 (0 = default)",
+  )
+  check(
+    is_int(config.dropless_tile_sizes) and config.dropless_tile_sizes >= 0,
+    "dropless_tile_sizes",
+    f"got {config.dropless_tile_sizes!r}; must be an integer >= 0 (0 = default)",
   )
   check(
     is_int(config.min_capacity) and config.min_capacity >= 1,

@@ -11,10 +11,11 @@ Two interchangeable implementations (SPEC 3, config `model.dispatch`):
 * dropless: nothing is dropped (what the authors' code computes). Three
   implementations (`dropless_impl`), equal to float rounding:
   - 'blocked' (`coe_jax.nn.blocked`): MegaBlocks' block-sparse layout in plain
-    XLA. Assignments sorted by expert, each expert's group padded to a multiple
-    of a row tile, every used tile run against its expert's weights in a loop
-    (`blocked_swiglu`, a custom VJP). Work and memory grow with tokens x K
-    (at most tokens * K + experts * (tile - 1) rows), not with tokens x N.
+    XLA. Assignments sorted by expert, each expert's group padded to whole
+    tiles (a smaller last tile on CPU), every used tile run against its
+    expert's weights in a loop (`blocked_swiglu`, a custom VJP). Work and memory
+    grow with tokens x K (at most tokens * K + experts * tile rows), not with
+    tokens x N.
   - 'ragged_dot': grouped matmuls over expert-sorted rows (`jax.lax.ragged_dot`),
     which XLA lowers to a dense all-experts computation on CPU (and, by public
     reports, on GPU): work grows with N.
@@ -32,7 +33,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from coe_jax.nn.blocked import blocked_dispatch, blocked_tiles_per_step, default_dropless_tile
+from coe_jax.nn.blocked import (
+  blocked_dispatch,
+  blocked_tiles_per_step,
+  default_dropless_tile,
+  default_tile_sizes,
+)
 from coe_jax.nn.coe_config import DISPATCHES
 from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
@@ -192,6 +198,7 @@ def dispatch_to_experts(
   capacity: int,
   dropless_impl: str = "auto",
   dropless_tile: int = 0,
+  dropless_tile_sizes: int = 0,
   token_mask: Optional[Bool[Array, "tokens"]] = None,
   expert_axis: Optional[str] = None,
   expert_fn: Callable[[Any, Array], Array] = swiglu,
@@ -205,7 +212,10 @@ def dispatch_to_experts(
     mode: 'capacity' or 'dropless'.
     capacity: per-expert capacity for mode='capacity' (see `expert_capacity`).
     dropless_impl: 'auto' | 'gather' | 'ragged_dot' | 'blocked' for mode='dropless'.
-    dropless_tile: rows per tile of the 'blocked' implementation (0: `default_dropless_tile`).
+    dropless_tile: rows per whole tile of the 'blocked' implementation (0:
+      `default_dropless_tile`).
+    dropless_tile_sizes: how many sizes up to that tile each expert's last tile
+      picks from (0: the backend's default; `default_tile_sizes`).
     token_mask: <bool>[tokens] False for padding: those tokens take no expert
       capacity and get no routed output (None: every token is real).
     expert_axis: inside `jax.shard_map`, the mesh axis the experts are split
@@ -261,7 +271,7 @@ def dispatch_to_experts(
       expert_ids,
       combine_weights,
       weights,
-      tile,
+      default_tile_sizes(tile, dropless_tile_sizes),
       blocked_tiles_per_step(weights, tile),
       token_mask,
     )

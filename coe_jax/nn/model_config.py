@@ -127,10 +127,15 @@ class ModelConfig:
   dispatch: str = _execution("dropless")  # 'dropless' | 'capacity'
   # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
   dropless_impl: str = _execution("auto")
-  # Rows per tile of dropless_impl='blocked': each expert's rows are padded to a multiple of it
-  # (at most tokens*K + N*(tile-1) rows run). Small: less padding; large: faster matmuls.
+  # Rows per whole tile of dropless_impl='blocked': each expert's rows run as whole tiles plus a
+  # last tile of the smallest size that holds the rest (dropless_tile_sizes). Large: fewer,
+  # faster matmuls.
   # 0 = from the load (blocked.default_dropless_tile: a balanced load + 1 sd, <= 256 rows).
   dropless_tile: int = _execution(0)
+  # How many tile sizes 'blocked' picks each expert's last tile from, evenly spaced up to
+  # dropless_tile (1 = whole tiles only). 0 = the backend's default (blocked.default_tile_sizes):
+  # 5 on CPU (PERF.md 21), 1 elsewhere (unmeasured).
+  dropless_tile_sizes: int = _execution(0)
   capacity_factor_train: float = _execution(1.25)
   capacity_factor_eval: float = _execution(2.0)
   min_capacity: int = _execution(4)
