@@ -444,23 +444,46 @@ def test_blocked_layout_gives_each_experts_last_tile_the_smallest_size_that_hold
 
 
 def test_blocked_bounds_hold_for_every_load():
-  # Exhaustive over every way to spread 9 assignments over 3 experts, for several size sets.
+  # Exhaustive over every way to spread 9 assignments over 3 experts (some of them masked out),
+  # for several size sets, with 1 and 2 tiles per step: every tile, used or padding, in the rows.
   import itertools
 
-  layout_fn = jax.jit(blocked_layout, static_argnums=(1, 2))
-  for sizes in [(1,), (3,), (2, 4), (1, 2, 3), (2, 5, 8), (4, 9)]:
+  layout_fn = jax.jit(blocked_layout, static_argnums=(1, 2, 4))
+  for sizes, per_step in itertools.product(
+    [(1,), (3,), (2, 4), (1, 2, 3), (2, 5, 8), (4, 9)], (1, 2)
+  ):
     num_rows, bounds = blocked_bounds(9, 3, sizes)
     for a, b in itertools.product(range(10), repeat=2):
       if a + b > 9:
         continue
       ids = np.repeat(np.arange(3), [a, b, 9 - a - b]).astype(np.int32)[:, None]
-      schedule = layout_fn(jnp.asarray(ids), 3, sizes).schedule
+      mask = jnp.asarray(np.arange(9) % 4 != 1) if (a + b) % 2 else None
+      layout = layout_fn(jnp.asarray(ids), 3, sizes, mask, per_step)
+      schedule, rows = layout.schedule, layout.assignment_of_row.shape[0]
       used = np.asarray(schedule.used)
       assert (used <= np.asarray(bounds)).all(), (sizes, a, b)
-      ends = [
-        int(start[n - 1]) + size for start, n, size in zip(schedule.start, used, sizes) if n > 0
-      ]
-      assert max(ends) <= num_rows, (sizes, a, b)
+      for start, experts, n, size, bound in zip(
+        schedule.start, schedule.expert, used, sizes, bounds
+      ):
+        start = np.asarray(start)
+        assert len(start) % min(per_step, bound) == 0 and len(start) < bound + per_step
+        assert (start[:n] + size <= num_rows).all(), (sizes, a, b)  # used tiles: expert rows
+        if per_step > 1:  # padding entries run too, on the block of zero rows
+          assert (start[n:] + size <= rows).all(), (sizes, a, b)
+        assert (np.diff(np.asarray(experts)) >= 0).all()
+
+
+def test_blocked_runs_no_more_tiles_per_step_than_a_size_can_hold():
+  # The GPU form's budget (thousands of tiles per step at small widths) must not pad each size's
+  # tile list up to the budget: a list is never longer than its bound.
+  x, ids, cw, weights, _ = _random_problem(18, num_tokens=12, num_experts=6, k=2)
+  sizes = (2, 4)
+  _, bounds = blocked_bounds(ids.size, 6, sizes)
+  layout = blocked_layout(jnp.asarray(ids), 6, sizes, tiles_per_step=10_000)
+  assert [len(e) for e in layout.schedule.expert] == list(bounds)
+  out = blocked_dispatch(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, sizes, 10_000)
+  want = np.asarray(_loop_reference(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights))
+  np.testing.assert_allclose(np.asarray(out.output), want, rtol=1e-5, atol=1e-5)
 
 
 def test_blocked_swiglu_runs_only_the_used_tiles():

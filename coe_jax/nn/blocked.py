@@ -5,8 +5,8 @@ of `tile` rows plus one last tile of the smallest of a few sizes that holds the
 rest (on CPU: 80 -> 16, 32, 48, 64, 80 rows); every used tile runs against its
 expert's weights in one loop per size (`blocked_swiglu`, a custom VJP whose
 backward is loops too). Work and memory grow with tokens x K (at most
-tokens * K + experts * (widest step between sizes - 1) rows), not with
-tokens x N. Padding rows are exact zeros (never uninitialised memory), and only
+tokens * K + experts * (widest step between sizes - 1) rows, plus one tile of
+zero rows when several tiles run per step), not with tokens x N. Padding rows are exact zeros (never uninitialised memory), and only
 the used tiles run (data-dependent trip counts).
 """
 
@@ -113,11 +113,11 @@ class TileSchedule:
   """The tiles 'blocked' runs, for each tile size: their experts and first rows.
 
   Attributes:
-    expert: per size, <int32>[tiles] the expert whose weights each tile uses
-      (tiles in expert order; entries past `used` repeat the last expert).
-    start: per size, <int32>[tiles] each tile's first row; past `used`, the
-      first row after the expert rows (a block of zero rows when several tiles
-      run per step, never read otherwise).
+    expert: per size, <int32>[tiles] the expert whose weights each tile uses,
+      non-decreasing (entries past `used` hold expert N - 1, which keeps it so).
+    start: per size, <int32>[tiles] each tile's first row (used tiles never
+      overlap); past `used`, the first row after the expert rows (a block of
+      zero rows when several tiles run per step, never read otherwise).
     used: <int32>[sizes] tiles of each size holding at least one assignment.
     sizes: the tile sizes (rows), ascending.
   """
@@ -159,8 +159,9 @@ def blocked_layout(
   Expert e's n_e rows (in token order: the sort is stable) are ceil(n_e / s_m) - 1
   whole tiles of the largest size s_m and a last tile of the smallest size that
   holds the rest; each expert's rows start where the previous expert's tiles end.
-  With `tiles_per_step` > 1, each size's tile list is padded to a multiple of it,
-  and the rows gain a block of s_m zero rows for the padding entries to read.
+  With `tiles_per_step` > 1, each size's tile list is padded to a multiple of it
+  (or of its length bound, if smaller: `_tiles_per_step`), and the rows gain a
+  block of s_m zero rows for the padding entries to read.
   Assignments of masked-out tokens go to a virtual expert past the last and get no row.
   """
   num_tokens, k = expert_ids.shape
@@ -197,7 +198,8 @@ def blocked_layout(
     is_top = i == len(tile_sizes) - 1
     per_expert = ((last > 0) & (last_size == i)).astype(jnp.int32) + (whole if is_top else 0)
     end = jnp.cumsum(per_expert)  # tiles of this size up to and including expert e's
-    index = jnp.arange(-(-bound // tiles_per_step) * tiles_per_step, dtype=jnp.int32)
+    per_step = _tiles_per_step(tiles_per_step, bound)
+    index = jnp.arange(-(-bound // per_step) * per_step, dtype=jnp.int32)
     expert = jnp.minimum(
       jnp.sum(end[None, :] <= index[:, None], axis=1, dtype=jnp.int32), num_experts - 1
     )
@@ -265,15 +267,21 @@ def _write_tiles(a: Array, starts: Int[Array, "g"], value: Array) -> Array:
   return a.at[rows].set(value.reshape(rows.shape[0], -1).astype(a.dtype))
 
 
+def _tiles_per_step(tiles_per_step: int, num_tiles: int) -> int:
+  """Tiles per loop iteration for a list of at most `num_tiles` tiles: never more than it holds."""
+  return max(1, min(tiles_per_step, num_tiles))
+
+
 def _over_tiles(schedule: TileSchedule, tiles_per_step: int, body, carry):
   """carry through body(carry, size, experts <[g]>, starts <[g]>) for each size's used tile groups.
 
   One `fori_loop` per size with a data-dependent trip count: only used tiles cost anything.
   """
   for i, size in enumerate(schedule.sizes):
-    experts = schedule.expert[i].reshape(-1, tiles_per_step)
-    starts = schedule.start[i].reshape(-1, tiles_per_step)
-    used_steps = (schedule.used[i] + tiles_per_step - 1) // tiles_per_step
+    per_step = _tiles_per_step(tiles_per_step, schedule.expert[i].shape[0])
+    experts = schedule.expert[i].reshape(-1, per_step)
+    starts = schedule.start[i].reshape(-1, per_step)
+    used_steps = (schedule.used[i] + per_step - 1) // per_step
     carry = jax.lax.fori_loop(
       0,
       used_steps,
@@ -315,9 +323,11 @@ def blocked_swiglu(
 ) -> Float[Array, "rows hidden"]:
   """Each scheduled tile's rows through its expert's SwiGLU; rows outside every used tile stay zero.
 
+  `schedule` as `blocked_layout` makes it: each size's experts non-decreasing
+  (the weight gradients are added with sorted indices), used tiles disjoint.
   The tiles of one size run in a loop, `tiles_per_step` per iteration (their
-  weights gathered when > 1; every size's tile list must be a multiple of it
-  long, padding entries reading a block of zero rows). A custom VJP so that the
+  weights gathered when > 1; each size's list must be a multiple of that many
+  long, or shorter, padding entries reading a block of zero rows). A custom VJP so that the
   backward pass is loops too, accumulating each tile's weight gradient into
   its expert's slice in place (float32 accumulators), instead of the full-size
   zero-padded cotangent per iteration that differentiating `dynamic_slice`
@@ -395,7 +405,8 @@ def blocked_dispatch(
   """Dropless routed output through expert-sorted rows padded to whole tiles.
 
   Static shapes: at most tokens * K + N * (widest step between `tile_sizes` - 1)
-  rows (`blocked_bounds`), filled by the gather in `gather_rows` (padding rows
+  rows (`blocked_bounds`; one more tile of zero rows when several tiles run per
+  step), filled by the gather in `gather_rows` (padding rows
   are exact zeros, never uninitialised memory), run by `blocked_swiglu` (only
   the used tiles), and combined by gather as in the capacity path. An int is
   one tile size; sizes over tokens * K are cut to it.

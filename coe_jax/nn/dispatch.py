@@ -14,8 +14,8 @@ Two interchangeable implementations (SPEC 3, config `model.dispatch`):
     XLA. Assignments sorted by expert, each expert's group padded to whole
     tiles (a smaller last tile on CPU), every used tile run against its
     expert's weights in a loop (`blocked_swiglu`, a custom VJP). Work and memory
-    grow with tokens x K (at most tokens * K + experts * tile rows), not with
-    tokens x N.
+    grow with tokens x K (at most tokens * K + (experts + 1) * tile rows), not
+    with tokens x N.
   - 'ragged_dot': grouped matmuls over expert-sorted rows (`jax.lax.ragged_dot`),
     which XLA lowers to a dense all-experts computation on CPU (and, by public
     reports, on GPU): work grows with N.
