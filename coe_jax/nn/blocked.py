@@ -6,8 +6,9 @@ rest (on CPU: 80 -> 16, 32, 48, 64, 80 rows); every used tile runs against its
 expert's weights in one loop per size (`blocked_swiglu`, a custom VJP whose
 backward is loops too). Work and memory grow with tokens x K (at most
 tokens * K + experts * (widest step between sizes - 1) rows, plus one tile of
-zero rows when several tiles run per step), not with tokens x N. Padding rows are exact zeros (never uninitialised memory), and only
-the used tiles run (data-dependent trip counts).
+zero rows when several tiles run per step), not with tokens x N. Padding rows
+are exact zeros (never uninitialised memory), and only the used tiles run
+(data-dependent trip counts).
 """
 
 from __future__ import annotations
@@ -326,12 +327,12 @@ def blocked_swiglu(
   `schedule` as `blocked_layout` makes it: each size's experts non-decreasing
   (the weight gradients are added with sorted indices), used tiles disjoint.
   The tiles of one size run in a loop, `tiles_per_step` per iteration (their
-  weights gathered when > 1; each size's list must be a multiple of that many
-  long, or shorter, padding entries reading a block of zero rows). A custom VJP so that the
-  backward pass is loops too, accumulating each tile's weight gradient into
-  its expert's slice in place (float32 accumulators), instead of the full-size
-  zero-padded cotangent per iteration that differentiating `dynamic_slice`
-  in a loop would produce.
+  weights gathered when > 1; each size's list a multiple of that many long, or
+  shorter, its padding entries reading a block of zero rows). A custom VJP so
+  that the backward pass is loops too, accumulating each tile's weight gradient
+  into its expert's slice in place (float32 accumulators), instead of the
+  full-size zero-padded cotangent per iteration that differentiating
+  `dynamic_slice` in a loop would produce.
   """
   return _blocked_forward(rows, schedule, gate, up, down, tiles_per_step)[0]
 
