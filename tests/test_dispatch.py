@@ -400,9 +400,7 @@ def test_blocked_layout_pads_each_expert_to_whole_tiles():
   np.testing.assert_array_equal(schedule.used, [2 + 0 + 3 + 1])  # ceil(load / tile) per expert
   np.testing.assert_array_equal(np.asarray(schedule.expert[0])[:6], [0, 0, 2, 2, 2, 3])
   np.testing.assert_array_equal(np.asarray(schedule.start[0])[:6], [0, 2, 4, 6, 8, 10])
-  np.testing.assert_array_equal(
-    np.asarray(schedule.start[0])[6:], num_rows
-  )  # unused: past the rows
+  np.testing.assert_array_equal(np.asarray(schedule.start[0])[6:], num_rows)  # unused: past rows
   rows = np.asarray(layout.row_of_assignment)
   # Expert 0 owns rows 0-3 (3 used), expert 2 rows 4-9 (5 used), expert 3 rows 10-11; token order.
   flat = ids.reshape(-1)
@@ -434,7 +432,8 @@ def test_blocked_layout_gives_each_experts_last_tile_the_smallest_size_that_hold
   # Rows: expert 0 at 0-6 (pad 7), expert 2 at 8 (pad 9), expert 3 at 10-13, expert 4 at 14-25.
   num_rows, bounds = blocked_bounds(ids.size, 5, (2, 4))
   assert num_rows == ids.size + 5 * 1  # at most one padding row per expert (steps of 2)
-  assert bounds == (min(5, 24 // 1), min(24 // 3, (24 + 5 * 3) // 4))
+  # One last tile of size 2 per expert at most (5); tiles of size 4 hold 3 or more of the 24 rows.
+  assert bounds == (5, 8)
   of_row = np.asarray(layout.assignment_of_row)
   assert set(np.where(of_row[:26] == ids.size)[0]) == {7, 9}
   flat = ids.reshape(-1)
