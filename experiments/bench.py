@@ -259,8 +259,12 @@ def summarize_step(
   achieved_per_cpu_s = flops.train * batch * seq / spread(bench.timed.cpu_seconds)["median"]
   metrics = jax.device_get(bench.last_metrics["metrics"])
   cfg = bench.model_config
-  tile = cfg.dropless_tile or blocked.default_dropless_tile(
-    batch * seq * cfg.num_experts_per_tok, cfg.n_routed_experts
+  sizes = blocked.default_tiling(
+    batch * seq * cfg.num_experts_per_tok,
+    cfg.n_routed_experts,
+    3 * cfg.hidden_size * cfg.moe_intermediate_size * jnp.dtype(cfg.dtype).itemsize,
+    cfg.dropless_tile,
+    cfg.dropless_tile_sizes,
   )
   return dict(
     label=bench.label,
@@ -268,8 +272,8 @@ def summarize_step(
     dropless_impl=dispatch.resolve_dropless_impl(bench.model_config.dropless_impl)
     if bench.model_config.dispatch == "dropless"
     else None,
-    dropless_tile=tile,
-    dropless_tile_sizes=list(blocked.default_tile_sizes(tile, cfg.dropless_tile_sizes)),
+    dropless_tile=sizes[-1],
+    dropless_tile_sizes=list(sizes),
     C=bench.model_config.num_iterations,
     K=bench.model_config.num_experts_per_tok,
     N_routed=bench.model_config.n_routed_experts,

@@ -560,6 +560,10 @@ def test_default_dropless_tile_holds_a_balanced_load_one_deviation_over_the_mean
     assert tile % 8 == 0 and tile <= TILE_CAP
     pieces = -(-(mean + mean**0.5) // tile)  # tiles for a load one deviation over the mean
     assert pieces * tile - (mean + mean**0.5) < 8 * pieces  # padding under 8 rows a tile
+  # span: that many balanced loads a tile (the CPU's whole tile, with last tiles every 8 rows).
+  assert default_dropless_tile(512 * 8, 63, span=3) == 224  # 3 x 73.1 = 219.4
+  assert default_dropless_tile(512 * 4, 63, span=3) == 120  # 3 x 38.2 = 114.6
+  assert default_dropless_tile(4096 * 8, 63, span=3) == 240  # 3 x 542.8 over 7 tiles of <= 256
 
 
 def test_tile_sizes_step_by_multiples_of_eight_up_to_the_whole_tile():
@@ -569,10 +573,36 @@ def test_tile_sizes_step_by_multiples_of_eight_up_to_the_whole_tile():
   assert blocked.tile_sizes(80, 1) == (80,)  # whole tiles only (the GPU default)
   assert blocked.tile_sizes(16, 5) == (8, 16) and blocked.tile_sizes(12, 5) == (12,)
   assert blocked.tile_sizes(4, 5) == (4,)
-  assert blocked.default_tile_sizes(80) == blocked.tile_sizes(80, blocked.LAST_TILE_SIZES)  # CPU
+  assert blocked.fine_tile_sizes(120) == tuple(range(8, 121, 8))
+  assert blocked.fine_tile_sizes(16) == (8, 16)
+  assert len(blocked.fine_tile_sizes(1024)) == blocked.MAX_TILE_SIZES  # then steps of 32
   rows, tiles = blocked_bounds(512 * 8, 63, blocked.tile_sizes(80, 5))
   assert rows == 512 * 8 + 63 * 15  # against 512 * 8 + 63 * 79 with whole tiles only
   assert tiles == (63, 63, 63, 63, min(4096 // 65, (4096 + 63 * 79) // 80))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_default_tiling_gives_large_experts_on_cpu_fine_last_tiles_under_a_wide_whole_tile(
+  monkeypatch, backend
+):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  paper = 3 * 1024 * 704 * 4  # one paper-width expert's weights, float32 (8.6 MB)
+  tiny = 3 * 128 * 96 * 4  # the tiny configs' (147 KB)
+  paper_tiling = functools.partial(blocked.default_tiling, 512 * 4, 63, paper)  # CoE(C=2,K=4)
+  tiny_tiling = functools.partial(blocked.default_tiling, 512 * 4, 63, tiny)
+  if backend == "cpu":
+    # Every 8 rows up to three balanced loads (PERF.md 22) where weight copies cost ...
+    assert paper_tiling() == tuple(range(8, 121, 8))
+    assert paper_tiling(tile=64) == tuple(range(8, 65, 8))
+    assert blocked.default_tiling(512 * 8, 63, paper)[-1] == 224  # MoE(K=8): 28 sizes
+    # ... and five sizes up to one balanced load where they do not (PERF.md 21).
+    assert tiny_tiling() == (8, 16, 24, 32, 40)
+  else:  # whole tiles of one balanced load (unmeasured there)
+    assert paper_tiling() == tiny_tiling() == (40,)
+    assert paper_tiling(tile=64) == (64,)
+  # An explicit count means the same on every backend: that many sizes up to one balanced load.
+  assert paper_tiling(count=5) == tiny_tiling(count=5) == (8, 16, 24, 32, 40)
+  assert paper_tiling(tile=80, count=1) == (80,)
 
 
 def test_blocked_backward_gives_each_weight_gradient_its_own_zeros():

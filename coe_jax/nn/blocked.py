@@ -2,7 +2,7 @@
 
 Assignments are sorted by expert and each expert's group runs as whole tiles
 of `tile` rows plus one last tile of the smallest of a few sizes that holds the
-rest (on CPU: 80 -> 16, 32, 48, 64, 80 rows); every used tile runs against its
+rest (on CPU: every 8 rows up to the whole tile); every used tile runs against its
 expert's weights in one loop per size (`blocked_swiglu`, a custom VJP whose
 backward is loops too). Work and memory grow with tokens x K (at most
 tokens * K + experts * (widest step between sizes - 1) rows, plus one tile of
@@ -26,26 +26,29 @@ from coe_jax.nn.experts import SwiGLUWeights
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
 TILE_CAP = 256  # most rows in one default tile; an expert's larger load is split into equal tiles
-LAST_TILE_SIZES = 5  # tile sizes on CPU, for each expert's last tile (`default_tile_sizes`)
+LAST_TILE_SIZES = 5  # CPU: tile sizes for small experts (`default_tiling`, PERF.md 21)
+FINE_TILING_MIN_BYTES = 1 << 20  # CPU: experts this large get `fine_tile_sizes` (PERF.md 22)
+WHOLE_TILE_SPAN = 3  # ... and a whole tile of this many balanced loads (`default_dropless_tile`)
+MAX_TILE_SIZES = 32  # most sizes of `fine_tile_sizes`, one loop each
 
 
-def default_dropless_tile(num_assignments: int, num_experts: int) -> int:
-  """Rows per whole tile of 'blocked' when `dropless_tile` is 0.
+def default_dropless_tile(num_assignments: int, num_experts: int, span: int = 1) -> int:
+  """Rows per whole tile of 'blocked' when `dropless_tile` is 0: `span` balanced loads' worth.
 
   Sized for balanced routing (what the load-balancing loss trains towards; an
-  expert's load is then about mean +- sqrt(mean)): one tile holds a load up to
-  one standard deviation above the mean, so ~84% of the experts run a single
-  tile (one read of their weights) and the rest two. Above `TILE_CAP` rows that
-  target is split into equal tiles (mean load 520 -> 3 tiles of 184 rows). A
-  multiple of 8, at least 8. PERF.md 20 (measured with whole tiles only, the
-  routed-expert layer at the paper width on CPU, relative to the capacity path,
-  balanced loads): mean load 65 -> 80 rows 0.88-0.98x (the old power of two,
-  64: 1.20-1.22x); mean load 32.5 -> 40 rows 1.06-1.42x (32: 1.11-1.82x). The
-  smaller last tiles of `default_tile_sizes` (PERF.md 21) then cut the padding
-  that skewed loads add.
+  expert's load is then about mean +- sqrt(mean)): with span 1, one tile holds
+  a load up to one standard deviation above the mean, so ~84% of the experts
+  run a single tile (one read of their weights) and the rest two. Above
+  `TILE_CAP` rows that target is split into equal tiles (mean load 520 -> 3
+  tiles of 184 rows). A multiple of 8, at least 8. PERF.md 20 (whole tiles
+  only, the routed-expert layer at the paper width on CPU, balanced loads):
+  mean load 65 -> 80 rows 0.88-0.98x capacity (the old power of two, 64:
+  1.20-1.22x). With last tiles every 8 rows (`default_tiling` on CPU) a larger
+  whole tile pads nothing more and runs the heavy experts of skewed routing in
+  fewer tiles: span `WHOLE_TILE_SPAN` there (PERF.md 22).
   """
   mean = num_assignments / max(num_experts, 1)
-  target = mean + math.sqrt(mean)
+  target = span * (mean + math.sqrt(mean))
   pieces = max(1, math.ceil(target / TILE_CAP))
   return int(max(8, 8 * math.ceil(target / pieces / 8)))
 
@@ -65,19 +68,42 @@ def blocked_tiles_per_step(weights: SwiGLUWeights, tile: int) -> int:
   return max(1, (1 << 30) // (2 * per_tile))
 
 
-def default_tile_sizes(tile: int, count: int = 0) -> tuple[int, ...]:
-  """Row counts of the tiles 'blocked' runs: `tile`, and `count` - 1 smaller sizes for last tiles.
+def default_tiling(
+  num_assignments: int,
+  num_experts: int,
+  expert_bytes: int,
+  tile: int = 0,
+  count: int = 0,
+) -> tuple[int, ...]:
+  """The tile sizes 'blocked' runs for `dropless_tile` = tile and `dropless_tile_sizes` = count.
 
-  Each expert's rows run as whole tiles of `tile` rows plus one last tile of the
-  smallest size that holds the rest (`tile_sizes`). count 0 (`dropless_tile_sizes`'
-  default): on CPU `LAST_TILE_SIZES` sizes (80 -> 16, 32, 48, 64, 80), so an expert
-  pads at most 15 rows instead of up to 79, and its weights are still read once
-  per tile (PERF.md 21); elsewhere (unmeasured) one size: a GPU runs many tiles
-  per step, and pads little at its larger loads.
+  Each expert's rows run as whole tiles of the largest size plus one last tile
+  of the smallest size that holds the rest (`blocked_layout`); `expert_bytes` is
+  the size of one expert's three weight matrices. A count > 0 asks for that many
+  sizes evenly spaced up to the whole tile (`tile_sizes`; 1 = whole tiles only);
+  tile 0 is `default_dropless_tile`. count 0, the backend's default:
+  - CPU, experts of >= `FINE_TILING_MIN_BYTES`: last tiles every 8 rows
+    (`fine_tile_sizes`), so an expert pads at most 7 rows, and when tile is 0 a
+    whole tile of `WHOLE_TILE_SPAN` balanced loads (paper width, 512 tokens:
+    K=8 224 rows in 28 sizes, K=4 120 rows in 15). Every tile copies its
+    expert's weights, so heavy experts should run few, large tiles (PERF.md 22).
+  - CPU, smaller experts: `LAST_TILE_SIZES` sizes up to one balanced load
+    (PERF.md 21). Their copies cost little, and each size is one more loop to
+    compile (the tiny demo: 6.6 s for 5 sizes, 21.6 s for 30, the same step).
+  - elsewhere (unmeasured): one size, `default_dropless_tile`: a GPU runs many
+    tiles per step, and pads little at its larger loads.
   """
-  if not count:
-    count = LAST_TILE_SIZES if jax.default_backend() == "cpu" else 1
-  return tile_sizes(tile, count)
+  on_cpu = jax.default_backend() == "cpu"
+  fine = on_cpu and not count and expert_bytes >= FINE_TILING_MIN_BYTES
+  tile = tile or default_dropless_tile(num_assignments, num_experts, WHOLE_TILE_SPAN if fine else 1)
+  if fine:
+    return fine_tile_sizes(tile)
+  return tile_sizes(tile, count or (LAST_TILE_SIZES if on_cpu else 1))
+
+
+def fine_tile_sizes(tile: int) -> tuple[int, ...]:
+  """Sizes every 8 rows up to `tile` (at most `MAX_TILE_SIZES`, wider steps beyond)."""
+  return tile_sizes(tile, min(MAX_TILE_SIZES, max(1, tile // 8)))
 
 
 def tile_sizes(tile: int, count: int) -> tuple[int, ...]:

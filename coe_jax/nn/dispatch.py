@@ -36,8 +36,7 @@ from jaxtyping import Array, Bool, Float, Int
 from coe_jax.nn.blocked import (
   blocked_dispatch,
   blocked_tiles_per_step,
-  default_dropless_tile,
-  default_tile_sizes,
+  default_tiling,
 )
 from coe_jax.nn.coe_config import DISPATCHES
 from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
@@ -213,9 +212,9 @@ def dispatch_to_experts(
     capacity: per-expert capacity for mode='capacity' (see `expert_capacity`).
     dropless_impl: 'auto' | 'gather' | 'ragged_dot' | 'blocked' for mode='dropless'.
     dropless_tile: rows per whole tile of the 'blocked' implementation (0:
-      `default_dropless_tile`).
+      from the load, `default_tiling`).
     dropless_tile_sizes: how many sizes up to that tile each expert's last tile
-      picks from (0: the backend's default; `default_tile_sizes`).
+      picks from (0: the backend's default, `default_tiling`).
     token_mask: <bool>[tokens] False for padding: those tokens take no expert
       capacity and get no routed output (None: every token is real).
     expert_axis: inside `jax.shard_map`, the mesh axis the experts are split
@@ -265,14 +264,20 @@ def dispatch_to_experts(
         "custom expert_fn: 'auto' (= 'gather'), 'gather'"
       )
   if impl == "blocked":
-    tile = dropless_tile or default_dropless_tile(expert_ids.size, num_experts)
+    sizes = default_tiling(
+      expert_ids.size,
+      num_experts,
+      sum(w[0].size * w.dtype.itemsize for w in jax.tree.leaves(weights)),
+      dropless_tile,
+      dropless_tile_sizes,
+    )
     return blocked_dispatch(
       x,
       expert_ids,
       combine_weights,
       weights,
-      default_tile_sizes(tile, dropless_tile_sizes),
-      blocked_tiles_per_step(weights, tile),
+      sizes,
+      blocked_tiles_per_step(weights, sizes[-1]),
       token_mask,
     )
   if impl == "ragged_dot":
