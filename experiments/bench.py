@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import resource
 import statistics
 import sys
 import time
@@ -122,20 +123,37 @@ class Timed:
 
   `seconds` is wall-clock time per call; `cpu_seconds` the CPU time this
   process spent in it (all threads), which other processes on a shared CPU
-  barely change. `xla_flops` is XLA's own count (`cost_analysis()`), if known.
+  barely change; `page_faults` the minor page faults of the process during it
+  (memory touched for the first time). `xla_flops` is XLA's own count
+  (`cost_analysis()`), if known.
   """
 
   name: str
   call: Callable[[], Any]
   seconds: list[float] = dataclasses.field(default_factory=list)
   cpu_seconds: list[float] = dataclasses.field(default_factory=list)
+  page_faults: list[int] = dataclasses.field(default_factory=list)
   xla_flops: Optional[float] = None
 
   def run_once(self) -> None:
+    faults0 = _minor_faults()
     cpu0, t0 = time.process_time(), time.perf_counter()
     jax.block_until_ready(self.call())
     self.seconds.append(time.perf_counter() - t0)
     self.cpu_seconds.append(time.process_time() - cpu0)
+    self.page_faults.append(_minor_faults() - faults0)
+
+  def faulted_steps(self) -> int:
+    """Timed calls that touched >= `FAULTED_CALL_BYTES` of fresh memory (slow, PERF.md 22)."""
+    pages = FAULTED_CALL_BYTES // resource.getpagesize()
+    return sum(faults >= pages for faults in self.page_faults)
+
+
+FAULTED_CALL_BYTES = 64 << 20
+
+
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def run_round_robin(programs: list[Timed], warmup: int, steps: int) -> None:
@@ -284,6 +302,7 @@ def summarize_step(
     compile_seconds=bench.compile_seconds,
     step_seconds=times,
     step_cpu_seconds=spread(bench.timed.cpu_seconds),
+    faulted_steps=bench.timed.faulted_steps(),
     tokens_per_sec=tokens_per_s,
     train_flops_per_token=flops.train,
     flops_breakdown_forward=dataclasses.asdict(flops),
@@ -669,6 +688,13 @@ def format_table(results: dict[str, Any]) -> str:
         f"dropless/capacity {r['label']}: wall {r['step_seconds']['median'] / base['step_seconds']['median']:.2f}x, "
         f"CPU time {r['step_cpu_seconds']['median'] / base['step_cpu_seconds']['median']:.2f}x, "
         f"compiled peak {(r['compiled_peak_bytes'] or 0) / max(base['compiled_peak_bytes'] or 1, 1):.2f}x"
+      )
+  for r in runs:
+    if r.get("faulted_steps"):
+      lines.append(
+        f"{r['label']}: {r['faulted_steps']} of {results['steps']} timed steps touched "
+        f">= {FAULTED_CALL_BYTES >> 20} MiB of fresh memory (page faults; slow, PERF.md 22): "
+        "its median and iqr include them"
       )
   if "layer_cost" in results:
     lc = results["layer_cost"]

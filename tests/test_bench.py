@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +132,23 @@ def test_memory_only_reports_each_dropless_impl_beside_capacity(monkeypatch):
   ]
   assert rows["configs/moe_k8.py:tiny capacity"]["peak_vs_capacity"] == 1.0
   assert all(r["compiled_peak_bytes"] > 0 and r["peak_vs_capacity"] > 0 for r in rows.values())
+
+
+def test_timed_counts_the_calls_that_touch_fresh_memory():
+  page = resource.getpagesize()
+
+  def touch_fresh_pages():
+    with mmap.mmap(-1, 2 * bench.FAULTED_CALL_BYTES) as memory:  # anonymous: every page new
+      for offset in range(0, len(memory), page):
+        memory[offset] = 1
+
+  fresh = bench.Timed("fresh", touch_fresh_pages)
+  warm = bench.Timed("warm", lambda: None)
+  for _ in range(2):
+    fresh.run_once()
+    warm.run_once()
+  assert min(fresh.page_faults) >= 2 * bench.FAULTED_CALL_BYTES // page
+  assert fresh.faulted_steps() == 2 and warm.faulted_steps() == 0
 
 
 def test_dropless_variants_cross_tiles_and_tile_sizes_for_blocked_only():
