@@ -144,7 +144,11 @@ class Timed:
     self.page_faults.append(_minor_faults() - faults0)
 
   def faulted_steps(self) -> int:
-    """Timed calls that touched >= `FAULTED_CALL_BYTES` of fresh memory (slow, PERF.md 22)."""
+    """Timed calls that touched >= `FAULTED_CALL_BYTES` of fresh memory (slow, PERF.md 22).
+
+    Counted in base pages: where transparent huge pages back the memory, one
+    fault maps 2 MiB and such calls go uncounted (`step_page_faults` has the raw counts).
+    """
     pages = FAULTED_CALL_BYTES // resource.getpagesize()
     return sum(faults >= pages for faults in self.page_faults)
 
@@ -303,6 +307,7 @@ def summarize_step(
     step_seconds=times,
     step_cpu_seconds=spread(bench.timed.cpu_seconds),
     faulted_steps=bench.timed.faulted_steps(),
+    step_page_faults=spread(bench.timed.page_faults),
     tokens_per_sec=tokens_per_s,
     train_flops_per_token=flops.train,
     flops_breakdown_forward=dataclasses.asdict(flops),

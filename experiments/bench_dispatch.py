@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     "--tile_sizes",
     default="0",
     help="comma-separated counts of tile sizes per tile (one program each; 1 = whole tiles only, "
-    "0 = the CPU default at this width: last tiles every 8 rows, PERF.md 22)",
+    "0 = the backend's default, blocked.default_tiling: on CPU at the paper width last tiles "
+    "every 8 rows, PERF.md 22)",
   )
   parser.add_argument(
     "--skew", type=float, default=1.0, help="Dirichlet concentration; 0 = uniform"
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
     )
   for tile in (int(s) for s in args.tiles.split(",")):
     for count in (int(c) for c in args.tile_sizes.split(",")):
-      expert_bytes = sum(w[0].size * w.dtype.itemsize for w in jax.tree.leaves(weights))
+      expert_bytes = sum(w.size // w.shape[0] * w.dtype.itemsize for w in jax.tree.leaves(weights))
       sizes = blocked.default_tiling(t * k, e, expert_bytes, tile, count)
       routed = lambda x_, cw_, w_, sizes=sizes: (
         blocked_dispatch(x_, ids, cw_, w_, sizes, args.tiles_per_step).output

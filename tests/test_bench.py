@@ -139,6 +139,7 @@ def test_timed_counts_the_calls_that_touch_fresh_memory():
 
   def touch_fresh_pages():
     with mmap.mmap(-1, 2 * bench.FAULTED_CALL_BYTES) as memory:  # anonymous: every page new
+      memory.madvise(mmap.MADV_NOHUGEPAGE)  # base pages even where THP is 'always'
       for offset in range(0, len(memory), page):
         memory[offset] = 1
 

@@ -574,7 +574,8 @@ def test_tile_sizes_step_by_multiples_of_eight_up_to_the_whole_tile():
   assert blocked.tile_sizes(16, 5) == (8, 16) and blocked.tile_sizes(12, 5) == (12,)
   assert blocked.tile_sizes(4, 5) == (4,)
   assert blocked.fine_tile_sizes(120) == tuple(range(8, 121, 8))
-  assert blocked.fine_tile_sizes(16) == (8, 16)
+  assert blocked.fine_tile_sizes(16) == (8, 16) and blocked.fine_tile_sizes(20) == (8, 16, 20)
+  assert blocked.fine_tile_sizes(4) == (4,)
   assert len(blocked.fine_tile_sizes(1024)) == blocked.MAX_TILE_SIZES  # then steps of 32
   rows, tiles = blocked_bounds(512 * 8, 63, blocked.tile_sizes(80, 5))
   assert rows == 512 * 8 + 63 * 15  # against 512 * 8 + 63 * 79 with whole tiles only

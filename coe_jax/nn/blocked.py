@@ -2,7 +2,7 @@
 
 Assignments are sorted by expert and each expert's group runs as whole tiles
 of `tile` rows plus one last tile of the smallest of a few sizes that holds the
-rest (on CPU: every 8 rows up to the whole tile); every used tile runs against its
+rest (on CPU, for experts of >= 1 MiB: every 8 rows up to the whole tile); every used tile runs against its
 expert's weights in one loop per size (`blocked_swiglu`, a custom VJP whose
 backward is loops too). Work and memory grow with tokens x K (at most
 tokens * K + experts * (widest step between sizes - 1) rows, plus one tile of
@@ -102,8 +102,9 @@ def default_tiling(
 
 
 def fine_tile_sizes(tile: int) -> tuple[int, ...]:
-  """Sizes every 8 rows up to `tile` (at most `MAX_TILE_SIZES`, wider steps beyond)."""
-  return tile_sizes(tile, min(MAX_TILE_SIZES, max(1, tile // 8)))
+  """Multiples of 8 below `tile`, and `tile` (at most `MAX_TILE_SIZES`: wider steps beyond)."""
+  step = 8 * math.ceil(tile / 8 / MAX_TILE_SIZES)
+  return (*range(step, tile, step), tile)
 
 
 def tile_sizes(tile: int, count: int) -> tuple[int, ...]:

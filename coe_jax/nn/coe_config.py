@@ -52,7 +52,7 @@ class CoEConfig:
   dispatch: str = "dropless"  # 'dropless' (the reference) | 'capacity' (drops over capacity)
   dropless_impl: str = "auto"  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
   dropless_tile: int = 0  # rows per whole tile of 'blocked'; 0 = from the load (default_tiling)
-  dropless_tile_sizes: int = 0  # tile sizes of 'blocked'; 0 = every 8 rows on CPU, 1 elsewhere
+  dropless_tile_sizes: int = 0  # tile sizes of 'blocked'; 0 = the backend's (default_tiling)
   capacity_factor_train: float = 1.25  # capacity = ceil(cf * tokens * K / N) in training
   capacity_factor_eval: float = 2.0  # ... and in evaluation
   min_capacity: int = 4  # capacity never goes below this

@@ -267,7 +267,7 @@ def dispatch_to_experts(
     sizes = default_tiling(
       expert_ids.size,
       num_experts,
-      sum(w[0].size * w.dtype.itemsize for w in jax.tree.leaves(weights)),
+      sum(w.size // w.shape[0] * w.dtype.itemsize for w in jax.tree.leaves(weights)),
       dropless_tile,
       dropless_tile_sizes,
     )

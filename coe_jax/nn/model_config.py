@@ -130,12 +130,13 @@ class ModelConfig:
   # Rows per whole tile of dropless_impl='blocked': each expert's rows run as whole tiles plus a
   # last tile of the smallest size that holds the rest (dropless_tile_sizes). Large: fewer,
   # faster matmuls.
-  # 0 = from the load (blocked.default_tiling: a balanced load + 1 sd, <= 256 rows a tile; on CPU
-  # three times that, since the last tiles there pad little).
+  # 0 = from the load (blocked.default_tiling: a balanced load + 1 sd, <= 256 rows a tile; three
+  # times that on CPU for experts of >= 1 MiB, whose last tiles there pad little).
   dropless_tile: int = _execution(0)
   # How many tile sizes 'blocked' picks each expert's last tile from, evenly spaced up to
   # dropless_tile (1 = whole tiles only). 0 = the backend's default (blocked.default_tiling):
-  # every 8 rows on CPU (PERF.md 21, 22), 1 elsewhere (unmeasured).
+  # on CPU every 8 rows for experts of >= 1 MiB (PERF.md 22), else 5 (PERF.md 21); elsewhere 1
+  # (unmeasured).
   dropless_tile_sizes: int = _execution(0)
   capacity_factor_train: float = _execution(1.25)
   capacity_factor_eval: float = _execution(2.0)
