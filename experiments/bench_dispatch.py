@@ -104,8 +104,7 @@ def main(argv=None) -> None:
     )
   for tile in (int(s) for s in args.tiles.split(",")):
     for count in (int(c) for c in args.tile_sizes.split(",")):
-      expert_bytes = sum(w.size // w.shape[0] * w.dtype.itemsize for w in jax.tree.leaves(weights))
-      sizes = blocked.default_tiling(t * k, e, expert_bytes, tile, count)
+      sizes = blocked.default_tiling(t * k, e, blocked.expert_weight_bytes(weights), tile, count)
       routed = lambda x_, cw_, w_, sizes=sizes: (
         blocked_dispatch(x_, ids, cw_, w_, sizes, args.tiles_per_step).output
       )

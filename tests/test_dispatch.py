@@ -11,6 +11,7 @@ import numpy_reference as ref
 import pytest
 
 from coe_jax.nn import blocked
+from coe_jax.nn import dispatch as dispatch_lib
 from coe_jax.nn.blocked import blocked_bounds, blocked_dispatch, blocked_layout
 from coe_jax.nn.dispatch import (
   assignment_slots,
@@ -604,6 +605,29 @@ def test_default_tiling_gives_large_experts_on_cpu_fine_last_tiles_under_a_wide_
   # An explicit count means the same on every backend: that many sizes up to one balanced load.
   assert paper_tiling(count=5) == tiny_tiling(count=5) == (8, 16, 24, 32, 40)
   assert paper_tiling(tile=80, count=1) == (80,)
+
+
+def test_large_experts_run_the_fine_default_tiling_and_match_the_loop(monkeypatch):
+  # 3 x 256 x 384 float32 = 1.1 MiB an expert: on CPU the default path takes every 8 rows up to
+  # three balanced loads (mean load 16 -> 64 rows), and stays exact.
+  x, ids, cw, weights, probe = _random_problem(15, 32, num_experts=4, k=2, hidden=256, inter=384)
+  weights = jax.tree.map(jnp.asarray, weights)
+  assert blocked.expert_weight_bytes(weights) == 3 * 256 * 384 * 4
+  used_sizes = []
+  real_blocked_dispatch = blocked_dispatch
+
+  def spy(*args, **kwargs):
+    used_sizes.append(args[4])
+    return real_blocked_dispatch(*args, **kwargs)
+
+  monkeypatch.setattr(dispatch_lib, "blocked_dispatch", spy)
+  args = (jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, jnp.asarray(probe), None)
+  value, _, grads = _dropless_value_and_grads(*args, impl="blocked")
+  want_value, _, want_grads = _dropless_value_and_grads(*args, impl="loop")
+  assert used_sizes == [tuple(range(8, 65, 8))]
+  np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+  for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-4, atol=1e-4)
 
 
 def test_blocked_backward_gives_each_weight_gradient_its_own_zeros():

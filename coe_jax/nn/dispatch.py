@@ -37,6 +37,7 @@ from coe_jax.nn.blocked import (
   blocked_dispatch,
   blocked_tiles_per_step,
   default_tiling,
+  expert_weight_bytes,
 )
 from coe_jax.nn.coe_config import DISPATCHES
 from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
@@ -267,7 +268,7 @@ def dispatch_to_experts(
     sizes = default_tiling(
       expert_ids.size,
       num_experts,
-      sum(w.size // w.shape[0] * w.dtype.itemsize for w in jax.tree.leaves(weights)),
+      expert_weight_bytes(weights),
       dropless_tile,
       dropless_tile_sizes,
     )
