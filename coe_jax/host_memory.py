@@ -41,6 +41,10 @@ GLIBC_MALLOC_SETTINGS = {
 }
 OPT_OUT = "COE_JAX_HOST_MALLOC"  # "system": keep glibc's defaults
 _REEXECUTED = "_COE_JAX_HOST_MALLOC_REEXECUTED"  # set in the re-executed process
+_CGROUP_MEMORY = (  # (directory, limit file, usage file): cgroup v2, then v1
+  ("/sys/fs/cgroup", "memory.max", "memory.current"),
+  ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+)
 
 
 def jax_runs_on_cpu(environ: Mapping[str, str]) -> bool:
@@ -85,6 +89,32 @@ def malloc_environment(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
 def active_settings() -> dict[str, str]:
   """The allocator variables this process started with (for benchmark records)."""
   return {k: os.environ[k] for k in (*GLIBC_MALLOC_SETTINGS, OPT_OUT) if k in os.environ}
+
+
+def available_bytes(
+  meminfo: str = "/proc/meminfo", cgroup_dirs: tuple[tuple[str, str, str], ...] = _CGROUP_MEMORY
+) -> Optional[int]:
+  """Host memory this process can still take: the kernel's MemAvailable, or a cgroup's limit
+  less its usage where that is smaller (containers); None where neither can be read."""
+  candidates = []
+  fields = dict(line.split(":", 1) for line in _read_lines(meminfo) if ":" in line)
+  if "MemAvailable" in fields:
+    candidates.append(int(fields["MemAvailable"].split()[0]) * 1024)  # reported in kB
+  for directory, limit_file, usage_file in cgroup_dirs:
+    limit = _read_lines(os.path.join(directory, limit_file))
+    usage = _read_lines(os.path.join(directory, usage_file))
+    if limit and usage and limit[0].strip().isdigit() and usage[0].strip().isdigit():
+      if int(limit[0]) < 1 << 60:  # no limit: "max" (v2) or ~2^63 (v1)
+        candidates.append(max(int(limit[0]) - int(usage[0]), 0))
+  return min(candidates) if candidates else None
+
+
+def _read_lines(path: str) -> list[str]:
+  try:
+    with open(path) as f:
+      return f.read().splitlines()
+  except OSError:
+    return []
 
 
 def reexec_keeping_host_memory() -> None:

@@ -30,6 +30,14 @@ dropless implementation runs beside capacity (rows `... dropless[impl]`).
 `--memory_only` compiles and reports compiled peak memory without running
 (abstract state: works at the paper configuration on a CPU).
 
+Every program is compiled from abstract state before any state is allocated.
+On CPU the bench then checks that the programs fit in host memory together
+(their states plus the largest temporary buffer, `fit_in_host_memory`): one
+that does not stops the run with an error naming it (with `--keep_going` it is
+reported as failed and the others run), instead of the kernel killing the
+process halfway with every result lost; a warning says when only the sum of
+the compiled peaks does not fit.
+
 `--layer_cost` also times one CoE layer's forward+backward twice: as is, and
 with the routed and shared expert MLPs replaced by the identity (everything
 else, i.e. norm, router, top-K, sorting, gather/scatter and combine, kept).
@@ -223,7 +231,11 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, j
 
 @dataclasses.dataclass
 class StepBench:
-  """One config's compiled train step, its state and what is known before timing."""
+  """One config's compiled train step and what is known before timing.
+
+  Compiled from abstract state, so nothing is allocated until `allocate()`
+  makes the train state (then `timed` can run).
+  """
 
   label: str
   model_config: ModelConfig
@@ -232,6 +244,12 @@ class StepBench:
   compiled_peak_bytes: Optional[int]
   timed: Timed
   last_metrics: dict
+  make_state: Callable[[], Any]
+  resident_bytes: int = 0  # compiled arguments + outputs - aliased: the state, kept between calls
+  temp_bytes: int = 0  # compiled temporaries: allocated at each call
+
+  def allocate(self) -> None:
+    self.last_metrics["state"] = jax.block_until_ready(self.make_state())
 
 
 def build_step_bench(
@@ -240,19 +258,18 @@ def build_step_bench(
   model_config: ModelConfig,
   batch: int,
   seq: int,
-  memory_only: bool = False,
 ) -> StepBench:
-  """Compiles the train step; with `memory_only` from abstract state (nothing allocated, not runnable)."""
+  """Compiles the train step from abstract state: nothing allocated until `allocate()`."""
   model = CoECausalLM(model_config)
   make_state = lambda: train_step.init_train_state(model, config.train, config.seed, seq)
-  state = jax.eval_shape(make_state) if memory_only else make_state()
   data = random_batch(batch, seq, model_config.vocab_size)
   rng = jax.random.key(1)
   step_fn = jax.jit(train_step.make_train_step(model, 1, log_routing_stats=False), donate_argnums=0)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, data, rng).compile()
+  abstract_state = jax.eval_shape(make_state)
+  compiled = step_fn.lower(abstract_state, data, rng).compile()
   compile_seconds = time.perf_counter() - t0
-  holder = {"state": state, "metrics": {}}
+  holder = {"state": None, "metrics": {}}
 
   def call():
     holder["state"], holder["metrics"] = compiled(holder["state"], data, rng)
@@ -266,7 +283,20 @@ def build_step_bench(
     compiled_peak_bytes=metrics_lib.compiled_memory_bytes(compiled),
     timed=Timed(label, call),
     last_metrics=holder,
+    make_state=lambda: make_state().replace(tx=abstract_state.tx),  # the compiled pytree's `tx`
+    **_resident_and_temp_bytes(compiled),
   )
+
+
+def _resident_and_temp_bytes(compiled) -> dict[str, int]:
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    stats = None
+  if stats is None:
+    return {}
+  resident = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+  return dict(resident_bytes=int(resident), temp_bytes=int(stats.temp_size_in_bytes))
 
 
 def summarize_step(
@@ -413,7 +443,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument(
     "--keep_going",
     action="store_true",
-    help="a program that fails to compile or allocate is reported, not fatal",
+    help="a program that fails to compile, fit in host memory or allocate is reported, not fatal",
   )
   parser.add_argument(
     "--memory_only",
@@ -463,7 +493,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def build_benches(args: argparse.Namespace) -> list[StepBench]:
-  """Every (config, dispatch mode[, dropless impl], query block) train step, compiled."""
+  """Every (config, dispatch mode[, dropless impl], query block) train step, compiled only."""
   preset = SHAPES[args.shapes] if args.shapes else dict(model={})
   scale = preset.get("scale", args.scale)
   specs = (
@@ -509,15 +539,13 @@ def build_benches(args: argparse.Namespace) -> list[StepBench]:
           name += f" {'stacked' if scan else 'per-layer'}" if len(layouts) > 1 else ""
           try:
             with routing_patch(args.routing):
-              benches.append(
-                build_step_bench(name, config, model_config, batch, seq, args.memory_only)
-              )
-          except Exception as error:  # e.g. out of device memory: report it, run the rest
+              benches.append(build_step_bench(name, config, model_config, batch, seq))
+          except Exception as error:  # e.g. a dense lowering out of memory: report it, run the rest
             if not args.keep_going:
               raise
             failures.append(dict(label=name, error=f"{type(error).__name__}: {str(error)[:500]}"))
             print(
-              f"bench: {name} failed to compile or allocate: {failures[-1]['error']}",
+              f"bench: {name} failed to compile: {failures[-1]['error']}",
               file=sys.stderr,
             )
   return benches
@@ -574,25 +602,101 @@ def memory_report(benches: list[StepBench]) -> dict[str, Any]:
   return dict(backend=jax.default_backend(), jax_version=jax.__version__, memory_only=rows)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+# Beside the programs' states and temporaries: init's temporaries, the probe, Python's growth (the
+# memory the process holds already is outside what `host_memory.available_bytes` counts).
+HOST_MEMORY_MARGIN = 512 << 20
+
+
+def fit_in_host_memory(
+  benches: list[StepBench], available: Optional[int], keep_going: bool, failures: list[dict]
+) -> list[StepBench]:
+  """The programs that fit in `available` bytes of host memory together, in order (CPU runs).
+
+  Checked before any train state is allocated. Every program keeps its state
+  (its compiled arguments and outputs) for the whole run and needs its
+  temporary buffer at each call. With `host_memory`'s allocator settings the
+  heap never shrinks, so the process needs at least the states plus the largest
+  temporary buffer, and up to the sum of the compiled peaks where a freed
+  buffer is too small for the next one (PERF.md 23). A program that takes the
+  first past `available` less `HOST_MEMORY_MARGIN` stops the run with an error
+  naming it (with `keep_going`: it is reported in `failures` and left out),
+  where the kernel would otherwise kill the process and every result would be
+  lost; the second only draws a warning.
+  """
+  if available is None:
+    return benches
+  budget = available - HOST_MEMORY_MARGIN
+  kept, states, largest_temp = [], 0, 0
+  for bench in benches:
+    state, temp = bench.resident_bytes, bench.temp_bytes
+    if states + state + max(largest_temp, temp) <= budget:
+      kept.append(bench)
+      states, largest_temp = states + state, max(largest_temp, temp)
+      continue
+    error = (
+      f"HostMemory: its state of {state / 2**30:.1f} GiB and temporary buffer of "
+      f"{temp / 2**30:.1f} GiB beside the {states / 2**30:.1f} GiB of state of the "
+      f"{len(kept)} programs before it do not fit in the {available / 2**30:.1f} GiB of host "
+      f"memory available (less {HOST_MEMORY_MARGIN / 2**30:.1f} GiB for the runtime); bench "
+      "fewer programs per process (fewer configs, --dispatch or --dropless_impl values) or "
+      "smaller --shapes/--batch/--seq"
+    )
+    if not keep_going:
+      raise SystemExit(f"bench: {bench.label}: {error}")
+    failures.append(dict(label=bench.label, error=error))
+    print(f"bench: {bench.label} left out: {error}", file=sys.stderr)
+  peaks = sum(b.resident_bytes + b.temp_bytes for b in kept)
+  if peaks > budget:
+    print(
+      f"bench: warning: the programs' compiled peaks sum to {peaks / 2**30:.1f} GiB, more than "
+      f"the {available / 2**30:.1f} GiB of host memory available less "
+      f"{HOST_MEMORY_MARGIN / 2**30:.1f} GiB; if the heap fragments, the kernel kills the "
+      "process (PERF.md 23)",
+      file=sys.stderr,
+    )
+  return kept
+
+
+def runnable_benches(args: argparse.Namespace) -> list[StepBench]:
+  """`build_benches`, then (on CPU) the programs that fit in host memory, each state allocated.
+
+  With `--keep_going` every program is also called once, and one that fails
+  to allocate or at that first call (e.g. out of device memory) is reported in
+  `args.failures` and dropped; the others still run.
+  """
   benches = build_benches(args)
-  if args.memory_only:
-    return dict(memory_report(benches), failed=args.failures)
-  if args.keep_going:  # a first call, so that a program out of memory at run time is dropped too
-    alive = []
-    for bench in benches:
-      try:
+  if jax.default_backend() == "cpu":
+    benches = fit_in_host_memory(
+      benches, host_memory.available_bytes(), args.keep_going, args.failures
+    )
+  alive = []
+  for bench in benches:
+    try:
+      bench.allocate()
+      if args.keep_going:
         jax.block_until_ready(bench.timed.call())
-        alive.append(bench)
-      except Exception as error:
-        args.failures.append(
-          dict(label=bench.label, error=f"{type(error).__name__}: {str(error)[:500]}")
-        )
-        print(
-          f"bench: {bench.label} failed at its first step: {args.failures[-1]['error']}",
-          file=sys.stderr,
-        )
-    benches = alive
+    except Exception as error:
+      if not args.keep_going:
+        raise
+      args.failures.append(
+        dict(label=bench.label, error=f"{type(error).__name__}: {str(error)[:500]}")
+      )
+      print(
+        f"bench: {bench.label} failed to allocate or at its first step: "
+        f"{args.failures[-1]['error']}",
+        file=sys.stderr,
+      )
+      continue
+    alive.append(bench)
+  return alive
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  if args.memory_only:
+    return dict(memory_report(build_benches(args)), failed=args.failures)
+  benches = runnable_benches(args)
+  if not benches:
+    raise SystemExit(f"bench: every program failed: {args.failures}")
   dtype = compute_dtype(benches[0].model_config.dtype)
   size = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
   probe, probe_flops = matmul_probe(dtype, size)

@@ -294,3 +294,50 @@ def test_bench_with_balanced_routing_drops_less_at_capacity(monkeypatch):
     for routing in bench.ROUTINGS
   }
   assert dropped["balanced"] < dropped["model"]
+
+
+def _program(label: str, state_gib: float, temp_gib: float) -> bench.StepBench:
+  """A compiled program as `fit_in_host_memory` sees it: only its memory counts."""
+  return bench.StepBench(
+    label=label,
+    model_config=ModelConfig(),
+    batch_shape=(1, 8),
+    compile_seconds=0.0,
+    compiled_peak_bytes=int((state_gib + temp_gib) * 2**30),
+    timed=bench.Timed(label, lambda: None),
+    last_metrics={},
+    make_state=lambda: pytest.fail("a state was allocated"),
+    resident_bytes=int(state_gib * 2**30),
+    temp_bytes=int(temp_gib * 2**30),
+  )
+
+
+def test_host_memory_needs_the_states_and_the_largest_temporary_buffer(capsys):
+  programs = [_program("a", 3, 1), _program("b", 3, 2), _program("c", 3, 8), _program("d", 1, 1)]
+  failures = []
+  # 16 GiB less the 0.5 GiB margin: a+b take 6 + 2, c would take 9 + 8, d fits (7 + 2).
+  kept = bench.fit_in_host_memory(programs, 16 << 30, keep_going=True, failures=failures)
+  assert [p.label for p in kept] == ["a", "b", "d"]
+  assert [f["label"] for f in failures] == ["c"]
+  assert "HostMemory" in failures[0]["error"] and "--dispatch" in failures[0]["error"]
+  # The peaks sum to 4 + 5 + 2 = 11 GiB: under the budget, so no warning either.
+  assert "warning" not in capsys.readouterr().err
+  assert bench.fit_in_host_memory(programs, None, keep_going=False, failures=[]) == programs
+
+
+def test_host_memory_stops_the_run_naming_the_program_or_warns_when_the_peaks_may_not_fit(capsys):
+  programs = [_program("a", 3, 4), _program("b", 3, 3)]
+  with pytest.raises(SystemExit, match=r"bench: b: HostMemory: .* 3\.0 GiB .* 9\.0 GiB"):
+    bench.fit_in_host_memory(programs, 9 << 30, keep_going=False, failures=[])
+  kept = bench.fit_in_host_memory(programs, 12 << 30, keep_going=False, failures=[])
+  assert kept == programs  # 6 + 4 <= 11, but the peaks sum to 13
+  assert "warning: the programs' compiled peaks sum to 13.0 GiB" in capsys.readouterr().err
+
+
+def test_bench_refuses_before_allocating_what_host_memory_cannot_hold(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
+  monkeypatch.setattr(bench.host_memory, "available_bytes", lambda: bench.HOST_MEMORY_MARGIN)
+  monkeypatch.setattr(bench.StepBench, "allocate", lambda self: pytest.fail("allocated"))
+  args = ["--config=configs/moe_k8.py:tiny", "--steps=1", "--batch=2", "--seq=16"]
+  with pytest.raises(SystemExit, match="configs/moe_k8.py:tiny capacity: HostMemory"):
+    bench.main(args)

@@ -165,3 +165,22 @@ def test_with_the_settings_a_programs_temporary_memory_is_reused_not_faulted_in_
   if not transparent_huge_pages_always():  # then each fresh 2 MiB page is a single fault
     fresh = faults(**{host_memory.OPT_OUT: "system"})
     assert fresh["faults_per_call"] > 0.5 * fresh["pages"]
+
+
+def test_available_memory_is_memavailable_or_the_cgroups_room_if_smaller(tmp_path):
+  meminfo = tmp_path / "meminfo"
+  meminfo.write_text("MemTotal:       8000 kB\nMemAvailable:   4000 kB\n")
+  v2, v1 = tmp_path / "v2", tmp_path / "v1"
+  v2.mkdir()
+  v1.mkdir()
+  dirs = ((str(v2), "memory.max", "memory.current"), (str(v1), "limit", "usage"))
+  (v2 / "memory.max").write_text("max\n")
+  (v2 / "memory.current").write_text("100\n")
+  (v1 / "limit").write_text("9223372036854771712\n")  # v1's "no limit"
+  (v1 / "usage").write_text("100\n")
+  assert host_memory.available_bytes(str(meminfo), dirs) == 4000 * 1024
+  (v2 / "memory.max").write_text(f"{3000 * 1024 + 100}\n")
+  assert host_memory.available_bytes(str(meminfo), dirs) == 3000 * 1024
+  assert host_memory.available_bytes(str(tmp_path / "absent"), ()) is None
+  if sys.platform == "linux":
+    assert host_memory.available_bytes() > 0
