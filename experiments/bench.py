@@ -265,8 +265,8 @@ def build_step_bench(
   data = random_batch(batch, seq, model_config.vocab_size)
   rng = jax.random.key(1)
   step_fn = jax.jit(train_step.make_train_step(model, 1, log_routing_stats=False), donate_argnums=0)
-  t0 = time.perf_counter()
   abstract_state = jax.eval_shape(make_state)
+  t0 = time.perf_counter()
   compiled = step_fn.lower(abstract_state, data, rng).compile()
   compile_seconds = time.perf_counter() - t0
   holder = {"state": None, "metrics": {}}
@@ -346,6 +346,8 @@ def summarize_step(
     mfu=achieved / matmul_flops_per_s,
     mfu_cpu_time=achieved_per_cpu_s / matmul_flops_per_cpu_s,
     compiled_peak_bytes=bench.compiled_peak_bytes,
+    compiled_state_bytes=bench.resident_bytes,
+    compiled_temp_bytes=bench.temp_bytes,
     dropped_fraction=float(metrics["dropped_fraction"]),
     loss=float(metrics["loss"]),
   )

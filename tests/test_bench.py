@@ -186,6 +186,8 @@ def test_bench_runs_each_tile_size_count_side_by_side(monkeypatch):
   ]
   assert runs["configs/moe_k8.py:tiny dropless sizes=1"]["dropless_tile_sizes"] == [16]
   assert runs["configs/moe_k8.py:tiny dropless sizes=2"]["dropless_tile_sizes"] == [8, 16]
+  for r in runs.values():  # the check of host memory used these
+    assert r["compiled_state_bytes"] + r["compiled_temp_bytes"] == r["compiled_peak_bytes"]
   losses = [r["loss"] for r in runs.values()]
   assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the same function either way
 
