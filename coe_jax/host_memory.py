@@ -41,10 +41,9 @@ GLIBC_MALLOC_SETTINGS = {
 }
 OPT_OUT = "COE_JAX_HOST_MALLOC"  # "system": keep glibc's defaults
 _REEXECUTED = "_COE_JAX_HOST_MALLOC_REEXECUTED"  # set in the re-executed process
-_CGROUP_MEMORY = (  # (directory, limit file, usage file): cgroup v2, then v1
-  ("/sys/fs/cgroup", "memory.max", "memory.current"),
-  ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
-)
+# A memory cgroup's limit, usage and reclaimable page cache (the key in its memory.stat): v2, v1.
+_CGROUP_V2_FILES = ("memory.max", "memory.current", "inactive_file")
+_CGROUP_V1_FILES = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
 
 
 def jax_runs_on_cpu(environ: Mapping[str, str]) -> bool:
@@ -92,21 +91,53 @@ def active_settings() -> dict[str, str]:
 
 
 def available_bytes(
-  meminfo: str = "/proc/meminfo", cgroup_dirs: tuple[tuple[str, str, str], ...] = _CGROUP_MEMORY
+  meminfo: str = "/proc/meminfo", cgroup_dirs: Optional[list[tuple[str, ...]]] = None
 ) -> Optional[int]:
-  """Host memory this process can still take: the kernel's MemAvailable, or a cgroup's limit
-  less its usage where that is smaller (containers); None where neither can be read."""
+  """Host memory this process can still take: the kernel's MemAvailable, or less where a
+  memory cgroup of this process (`cgroup_memory_dirs`) has a limit with less room under it;
+  None where neither can be read. A cgroup's room is its limit less its usage, page cache
+  that the kernel can reclaim (inactive files) not counted as used."""
   candidates = []
   fields = dict(line.split(":", 1) for line in _read_lines(meminfo) if ":" in line)
   if "MemAvailable" in fields:
     candidates.append(int(fields["MemAvailable"].split()[0]) * 1024)  # reported in kB
-  for directory, limit_file, usage_file in cgroup_dirs:
-    limit = _read_lines(os.path.join(directory, limit_file))
-    usage = _read_lines(os.path.join(directory, usage_file))
-    if limit and usage and limit[0].strip().isdigit() and usage[0].strip().isdigit():
-      if int(limit[0]) < 1 << 60:  # no limit: "max" (v2) or ~2^63 (v1)
-        candidates.append(max(int(limit[0]) - int(usage[0]), 0))
+  for directory, limit_file, usage_file, inactive_key in (
+    cgroup_memory_dirs() if cgroup_dirs is None else cgroup_dirs
+  ):
+    limit = _read_int(os.path.join(directory, limit_file))
+    usage = _read_int(os.path.join(directory, usage_file))
+    if limit is None or usage is None or limit >= 1 << 60:  # no limit: "max" (v2), ~2^63 (v1)
+      continue
+    stat_lines = _read_lines(os.path.join(directory, "memory.stat"))
+    stat = dict(line.split(" ", 1) for line in stat_lines if " " in line)
+    inactive = stat.get(inactive_key, "0").strip()
+    inactive = int(inactive) if inactive.isdigit() else 0
+    candidates.append(max(limit - max(usage - inactive, 0), 0))
   return min(candidates) if candidates else None
+
+
+def cgroup_memory_dirs(
+  proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> list[tuple[str, ...]]:
+  """(directory, limit file, usage file, inactive-file key) of this process's memory cgroups,
+  from its own up to the root, v2 and v1 (directories that do not exist are read as no limit)."""
+  dirs = []
+  for line in _read_lines(proc_cgroup):
+    hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+    if hierarchy == "0" and not controllers:
+      base, files = root, _CGROUP_V2_FILES
+    elif "memory" in controllers.split(","):
+      base, files = os.path.join(root, "memory"), _CGROUP_V1_FILES
+    else:
+      continue
+    parts = [p for p in path.split("/") if p]
+    dirs += [(os.path.join(base, *parts[:i]), *files) for i in range(len(parts), -1, -1)]
+  return dirs
+
+
+def _read_int(path: str) -> Optional[int]:
+  lines = _read_lines(path)
+  return int(lines[0]) if lines and lines[0].strip().isdigit() else None
 
 
 def _read_lines(path: str) -> list[str]:

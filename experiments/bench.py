@@ -233,8 +233,8 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, j
 class StepBench:
   """One config's compiled train step and what is known before timing.
 
-  Compiled from abstract state, so nothing is allocated until `allocate()`
-  makes the train state (then `timed` can run).
+  Compiled from abstract state: no train state exists until `allocate()` makes
+  it (then `timed` can run).
   """
 
   label: str
@@ -245,8 +245,10 @@ class StepBench:
   timed: Timed
   last_metrics: dict
   make_state: Callable[[], Any]
-  resident_bytes: int = 0  # compiled arguments + outputs - aliased: the state, kept between calls
-  temp_bytes: int = 0  # compiled temporaries: allocated at each call
+  # compiled arguments + outputs - aliased (the state, kept between calls) and temporaries
+  # (allocated at each call); None where the backend has no `memory_analysis`
+  resident_bytes: Optional[int] = None
+  temp_bytes: Optional[int] = None
 
   def allocate(self) -> None:
     self.last_metrics["state"] = jax.block_until_ready(self.make_state())
@@ -259,7 +261,7 @@ def build_step_bench(
   batch: int,
   seq: int,
 ) -> StepBench:
-  """Compiles the train step from abstract state: nothing allocated until `allocate()`."""
+  """Compiles the train step from abstract state: no train state until `allocate()`."""
   model = CoECausalLM(model_config)
   make_state = lambda: train_step.init_train_state(model, config.train, config.seed, seq)
   data = random_batch(batch, seq, model_config.vocab_size)
@@ -605,7 +607,8 @@ def memory_report(benches: list[StepBench]) -> dict[str, Any]:
 
 
 # Beside the programs' states and temporaries: init's temporaries, the probe, Python's growth (the
-# memory the process holds already is outside what `host_memory.available_bytes` counts).
+# memory the process holds already is outside what `host_memory.available_bytes` counts). Not
+# counted: `--layer_cost`'s two layer programs (~2 GB at the paper width).
 HOST_MEMORY_MARGIN = 512 << 20
 
 
@@ -623,25 +626,34 @@ def fit_in_host_memory(
   first past `available` less `HOST_MEMORY_MARGIN` stops the run with an error
   naming it (with `keep_going`: it is reported in `failures` and left out),
   where the kernel would otherwise kill the process and every result would be
-  lost; the second only draws a warning.
+  lost; the second only draws a warning. Where `available` or any program's
+  sizes are unknown, every program is kept.
   """
-  if available is None:
+  known = [b for b in benches if b.resident_bytes is not None and b.temp_bytes is not None]
+  if available is None or len(known) < len(benches):
     return benches
   budget = available - HOST_MEMORY_MARGIN
   kept, states, largest_temp = [], 0, 0
   for bench in benches:
     state, temp = bench.resident_bytes, bench.temp_bytes
-    if states + state + max(largest_temp, temp) <= budget:
+    need = states + state + max(largest_temp, temp)
+    if need <= budget:
       kept.append(bench)
       states, largest_temp = states + state, max(largest_temp, temp)
       continue
+    gib = lambda n: f"{n / 2**30:.1f} GiB"
     error = (
-      f"HostMemory: its state of {state / 2**30:.1f} GiB and temporary buffer of "
-      f"{temp / 2**30:.1f} GiB beside the {states / 2**30:.1f} GiB of state of the "
-      f"{len(kept)} programs before it do not fit in the {available / 2**30:.1f} GiB of host "
-      f"memory available (less {HOST_MEMORY_MARGIN / 2**30:.1f} GiB for the runtime); bench "
-      "fewer programs per process (fewer configs, --dispatch or --dropless_impl values) or "
-      "smaller --shapes/--batch/--seq"
+      f"HostMemory: with it, the states of the {len(kept) + 1} programs kept "
+      f"({gib(states + state)}) and the largest temporary buffer ({gib(max(largest_temp, temp))}) "
+      f"take {gib(need)}, more than the {gib(available)} of host memory available less "
+      f"{gib(HOST_MEMORY_MARGIN)} for the runtime; "
+      + (
+        "bench fewer programs per process (fewer configs or values of --dispatch, "
+        "--dropless_impl, --dropless_tile, --dropless_tile_sizes, --attention_query_block, "
+        "--scan_layers)"
+        if kept
+        else "it does not fit alone: use a smaller --batch or --seq"
+      )
     )
     if not keep_going:
       raise SystemExit(f"bench: {bench.label}: {error}")

@@ -12,8 +12,9 @@
 #   experiments/gpu_bench.sh                          # the GPU check
 #   SCALE=tiny STEPS=2 BATCH=2 SEQ=32 experiments/gpu_bench.sh   # CPU-sized form (tests)
 #
-# A program that fails to compile or allocate (e.g. ragged_dot's dense lowering
-# out of memory) is reported in the table and the JSON; the others still run.
+# A program that fails to compile or allocate (e.g. ragged_dot's dense lowering out of
+# memory), or on CPU to fit in host memory, is reported in the table and the JSON; the
+# others still run.
 #
 # Environment: SCALE (paper|tiny), STEPS (timed steps, default 10), WARMUP (3),
 # BATCH / SEQ (default: the configs'), DISPATCH (capacity,dropless),

@@ -108,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
   args = bench.parse_args(rest)
   benches = bench.runnable_benches(args)
   for step in benches:  # warm up every program before any trace
-    for _ in range(args.warmup):
+    for _ in range(max(1, args.warmup)):
       jax.block_until_ready(step.timed.call())
   profiles = [trace_op_times(step.timed.call, ours.trace_steps) for step in benches]
   labels = [step.label for step in benches]

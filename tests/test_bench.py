@@ -186,8 +186,6 @@ def test_bench_runs_each_tile_size_count_side_by_side(monkeypatch):
   ]
   assert runs["configs/moe_k8.py:tiny dropless sizes=1"]["dropless_tile_sizes"] == [16]
   assert runs["configs/moe_k8.py:tiny dropless sizes=2"]["dropless_tile_sizes"] == [8, 16]
-  for r in runs.values():  # the check of host memory used these
-    assert r["compiled_state_bytes"] + r["compiled_temp_bytes"] == r["compiled_peak_bytes"]
   losses = [r["loss"] for r in runs.values()]
   assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the same function either way
 
@@ -329,7 +327,8 @@ def test_host_memory_needs_the_states_and_the_largest_temporary_buffer(capsys):
 
 def test_host_memory_stops_the_run_naming_the_program_or_warns_when_the_peaks_may_not_fit(capsys):
   programs = [_program("a", 3, 4), _program("b", 3, 3)]
-  with pytest.raises(SystemExit, match=r"bench: b: HostMemory: .* 3\.0 GiB .* 9\.0 GiB"):
+  expected = r"bench: b: HostMemory: .* take 10\.0 GiB, more than the 9\.0 GiB"
+  with pytest.raises(SystemExit, match=expected):
     bench.fit_in_host_memory(programs, 9 << 30, keep_going=False, failures=[])
   kept = bench.fit_in_host_memory(programs, 12 << 30, keep_going=False, failures=[])
   assert kept == programs  # 6 + 4 <= 11, but the peaks sum to 13
@@ -337,6 +336,8 @@ def test_host_memory_stops_the_run_naming_the_program_or_warns_when_the_peaks_ma
 
 
 def test_bench_refuses_before_allocating_what_host_memory_cannot_hold(monkeypatch):
+  if bench.jax.default_backend() != "cpu":
+    pytest.skip("the host-memory check is for CPU runs")
   monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
   monkeypatch.setattr(bench.host_memory, "available_bytes", lambda: bench.HOST_MEMORY_MARGIN)
   monkeypatch.setattr(bench.StepBench, "allocate", lambda self: pytest.fail("allocated"))

@@ -167,13 +167,17 @@ def test_with_the_settings_a_programs_temporary_memory_is_reused_not_faulted_in_
     assert fresh["faults_per_call"] > 0.5 * fresh["pages"]
 
 
-def test_available_memory_is_memavailable_or_the_cgroups_room_if_smaller(tmp_path):
+def test_available_memory_is_memavailable_or_a_cgroups_room_if_smaller(tmp_path):
   meminfo = tmp_path / "meminfo"
   meminfo.write_text("MemTotal:       8000 kB\nMemAvailable:   4000 kB\n")
   v2, v1 = tmp_path / "v2", tmp_path / "v1"
   v2.mkdir()
   v1.mkdir()
-  dirs = ((str(v2), "memory.max", "memory.current"), (str(v1), "limit", "usage"))
+  dirs = [
+    (str(v2), "memory.max", "memory.current", "inactive_file"),
+    (str(v1), "limit", "usage", "total_inactive_file"),
+    (str(tmp_path / "absent"), "limit", "usage", "total_inactive_file"),
+  ]
   (v2 / "memory.max").write_text("max\n")
   (v2 / "memory.current").write_text("100\n")
   (v1 / "limit").write_text("9223372036854771712\n")  # v1's "no limit"
@@ -181,6 +185,27 @@ def test_available_memory_is_memavailable_or_the_cgroups_room_if_smaller(tmp_pat
   assert host_memory.available_bytes(str(meminfo), dirs) == 4000 * 1024
   (v2 / "memory.max").write_text(f"{3000 * 1024 + 100}\n")
   assert host_memory.available_bytes(str(meminfo), dirs) == 3000 * 1024
-  assert host_memory.available_bytes(str(tmp_path / "absent"), ()) is None
+  # Page cache the kernel can reclaim is room too.
+  (v2 / "memory.current").write_text(f"{2000 * 1024 + 100}\n")
+  (v2 / "memory.stat").write_text(f"anon 100\ninactive_file {1000 * 1024}\n")
+  assert host_memory.available_bytes(str(meminfo), dirs) == 2000 * 1024
+  assert host_memory.available_bytes(str(tmp_path / "absent"), []) is None
   if sys.platform == "linux":
-    assert host_memory.available_bytes() > 0
+    assert host_memory.available_bytes() is not None
+
+
+def test_the_memory_cgroups_are_this_processs_own_and_its_parents(tmp_path):
+  proc = tmp_path / "cgroup"
+  proc.write_text("4:memory:/jobs/42\n3:cpu,cpuacct:/jobs/42\n0::/user.slice/job\n")
+  dirs = host_memory.cgroup_memory_dirs(str(proc), "/cg")
+  assert [d[0] for d in dirs] == [
+    "/cg/memory/jobs/42",
+    "/cg/memory/jobs",
+    "/cg/memory",
+    "/cg/user.slice/job",
+    "/cg/user.slice",
+    "/cg",
+  ]
+  assert dirs[0][1:] == ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+  assert dirs[-1][1:] == ("memory.max", "memory.current", "inactive_file")
+  assert host_memory.cgroup_memory_dirs(str(tmp_path / "absent")) == []
