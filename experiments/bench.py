@@ -277,28 +277,19 @@ def build_step_bench(
     holder["state"], holder["metrics"] = compiled(holder["state"], data, rng)
     return holder["state"], holder["metrics"]
 
+  resident, temp = metrics_lib.compiled_memory_split(compiled) or (None, None)
   return StepBench(
     label=label,
     model_config=model_config,
     batch_shape=(batch, seq),
     compile_seconds=compile_seconds,
-    compiled_peak_bytes=metrics_lib.compiled_memory_bytes(compiled),
+    compiled_peak_bytes=None if resident is None else resident + temp,
     timed=Timed(label, call),
     last_metrics=holder,
     make_state=lambda: make_state().replace(tx=abstract_state.tx),  # the compiled pytree's `tx`
-    **_resident_and_temp_bytes(compiled),
+    resident_bytes=resident,
+    temp_bytes=temp,
   )
-
-
-def _resident_and_temp_bytes(compiled) -> dict[str, int]:
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # some backends do not implement it
-    stats = None
-  if stats is None:
-    return {}
-  resident = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-  return dict(resident_bytes=int(resident), temp_bytes=int(stats.temp_size_in_bytes))
 
 
 def summarize_step(
@@ -629,8 +620,7 @@ def fit_in_host_memory(
   lost; the second only draws a warning. Where `available` or any program's
   sizes are unknown, every program is kept.
   """
-  known = [b for b in benches if b.resident_bytes is not None and b.temp_bytes is not None]
-  if available is None or len(known) < len(benches):
+  if available is None or any(b.resident_bytes is None for b in benches):
     return benches
   budget = available - HOST_MEMORY_MARGIN
   kept, states, largest_temp = [], 0, 0
@@ -641,12 +631,11 @@ def fit_in_host_memory(
       kept.append(bench)
       states, largest_temp = states + state, max(largest_temp, temp)
       continue
-    gib = lambda n: f"{n / 2**30:.1f} GiB"
     error = (
       f"HostMemory: with it, the states of the {len(kept) + 1} programs kept "
-      f"({gib(states + state)}) and the largest temporary buffer ({gib(max(largest_temp, temp))}) "
-      f"take {gib(need)}, more than the {gib(available)} of host memory available less "
-      f"{gib(HOST_MEMORY_MARGIN)} for the runtime; "
+      f"({_gib(states + state)}) and the largest temporary buffer "
+      f"({_gib(max(largest_temp, temp))}) take {_gib(need)}, more than the {_gib(available)} "
+      f"of host memory available less {_gib(HOST_MEMORY_MARGIN)} for the runtime; "
       + (
         "bench fewer programs per process (fewer configs or values of --dispatch, "
         "--dropless_impl, --dropless_tile, --dropless_tile_sizes, --attention_query_block, "
@@ -662,13 +651,16 @@ def fit_in_host_memory(
   peaks = sum(b.resident_bytes + b.temp_bytes for b in kept)
   if peaks > budget:
     print(
-      f"bench: warning: the programs' compiled peaks sum to {peaks / 2**30:.1f} GiB, more than "
-      f"the {available / 2**30:.1f} GiB of host memory available less "
-      f"{HOST_MEMORY_MARGIN / 2**30:.1f} GiB; if the heap fragments, the kernel kills the "
-      "process (PERF.md 23)",
+      f"bench: warning: the programs' compiled peaks sum to {_gib(peaks)}, more than the "
+      f"{_gib(available)} of host memory available less {_gib(HOST_MEMORY_MARGIN)}; if the "
+      "heap fragments, the kernel kills the process (PERF.md 23)",
       file=sys.stderr,
     )
   return kept
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:.1f} GiB"
 
 
 def runnable_benches(args: argparse.Namespace) -> list[StepBench]:

@@ -344,3 +344,15 @@ def test_bench_refuses_before_allocating_what_host_memory_cannot_hold(monkeypatc
   args = ["--config=configs/moe_k8.py:tiny", "--steps=1", "--batch=2", "--seq=16"]
   with pytest.raises(SystemExit, match="configs/moe_k8.py:tiny capacity: HostMemory"):
     bench.main(args)
+
+
+def test_compiled_memory_split_counts_a_donated_state_once():
+  state = bench.jnp.zeros((1024,), bench.jnp.float32)  # 4 KiB, donated: aliased by the output
+  step = lambda s: (s * 2.0, bench.jnp.sum(s))  # and a 4-byte output
+  compiled = bench.jax.jit(step, donate_argnums=0).lower(state).compile()
+  resident, temp = bench.metrics_lib.compiled_memory_split(compiled)
+  # The state once (8196+ if the aliased output were counted again), the scalar, and at most
+  # XLA's table of the output tuple's pointers.
+  assert 4096 + 4 <= resident <= 4096 + 4 + 64
+  assert temp >= 0
+  assert bench.metrics_lib.compiled_memory_bytes(compiled) == resident + temp

@@ -172,20 +172,24 @@ def plot_losses(workdir: str, title: str = "") -> str:
   return path
 
 
-def compiled_memory_bytes(compiled) -> Optional[int]:
-  """Peak bytes of a compiled XLA program: arguments + outputs + temporaries - aliased."""
+def compiled_memory_split(compiled) -> Optional[tuple[int, int]]:
+  """(resident, temporary) bytes of a compiled XLA program, or None where the backend does not
+  say: resident = arguments + outputs - aliased (what stays between calls when the inputs are
+  donated), temporary = the buffer each call allocates."""
   try:
     stats = compiled.memory_analysis()
   except Exception:  # some backends do not implement it
     return None
   if stats is None:
     return None
-  return int(
-    stats.argument_size_in_bytes
-    + stats.output_size_in_bytes
-    + stats.temp_size_in_bytes
-    - stats.alias_size_in_bytes
-  )
+  resident = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+  return int(resident), int(stats.temp_size_in_bytes)
+
+
+def compiled_memory_bytes(compiled) -> Optional[int]:
+  """Peak bytes of a compiled XLA program: arguments + outputs + temporaries - aliased."""
+  split = compiled_memory_split(compiled)
+  return None if split is None else sum(split)
 
 
 def device_peak_bytes() -> Optional[int]:
