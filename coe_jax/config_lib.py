@@ -89,7 +89,10 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
       lr=3e-4,  # peak learning rate (AdamW)
       b1=0.9,  # AdamW beta1
       b2=0.95,  # AdamW beta2
-      weight_decay=0.01,  # AdamW decoupled weight decay (not on norm scales)
+      weight_decay=0.01,  # AdamW decoupled weight decay
+      # Decay RMSNorm scales too, as the reference's AdamW decays every parameter; False leaves
+      # them undecayed (the HF Trainer's habit, and what runs saved before this field keep).
+      decay_norm_scales=True,
       warmup_fraction=0.1,  # linear warm-up over this share of steps
       schedule="constant",  # after warm-up: 'constant' (paper) | 'cosine'
       grad_clip=1.0,  # global-norm clipping; 0 disables

@@ -75,8 +75,8 @@ def route(u, weight, k, norm_topk_prob=False, routed_scaling_factor=1.0):
   probs = softmax(f64(u) @ f64(weight).T)
   ids = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
   w = np.take_along_axis(probs, ids, axis=-1)
-  if norm_topk_prob:
-    w = w / (w.sum(-1, keepdims=True) + 1e-20)
+  if norm_topk_prob and k > 1:  # the reference's two options are exclusive
+    return ids, w / (w.sum(-1, keepdims=True) + 1e-20), probs
   return ids, w * routed_scaling_factor, probs
 
 
@@ -278,6 +278,8 @@ def lm_forward(
   weights: 'embed' [V, d], 'layers' list of per-layer dicts (attention keys of
   `mla` + 'input_norm' + the `coe_block` keys), 'norm' [d], 'head' [d, V].
   capacity_factor: None = dropless, else the capacity path's factor.
+  hp.pad_semantics 'reference': a pad's (attn_mask 0) attention output is zero and the CoE
+  block takes no mask (pads are routed, take capacity); 'masked': pads take no capacity.
   """
   b, s = input_ids.shape
   if positions is None:
@@ -290,9 +292,12 @@ def lm_forward(
     )
   x = f64(weights["embed"])[np.asarray(input_ids)]
   infos, aux = [], 0.0
+  reference_pads = attn_mask is not None and hp.pad_semantics == "reference"
   for p in weights["layers"]:
-    h = x + mla(rms_norm(x, f64(p["input_norm"]), hp.rms_norm_eps), positions, mask, p, hp)
-    x, info = coe_block(h, p, hp, cap, attn_mask)
+    attn = mla(rms_norm(x, f64(p["input_norm"]), hp.rms_norm_eps), positions, mask, p, hp)
+    if reference_pads:
+      attn = attn * np.asarray(attn_mask)[..., None]
+    x, info = coe_block(x + attn, p, hp, cap, None if reference_pads else attn_mask)
     infos.append(info)
     aux += sum(info["aux"])
   x = rms_norm(x, f64(weights["norm"]), hp.rms_norm_eps)

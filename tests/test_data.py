@@ -507,11 +507,15 @@ def test_val_batches_cover_every_example_once(synth):
   assert len(batches) == 3
   assert all(b["input_ids"].shape == (16, 96) for b in batches)
   masks = np.concatenate([b["attention_mask"] for b in batches])
+  segments = np.concatenate([b["segment_ids"] for b in batches])
   ids = np.concatenate([b["input_ids"] for b in batches])
   assert (masks[40:] == 0).all() and (ids[40:] == synth.pad_id).all()
+  assert synth.pad_id == synth.eos_id  # the reference's row layout pads with end-of-text
   for e in range(40):
-    n = int(masks[e].sum())
+    n = int((segments[e] > 0).sum())  # the example, its end-of-text (the first pad) included
     np.testing.assert_array_equal(ids[e, :n], synth.val.example(e))
+    truncated = n == ids.shape[1] and ids[e, n - 1] != synth.eos_id
+    assert masks[e].sum() == (n if truncated else n - 1)
 
 
 # --- vocabulary trimming --------------------------------------------------------------------------
@@ -742,17 +746,19 @@ def shared_math_qa_config(tmp_path: Path, **changes):
 def test_shared_math_qa_with_olmoe_tokenizer(tmp_path):
   data = shared_math_qa_config(tmp_path, max_length=512, max_train_examples=20, max_val_examples=8)
   ds = build_datasets(data, workdir=None, seed=0)
-  assert (ds.vocab_size, ds.pad_id, ds.eos_id) == (50280, 1, 50279)
+  # The reference's row layout pads with the end-of-text id (DeepSeek-V2's pad is its EOS).
+  assert (ds.vocab_size, ds.pad_id, ds.eos_id) == (50280, 50279, 50279)
+  assert ds.tokenizer.token_to_id("<|padding|>") == 1  # declared, unused by that layout
   assert (ds.train.num_examples, ds.val.num_examples) == (20, 8)
   with open(MATH_QA / "validation.jsonl", encoding="utf-8") as f:
     rows = [json.loads(next(f)) for _ in range(8)]
   batch = ds.val_batches(8)[0]
   for e, row in enumerate(rows):
-    text = f"query : {row['query']} response : {row['response']}"
+    text = f"query : {row['query']} response : {row['response']}".strip()
     expected = (ds.tokenizer.encode(text, add_special_tokens=False).ids + [50279])[:512]
-    n = int(batch["attention_mask"][e].sum())
+    n = int((batch["segment_ids"][e] > 0).sum())
     assert batch["input_ids"][e, :n].tolist() == expected
-    assert (batch["input_ids"][e, n:] == 1).all()
+    assert (batch["input_ids"][e, n:] == 50279).all()
     assert expected[:2] == ds.tokenizer.encode("query :", add_special_tokens=False).ids
 
 
@@ -763,9 +769,8 @@ def test_shared_olmoe_tokenizer_trimmed(tmp_path):
   )
   ds = build_datasets(data, workdir=None, seed=0)
   assert 1000 < ds.vocab_size < 3000  # + 256 bytes, 28 added tokens and merge halves
-  assert ds.pad_id == ds.tokenizer.token_to_id("<|padding|>")
-  assert ds.eos_id == ds.tokenizer.token_to_id("<|endoftext|>")
+  assert ds.eos_id == ds.tokenizer.token_to_id("<|endoftext|>") == ds.pad_id  # declared
   with open(MATH_QA / "validation.jsonl", encoding="utf-8") as f:
     rows = [json.loads(next(f)) for _ in range(20)]
-  expected = [format_example(r["query"], r["response"]) for r in rows]
+  expected = [format_example(r["query"], r["response"]).strip() for r in rows]
   assert texts_of(ds.val, ds.tokenizer) == expected

@@ -67,16 +67,33 @@ def test_fused_optimizer_matches_the_optax_chain_over_steps(changes):
   assert not np.allclose(np.asarray(states["fused"][0]["head"]), np.asarray(params["head"]))
 
 
-def test_fused_optimizer_decays_matrices_but_not_norm_scales():
-  cfg = _train_config(weight_decay=0.5, warmup_fraction=0.0, schedule="constant", lr=0.1)
-  fused = optimizer.make_optimizer(cfg)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("decay_norm_scales", [True, False, None])
+def test_weight_decay_reaches_norm_scales_exactly_when_asked(fused, decay_norm_scales):
+  # None: a config without the field (a run saved before it): norm scales undecayed.
+  cfg = _train_config(
+    weight_decay=0.5, warmup_fraction=0.0, schedule="constant", lr=0.1, fused_optimizer=fused
+  )
+  if decay_norm_scales is not None:
+    cfg.decay_norm_scales = decay_norm_scales
+  tx = optimizer.make_optimizer(cfg)
   params = _params()
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = fused.update(zeros, fused.init(params), params)
-  np.testing.assert_allclose(
-    np.asarray(updates["head"]), -0.1 * 0.5 * np.asarray(params["head"]), rtol=1e-6
-  )
-  np.testing.assert_array_equal(np.asarray(updates["layer"]["norm"]["scale"]), 0.0)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  decayed = lambda p: -0.1 * 0.5 * np.asarray(p)
+  np.testing.assert_allclose(np.asarray(updates["head"]), decayed(params["head"]), rtol=1e-6)
+  scale_update = np.asarray(updates["layer"]["norm"]["scale"])
+  if decay_norm_scales:
+    np.testing.assert_allclose(scale_update, decayed(params["layer"]["norm"]["scale"]), rtol=1e-6)
+  else:
+    np.testing.assert_array_equal(scale_update, 0.0)
+
+
+def test_the_reference_weight_decay_is_the_config_default():
+  from coe_jax import config_lib
+
+  for scale in ("paper", "tiny"):
+    assert config_lib.build(scale).train.decay_norm_scales is True
 
 
 def test_fused_optimizer_needs_params():

@@ -1,4 +1,4 @@
-"""The reference trainer's targets and validation number (SPEC 6).
+"""The reference trainer's targets and validation number (DESIGN.md 6).
 
 The loss targets of a batch are exactly the reference trainer's.
 
@@ -105,17 +105,21 @@ def test_without_eos_target_the_last_token_predicts_nothing(tok):
 
 @pytest.mark.shared_data
 def test_real_tokenizer_targets_equal_the_reference(tmp_path):
-  """olmoe pads with <|padding|> (id 1) but ends text with <|endoftext|> (50279): the EOS
-  target is the end-of-text token, as with the DeepSeek-V2 tokenizer whose pad is its EOS."""
+  """olmoe declares <|padding|> (id 1) as its pad and <|endoftext|> (50279) as its EOS: rows
+  are padded with the EOS, as the reference's DeepSeek-V2 tokenizer (whose pad is its EOS)
+  pads them, and input ids, attention mask and targets are exactly the reference's."""
   data = shared_math_qa_config(tmp_path, max_length=256, max_train_examples=64, max_val_examples=8)
   ds = build_datasets(data, workdir=None, seed=0)
-  assert (ds.pad_id, ds.eos_id) == (1, 50279)
+  assert (ds.pad_id, ds.eos_id) == (50279, 50279)
   batch = ds.train.batch(range(64))
   for row in range(64):
     ids = ds.tokenizer.encode(
       ds.tokenizer.decode(ds.train.example(row).tolist()), add_special_tokens=False
     ).ids
     assert our_targets(batch, row) == reference_targets(ids, 256, ds.eos_id)
+    n = min(len(ids), 256)
+    assert batch["input_ids"][row].tolist() == ids[:n] + [ds.eos_id] * (256 - n)
+    assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (256 - n)
 
 
 # --- the reference's validation number ----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.nn.router against independent float64 numpy (SPEC 3)."""
+"""Tests for coe_jax.nn.router against independent float64 numpy (DESIGN.md 3)."""
 
 from __future__ import annotations
 
@@ -23,28 +23,38 @@ def _inputs(seed=0, w_scale=0.6):
   return x, w
 
 
+@pytest.mark.parametrize("k", [K, 1])
 @pytest.mark.parametrize(
   "norm_topk_prob,scaling", [(False, 1.0), (True, 1.0), (False, 2.5), (True, 0.5)]
 )
-def test_route_top_k_matches_numpy(norm_topk_prob, scaling):
+def test_route_top_k_matches_numpy(norm_topk_prob, scaling, k):
   x, w = _inputs()
   out = route(
     jnp.asarray(x),
     jnp.asarray(w),
-    k=K,
+    k=k,
     norm_topk_prob=norm_topk_prob,
     routed_scaling_factor=scaling,
   )
-  ids, weights, probs = ref.route(x, w, K, norm_topk_prob, scaling)
-  assert out.expert_ids.shape == (B, S, K) and out.expert_ids.dtype == jnp.int32
+  ids, weights, probs = ref.route(x, w, k, norm_topk_prob, scaling)
+  assert out.expert_ids.shape == (B, S, k) and out.expert_ids.dtype == jnp.int32
   assert out.combine_weights.dtype == jnp.float32 and out.probs.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(out.expert_ids), ids)
   np.testing.assert_allclose(np.asarray(out.combine_weights), weights, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(out.probs), probs, rtol=1e-5, atol=1e-7)
-  if norm_topk_prob:
-    np.testing.assert_allclose(np.asarray(out.combine_weights).sum(-1), scaling, rtol=1e-5)
-  else:  # raw softmax scores of the chosen experts (the reference default), times the scale
-    assert np.all(np.asarray(out.combine_weights).sum(-1) < scaling)
+
+
+def test_norm_topk_prob_and_scaling_are_exclusive_as_in_the_reference():
+  # MoEGate: K > 1 and norm_topk_prob -> w / (sum w + 1e-20), no scaling; otherwise w * scale.
+  logits = np.log(np.array([[[0.5, 0.3, 0.2]]], np.float32))  # softmax = [0.5, 0.3, 0.2]
+  x, weight = jnp.asarray(logits), jnp.eye(3, dtype=jnp.float32)
+  weights = lambda k, norm, scale: np.asarray(
+    route(x, weight, k=k, norm_topk_prob=norm, routed_scaling_factor=scale).combine_weights
+  )[0, 0]
+  np.testing.assert_allclose(weights(2, True, 3.0), [0.625, 0.375], rtol=1e-6)  # not x3
+  np.testing.assert_allclose(weights(2, False, 3.0), [1.5, 0.9], rtol=1e-6)
+  np.testing.assert_allclose(weights(1, True, 3.0), [1.5], rtol=1e-6)  # K=1: scaled, not 1.0
+  np.testing.assert_allclose(weights(1, False, 1.0), [0.5], rtol=1e-6)
 
 
 def test_route_logits_are_float32_for_bfloat16_inputs():

@@ -24,7 +24,8 @@ def validation_batch(
   """
   data = ml_collections.ConfigDict(run.config.data.to_dict())
   data.update(data_overrides or {})
-  datasets = build_datasets(data, workdir=run.workdir)
+  reference_padding = run.model_config.pad_semantics == "reference"
+  datasets = build_datasets(data, workdir=run.workdir, reference_padding=reference_padding)
   return datasets.val_batches(batch_size)[0]
 
 

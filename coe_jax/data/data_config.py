@@ -50,9 +50,12 @@ def default_data_config() -> ml_collections.ConfigDict:
       trim_vocab=0,
       max_length=512,  # tokens per row: longer examples are right-truncated, shorter padded
       # Append the tokenizer's end-of-text token to every example before truncation, as the
-      # reference does by padding with EOS and scoring the first pad (SPEC 6): untruncated
+      # reference does by padding with EOS and scoring the first pad (DESIGN.md 6): untruncated
       # examples learn to stop; truncated ones get no EOS. False = no end-of-text target.
       eos_target=True,
+      # Strip each example's text of leading and trailing whitespace, as the reference's dataset
+      # does (DESIGN.md 6); False is what runs saved before this field keep on resume.
+      strip_text=True,
       packing=False,  # pack several whole examples per row (segment_ids / positions)
       cache_dir="",  # tokenised-data cache; '' = <workdir>/data_cache, else ~/.cache/coe_jax
       hf_name="meta-math/MetaMathQA",  # hub dataset for source='hf'
@@ -174,7 +177,7 @@ def validate_data_config(data: DataConfig) -> None:
   if data.source not in SOURCES:
     fail("source", f"got {data.source!r}; allowed values: {', '.join(SOURCES)}")
   _check_int(data, "max_length", 2)
-  for field in ("packing", "eos_target"):
+  for field in ("packing", "eos_target", "strip_text"):
     if not isinstance(data[field], bool):
       fail(field, f"got {data[field]!r}; allowed values: True, False")
   if not isinstance(data.cache_dir, str):

@@ -79,6 +79,9 @@ class Datasets:
 
   @property
   def pad_id(self) -> int:
+    """The id filling padded positions: end-of-text in the reference's row layout."""
+    if self.train.eos_pad_id is not None and not self.train.packed:
+      return self.train.eos_pad_id
     return tokenizer_lib.pad_id(self.tokenizer)
 
   @property
@@ -180,6 +183,8 @@ def data_key(data: ml_collections.ConfigDict) -> dict[str, Any]:
     key["columns"] = [data.query_column, data.response_column]
   if _uses_holdout(data):
     key.update(val_size=data.val_size, val_seed=data.val_seed)
+  if data.strip_text:  # absent when False: the key of caches written before the field
+    key["strip_text"] = True
   return key
 
 
@@ -251,7 +256,11 @@ class _Texts:
         train = train[: self._data.max_train_examples]
       if self._data.max_val_examples:
         val = val[: self._data.max_val_examples]
-      self._texts = {"train": _format(train_table.read(train)), "val": _format(val_table.read(val))}
+      strip = self._data.strip_text
+      self._texts = {
+        "train": _format(train_table.read(train), strip),
+        "val": _format(val_table.read(val), strip),
+      }
     return self._texts
 
   def train_texts(self) -> list[str]:
@@ -271,8 +280,9 @@ def _check_local_files(data: ml_collections.ConfigDict) -> None:
       )
 
 
-def _format(pairs: sources.Pairs) -> list[str]:
-  return [format_example(q, r) for q, r in zip(*pairs)]
+def _format(pairs: sources.Pairs, strip: bool) -> list[str]:
+  texts = [format_example(q, r) for q, r in zip(*pairs)]
+  return [t.strip() for t in texts] if strip else texts
 
 
 def resolve_cache_dir(data: ml_collections.ConfigDict, workdir: Optional[str]) -> Path:
@@ -299,9 +309,11 @@ def _load_tokenizer(
     return tok
   key = _hash([raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.trim_vocab])
   path = cache / "tokenizers" / f"trim-{key}" / "tokenizer.json"
+  declared = tokenizer_lib.special_tokens(tok)
   if path.is_file():
-    return tokenizers.Tokenizer.from_file(str(path))
+    return tokenizer_lib.with_special_tokens(tokenizers.Tokenizer.from_file(str(path)), declared)
   trimmed = tokenizer_lib.trim_vocabulary(tok, texts.train_texts(), data.trim_vocab)
+  trimmed = tokenizer_lib.with_special_tokens(trimmed, declared)
   tokenizer_lib.write_text_atomic(path, trimmed.to_str())
   _log.info(
     "Trimmed the tokenizer to %d tokens (data.trim_vocab=%d); cached in %s",
@@ -313,12 +325,20 @@ def _load_tokenizer(
 
 
 def build_datasets(
-  data: DataConfig, *, workdir: Optional[str] = None, seed: int = 0, save_tokenizer: bool = True
+  data: DataConfig,
+  *,
+  workdir: Optional[str] = None,
+  seed: int = 0,
+  save_tokenizer: bool = True,
+  reference_padding: bool = True,
 ) -> Datasets:
   """Validates `data`, loads or builds the tokenised splits and returns them.
 
   `save_tokenizer=False` skips the `<workdir>/tokenizer.json` copy (processes
-  other than 0 of a multi-process run).
+  other than 0 of a multi-process run). `reference_padding` (a model with
+  `pad_semantics='reference'`) lays unpacked rows with an end-of-text target out
+  as the reference's (`Split.eos_pad_id`); False keeps the end-of-text a real
+  token and pads with the tokenizer's pad id.
 
   `seed` does not change the data (the corpus and split are fixed by `data`,
   so runs with different seeds compare on the same validation set); the
@@ -335,11 +355,12 @@ def build_datasets(
   full_key = [raw_key, tokenizer_lib.tokenizer_fingerprint(tok), data.max_length, data.packing, eos]
   directory = cache / f"{data.source}-{_hash(full_key)}"
   args = (data.max_length, tokenizer_lib.pad_id(tok), data.packing)
+  layout = _row_layout(eos if reference_padding and not data.packing else None)
   splits = tokenized.load_splits(directory, ("train", "val"), *args)
   if splits is not None:
     _log.info("Loaded tokenised data from cache %s", directory)
     _save_tokenizer_copy(tok, workdir if save_tokenizer else None)
-    return Datasets(tok, splits["train"], splits["val"], str(directory), True, 0.0)
+    return Datasets(tok, layout(splits["train"]), layout(splits["val"]), str(directory), True, 0.0)
   start = time.perf_counter()
   splits = {
     name: tokenized.build_split(tok, t, *args, eos_id=eos) for name, t in texts.get().items()
@@ -365,7 +386,14 @@ def build_datasets(
     seconds,
     directory,
   )
-  return Datasets(tok, splits["train"], splits["val"], str(directory), False, seconds)
+  return Datasets(
+    tok, layout(splits["train"]), layout(splits["val"]), str(directory), False, seconds
+  )
+
+
+def _row_layout(eos_pad_id: Optional[int]) -> Callable[[Split], Split]:
+  """How batches of a split are laid out: the reference's (padded with `eos_pad_id`) or ours."""
+  return lambda split: dataclasses.replace(split, eos_pad_id=eos_pad_id)
 
 
 def _eos_target_id(data: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -> Optional[int]:
@@ -384,11 +412,14 @@ def _eos_target_id(data: ml_collections.ConfigDict, tok: tokenizers.Tokenizer) -
 
 
 def _save_tokenizer_copy(tok: tokenizers.Tokenizer, workdir: Optional[str]) -> None:
-  """Keeps the run's exact tokenizer as `<workdir>/tokenizer.json` (for decoding later)."""
+  """Keeps the run's exact tokenizer as `<workdir>/tokenizer.json` (for decoding later), with
+  the special tokens it declares beside it."""
   if not workdir:
     return
   path = Path(workdir) / "tokenizer.json"
-  text = tok.to_str()
-  if path.is_file() and path.read_text(encoding="utf-8") == text:
-    return
-  tokenizer_lib.write_text_atomic(path, text)
+  if path.is_file() and path.read_text(encoding="utf-8") == tok.to_str():
+    if tokenizer_lib.special_tokens(tokenizer_lib.load_file(path)) == (
+      tokenizer_lib.special_tokens(tok)
+    ):
+      return
+  tokenizer_lib.save_file(tok, path)

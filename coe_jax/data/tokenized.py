@@ -11,6 +11,11 @@ A split is stored without padding:
 
 Batches are padded to `max_length` when they are built, so the cache stays
 small (a 100M-token corpus is ~400 MB instead of rows x max_length).
+
+Unpacked rows can be laid out as the reference's (`Split.eos_pad_id`,
+DESIGN.md 6): padded with the end-of-text id, and the end-of-text that ends an
+example is its first pad (attention_mask 0) while its segment id still covers
+it, so the example's last real token targets it.
 """
 
 from __future__ import annotations
@@ -94,6 +99,9 @@ class Split:
   max_length: int
   pad_id: int
   packed: bool
+  # Unpacked rows only: lay rows out as the reference's, padded with this end-of-text id,
+  # which is also the first pad of every example it ends (see the module docstring).
+  eos_pad_id: Optional[int] = None
 
   @property
   def num_examples(self) -> int:
@@ -127,7 +135,8 @@ class Split:
     row_indices = list(row_indices)
     size = len(row_indices) + pad_rows
     shape = (size, self.max_length)
-    input_ids = np.full(shape, self.pad_id, np.int32)
+    eos_pads = self.eos_pad_id is not None and not self.packed
+    input_ids = np.full(shape, self.eos_pad_id if eos_pads else self.pad_id, np.int32)
     segment_ids = np.zeros(shape, np.int32)
     positions = (
       np.zeros(shape, np.int32)
@@ -136,9 +145,14 @@ class Split:
     )
     for b, r in enumerate(row_indices):
       self._fill_row(int(r), input_ids[b], segment_ids[b], positions[b])
+    attention_mask = segment_ids > 0
+    if eos_pads:  # the example's end-of-text is the reference's first pad
+      rows, last = np.arange(size), attention_mask.sum(axis=1) - 1
+      ends = (last >= 0) & (input_ids[rows, np.maximum(last, 0)] == self.eos_pad_id)
+      attention_mask[rows[ends], last[ends]] = False
     return {
       "input_ids": input_ids,
-      "attention_mask": (segment_ids > 0).astype(np.int32),
+      "attention_mask": attention_mask.astype(np.int32),
       "segment_ids": segment_ids,
       "positions": positions,
     }

@@ -8,6 +8,12 @@
   and reused while the requested vocabulary size and training key match;
 * a Hugging Face hub name such as `deepseek-ai/DeepSeek-V2-Lite`, which needs
   a network (or a warm hub cache).
+
+The end-of-text and padding ids are the tokenizer's declared ones where it declares
+them (`tokenizer_config.json` or `special_tokens_map.json` beside `tokenizer.json`,
+read by `load_file`; `save_file` writes them beside a copy), else the first of
+`EOS_CANDIDATES` / `PAD_CANDIDATES` the vocabulary holds. For the DeepSeek-V2
+tokenizer both ways give `<｜end▁of▁sentence｜>` (100001), the reference's EOS.
 """
 
 from __future__ import annotations
@@ -36,14 +42,18 @@ PAD_CANDIDATES = (
 EOS_CANDIDATES = (
   "<|endoftext|>",
   "</s>",
+  "<｜end▁of▁sentence｜>",  # DeepSeek-V2's declared EOS; before DeepSeek-Coder's <|EOT|>
   "<|EOT|>",
-  "<｜end▁of▁sentence｜>",
   "<|end_of_text|>",
   "<|eot_id|>",
   "<|im_end|>",
   "<eos>",
 )
 _META_FILE = "tokenizer_meta.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"  # written beside a saved copy (`save_file`)
+_DECLARING_FILES = ("tokenizer_config.json", SPECIAL_TOKENS_FILE)
+_ROLES = ("eos_token", "pad_token")
+_DECLARED = "coe_jax_special_tokens"  # attribute holding {role: token text} on a Tokenizer
 _LOCAL_EXAMPLE = "../shared/data/tokenizer/olmoe/tokenizer.json"
 
 
@@ -99,12 +109,64 @@ def _from_file(spec: str) -> tokenizers.Tokenizer:
       f"data.tokenizer: got {spec!r}, but {str(path)!r} does not exist; allowed "
       "values: 'bpe', a tokenizer.json path (or its directory), or a hub name"
     )
-  return tokenizers.Tokenizer.from_file(str(path))
+  return load_file(path)
+
+
+def load_file(path: str | Path) -> tokenizers.Tokenizer:
+  """`tokenizer.json` at `path`, with the special tokens its folder declares (see module doc)."""
+  tok = tokenizers.Tokenizer.from_file(str(path))
+  declared = {}
+  for name in reversed(_DECLARING_FILES):  # tokenizer_config.json wins
+    declared.update(_declared_in(Path(path).parent / name))
+  return with_special_tokens(tok, declared)
+
+
+def save_file(tok: tokenizers.Tokenizer, path: str | Path) -> None:
+  """Writes `tok` to `path` (atomically) and its declared special tokens beside it."""
+  path = Path(path)
+  write_text_atomic(path, tok.to_str())
+  declared = special_tokens(tok)
+  marker = path.parent / SPECIAL_TOKENS_FILE
+  if declared:
+    write_text_atomic(marker, json.dumps(declared, indent=1, ensure_ascii=False))
+  elif marker.is_file():
+    marker.unlink()
+
+
+def _declared_in(path: Path) -> dict[str, str]:
+  """{role: token text} for the roles `path` (a tokenizer_config / special_tokens_map) names."""
+  if not path.is_file():
+    return {}
+  try:
+    values = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return {}
+  declared = {}
+  for role in _ROLES:
+    value = values.get(role) if isinstance(values, dict) else None
+    if isinstance(value, dict):
+      value = value.get("content")
+    if isinstance(value, str) and value:
+      declared[role] = value
+  return declared
+
+
+def with_special_tokens(
+  tok: tokenizers.Tokenizer, declared: dict[str, str]
+) -> tokenizers.Tokenizer:
+  """`tok` carrying `declared` ({role: token text}) as its declared special tokens."""
+  setattr(tok, _DECLARED, dict(declared))
+  return tok
+
+
+def special_tokens(tok: tokenizers.Tokenizer) -> dict[str, str]:
+  """The special tokens `tok` declares ({'eos_token': ..., 'pad_token': ...}; may be empty)."""
+  return dict(getattr(tok, _DECLARED, {}))
 
 
 def _from_hub(name: str) -> tokenizers.Tokenizer:
   try:
-    return tokenizers.Tokenizer.from_pretrained(name)
+    tok = tokenizers.Tokenizer.from_pretrained(name)
   except Exception as error:  # offline, unknown repo, no tokenizer.json, ...
     raise ConfigError(
       f"data.tokenizer: could not load {name!r} from the Hugging Face hub "
@@ -112,6 +174,17 @@ def _from_hub(name: str) -> tokenizers.Tokenizer:
       f"config.data.tokenizer to a local tokenizer.json path, e.g. {_LOCAL_EXAMPLE}, "
       "or to 'bpe' to train one on the training texts."
     ) from error
+  return with_special_tokens(tok, _hub_declared(name))
+
+
+def _hub_declared(name: str) -> dict[str, str]:
+  """The special tokens a hub repository's tokenizer_config.json declares ({} if unreachable)."""
+  try:
+    from huggingface_hub import hf_hub_download
+
+    return _declared_in(Path(hf_hub_download(name, "tokenizer_config.json")))
+  except Exception:  # no such file, offline: fall back to the candidate lists
+    return {}
 
 
 def _cached_bpe(
@@ -162,15 +235,23 @@ def _first_id(tok: tokenizers.Tokenizer, candidates: tuple[str, ...]) -> Optiona
   return None
 
 
+def _declared_id(tok: tokenizers.Tokenizer, role: str) -> Optional[int]:
+  token = special_tokens(tok).get(role)
+  return None if token is None else tok.token_to_id(token)
+
+
 def pad_id(tok: tokenizers.Tokenizer) -> int:
-  """The id of the tokenizer's padding token, or 0 when it has none."""
-  found = _first_id(tok, PAD_CANDIDATES)
+  """The id of the tokenizer's padding token (declared, else a known one), or 0 when none."""
+  found = _declared_id(tok, "pad_token")
+  if found is None:
+    found = _first_id(tok, PAD_CANDIDATES)
   return 0 if found is None else found
 
 
 def eos_id(tok: tokenizers.Tokenizer) -> Optional[int]:
-  """The id of the tokenizer's end-of-text token, or None when it has none."""
-  return _first_id(tok, EOS_CANDIDATES)
+  """The id of the tokenizer's end-of-text token (declared, else a known one), or None."""
+  found = _declared_id(tok, "eos_token")
+  return _first_id(tok, EOS_CANDIDATES) if found is None else found
 
 
 def tokenizer_fingerprint(tok: tokenizers.Tokenizer) -> str:

@@ -147,7 +147,12 @@ def validation_loss(
   batch_size = batch_size or int(run.config.train.get("eval_batch_size", 32))
   max_length = max_length or int(run.config.data.max_length)
   if problems is None:
-    datasets = build_datasets(run.config.data, workdir=run.workdir, seed=int(run.config.seed))
+    datasets = build_datasets(
+      run.config.data,
+      workdir=run.workdir,
+      seed=int(run.config.seed),
+      reference_padding=run.model_config.pad_semantics == "reference",
+    )
     split = datasets.val
   else:
     if run.tokenizer is None:

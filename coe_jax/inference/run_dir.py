@@ -23,7 +23,7 @@ from coe_jax import config_lib
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
-from coe_jax.training.checkpoint import load_run_config, restore_params, saved_scan_layers
+from coe_jax.training.checkpoint import apply_saved_semantics, load_run_config, restore_params
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,7 +63,7 @@ def load_tokenizer(
   file or a hub name (not 'bpe', which was trained and saved with the run), else None."""
   path = os.path.join(workdir, "tokenizer.json")
   if os.path.exists(path):
-    return tokenizers.Tokenizer.from_file(path)
+    return tokenizer_lib.load_file(path)
   spec = config.data.get("tokenizer", "bpe") if config is not None and "data" in config else "bpe"
   return None if spec == "bpe" else tokenizer_lib.load_tokenizer(spec)
 
@@ -99,7 +99,7 @@ def load_run(workdir: str, step: Optional[int] = None, *, with_tokenizer: bool =
   if saved is None:
     raise FileNotFoundError(f"{workdir!r} holds no config.json; is it a coe_jax run directory?")
   config = ml_collections.ConfigDict(saved)
-  config.model.scan_layers = saved_scan_layers(saved)  # absent: saved before it, stacked
+  apply_saved_semantics(config, saved)  # fields absent: saved before them, their values then
   model_config = config_lib.model_config_from(config, vocab_size(workdir, config))
   params, restored = restore_params(workdir, abstract_params(CoECausalLM(model_config)), step)
   tokenizer = load_tokenizer(workdir, config) if with_tokenizer else None

@@ -83,12 +83,14 @@ def _iteration_stats(probs, expert_ids, kept, token_mask, num_experts):
 class CoELayer(nn.Module):
   """A Chain-of-Experts feed-forward block (norm included), usable in any Flax model.
 
-  Call: `(h <float>[batch, seq, hidden], train: bool, token_mask=None) ->
+  Call: `(h <float>[batch, seq, hidden], train: bool, token_mask=None, route_pads=False) ->
   (out <compute dtype>[batch, seq, hidden], CoEAux)`. `h` is the residual
   stream after attention. `train` picks the train or eval capacity factor.
-  `token_mask` <int|bool>[batch, seq] marks real tokens: padding takes no
-  expert capacity, gets no routed output and is left out of the statistics
-  (the load-balancing loss still sees every position, as in the reference).
+  `token_mask` <int|bool>[batch, seq] marks real tokens; padding is left out of
+  the routing statistics, and the load-balancing loss sees every position (as
+  in the reference). With `route_pads=False` padding takes no expert capacity
+  and gets no routed output; with True it is routed like any token, as the
+  reference's MoE (which takes no mask) does.
 
   Params: `norm/scale` [hidden]; `router` <float32>[C or 1, N_routed, hidden];
   `routed_experts/...` (stacked on a leading [N_routed] axis);
@@ -126,6 +128,7 @@ class CoELayer(nn.Module):
     h: Float[Array, "batch seq hidden"],
     train: bool = False,
     token_mask: Optional[Array] = None,
+    route_pads: bool = False,
   ) -> tuple[Float[Array, "batch seq hidden"], CoEAux]:
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
@@ -155,9 +158,8 @@ class CoELayer(nn.Module):
     capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
     sow_probs = self.is_mutable_collection("intermediates")
     real = jnp.ones((batch, seq), bool) if token_mask is None else token_mask > 0
-    expert_pass = self._expert_pass(
-      routed, shared, capacity_factor, None if token_mask is None else real, real
-    )
+    dispatch_mask = None if token_mask is None or route_pads else real
+    expert_pass = self._expert_pass(routed, shared, capacity_factor, dispatch_mask, real)
 
     def iteration(carry, router_weight):
       u, m_sum = carry
@@ -229,7 +231,8 @@ class CoELayer(nn.Module):
         f"{parallel.expert_axis!r}"
       )
     sharded = parallel.wrap(local_pass)
-    return lambda u, router_weight: sharded(u, router_weight, routed, shared, real)
+    mask = jnp.ones_like(real) if token_mask is None else token_mask
+    return lambda u, router_weight: sharded(u, router_weight, routed, shared, mask)
 
 
 def expert_pass(

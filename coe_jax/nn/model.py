@@ -108,8 +108,12 @@ class DecoderLayer(nn.Module):
     if new_entries is not None:
       c_cache, kpe_cache = layer_cache
       new_entries = (new_entries[0].astype(c_cache.dtype), new_entries[1].astype(kpe_cache.dtype))
+    reference_pads = cfg.pad_semantics == "reference"
+    if reference_pads and token_mask is not None:
+      # flash-attention's unpad/pad: a pad's attention output is zero.
+      attn_out = attn_out * (token_mask > 0)[..., None].astype(attn_out.dtype)
     out, aux = CoELayer(cfg.coe, expert_parallel=self.expert_parallel, name="mlp")(
-      x + attn_out, train=self.train, token_mask=token_mask
+      x + attn_out, train=self.train, token_mask=token_mask, route_pads=reference_pads
     )
     return out.astype(dtype), (aux, new_entries)
 

@@ -44,6 +44,7 @@ from coe_jax.nn.coe_config import (  # noqa: F401
 )
 
 ROPE_SCALINGS = ("yarn", "none")
+PAD_SEMANTICS = ("reference", "masked")
 REMATS = ("none", "full", "dots")
 
 
@@ -122,6 +123,13 @@ class ModelConfig:
   routed_scaling_factor: float = _function(1.0, hf="routed_scaling_factor")
   aux_loss_alpha: float = _function(0.001, hf="aux_loss_alpha")
   router_z_loss_coef: float = _function(0.0)  # ours; the authors' code has no z-loss
+  # --- padded positions (DESIGN.md 6) ---
+  # 'reference' (the authors' trainer): a pad's attention output is zero and the CoE layers
+  # take no mask, so pads get the routed and shared experts' output, take expert capacity and
+  # count in the balance loss; unpacked rows are laid out as theirs (padded with end-of-text,
+  # the example's end-of-text is the first pad). 'masked': pads take no expert capacity and get
+  # no routed output (what runs saved before this field keep on resume).
+  pad_semantics: str = _function("reference")
   # --- dispatch ---
   # The reference routes dropless (SPEC 3); capacity bounds the work per expert by dropping.
   dispatch: str = _execution("dropless")  # 'dropless' | 'capacity'
@@ -225,6 +233,7 @@ def validate(config: ModelConfig) -> None:
   )
   require_choice(config.rope_scaling, "model.rope_scaling", ROPE_SCALINGS)
   require_choice(config.remat, "model.remat", REMATS)
+  require_choice(config.pad_semantics, "model.pad_semantics", PAD_SEMANTICS)
   require(
     isinstance(config.scan_layers, bool),
     "model.scan_layers",

@@ -1,7 +1,7 @@
 """The router (gate) of one Chain-of-Experts iteration.
 
 A router scores every routed expert for every token in float32, keeps the
-greedy top-K and returns the combine weights plus the losses of SPEC section 3.
+greedy top-K and returns the combine weights plus the losses of DESIGN.md 3.
 The pure function `route` is what the CoE layer scans over; the layer owns the
 router weights (`[C or 1, N_routed, hidden]`, PyTorch's default Linear init).
 """
@@ -48,7 +48,7 @@ def router_logits(
 def sequence_load_balancing_loss(
   probs: Float[Array, "batch seq experts"], expert_ids: Int[Array, "batch seq k"], alpha: float
 ) -> Float[Array, ""]:
-  """DeepSeek-V2's sequence-level auxiliary loss (SPEC section 3).
+  """DeepSeek-V2's sequence-level auxiliary loss (DESIGN.md 3).
 
   For each sequence b: ce[b, e] = #(token, slot) pairs choosing e / (S * K / N);
   loss = alpha * mean_b sum_e ce[b, e] * mean_s probs[b, s, e]. The counts carry
@@ -71,10 +71,11 @@ def router_z_loss(logits: Float[Array, "batch seq experts"], coef: float) -> Flo
 def combine_weights(
   top_probs: Float[Array, "batch seq k"], norm_topk_prob: bool, routed_scaling_factor: float
 ) -> Float[Array, "batch seq k"]:
-  """The chosen experts' probabilities as combine weights: renormalised over the K when
-  `norm_topk_prob`, then scaled by `routed_scaling_factor` (the reference's order)."""
-  if norm_topk_prob:
-    top_probs = top_probs / (jnp.sum(top_probs, axis=-1, keepdims=True) + 1e-20)
+  """The chosen experts' probabilities as combine weights, as the reference's `MoEGate`:
+  with K > 1 and `norm_topk_prob`, divided by their sum (+1e-20) and not scaled; otherwise
+  multiplied by `routed_scaling_factor` (the two options are exclusive)."""
+  if norm_topk_prob and top_probs.shape[-1] > 1:
+    return top_probs / (jnp.sum(top_probs, axis=-1, keepdims=True) + 1e-20)
   return top_probs * routed_scaling_factor
 
 

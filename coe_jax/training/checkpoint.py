@@ -153,25 +153,46 @@ def load_run_config(workdir: str) -> Optional[dict]:
     return json.load(f)
 
 
+# Fields whose saved value wins on resume (a run goes on as it was trained and laid out), each
+# with the value a run saved before the field existed had. README "Runs saved before" lists them.
+KEPT_ON_RESUME = {
+  ("model", "scan_layers"): True,  # params stacked on a [layers] axis
+  ("model", "pad_semantics"): "masked",  # pads took no expert capacity, got no routed output
+  ("train", "fused_optimizer"): False,  # the optax chain
+  ("train", "decay_norm_scales"): False,  # no weight decay on RMSNorm scales
+  ("data", "strip_text"): False,  # texts not stripped
+}
+
+
+def saved_value(saved: dict, section: str, field: str) -> Any:
+  """`section.field` of a saved run config, or what a run saved before the field had."""
+  return saved.get(section, {}).get(field, KEPT_ON_RESUME[(section, field)])
+
+
 def saved_scan_layers(saved: dict) -> bool:
   """`model.scan_layers` of a saved run config: True (stacked layers) where the field is absent,
   since every run saved before it existed stacked its layers."""
-  return bool(saved.get("model", {}).get("scan_layers", True))
+  return bool(saved_value(saved, "model", "scan_layers"))
+
+
+def apply_saved_semantics(config: Any, saved: dict) -> None:
+  """Sets every `KEPT_ON_RESUME` field of `config` to the saved run's value (for a run read back
+  by evaluate, generate or export)."""
+  for section, field in KEPT_ON_RESUME:
+    if section in config:
+      config[section][field] = saved_value(saved, section, field)
 
 
 def keep_saved_layout_and_optimizer(
   config: Any, requested: dict, saved: dict, note: Optional[Callable[[str], None]] = None
 ) -> None:
-  """On resume, the saved run's param layout (`model.scan_layers`) and optimizer
-  (`train.fused_optimizer`) win over the requested ones, in `config` and `requested`.
+  """On resume, the saved run's `KEPT_ON_RESUME` fields (param layout, optimizer, padding and
+  text semantics) win over the requested ones, in `config` and `requested`.
 
-  A field the saved config lacks was written before it existed: stacked layers and the optax
-  chain. `note` (e.g. `print`) is told of each requested value that was overridden.
+  A field the saved config lacks was written before it existed and takes its value then.
+  `note` (e.g. `print`) is told of each requested value that was overridden.
   """
-  kept = {
-    ("model", "scan_layers"): saved_scan_layers(saved),
-    ("train", "fused_optimizer"): bool(saved.get("train", {}).get("fused_optimizer", False)),
-  }
+  kept = {key: saved_value(saved, *key) for key in KEPT_ON_RESUME}
   for (section, field), value in kept.items():
     if requested[section].get(field) != value and note is not None:
       note(
@@ -188,18 +209,40 @@ def check_resumable(saved: dict, requested: dict) -> None:
     saved, requested: run configs as dicts ({'model': {...}, ...}). A field the
       saved config lacks (written before the field existed) counts as its default.
   """
+  kept = {field for section, field in KEPT_ON_RESUME if section == "model"}
   diffs = [
     f"model.{k}: saved {a!r}, requested {b!r}"
     for k, a, b in (
-      (k, _model_value(saved, k), _model_value(requested, k)) for k in FUNCTION_MODEL_FIELDS
+      (k, _model_value(saved, k), _model_value(requested, k))
+      for k in FUNCTION_MODEL_FIELDS
+      if k not in kept
     )
     if a != b
   ]
+  _check_router_weights_rule(saved)
   if diffs:
     raise ConfigError(
       "workdir holds a run of a different model (a field that changes the parameters or the "
       "function the model computes differs); refusing to resume (use a new --workdir): "
       + "; ".join(diffs)
+    )
+
+
+def _check_router_weights_rule(saved: dict) -> None:
+  """Refuses a run saved before the router followed the reference's rule (K > 1 and
+  norm_topk_prob: normalise, else scale) whose combine weights that rule changes."""
+  model = saved["model"]
+  if "pad_semantics" in model:  # saved since the rule changed
+    return
+  norm = model.get("norm_topk_prob", False)
+  k = model.get("num_experts_per_tok", _DEFAULTS["num_experts_per_tok"].default)
+  scaling = model.get("routed_scaling_factor", 1.0)
+  if norm and (k == 1 or scaling != 1.0):
+    raise ConfigError(
+      f"model.norm_topk_prob: the saved run (norm_topk_prob=True, num_experts_per_tok={k}, "
+      f"routed_scaling_factor={scaling}) trained with the old router weights (normalised, then "
+      "scaled), which this version no longer computes; allowed: resume it with the version that "
+      "saved it, or start a new --workdir"
     )
 
 

@@ -1,5 +1,6 @@
-"""The optimiser of SPEC 6: AdamW with a linear warm-up, global-norm clipping and weight decay
-on matrices only, as one fused pass over parameters and state (`fused_clip_adamw`).
+"""The optimiser of DESIGN.md 6: AdamW with a linear warm-up, global-norm clipping and weight
+decay on every parameter (the reference's; `train.decay_norm_scales=False` leaves RMSNorm
+scales undecayed), as one fused pass over parameters and state (`fused_clip_adamw`).
 
 `make_reference_optimizer` is the same thing as an optax chain (the tests hold the fused
 update to it); `learning_rate_schedule` is the warm-up then constant (paper) or cosine rate.
@@ -30,11 +31,26 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, train.lr, warmup), after], [warmup])
 
 
-def _decay_mask(params):
+def decay_everything(params):
+  """Weight decay on every parameter, RMSNorm scales included (the reference's AdamW)."""
+  return jax.tree.map(lambda _: True, params)
+
+
+def decay_all_but_norm_scales(params):
   """Weight decay on matrices, not on RMSNorm scales (as the HF Trainer excludes norms)."""
   return jax.tree_util.tree_map_with_path(
     lambda path, _: getattr(path[-1], "key", None) != "scale", params
   )
+
+
+def decay_mask(train: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """`train.decay_norm_scales` (default True, the reference) as an optax mask function.
+
+  A config without the field is a run saved before it existed: norm scales undecayed.
+  """
+  if train.get("decay_norm_scales", False):
+    return decay_everything
+  return decay_all_but_norm_scales
 
 
 def make_reference_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -49,14 +65,14 @@ def make_reference_optimizer(train: ml_collections.ConfigDict) -> optax.Gradient
       b2=train.b2,
       eps=1e-8,
       weight_decay=train.weight_decay,
-      mask=_decay_mask,
+      mask=decay_mask(train),
     )
   )
   return optax.chain(*parts)
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """clip_by_global_norm + AdamW (decay masked off norms).
+  """clip_by_global_norm + AdamW (weight decay as `decay_mask(train)` says).
 
   `train.fused_optimizer` (the config default) gives the update as one fused
   elementwise pass per leaf (`fused_clip_adamw`: 2-3.5x faster on CPU at 136M
@@ -73,7 +89,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
       b2=train.b2,
       eps=1e-8,
       weight_decay=train.weight_decay,
-      mask=_decay_mask,
+      mask=decay_mask(train),
       max_norm=train.grad_clip,
     )
   return make_reference_optimizer(train)

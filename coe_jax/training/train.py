@@ -164,11 +164,14 @@ def train_and_evaluate(
 
   # Process 0 reads, tokenises and caches the data first; the others then load that cache (or
   # build their own where the cache directory is not shared).
+  layout = dict(reference_padding=config.model.get("pad_semantics", "reference") == "reference")
   if primary:
-    datasets = build_datasets(config.data, workdir=workdir, seed=config.seed)
+    datasets = build_datasets(config.data, workdir=workdir, seed=config.seed, **layout)
   multihost.barrier("coe_jax:data_cached")
   if not primary:
-    datasets = build_datasets(config.data, workdir=workdir, seed=config.seed, save_tokenizer=False)
+    datasets = build_datasets(
+      config.data, workdir=workdir, seed=config.seed, save_tokenizer=False, **layout
+    )
   model_config = config_lib.model_config_from(config, datasets.vocab_size)
   if datasets.vocab_size > model_config.vocab_size:
     raise ConfigError(

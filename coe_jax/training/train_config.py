@@ -43,7 +43,7 @@ def validate_train_config(train: ml_collections.ConfigDict) -> None:
       f"train.{field}",
       f"got {value!r}; must be an integer >= 1",
     )
-  for field in ("paper_val", "fused_optimizer"):
+  for field in ("paper_val", "fused_optimizer", "decay_norm_scales"):
     _require(
       isinstance(train.get(field, False), bool),
       f"train.{field}",

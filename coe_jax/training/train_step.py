@@ -40,10 +40,16 @@ class TrainState:
 
 
 def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """targets [b, s-1] and weights: predict token t+1 from t where t+1 is real and in t's segment."""
-  ids, mask, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
+  """targets [b, s-1] and weights: predict token t+1 from t where both lie in one example.
+
+  `segment_ids` (0 on padding) mark each example's extent, its end-of-text target
+  included: with the reference's row layout that end-of-text is a pad of the
+  attention mask, so the example's last real token still targets it, exactly the
+  reference's `loss_mask = attention_mask[:, :-1]` (DESIGN.md 6).
+  """
+  ids, seg = batch["input_ids"], batch["segment_ids"]
   targets = ids[:, 1:]
-  weights = (mask[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
+  weights = (seg[:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1])
   return targets, weights.astype(jnp.float32)
 
 
