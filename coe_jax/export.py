@@ -1,6 +1,6 @@
 """Command line: export a run to the authors' Hugging Face format, or import their checkpoint.
 
-    python -m coe_jax.export --workdir=RUN --out=DIR [--step=N]
+    python -m coe_jax.export --workdir=RUN --out=DIR [--step=N] [--modeling_code=COE_CHECKOUT]
     python -m coe_jax.export --from_hf=DIR --out=RUN [--config=configs/coe_c2.py[:tiny]] \
         [--dispatch=dropless|capacity]
 
@@ -26,6 +26,13 @@ def _define_flags() -> None:
     "out", None, "Output: the HF directory (export) or the new run directory (import)."
   )
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
+  flags.DEFINE_string(
+    "modeling_code",
+    None,
+    "Export mode: a checkout of github.com/ZihanWang314/CoE (or the folder holding its "
+    "configuration_coe.py and modeling_coe.py) to copy beside config.json, so that "
+    "transformers loads the export with trust_remote_code=True.",
+  )
   flags.DEFINE_string("from_hf", None, "Import mode: the authors' checkpoint directory.")
   flags.DEFINE_string("tokenizer", None, "Import mode: tokenizer.json to copy into the run.")
   flags.DEFINE_enum(
@@ -54,7 +61,7 @@ def main(argv) -> None:
     return
   if not f.workdir:
     raise app.UsageError("pass --workdir=RUN (export) or --from_hf=DIR (import)")
-  paths = export_run(f.workdir, f.out, f.step)
+  paths = export_run(f.workdir, f.out, f.step, f.modeling_code)
   print(
     f"Exported step {paths.pop('step')} of {f.workdir}:\n"
     + "\n".join(f"  {k}: {v}" for k, v in paths.items())

@@ -157,25 +157,52 @@ def test_execution_fields_may_change_on_resume(reference_run, tmp_path):
 def test_a_run_saved_before_the_new_defaults_resumes_with_its_layout_and_optimizer(
   tmp_path, capsys
 ):
-  # A run saved before `scan_layers` and the fused optimizer default: stacked params, the optax
-  # chain, neither field in its config.json.
+  # A run saved before `scan_layers`, the fused optimizer default and the reference's training
+  # semantics: stacked params, the optax chain, masked pads, norm scales undecayed, unstripped
+  # texts, none of those fields in its config.json.
   workdir = tmp_path / "run"
-  older = small_config(model__scan_layers=True, train__fused_optimizer=False)
+  then = {
+    ("model", "scan_layers"): True,
+    ("train", "fused_optimizer"): False,
+    ("model", "pad_semantics"): "masked",
+    ("train", "decay_norm_scales"): False,
+    ("data", "strip_text"): False,
+  }
+  older = small_config(**{f"{section}__{field}": value for (section, field), value in then.items()})
   train.train_and_evaluate(older, str(workdir), progress=False, stop_at_step=10)
   path = workdir / "config.json"
   saved = json.loads(path.read_text())
-  del saved["model"]["scan_layers"], saved["train"]["fused_optimizer"]
+  for section, field in then:
+    del saved[section][field]
   path.write_text(json.dumps(saved))
   capsys.readouterr()
   summary = train.train_and_evaluate(small_config(), str(workdir), progress=False)  # new defaults
   assert summary["step"] == STEPS and summary["completed"]
   resumed = json.loads(path.read_text())
-  assert resumed["model"]["scan_layers"] is True and resumed["train"]["fused_optimizer"] is False
   out = capsys.readouterr().out
-  assert "model.scan_layers: resuming with the saved run's True (requested False)" in out
-  assert "train.fused_optimizer: resuming with the saved run's False (requested True)" in out
+  for (section, field), value in then.items():
+    assert resumed[section][field] == value
+    assert f"{section}.{field}: resuming with the saved run's {value}" in out
   run = load_run(str(workdir), with_tokenizer=False)
   assert run.model_config.scan_layers and "layers" in run.params and "layers_0" not in run.params
+  assert run.model_config.pad_semantics == "masked" and run.config.data.strip_text is False
+
+
+@pytest.mark.parametrize("k,scaling,refused", [(1, 1.0, True), (2, 2.0, True), (2, 1.0, False)])
+def test_a_run_whose_router_weights_the_reference_rule_changes_refuses_to_resume(
+  k, scaling, refused
+):
+  # Saved before the router followed the reference (normalise only when K > 1, else scale):
+  # with norm_topk_prob those runs computed normalise-then-scale.
+  fields = dict(norm_topk_prob=True, num_experts_per_tok=k, routed_scaling_factor=scaling)
+  current = {"model": ModelConfig().replace(**fields).to_dict()}
+  older = {"model": {n: v for n, v in current["model"].items() if n != "pad_semantics"}}
+  check_resumable(current, current)  # saved since the rule changed: resumes
+  if refused:
+    with pytest.raises(ConfigError, match="model.norm_topk_prob: the saved run"):
+      check_resumable(older, current)
+  else:
+    check_resumable(older, current)
 
 
 def test_every_model_config_field_is_classified():
@@ -205,6 +232,7 @@ def test_every_model_config_field_is_classified():
     "remat",
     "scan_layers",  # the param layout: a resumed run keeps its saved one (train.py)
   }
+  assert "pad_semantics" in FUNCTION_MODEL_FIELDS  # a resumed run keeps its saved one too
 
 
 def test_vocabulary_changed_through_the_tokenizer_refuses_to_resume(reference_run, tmp_path):

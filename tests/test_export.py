@@ -172,3 +172,89 @@ def test_command_line_export(run_dir, tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert (out / "config.json").exists() and (out / "model.safetensors").exists()
   assert f"Exported step {STEP}" in done.stdout
+
+
+def _fake_modeling_checkout(root: Path) -> Path:
+  """A folder laid out as the authors' repository, with stand-ins for their two model files."""
+  folder = root / hf_files.MODELING_DIR_IN_THEIR_REPO
+  folder.mkdir(parents=True)
+  for name in hf_files.MODELING_FILES:
+    (folder / name).write_text(f"# stand-in for their {name}\n")
+  return root
+
+
+def test_export_writes_no_pad_token_id_and_files_others_can_read(run_dir, tmp_path):
+  workdir = run_dir[0]
+  paths = hf_files.export_run(str(workdir), str(tmp_path / "hf"))
+  hf = json.loads(Path(paths["config"]).read_text())
+  assert "pad_token_id" not in hf  # their model would make it the embedding's padding_idx
+  assert hf["eos_token_id"] == 1  # train_bpe's <|endoftext|>
+  for path in (tmp_path / "hf").iterdir():
+    assert path.stat().st_mode & 0o044 == 0o044, path  # group and others may read
+
+
+def test_export_without_modeling_code_says_which_files_to_add(run_dir, tmp_path):
+  paths = hf_files.export_run(str(run_dir[0]), str(tmp_path / "hf"))
+  readme = Path(paths["readme"]).read_text()
+  assert all(name in readme for name in hf_files.MODELING_FILES)
+  assert hf_files.MODELING_DIR_IN_THEIR_REPO in readme and "trust_remote_code" in readme
+  assert not any((tmp_path / "hf" / name).exists() for name in hf_files.MODELING_FILES)
+
+
+@pytest.mark.parametrize("given", ["checkout", "folder"])
+def test_export_copies_the_authors_modeling_code_from_a_checkout(run_dir, tmp_path, given):
+  checkout = _fake_modeling_checkout(tmp_path / "CoE")
+  source = checkout if given == "checkout" else checkout / hf_files.MODELING_DIR_IN_THEIR_REPO
+  hf_files.export_run(str(run_dir[0]), str(tmp_path / "hf"), modeling_code=str(source))
+  for name in hf_files.MODELING_FILES:
+    assert (tmp_path / "hf" / name).read_text() == f"# stand-in for their {name}\n"
+  assert not (tmp_path / "hf" / "README.md").exists()
+
+
+def test_export_refuses_a_modeling_code_folder_without_their_files(run_dir, tmp_path):
+  with pytest.raises(ConfigError, match="--modeling_code: .* configuration_coe.py"):
+    hf_files.export_run(str(run_dir[0]), str(tmp_path / "hf"), modeling_code=str(tmp_path))
+  assert not (tmp_path / "hf").exists()  # refused before anything was written
+
+
+# The transformers check needs the authors' code and a Python with torch + transformers 4.49,
+# which the project does not install: COE_MODELING_CODE names a checkout of their repository,
+# COE_HF_PYTHON that interpreter (e.g. the venv of ../shared/tools/ref_torch/setup.sh).
+_HF_CHECK = """
+import json, sys
+import numpy as np, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).float().eval()
+ids = torch.tensor(np.load(sys.argv[2]), dtype=torch.long)
+with torch.no_grad():
+  np.save(sys.argv[3], model(input_ids=ids, use_cache=False).logits.float().numpy())
+"""
+
+
+@pytest.mark.skipif(
+  not (os.environ.get("COE_MODELING_CODE") and os.environ.get("COE_HF_PYTHON")),
+  reason="set COE_MODELING_CODE (their checkout) and COE_HF_PYTHON (torch + transformers)",
+)
+def test_transformers_loads_the_export_and_computes_our_logits(run_dir, tmp_path):
+  workdir, _, model_config, params = run_dir
+  out = tmp_path / "hf"
+  hf_files.export_run(str(workdir), str(out), modeling_code=os.environ["COE_MODELING_CODE"])
+  ids = np.random.default_rng(0).integers(0, model_config.vocab_size, (2, 9)).astype(np.int64)
+  np.save(tmp_path / "ids.npy", ids)
+  done = subprocess.run(
+    [
+      os.environ["COE_HF_PYTHON"],
+      "-c",
+      _HF_CHECK,
+      str(out),
+      str(tmp_path / "ids.npy"),
+      str(tmp_path / "logits.npy"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  dropless = model_config.replace(dispatch="dropless")
+  fn = ref.fast_jit(lambda p: CoECausalLM(dropless).apply({"params": p}, ids.astype(np.int32))[0])
+  np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), fn(params), rtol=1e-4, atol=1e-4)

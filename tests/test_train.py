@@ -258,8 +258,15 @@ def abstract_params(config: ml_collections.ConfigDict) -> Any:
   return variables["params"]
 
 
-def test_adamw_decays_matrices_but_not_norm_scales():
-  config = small_config(train__warmup_fraction=0.0, train__lr=0.1, train__weight_decay=0.01)
+@pytest.mark.parametrize("decay_norm_scales", [True, False])
+def test_adamw_decays_norm_scales_exactly_when_asked(decay_norm_scales):
+  # True (the default): every parameter, as the reference's AdamW; False: norm scales spared.
+  config = small_config(
+    train__warmup_fraction=0.0,
+    train__lr=0.1,
+    train__weight_decay=0.01,
+    train__decay_norm_scales=decay_norm_scales,
+  )
   params = jax.tree.map(lambda s: jnp.full(s.shape, 2.0, s.dtype), abstract_params(config))
   tx = optimizer.make_optimizer(config.train)
 
@@ -280,7 +287,8 @@ def test_adamw_decays_matrices_but_not_norm_scales():
   ]
   assert sorted(scales) == sorted(per_layer + ["['norm']['scale']"])
   for name, leaf in flat.items():
-    expected = 2.0 if name in scales else 2.0 * (1 - 0.1 * 0.01)  # decoupled decay: p -= lr*wd*p
+    spared = name in scales and not decay_norm_scales
+    expected = 2.0 if spared else 2.0 * (1 - 0.1 * 0.01)  # decoupled decay: p -= lr*wd*p
     np.testing.assert_allclose(leaf, expected, rtol=1e-6, err_msg=name)
 
 

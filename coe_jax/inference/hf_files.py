@@ -8,10 +8,15 @@ Export writes `DIR/config.json` (the authors' `CoeForCausalLM` field names,
 `model_type` 'coe_deepseekv2' and their `auto_map`, `convert.config_to_hf`),
 `DIR/model.safetensors` (their state-dict names and
 torch [out, in] layouts, float32, `convert.to_hf`) and the run's
-`tokenizer.json`, so that the authors' PyTorch code loads the directory with
-`CoeForCausalLM.from_pretrained(DIR)` (for `AutoModelForCausalLM` with
-`trust_remote_code`, put their `configuration_coe.py` and `modeling_coe.py`,
-which `auto_map` names and which are not copied here, beside config.json).
+`tokenizer.json` (with its declared special tokens), so that the authors'
+PyTorch code loads the directory with `CoeForCausalLM.from_pretrained(DIR)`.
+`auto_map` names their `configuration_coe.py` and `modeling_coe.py`, which this
+repository does not contain: `modeling_code=DIR` (`--modeling_code`) copies them
+from a checkout of their repository, and then
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads the
+export; without it the folder gets a README saying which two files to add.
+No `pad_token_id` is written (their config has none; their model would make it
+the embedding's `padding_idx`).
 
 Import reads such a directory (`model.safetensors`, or the shards of
 `model.safetensors.index.json`) with `convert.from_hf` and writes a run
@@ -34,14 +39,13 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-import tokenizers
 from safetensors.numpy import load_file, save_file
 
 from coe_jax import config_lib
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.inference.convert import IMPORT_DISPATCH, check_authors_can_compute, from_hf, to_hf
 from coe_jax.inference.run_dir import load_run
-from coe_jax.nn.model_config import ModelConfig, our_knobs
+from coe_jax.nn.model_config import ConfigError, ModelConfig, our_knobs
 from coe_jax.training import optimizer, train_step
 from coe_jax.training.checkpoint import Checkpointer, save_run_config
 
@@ -59,15 +63,52 @@ def check_exportable(config: ModelConfig) -> None:
   check_authors_can_compute(config)
 
 
-def save_hf(
-  out_dir: str, config: ModelConfig, params: Any, tokenizer_path: Optional[str] = None
-) -> dict[str, str]:
-  """Writes config.json + model.safetensors (+ tokenizer.json) in the authors' layout.
+# The authors' code that `auto_map` names, and where their repository keeps it.
+MODELING_FILES = ("configuration_coe.py", "modeling_coe.py")
+MODELING_DIR_IN_THEIR_REPO = "config/models/coe_deepseekv2"
+_README = """# A coe_jax export in the authors' Hugging Face format
 
-  Raises ConfigError (before writing) if their model cannot compute `config`'s function.
-  The authors' code routes dropless: our capacity settings do not travel.
+`config.json` names (`auto_map`) the authors' model code, which coe_jax does not ship:
+add `{files[0]}` and `{files[1]}` from `{where}/` of a checkout of
+https://github.com/ZihanWang314/CoE beside this file (or export again with
+`python -m coe_jax.export ... --modeling_code=<that checkout>`), then
+
+    AutoModelForCausalLM.from_pretrained(<this folder>, trust_remote_code=True)
+
+loads it (their code was written against transformers 4.49).
+"""
+
+
+def find_modeling_code(directory: str) -> dict[str, str]:
+  """{file name: path} of the authors' two model files in `directory` (a checkout of their
+  repository, or the folder holding the files); ConfigError naming what is missing."""
+  for folder in (directory, os.path.join(directory, MODELING_DIR_IN_THEIR_REPO)):
+    paths = {name: os.path.join(folder, name) for name in MODELING_FILES}
+    if all(os.path.isfile(p) for p in paths.values()):
+      return paths
+  raise ConfigError(
+    f"--modeling_code: {directory!r} holds neither {' and '.join(MODELING_FILES)} nor "
+    f"{MODELING_DIR_IN_THEIR_REPO}/ with them; allowed: a checkout of "
+    "github.com/ZihanWang314/CoE, or the folder holding those two files"
+  )
+
+
+def save_hf(
+  out_dir: str,
+  config: ModelConfig,
+  params: Any,
+  tokenizer_path: Optional[str] = None,
+  modeling_code: Optional[str] = None,
+) -> dict[str, str]:
+  """Writes config.json + model.safetensors (+ tokenizer.json) in the authors' layout, and
+  their model code from `modeling_code` (else a README saying which files to add).
+
+  Raises ConfigError (before writing) if their model cannot compute `config`'s function or
+  `modeling_code` lacks their files. The authors' code routes dropless: our capacity
+  settings do not travel. Every file is readable by others (mode 0644 under umask 022).
   """
   check_exportable(config)
+  code = find_modeling_code(modeling_code) if modeling_code else {}
   os.makedirs(out_dir, exist_ok=True)
   hf_config, state_dict = to_hf(config, {"params": params})
   hf_config["torch_dtype"] = "float32"
@@ -76,9 +117,12 @@ def save_hf(
     "weights": os.path.join(out_dir, WEIGHTS_FILE),
   }
   if tokenizer_path and os.path.exists(tokenizer_path):
+    tok = tokenizer_lib.load_file(tokenizer_path)
     paths["tokenizer"] = os.path.join(out_dir, "tokenizer.json")
-    shutil.copyfile(tokenizer_path, paths["tokenizer"])
-    hf_config.update(_special_token_ids(paths["tokenizer"]))
+    tokenizer_lib.save_file(tok, paths["tokenizer"])
+    eos = tokenizer_lib.eos_id(tok)
+    if eos is not None:
+      hf_config["eos_token_id"] = eos
   with open(paths["config"], "w") as f:
     json.dump(hf_config, f, indent=2)
   save_file(
@@ -86,22 +130,34 @@ def save_hf(
     paths["weights"],
     metadata={"format": "pt"},
   )  # transformers needs format=pt
+  for name, source in code.items():
+    paths[name] = os.path.join(out_dir, name)
+    shutil.copyfile(source, paths[name])
+  if not code:
+    paths["readme"] = os.path.join(out_dir, "README.md")
+    with open(paths["readme"], "w") as f:
+      f.write(_README.format(files=MODELING_FILES, where=MODELING_DIR_IN_THEIR_REPO))
+  _readable_by_others(out_dir)
   return paths
 
 
-def _special_token_ids(tokenizer_path: str) -> dict[str, int]:
-  tok = tokenizers.Tokenizer.from_file(tokenizer_path)
-  ids = {"pad_token_id": tokenizer_lib.pad_id(tok)}
-  eos = tokenizer_lib.eos_id(tok)
-  if eos is not None:
-    ids["eos_token_id"] = eos
-  return ids
+def _readable_by_others(directory: str) -> None:
+  """Files written through temporary files (mode 0600) get the umask's usual mode."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      os.chmod(path, 0o666 & ~umask)
 
 
-def export_run(workdir: str, out_dir: str, step: Optional[int] = None) -> dict[str, str]:
+def export_run(
+  workdir: str, out_dir: str, step: Optional[int] = None, modeling_code: Optional[str] = None
+) -> dict[str, str]:
   """Exports the run's checkpoint (latest unless `step`) to `out_dir`; returns the paths."""
   run = load_run(workdir, step, with_tokenizer=False)
-  paths = save_hf(out_dir, run.model_config, run.params, os.path.join(workdir, "tokenizer.json"))
+  tokenizer = os.path.join(workdir, "tokenizer.json")
+  paths = save_hf(out_dir, run.model_config, run.params, tokenizer, modeling_code)
   paths["step"] = str(run.step)
   return paths
 
@@ -173,8 +229,10 @@ def import_hf(
   config.model.update(model_config.to_dict())
   tokenizer = tokenizer or os.path.join(hf_dir, "tokenizer.json")
   if os.path.exists(tokenizer):
-    os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
+    os.makedirs(workdir, exist_ok=True)  # with the special tokens its folder declares
+    tokenizer_lib.save_file(
+      tokenizer_lib.load_file(tokenizer), os.path.join(workdir, "tokenizer.json")
+    )
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
   save_run_config(workdir, json.loads(config.to_json_best_effort()))
   state = train_step.TrainState.create(
