@@ -6,7 +6,7 @@ scale suffix: `configs/coe_c2.py` is the paper's scale, `configs/coe_c2.py:tiny`
 the same run shrunk to CPU size.
 
 Scales:
-  paper: SPEC 5/6. hidden 1024, 4 layers, N=64 (63 routed + 1 shared), f=704,
+  paper: DESIGN.md 5/6. hidden 1024, 4 layers, N=64 (63 routed + 1 shared), f=704,
     MLA dims of DeepSeek-V2-Lite, DeepSeek-V2 tokenizer (vocab 102400),
     MetaMathQA, 64 x 512 tokens per step, 1000 steps, bf16 compute.
   tiny: hidden 128, half the paper's layers (2; 4 and 6 for the deeper
@@ -50,7 +50,7 @@ def scale_experts(paper_k: int, paper_n: int, scale: str) -> dict[str, int]:
   Dense-style runs (K = N = 8) keep every expert at every scale.
   """
   divisor = 2 if scale == "tiny" else 1
-  if paper_k >= paper_n:  # dense-style: all experts run, no shared expert (SPEC 7)
+  if paper_k >= paper_n:  # dense-style: all experts run, no shared expert (DESIGN.md 7)
     k = paper_k // divisor
     return dict(num_experts_per_tok=k, n_routed_experts=k, n_shared_experts=0)
   n = paper_n // divisor
@@ -105,7 +105,7 @@ def _train_config(scale: str) -> ml_collections.ConfigDict:
       max_eval_batches=0,  # 0 = the whole validation set
       # Also log val/loss_paper, the reference's validation number: the mean of per-batch mean
       # losses over the first paper_val_batches x paper_val_batch_size rows of a seed-0 shuffle
-      # of the validation set (SPEC 6). val/loss stays the pooled mean over the whole set.
+      # of the validation set (DESIGN.md 6). val/loss stays the pooled mean over the whole set.
       paper_val=paper,
       paper_val_batches=2,  # batches the reference scores
       paper_val_batch_size=64,  # rows per reference validation batch
@@ -173,7 +173,7 @@ def paper_run(
       layers=layers,  # the paper's C, K, N (shared expert included), depth
       val_loss=paper_val_loss
       if paper_val_loss is not None
-      else float("nan"),  # SPEC 7; NaN: not in the paper
+      else float("nan"),  # DESIGN.md 7; NaN: not in the paper
     )
   )
   return config
@@ -186,7 +186,7 @@ def build(arg: Optional[str] = None, **model_changes: Any) -> ml_collections.Con
   config.scale = scale  # 'paper' | 'tiny' | 'narrow'
   config.seed = 0  # init, data order and step rngs all derive from it
   config.model = _model_config(scale)
-  # The reference routes dropless in training and evaluation (SPEC 3); capacity dispatch is
+  # The reference routes dropless in training and evaluation (DESIGN.md 3); capacity dispatch is
   # one override away: --config.model.dispatch=capacity.
   config.model.dispatch = "dropless"
   config.data = default_data_config()

@@ -1,4 +1,4 @@
-"""Ablation: CoE C=2, K=8 with the outer residual on (SPEC 7: outer_residual=True, the other switches at their defaults) (paper val loss 1.175)."""
+"""Ablation: CoE C=2, K=8 with the outer residual on (DESIGN.md 7: outer_residual=True, the other switches at their defaults) (paper val loss 1.175)."""
 
 from coe_jax import config_lib
 

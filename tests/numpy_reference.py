@@ -1,6 +1,6 @@
 """Independent float64 numpy versions of the model's math, shared by the model tests.
 
-Written from SPEC sections 2-5 and the DeepSeek-V2 / CoE reference formulas, not
+Written from DESIGN.md 2-5 and the DeepSeek-V2 / CoE reference formulas, not
 from `coe_jax`: nothing here imports the library. Weight matrices are in
 [in, out] layout ("x @ w"); `flax_layer_weights` / `hf_layer_weights` build
 that neutral per-layer dict from Flax params or from a torch-layout state dict.
@@ -66,7 +66,7 @@ def cross_entropy(logits, labels, weights=None):
 
 
 # ----------------------------------------------------------------------------
-# Router (SPEC 3).
+# Router (DESIGN.md 3).
 # ----------------------------------------------------------------------------
 
 
@@ -135,7 +135,7 @@ def routed_output(u, ids, w, gate, up, down, kept=None):
 
 
 # ----------------------------------------------------------------------------
-# The CoE feed-forward block (SPEC 2).
+# The CoE feed-forward block (DESIGN.md 2).
 # ----------------------------------------------------------------------------
 
 
@@ -184,7 +184,7 @@ def coe_block(h, p, hp, cap=None, token_mask=None):
 
 
 # ----------------------------------------------------------------------------
-# DeepSeek-V2 MLA with YaRN (SPEC 5).
+# DeepSeek-V2 MLA with YaRN (DESIGN.md 5).
 # ----------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.nn.coe_layer: every switch against a float64 numpy SPEC 2 implementation."""
+"""Tests for coe_jax.nn.coe_layer: every switch against a float64 numpy DESIGN.md 2 implementation."""
 
 from __future__ import annotations
 

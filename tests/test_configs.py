@@ -17,7 +17,7 @@ from experiments.ablation import SUITES, load_config, memory_saving_percent
 PAPER_RUNS = SUITES["paper"]
 
 # The paper's runs by hand: (C, routed experts chosen K, routed experts, shared experts, layers,
-# independent gates). N=64 is 63 routed + 1 shared; dense-style K=N=8 is 8 routed, no shared (SPEC 7).
+# independent gates). N=64 is 63 routed + 1 shared; dense-style K=N=8 is 8 routed, no shared (DESIGN.md 7).
 HAND = {
   "moe_k8": (1, 8, 63, 1, 4, True),
   "coe_c2": (2, 4, 63, 1, 4, True),
@@ -34,7 +34,7 @@ HAND = {
   "dense_c2": (2, 8, 8, 0, 4, True),
 }
 
-# Paper-scale sizes (SPEC 5): hidden, expert width, vocabulary, MLA dims.
+# Paper-scale sizes (DESIGN.md 5): hidden, expert width, vocabulary, MLA dims.
 HIDDEN, FFN, VOCAB, HEADS = 1024, 704, 102400, 8
 KV_RANK, NOPE, ROPE, V_DIM = 512, 128, 64, 128
 
@@ -42,7 +42,7 @@ KV_RANK, NOPE, ROPE, V_DIM = 512, 128, 64, 128
 def hand_count(
   c: int, k: int, routed: int, shared: int, layers: int, independent: bool
 ) -> tuple[int, int]:
-  """(total, active per token) parameters of a paper-scale run, written out from SPEC 5."""
+  """(total, active per token) parameters of a paper-scale run, written out from DESIGN.md 5."""
   expert = 3 * HIDDEN * FFN  # gate, up, down
   attention = (
     HIDDEN * HEADS * (NOPE + ROPE)  # q projection
@@ -67,7 +67,7 @@ def test_config_loads_and_validates(name, scale):
   model_config = train_config.validate_config(config)
   assert config.scale == scale
   assert model_config.num_iterations == config.paper.c
-  # The paper's runs are the reference's: dropless routing and end-of-text targets (SPEC 3, 6).
+  # The paper's runs are the reference's: dropless routing and end-of-text targets (DESIGN.md 3, 6).
   assert model_config.dispatch == "dropless"
   assert config.data.eos_target
   assert config.train.paper_val == (scale == "paper")

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.nn.dispatch: capacity vs dropless (gather, ragged_dot, blocked) vs numpy (SPEC 3)."""
+"""Tests for coe_jax.nn.dispatch: capacity vs dropless (gather, ragged_dot, blocked) vs numpy (DESIGN.md 3)."""
 
 from __future__ import annotations
 

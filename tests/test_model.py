@@ -73,7 +73,7 @@ def _cross_entropy(logits, labels, weights):
 def _train_step(cfg):
   """Compiled `(params, ids, labels, mask) -> ((loss, (ce, aux)), grads)`, with a trace counter.
 
-  loss = CE over non-pad positions + load-balancing loss + z-loss (SPEC 3 and 6).
+  loss = CE over non-pad positions + load-balancing loss + z-loss (DESIGN.md 3 and 6).
   """
   traces = {"count": 0}
 

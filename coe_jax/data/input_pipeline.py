@@ -1,10 +1,10 @@
 """The input pipeline: `config.data` -> tokenised, cached train/val splits -> numpy batches.
 
-Every example becomes `query : {query} response : {response}` (SPEC 6),
+Every example becomes `query : {query} response : {response}` (DESIGN.md 6),
 tokenised without special tokens, right-truncated to `max_length` and padded
 with the tokenizer's pad id. With `data.eos_target` (default, as the reference
 trains) every example that is not truncated ends in the tokenizer's end-of-text
-token, so its last real token learns to predict EOS (SPEC 6). Tokenisation runs
+token, so its last real token learns to predict EOS (DESIGN.md 6). Tokenisation runs
 once per (data, tokenizer, max_length, packing, eos_target) and is cached as
 `.npy` files; later builds memory-map them.
 
@@ -110,7 +110,7 @@ class Datasets:
   def reference_val_batches(
     self, batch_size: int = 64, num_batches: int = 2, seed: int = 0
   ) -> list[Batch]:
-    """The examples the reference scores for its validation number (SPEC 6).
+    """The examples the reference scores for its validation number (DESIGN.md 6).
 
     The validation examples shuffled once (`np.random.default_rng(seed)`; the
     reference's torch sampler draws another permutation, so the examples differ

@@ -35,7 +35,7 @@ Batch = dict[str, np.ndarray]
 
 
 def format_example(query: str, response: str) -> str:
-  """The paper's training text for one example (SPEC 6)."""
+  """The paper's training text for one example (DESIGN.md 6)."""
   return f"query : {query} response : {response}"
 
 
@@ -55,7 +55,7 @@ def encode(
 
   With `eos_id`, every example is `text ids + [eos_id]` cut to `max_length`:
   the reference pads with its end-of-text token and scores the first pad
-  (SPEC 6), so an example shorter than `max_length` learns to end with EOS and
+  (DESIGN.md 6), so an example shorter than `max_length` learns to end with EOS and
   a truncated one (text ids >= max_length) has no EOS target.
   """
   suffix = [] if eos_id is None else [int(eos_id)]

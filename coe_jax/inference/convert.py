@@ -25,7 +25,7 @@ AUTO_MAP = {
   "AutoModel": "modeling_coe.CoeModel",
   "AutoModelForCausalLM": "modeling_coe.CoeForCausalLM",
 }
-# The authors' routing (SPEC 3): every chosen expert processes the token. Import uses it unless
+# The authors' routing (DESIGN.md 3): every chosen expert processes the token. Import uses it unless
 # the caller overrides `dispatch`.
 IMPORT_DISPATCH = "dropless"
 # Fields whose config.json form needs conversion code below (n_shared_experts: null for 0;

@@ -1,4 +1,4 @@
-"""The model: the Chain-of-Experts layer and the DeepSeek-V2-style LM around it (SPEC 2-5).
+"""The model: the Chain-of-Experts layer and the DeepSeek-V2-style LM around it (DESIGN.md 2-5).
 
 `coe_config` / `coe_layer` (the layer: routers, experts, the chain) with `router`,
 `experts`, `dispatch` (capacity, gather, ragged_dot), `blocked` (block-sparse dropless),

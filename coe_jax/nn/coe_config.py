@@ -1,4 +1,4 @@
-"""`CoEConfig`: what one Chain-of-Experts layer reads, and nothing else (SPEC 2-4).
+"""`CoEConfig`: what one Chain-of-Experts layer reads, and nothing else (DESIGN.md 2-4).
 
 `CoELayer(CoEConfig(...))` is all a host Flax codebase needs to configure the
 layer; `ModelConfig` (the whole LM) keeps the same fields flat, validates them
@@ -32,23 +32,23 @@ class CoEConfig:
   """
 
   hidden_size: int = 1024  # width of the residual stream the layer reads and writes
-  # --- experts (SPEC 4) ---
+  # --- experts (DESIGN.md 4) ---
   n_routed_experts: int = 63  # N_routed; the paper's N counts the shared expert too (64 = 63 + 1)
   n_shared_experts: int = 1  # shared experts, run on every token in every iteration (0 = none)
   num_experts_per_tok: int = 8  # K: routed experts chosen per token per iteration
   moe_intermediate_size: int = 704  # SwiGLU width of one expert (shared: times n_shared_experts)
-  # --- the chain (SPEC 2) ---
+  # --- the chain (DESIGN.md 2) ---
   num_iterations: int = 1  # C; C=1 is plain MoE
   independent_gates: bool = True  # one router per iteration (else one router reused)
   inner_residual: bool = True  # u_t = u_{t-1} + m_t (else u_t = m_t)
   outer_residual: bool = False  # out = h + u_C (else out = u_C, the reference's default)
-  residual_style: str = "reference"  # 'reference' (SPEC 2) | 'textbook' (out = h + sum_t m_t)
-  # --- router (SPEC 3) ---
+  residual_style: str = "reference"  # 'reference' (DESIGN.md 2) | 'textbook' (out = h + sum_t m_t)
+  # --- router (DESIGN.md 3) ---
   norm_topk_prob: bool = False  # renormalise the K chosen scores to sum to 1
   routed_scaling_factor: float = 1.0  # multiplies the combine weights
   aux_loss_alpha: float = 0.001  # sequence-level load-balancing loss weight
   router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (not in the reference)
-  # --- dispatch (SPEC 3) ---
+  # --- dispatch (DESIGN.md 3) ---
   dispatch: str = "dropless"  # 'dropless' (the reference) | 'capacity' (drops over capacity)
   dropless_impl: str = "auto"  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
   dropless_tile: int = 0  # rows per whole tile of 'blocked'; 0 = from the load (default_tiling)

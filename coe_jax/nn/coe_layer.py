@@ -1,6 +1,6 @@
 """The Chain-of-Experts layer: C routed passes through one pool of experts.
 
-SPEC section 2, as the reference code computes it:
+DESIGN.md 2, as the reference code computes it:
 
     u0 = RMSNorm(h)                        # once, before the chain
     for t in 1..C:

@@ -1,6 +1,6 @@
 """Sending tokens to their chosen experts and combining the results.
 
-Two interchangeable implementations (SPEC 3, config `model.dispatch`):
+Two interchangeable implementations (DESIGN.md 3, config `model.dispatch`):
 
 * capacity: each expert takes at most `capacity` (token, slot) assignments into
   an [experts, capacity, hidden] buffer; assignments over capacity are dropped

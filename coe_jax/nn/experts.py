@@ -1,6 +1,6 @@
 """SwiGLU experts: N routed experts as stacked weights, and the shared expert(s).
 
-Every expert computes `down(silu(gate(x)) * up(x))` without biases (SPEC 4).
+Every expert computes `down(silu(gate(x)) * up(x))` without biases (DESIGN.md 4).
 The modules only create and return weights, so that the CoE layer can use them
 inside `jax.lax.scan`; the maths lives in the pure functions below.
 """

@@ -1,4 +1,4 @@
-"""A DeepSeek-V2-style causal LM whose feed-forward blocks are CoE layers (SPEC 5).
+"""A DeepSeek-V2-style causal LM whose feed-forward blocks are CoE layers (DESIGN.md 5).
 
     x = embed(input_ids)
     repeat num_layers:  h = x + MLA(RMSNorm(x));  x = CoELayer(h)

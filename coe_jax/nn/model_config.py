@@ -73,7 +73,7 @@ def _execution(default: Any) -> Any:
 class ModelConfig:
   """DeepSeek-V2-style causal LM whose feed-forward blocks are Chain-of-Experts layers.
 
-  Defaults are the paper's MoE(K=8, N=64) baseline (SPEC sections 2-5).
+  Defaults are the paper's MoE(K=8, N=64) baseline (DESIGN.md 2-5).
   """
 
   # --- sizes ---
@@ -116,7 +116,7 @@ class ModelConfig:
   )  # u_t = u_{t-1} + m_t (else u_t = m_t)
   # out = h + u_C (else out = u_C; reference default)
   outer_residual: bool = _function(False, hf="outer_residual")
-  # 'reference' (SPEC 2) | 'textbook' (out = h + sum m_t); the authors' code has only 'reference'
+  # 'reference' (DESIGN.md 2) | 'textbook' (out = h + sum m_t); the authors' code has only 'reference'
   residual_style: str = _function("reference", hf_value="reference")
   # --- router ---
   norm_topk_prob: bool = _function(False, hf="norm_topk_prob")
@@ -131,7 +131,7 @@ class ModelConfig:
   # no routed output (what runs saved before this field keep on resume).
   pad_semantics: str = _function("reference")
   # --- dispatch ---
-  # The reference routes dropless (SPEC 3); capacity bounds the work per expert by dropping.
+  # The reference routes dropless (DESIGN.md 3); capacity bounds the work per expert by dropping.
   dispatch: str = _execution("dropless")  # 'dropless' | 'capacity'
   # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
   dropless_impl: str = _execution("auto")

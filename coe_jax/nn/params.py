@@ -1,6 +1,6 @@
 """Parameter accounting: analytic counts per config, checked against real trees.
 
-`count_params(config)` is the hand count of SPEC 5; `tree_size(params)` counts
+`count_params(config)` is the hand count of DESIGN.md 5; `tree_size(params)` counts
 an initialised tree. Tests assert they agree.
 """
 

@@ -1,4 +1,4 @@
-"""The training loop (SPEC 6): `train_and_evaluate(config, workdir)`, and config validation.
+"""The training loop (DESIGN.md 6): `train_and_evaluate(config, workdir)`, and config validation.
 
 The steps it runs are in `coe_jax.training.train_step` (pure train and eval steps), the
 optimiser in `coe_jax.training.optimizer`. The loop resumes from the workdir's latest

@@ -1,4 +1,4 @@
-"""The pure train and eval steps (SPEC 6) and the state they update.
+"""The pure train and eval steps (DESIGN.md 6) and the state they update.
 
 The train step is a pure function `(state, batch, rng) -> (state, metrics)`,
 jitted once with the state donated. It optimises cross-entropy plus the summed
@@ -151,7 +151,7 @@ def evaluate(
 
 def evaluate_batch_means(eval_step: Callable, params, batches: list[dict]) -> float:
   """Mean over `batches` of each batch's mean token cross-entropy: the reference's
-  validation number (SPEC 6), unlike `evaluate`'s pooled mean over every target."""
+  validation number (DESIGN.md 6), unlike `evaluate`'s pooled mean over every target."""
   means = []
   for batch in batches:
     ce_sum, n = eval_step(params, batch)
