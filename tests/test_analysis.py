@@ -390,16 +390,19 @@ def _assert_matches_aux(routing: analysis.Routing, aux_layers) -> None:
   np.testing.assert_allclose(stats.drops.fraction, aux_layers.dropped_fraction, rtol=1e-6)
 
 
+@pytest.mark.parametrize("pad_semantics", ["reference", "masked"])
 @pytest.mark.parametrize("train", [False, True])
-def test_collect_routing_agrees_with_model_aux(train):
-  model = CoECausalLM(TINY)
+def test_collect_routing_agrees_with_model_aux(train, pad_semantics):
+  model = CoECausalLM(TINY.replace(pad_semantics=pad_semantics))
   params = ref.random_params(model.init, jnp.zeros((B, S), jnp.int32), seed=0)
   batch = _batch()
   routing = analysis.collect_routing(model, {"params": params}, batch, train=train)
   assert routing.expert_ids.shape == (TINY.num_layers, 2, B, S, 2)
   assert routing.router_probs.shape == (TINY.num_layers, 2, B, S, N)
   assert routing.num_tokens == batch["attention_mask"].sum()
-  assert not routing.kept[:, :, 1, 5:].any()
+  # 'masked' pads take no capacity; the reference's are routed like any token (statistics
+  # still count real tokens only).
+  assert routing.kept[:, :, 1, 5:].any() == (pad_semantics == "reference")
   forward = ref.fast_jit(functools.partial(model.apply, train=train))
   _, aux = forward(
     {"params": params},
