@@ -1,0 +1,237 @@
+"""Our train step against the authors' PyTorch step, side by side in one run on one machine.
+
+    REF_DIR=... REF_VENV=... python -m experiments.versus_reference \
+        [--shapes=narrow,paper_width] [--runs=moe_k8,coe_c2] [--steps=10] [--warmup=2] \
+        [--json=runs/bench/versus_reference.json]
+
+`REF_DIR` and `REF_VENV` come from `../shared/tools/ref_torch/setup.sh` (their `modeling_coe.py`,
+loaded from outside the repository; torch CPU + transformers 4.49). Their step runs in a
+server process under that venv (`reference_step_server.py`, built as `ref.py time` builds it,
+2 torch threads); ours is the donated train step the CLI compiles, in this process with the
+CLI's host-allocator settings. Every timed program (each side's step of each run, and the
+matmul probe) runs round-robin, one call each per round, so each ratio compares times taken
+under the same load. Shapes (`SHAPES`): `narrow`, the headline study's scale, and
+`paper_width`, the paper's layer width at 2 layers and one 512-token row. Prints a table and
+writes JSON; the speed-up is the authors' median step time over ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+from coe_jax import host_memory
+from coe_jax.nn.model_config import ModelConfig
+from experiments import bench
+
+HARNESS = bench.REPO.parent / "shared" / "tools" / "ref_torch" / "ref.py"
+SERVER = Path(__file__).with_name("reference_step_server.py")
+RUNS = {"moe_k8": "MoE(K=8)", "coe_c2": "CoE(C=2,K=4)", "coe_c2_k8": "CoE(C=2,K=8)"}
+# Per shape: the config scale, model overrides, batch x seq, and whether every run of the shape
+# is timed in one round-robin group (False: one run at a time, both sides, to bound memory).
+SHAPES = {
+  "narrow": dict(
+    scale="narrow",
+    model=dict(vocab_size=5620, dtype="float32"),
+    batch=16,
+    seq=256,
+    together=True,
+  ),
+  "paper_width": dict(
+    scale="paper",
+    model=dict(num_layers=2, vocab_size=8192, dtype="float32"),
+    batch=1,
+    seq=512,
+    together=False,
+  ),
+}
+
+flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to time: {', '.join(SHAPES)}.")
+flags.DEFINE_list("runs", ["moe_k8", "coe_c2"], f"Paper runs (configs/<run>.py): {list(RUNS)}.")
+flags.DEFINE_integer("steps", 10, "Timed steps of every program.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps of every program first.")
+flags.DEFINE_integer("threads", 2, "torch threads on the authors' side.")
+flags.DEFINE_string("json", "", "Also write the results here.")
+FLAGS = flags.FLAGS
+
+
+def reference_args(cfg: ModelConfig, batch: int, seq: int, threads: int) -> list[str]:
+  """`ref.py` model arguments describing `cfg` (their --experts counts the shared expert)."""
+  rope = None
+  if cfg.rope_scaling == "yarn":
+    rope = dict(
+      type="yarn",
+      factor=cfg.rope_factor,
+      original_max_position_embeddings=cfg.rope_original_max_position,
+      beta_fast=cfg.rope_beta_fast,
+      beta_slow=cfg.rope_beta_slow,
+      mscale=cfg.rope_mscale,
+      mscale_all_dim=cfg.rope_mscale_all_dim,
+    )
+  sets = dict(
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_heads,
+    kv_lora_rank=cfg.kv_lora_rank,
+    qk_nope_head_dim=cfg.qk_nope_head_dim,
+    qk_rope_head_dim=cfg.qk_rope_head_dim,
+    v_head_dim=cfg.v_head_dim,
+    rope_theta=cfg.rope_theta,
+    rope_scaling=rope,
+    rms_norm_eps=cfg.rms_norm_eps,
+    aux_loss_alpha=cfg.aux_loss_alpha,
+    norm_topk_prob=cfg.norm_topk_prob,
+    routed_scaling_factor=cfg.routed_scaling_factor,
+  )
+  args = [
+    *("--hidden", str(cfg.hidden_size), "--layers", str(cfg.num_layers)),
+    *("--experts", str(cfg.n_routed_experts + cfg.n_shared_experts)),
+    *("--n-shared", str(cfg.n_shared_experts), "--topk", str(cfg.num_experts_per_tok)),
+    *("--iters", str(cfg.num_iterations), "--vocab", str(cfg.vocab_size)),
+    *("--moe-inter", str(cfg.moe_intermediate_size), "--batch", str(batch), "--seq", str(seq)),
+    *("--outer-residual", str(cfg.outer_residual), "--inner-residual", str(cfg.inner_residual)),
+    *("--use-igate", str(cfg.independent_gates), "--threads", str(threads)),
+  ]
+  for key, value in sets.items():
+    args += ["--set", f"{key}={json.dumps(value)}"]
+  return args
+
+
+@dataclasses.dataclass
+class ReferenceStep:
+  """The authors' step in a server process; `run_once()` times one step there."""
+
+  name: str
+  process: subprocess.Popen
+  params: int
+  seconds: list[float] = dataclasses.field(default_factory=list)
+
+  @classmethod
+  def start(cls, name: str, args: list[str]) -> "ReferenceStep":
+    venv = os.environ.get("REF_VENV")
+    if not venv or not os.environ.get("REF_DIR"):
+      sys.exit("error: REF_VENV and REF_DIR: set both (../shared/tools/ref_torch/README.md)")
+    command = [f"{venv}/bin/python", str(SERVER), str(HARNESS), "--", *args]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    first = process.stdout.readline().split()
+    if not first or first[0] != "ready":
+      sys.exit(f"error: the authors' step server did not start ({' '.join(command)})")
+    return cls(name, process, int(first[1]))
+
+  def call(self) -> float:
+    self.process.stdin.write("step\n")
+    self.process.stdin.flush()
+    return float(self.process.stdout.readline().split()[0])
+
+  def run_once(self) -> None:
+    self.seconds.append(self.call())
+
+  def close(self) -> None:
+    self.process.stdin.close()
+    self.process.wait(timeout=60)
+
+
+def our_step(run: str, shape: dict) -> bench.StepBench:
+  config = bench.load_config(f"configs/{run}.py:{shape['scale']}")
+  cfg = bench.bench_model_config(config, config.model.dispatch, shape["model"])
+  step = bench.build_step_bench(f"ours {RUNS[run]}", config, cfg, shape["batch"], shape["seq"])
+  step.allocate()
+  return step
+
+
+def time_shape(name: str, shape: dict, probe: bench.Timed) -> list[dict]:
+  groups = [FLAGS.runs] if shape["together"] else [[run] for run in FLAGS.runs]
+  rows = []
+  for runs in groups:
+    ours = {run: our_step(run, shape) for run in runs}
+    theirs = {
+      run: ReferenceStep.start(
+        f"authors {RUNS[run]}",
+        reference_args(ours[run].model_config, shape["batch"], shape["seq"], FLAGS.threads),
+      )
+      for run in runs
+    }
+    try:  # one call of each side of each run, and the probe, per round
+      programs = [p for run in runs for p in (ours[run].timed, theirs[run])]
+      bench.run_round_robin(programs + [probe], FLAGS.warmup, FLAGS.steps)
+    finally:
+      for server in theirs.values():
+        server.close()
+    for run in runs:
+      mine, reference = ours[run].timed.seconds, theirs[run].seconds
+      rows.append(
+        dict(
+          shape=name,
+          run=RUNS[run],
+          dispatch=ours[run].model_config.dispatch,
+          dropless_impl=ours[run].model_config.dropless_impl,
+          batch=shape["batch"],
+          seq=shape["seq"],
+          ours_seconds=bench.spread(mine),
+          authors_seconds=bench.spread(reference),
+          authors_params=theirs[run].params,
+          speedup=statistics.median(reference) / statistics.median(mine),
+        )
+      )
+    del ours
+  return rows
+
+
+def format_table(rows: list[dict], probe_rate: float) -> str:
+  lines = [
+    f"{'shape':<12} {'run':<14} {'authors s':>10} {'ours s':>8} {'speed-up':>9}",
+    "-" * 57,
+  ]
+  for row in rows:
+    lines.append(
+      f"{row['shape']:<12} {row['run']:<14} {row['authors_seconds']['median']:>10.3f} "
+      f"{row['ours_seconds']['median']:>8.3f} {row['speedup']:>8.2f}x"
+    )
+  for shape in dict.fromkeys(r["shape"] for r in rows):
+    by_run = {r["run"]: r for r in rows if r["shape"] == shape}
+    if {"MoE(K=8)", "CoE(C=2,K=4)"} <= set(by_run):
+      moe, coe = by_run["MoE(K=8)"], by_run["CoE(C=2,K=4)"]
+      ratio = lambda side: coe[side]["median"] / moe[side]["median"]
+      lines.append(
+        f"{shape}: CoE(C=2,K=4) / MoE(K=8) step time: ours {ratio('ours_seconds'):.2f}x, "
+        f"authors {ratio('authors_seconds'):.2f}x"
+      )
+  lines.append(f"matmul probe: {probe_rate / 1e9:.1f} GFLOP/s (2048^2 float32, median)")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  del argv
+  unknown = [s for s in FLAGS.shapes if s not in SHAPES] + [r for r in FLAGS.runs if r not in RUNS]
+  if unknown:
+    raise app.UsageError(f"unknown shape or run {unknown}; allowed: {list(SHAPES)}, {list(RUNS)}")
+  probe, probe_flops = bench.matmul_probe(jax.numpy.float32, 2048)
+  started = time.time()
+  rows = [row for name in FLAGS.shapes for row in time_shape(name, SHAPES[name], probe)]
+  rate = probe_flops / statistics.median(probe.seconds)
+  print(format_table(rows, rate))
+  if FLAGS.json:
+    results = dict(
+      rows=rows,
+      matmul_flops_per_sec=rate,
+      steps=FLAGS.steps,
+      warmup=FLAGS.warmup,
+      torch_threads=FLAGS.threads,
+      host_malloc=host_memory.active_settings(),
+      seconds=time.time() - started,
+    )
+    Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(FLAGS.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  host_memory.reexec_keeping_host_memory()  # the CLI's allocator settings (PERF.md 19)
+  app.run(main)
