@@ -5,9 +5,9 @@ python -m coe_jax.generate --workdir=RUN --query="What is 12 + 30?" [--query=...
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from coe_jax import host_memory
+from coe_jax import cli, host_memory
 from coe_jax.data.tokenized import format_prompt
 from coe_jax.inference.completion import complete
 from coe_jax.inference.run_dir import load_run
@@ -55,4 +55,4 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   host_memory.reexec_keeping_host_memory()  # CPU: reuse the step's memory (PERF.md 19)
   _define_flags()
-  app.run(main)
+  cli.run(main)  # one-line user errors, --verbose, quiet Orbax logs

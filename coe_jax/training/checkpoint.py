@@ -6,17 +6,33 @@ The run's config is written beside it as `config.json`; a workdir whose saved
 model differs from the requested one in any function field (`ModelConfig`
 metadata, see `model_config`) refuses to resume; execution fields (dispatch,
 capacity, dtype, remat, ...) may change.
+
+Damage (`restore_newest`): resuming takes the newest checkpoint that restores; each
+newer one that does not (a truncated file, a deleted `_METADATA`, ...) is named in
+one warning line and moved to `<workdir>/damaged_checkpoints/` (never deleted).
+A save that fails (a full or read-only disk) removes its partial directory and
+raises a one-line `StorageError` naming the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import glob
 import json
+import logging
 import os
-from typing import Any, Callable, Optional
+import re
+import shutil
+import sys
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from coe_jax import storage
+from coe_jax.errors import CheckpointError
 from coe_jax.nn.model_config import FUNCTION, ConfigError, ModelConfig, fields_of_kind
 
 CONFIG_FILE = "config.json"
@@ -24,6 +40,11 @@ CONFIG_FILE = "config.json"
 # ModelConfig field metadata); execution choices (dispatch, capacity, dtype, remat) may change.
 FUNCTION_MODEL_FIELDS = fields_of_kind(FUNCTION)
 _DEFAULTS = ModelConfig.__dataclass_fields__
+DAMAGED_DIR = "damaged_checkpoints"
+# Files every complete checkpoint step holds (Orbax's layout of `state` and `data`).
+_REQUIRED = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "data/metadata")
+_TMP_GLOB = "*.orbax-checkpoint-tmp*"
+_STATUS = re.compile(r"[A-Z][A-Z_]{4,}: ")  # TensorStore's status, e.g. 'OUT_OF_RANGE: ...'
 
 
 class Checkpointer:
@@ -32,8 +53,12 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,  # a save killed midway leaves a tmp directory: removed
     )
+    self._pending: tuple[int, int] = (0, 0)  # (step, bytes) of the latest save
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=options,
@@ -44,13 +69,87 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> None:
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-      ),
-      force=force,
+    """Starts saving `step` (async); raises StorageError when this or the previous save failed."""
+    try:
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        ),
+        force=force,
+      )
+    except Exception as error:
+      self._raise_save_failure(error)
+    self._pending = (step, sum(int(leaf.nbytes) for leaf in jax.tree.leaves(state)))
+
+  def _raise_save_failure(self, error: Exception) -> None:
+    for path in glob.glob(os.path.join(self.directory, _TMP_GLOB)):
+      storage.remove_quietly(path)
+    step, needed = self._pending
+    failure = storage.storage_error(
+      error, f"checkpoint step {step}", self.directory, needed or None, intact_note(self.directory)
     )
+    if failure is None:
+      raise error
+    raise failure from error
+
+  def restore_newest(
+    self, abstract_state: Any, note: Callable[[str], None] = print
+  ) -> Optional[tuple[Any, dict, int]]:
+    """`restore` of the newest checkpoint that restores, None when there is none.
+
+    Each newer one that fails is named in one `note` line and moved aside;
+    CheckpointError (one line, nothing moved) when none restores.
+    """
+    failures: list[tuple[int, str]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        with quiet_background_failures():
+          restored = self.restore(abstract_state, step)
+      except ConfigError:
+        raise
+      except Exception as error:  # noqa: BLE001 (any failure to read it is damage)
+        failures.append((step, self._damage(step, error)))
+        continue
+      for bad, what in failures:
+        note(
+          f"warning: checkpoint step {bad} is damaged ({what}); moved to "
+          f"{self._move_aside(bad)}; resuming from step {step}"
+        )
+      if failures:
+        self.manager.reload()
+      return restored
+    if failures:
+      raise CheckpointError(
+        f"{self.directory}: no checkpoint restores ("
+        + "; ".join(f"step {s}: {w}" for s, w in failures)
+        + ") ; nothing was moved or deleted: move them away to start afresh, or use another "
+        "--workdir"
+      )
+    return None
+
+  def _damage(self, step: int, error: BaseException) -> str:
+    """Which file of checkpoint `step` is missing, or the first line of what failed."""
+    step_dir = os.path.join(self.directory, str(step))
+    for name in _REQUIRED:
+      if not os.path.exists(os.path.join(step_dir, name)):
+        return f"{os.path.join(step_dir, name)}: missing"
+    texts = [str(e).split("See full TensorStore")[0].strip() for e in storage._chain(error)]  # noqa: SLF001
+    text = next(
+      (t for t in texts if _STATUS.match(t)),
+      next((t for t in texts if step_dir in t), f"{type(error).__name__}: {error}"),
+    )
+    return f"{step_dir}: {text.splitlines()[0][:300] if text else type(error).__name__}"
+
+  def _move_aside(self, step: int) -> str:
+    target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR, str(step))
+    n = 1
+    while os.path.exists(target):
+      target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR, f"{step}-{n}")
+      n += 1
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    return target
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, int]:
     step = self.latest_step() if step is None else step
@@ -84,8 +183,57 @@ class Checkpointer:
     ]
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the last save (StorageError when it failed) and closes the manager."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:
+      try:
+        self._raise_save_failure(error)
+      finally:
+        _close_quietly(self.manager)
     self.manager.close()
+
+
+@contextlib.contextmanager
+def quiet_background_failures() -> Iterator[None]:
+  """Within it, the errors that Orbax's reader threads and coroutines print as they die with a
+  failed restore (the restore itself raises, and is reported once) are not printed."""
+  if os.environ.get("COE_JAX_VERBOSE", "") not in ("", "0"):
+    yield
+    return
+  hooks = sys.unraisablehook, threading.excepthook
+  asyncio_logger = logging.getLogger("asyncio")
+  level = asyncio_logger.level
+  sys.unraisablehook = threading.excepthook = lambda *args: None
+  asyncio_logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    gc.collect()  # the failed read's coroutines die here, not later on the console
+    sys.unraisablehook, threading.excepthook = hooks
+    asyncio_logger.setLevel(level)
+
+
+def complete_steps(directory: str) -> list[int]:
+  """Steps whose checkpoint directory is complete on disk (Orbax renames it when done)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if re.fullmatch(r"\d+", n))
+
+
+def intact_note(directory: str) -> str:
+  """'the last complete checkpoint (step N) is intact', for a message about a failed write."""
+  steps = complete_steps(directory)
+  if not steps:
+    return "no complete checkpoint was written yet"
+  return f"the last complete checkpoint (step {steps[-1]}) is intact"
+
+
+def _close_quietly(manager: ocp.CheckpointManager) -> None:
+  try:
+    manager.close()
+  except Exception:  # noqa: BLE001 (its save already failed and is being reported)
+    pass
 
 
 def _with_default_sharding(abstract: Any) -> Any:

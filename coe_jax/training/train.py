@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -21,16 +22,17 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from coe_jax import config_lib
+from coe_jax import config_lib, storage
 from coe_jax.data.input_pipeline import build_datasets
-from coe_jax.errors import ConfigError
+from coe_jax.errors import ConfigError, DivergenceError
 from coe_jax.nn.flops import flops_per_token, peak_tflops_per_device
 from coe_jax.nn.model import CoECausalLM
-from coe_jax.nn.params import count_params
+from coe_jax.nn.params import count_params, format_counts
 from coe_jax.training import multihost, sharding
 from coe_jax.training.checkpoint import (
   Checkpointer,
   check_resumable,
+  intact_note,
   keep_saved_layout_and_optimizer,
   load_run_config,
   save_run_config,
@@ -50,6 +52,7 @@ from coe_jax.training.train_step import (
   make_eval_step,
   make_train_step,
 )
+from coe_jax.training.workdir_lock import WorkdirLock
 
 # ---------------------------------------------------------------------------
 # The loop
@@ -99,8 +102,9 @@ def _check_finite(
     if last_checkpoint is not None
     else "no checkpoint was written"
   )
-  raise FloatingPointError(
-    f"train loss became {loss} (gradient norm {grad_norm}) at step {step}; stopping. {where}."
+  raise DivergenceError(
+    f"train/loss: {loss} at step {step} (gradient norm {grad_norm}); stopping ; {where}; "
+    "lower train.lr or raise train.warmup_fraction and resume"
   )
 
 
@@ -142,8 +146,42 @@ def train_and_evaluate(
   """
 
   validate_config(config)
+  _check_workdir(workdir)
   if config.get("mesh") is not None:
     multihost.initialize_distributed(config.mesh)  # before anything asks for the process index
+  created = not os.path.exists(workdir)
+  lock = WorkdirLock(workdir) if multihost.is_primary() else None
+  try:
+    if lock is not None:
+      lock.acquire()
+    return _train(config, workdir, stop_at_step, progress)
+  except Exception as error:
+    failure = storage.storage_error(
+      error, "the run's files", workdir, kept=intact_note(os.path.join(workdir, "checkpoints"))
+    )
+    if failure is None or failure is error:
+      raise
+    raise failure from error
+  finally:
+    if lock is not None:
+      lock.release()
+    if created and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)  # a run that failed before writing anything leaves no empty workdir
+
+
+def _check_workdir(workdir: str) -> None:
+  if not workdir:
+    raise ConfigError("--workdir: missing ; a directory (new, or a run to resume)")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(
+      f"--workdir: {workdir} is a file, not a directory ; a new directory or a run to resume"
+    )
+
+
+def _train(
+  config: ml_collections.ConfigDict, workdir: str, stop_at_step: Optional[int], progress: bool
+) -> dict:
+  """`train_and_evaluate` once the workdir is held."""
   primary = multihost.is_primary()
   requested = _config_dict(config)
   multihost.check_same_on_all_processes(
@@ -175,6 +213,10 @@ def train_and_evaluate(
       f"model.vocab_size: got {model_config.vocab_size}, smaller than the "
       f"tokenizer's {datasets.vocab_size}; use >= {datasets.vocab_size} or 0 (= tokenizer's)"
     )
+  if primary and progress:
+    source = "from tokenizer" if config.model.vocab_size == 0 else "fixed"
+    print(f"Model (vocab {source}: {model_config.vocab_size}):")
+    print(format_counts(count_params(model_config)), flush=True)
   parallel = sharding.Parallelism.for_run(config, model_config)  # config.mesh; no mesh on 1 device
   model = CoECausalLM(model_config, expert_parallel=parallel.expert_parallel())
 
@@ -186,12 +228,13 @@ def train_and_evaluate(
     train_cfg.batch_size, config.seed, parallel.process_rows(train_cfg.batch_size)
   )
   start = 0
-  if checkpointer.latest_step() is not None:
-    try:
-      state, data_state, start = checkpointer.restore(state)
-    except Exception:
-      checkpointer.close()
-      raise
+  try:
+    restored = checkpointer.restore_newest(state, note=_stderr if primary else lambda line: None)
+  except Exception:
+    checkpointer.close()
+    raise
+  if restored is not None:
+    state, data_state, start = restored
     iterator.set_state(data_state)
     if primary:
       print(f"Resumed from {checkpointer.directory} at step {start}.")
@@ -370,6 +413,10 @@ def train_and_evaluate(
       f"  checkpoint:  {os.path.join(workdir, 'checkpoints')} (step {final_step})"
     )
   return summary
+
+
+def _stderr(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
 
 
 def _progress(iterable, enabled: bool, **kwargs):
