@@ -42,9 +42,10 @@ class CheckpointError(RunError):
 class StorageError(RunError):
   """A write failed for lack of space or permission; nothing partial was left behind."""
 
-  def __init__(self, message: str, path: str = ""):
+  def __init__(self, message: str, path: str = "", says_what_is_kept: bool = False):
     super().__init__(message)
     self.path = path
+    self.says_what_is_kept = says_what_is_kept
 
 
 class DivergenceError(RunError, FloatingPointError):

@@ -27,6 +27,7 @@ DENIED = {
 }
 REASONS = {**SPACE, **DENIED}
 _TEXT_CODE = re.compile(r"os_error_code='?(\d+)")
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 _TEXT_PATH = re.compile(r'(?:Failed writing|Error writing[^"]*local file|file): "([^"]+)"')
 
 
@@ -45,6 +46,8 @@ def problem(error: BaseException) -> Optional[tuple[str, str]]:
       return e.path, str(e)
     if isinstance(e, OSError) and e.errno in REASONS:
       return str(e.filename or ""), REASONS[e.errno]
+    if isinstance(e, OSError) and e.errno is None and _SHORT_WRITE.search(str(e)):
+      return "", SPACE[errno.ENOSPC]  # numpy's short write: the disk filled up
     code = _TEXT_CODE.search(str(e))
     if code and int(code.group(1)) in REASONS:
       path = _TEXT_PATH.search(str(e))
@@ -86,7 +89,7 @@ def storage_error(
   path, reason = found
   if isinstance(error, StorageError):
     return error
-  path = path or fallback_path
+  path = fallback_path if not path or ".orbax-checkpoint-tmp" in path else path
   size = ""
   if needed is not None and reason in SPACE.values():
     free = free_bytes(path)
@@ -99,7 +102,7 @@ def storage_error(
     else "make it writable or use another --workdir"
   )
   parts = [f"{path}: {reason} writing {what}{size}", kept, remedy]
-  return StorageError(" ; ".join(p for p in parts if p), path)
+  return StorageError(" ; ".join(p for p in parts if p), path, says_what_is_kept=bool(kept))
 
 
 def remove_quietly(path: str) -> None:

@@ -17,6 +17,7 @@ raises a one-line `StorageError` naming the last complete checkpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import glob
 import json
@@ -69,7 +70,14 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> None:
-    """Starts saving `step` (async); raises StorageError when this or the previous save failed."""
+    """Starts saving `step` (async); raises StorageError when this or the previous save failed.
+
+    A save that cannot fit in the free space is refused before anything is written.
+    """
+    self._pending = (step, _bytes_to_write(state))
+    free = storage.free_bytes(self.directory)
+    if free is not None and free < self._pending[1]:
+      self._raise_save_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.directory))
     try:
       self.manager.save(
         step,
@@ -80,7 +88,6 @@ class Checkpointer:
       )
     except Exception as error:
       self._raise_save_failure(error)
-    self._pending = (step, sum(int(leaf.nbytes) for leaf in jax.tree.leaves(state)))
 
   def _raise_save_failure(self, error: Exception) -> None:
     for path in glob.glob(os.path.join(self.directory, _TMP_GLOB)):
@@ -212,6 +219,18 @@ def quiet_background_failures() -> Iterator[None]:
     gc.collect()  # the failed read's coroutines die here, not later on the console
     sys.unraisablehook, threading.excepthook = hooks
     asyncio_logger.setLevel(level)
+
+
+def _bytes_to_write(state: Any) -> int:
+  """Bytes of `state` this process writes (Orbax writes each shard's first replica once)."""
+  total = 0
+  for leaf in jax.tree.leaves(state):
+    shards = getattr(leaf, "addressable_shards", None)
+    if shards is None:
+      total += int(getattr(leaf, "nbytes", 0))
+    else:
+      total += sum(int(s.data.nbytes) for s in shards if s.replica_id == 0)
+  return total
 
 
 def complete_steps(directory: str) -> list[int]:

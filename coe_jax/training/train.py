@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from coe_jax import config_lib, storage
 from coe_jax.data.input_pipeline import build_datasets
-from coe_jax.errors import ConfigError, DivergenceError
+from coe_jax.errors import ConfigError, DivergenceError, StorageError
 from coe_jax.nn.flops import flops_per_token, peak_tflops_per_device
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.params import count_params, format_counts
@@ -156,11 +156,12 @@ def train_and_evaluate(
       lock.acquire()
     return _train(config, workdir, stop_at_step, progress)
   except Exception as error:
-    failure = storage.storage_error(
-      error, "the run's files", workdir, kept=intact_note(os.path.join(workdir, "checkpoints"))
-    )
-    if failure is None or failure is error:
+    kept = intact_note(os.path.join(workdir, "checkpoints"))
+    failure = storage.storage_error(error, "the run's files", workdir, kept=kept)
+    if failure is None or (failure is error and failure.says_what_is_kept):
       raise
+    if not failure.says_what_is_kept:  # e.g. the token cache: add what is intact
+      failure = StorageError(f"{failure} ; {kept}", failure.path, True)
     raise failure from error
   finally:
     if lock is not None:
