@@ -54,20 +54,21 @@ def quiet_logs() -> None:
   if verbose():
     return
   logging.set_verbosity(logging.WARNING)
-  sys.excepthook = _drop_closed_loop_errors(sys.excepthook)
+  sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
     handler.addFilter(_QuietOrbax())
 
 
 def _drop_closed_loop_errors(hook: Callable[..., Any]) -> Callable[..., Any]:
-  """`hook` without the 'Event loop is closed' errors that TensorStore's callbacks print
-  (through sys.excepthook) for each write still queued when a checkpoint save failed."""
+  """`sys.unraisablehook` without the 'Event loop is closed' errors that TensorStore's
+  callbacks report for each write still queued when a checkpoint save failed."""
 
-  def filtered(kind, value, tb):
+  def filtered(unraisable):
+    value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
       return
-    hook(kind, value, tb)
+    hook(unraisable)
 
   return filtered
 

@@ -74,6 +74,10 @@ class Checkpointer:
 
     A save that cannot fit in the free space is refused before anything is written.
     """
+    try:
+      self.manager.check_for_errors()  # the previous save's failure is reported as its own
+    except Exception as error:
+      self._raise_save_failure(error)
     self._pending = (step, _bytes_to_write(state))
     free = storage.free_bytes(self.directory)
     if free is not None and free < self._pending[1]:

@@ -370,14 +370,15 @@ def _train(
       if interrupted:
         summary["interrupted_at"] = done
         break
+  except BaseException:
+    _close_all(writer, checkpointer, quiet=True)  # the loop's error is the one to report
+    raise
   finally:
     if tracing:
       jax.profiler.stop_trace()
       summary["profile_dir"] = trace_dir
     stop.restore()
-    if writer is not None:
-      writer.close()
-    checkpointer.close()
+  _close_all(writer, checkpointer, quiet=False)
 
   final_step = int(jax.device_get(state.step))
   step_times = log.step_times if log is not None else []
@@ -414,6 +415,17 @@ def _train(
       f"  checkpoint:  {os.path.join(workdir, 'checkpoints')} (step {final_step})"
     )
   return summary
+
+
+def _close_all(writer: Optional[MetricWriter], checkpointer: Checkpointer, quiet: bool) -> None:
+  """Closes the metric writer and the checkpointer (which removes a failed save's partial
+  directory); with `quiet`, after another error, their own failures are not raised."""
+  for close in ([writer.close] if writer is not None else []) + [checkpointer.close]:
+    try:
+      close()
+    except Exception:
+      if not quiet:
+        raise
 
 
 def _stderr(line: str) -> None:
