@@ -20,6 +20,7 @@ from coe_jax.errors import StorageError
 
 SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 SPACE[errno.EFBIG] = "file too large (file size limit reached)"
+SHORT_WRITE = "write cut short (no space left on device, or a file size limit)"
 DENIED = {
   errno.EROFS: "read-only file system",
   errno.EACCES: "permission denied",
@@ -47,7 +48,7 @@ def problem(error: BaseException) -> Optional[tuple[str, str]]:
     if isinstance(e, OSError) and e.errno in REASONS:
       return str(e.filename or ""), REASONS[e.errno]
     if isinstance(e, OSError) and e.errno is None and _SHORT_WRITE.search(str(e)):
-      return "", SPACE[errno.ENOSPC]  # numpy's short write: the disk filled up
+      return "", SHORT_WRITE  # numpy's short write
     code = _TEXT_CODE.search(str(e))
     if code and int(code.group(1)) in REASONS:
       path = _TEXT_PATH.search(str(e))
@@ -91,14 +92,15 @@ def storage_error(
     return error
   path = fallback_path if not path or ".orbax-checkpoint-tmp" in path else path
   size = ""
-  if needed is not None and reason in SPACE.values():
+  out_of_space = reason in SPACE.values() or reason == SHORT_WRITE
+  if needed is not None and out_of_space:
     free = free_bytes(path)
     size = f" (needs about {human_bytes(needed)}" + (
       f", {human_bytes(free)} free)" if free is not None else ")"
     )
   remedy = (
     "free some space or use another --workdir"
-    if reason in SPACE.values()
+    if out_of_space
     else "make it writable or use another --workdir"
   )
   parts = [f"{path}: {reason} writing {what}{size}", kept, remedy]

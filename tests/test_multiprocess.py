@@ -190,7 +190,7 @@ def test_process_zero_alone_writes_the_logs_and_artefacts(first_leg):
   summary = first_leg["summary"]
   assert (summary["processes"], summary["devices"]) == (2, 2 * DEVICES_PER_PROCESS)
   out0, out1 = (logs / "stdout0.txt").read_text(), (logs / "stdout1.txt").read_text()
-  assert "Model (vocab from tokenizer):" in out0 and "Run directory" in out0
+  assert "Model (vocab from tokenizer: " in out0 and "Run directory" in out0
   # No counts, no summary lines on process 1. Gloo (the CPU collectives library) prints its
   # connections there, sometimes as lines split mid-sentence by concurrent writes, so the check
   # looks for what we print rather than for an empty output.

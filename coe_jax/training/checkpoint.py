@@ -75,7 +75,7 @@ class Checkpointer:
     A save that cannot fit in the free space is refused before anything is written.
     """
     try:
-      self.manager.check_for_errors()  # the previous save's failure is reported as its own
+      self.manager.wait_until_finished()  # as Orbax's save does; a failure is the previous step's
     except Exception as error:
       self._raise_save_failure(error)
     self._pending = (step, _bytes_to_write(state))
@@ -212,17 +212,33 @@ def quiet_background_failures() -> Iterator[None]:
   if os.environ.get("COE_JAX_VERBOSE", "") not in ("", "0"):
     yield
     return
-  hooks = sys.unraisablehook, threading.excepthook
+  if not isinstance(sys.unraisablehook, _SkipOrbaxCoroutines):
+    sys.unraisablehook = _SkipOrbaxCoroutines(sys.unraisablehook)
+  excepthook = threading.excepthook
   asyncio_logger = logging.getLogger("asyncio")
   level = asyncio_logger.level
-  sys.unraisablehook = threading.excepthook = lambda *args: None
+  threading.excepthook = lambda *args: None
   asyncio_logger.setLevel(logging.CRITICAL)
   try:
     yield
   finally:
-    gc.collect()  # the failed read's coroutines die here, not later on the console
-    sys.unraisablehook, threading.excepthook = hooks
+    gc.collect()  # most of the failed read's coroutines die here
+    threading.excepthook = excepthook
     asyncio_logger.setLevel(level)
+
+
+class _SkipOrbaxCoroutines:
+  """An unraisable hook that drops Orbax's reader coroutines dying with a failed restore (the
+  restore raised that failure already), and passes everything else to `hook`."""
+
+  def __init__(self, hook: Callable[[Any], None]):
+    self.hook = hook
+
+  def __call__(self, unraisable: Any) -> None:
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      return
+    self.hook(unraisable)
 
 
 def _bytes_to_write(state: Any) -> int:

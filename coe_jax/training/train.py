@@ -294,6 +294,7 @@ def _train(
   train_losses: list[float] = []
   val_loss = None
   log = None
+  bar = None
   try:
     compiled = None
     end = (
@@ -371,6 +372,8 @@ def _train(
         summary["interrupted_at"] = done
         break
   except BaseException:
+    if isinstance(bar, tqdm):
+      bar.close()  # the error's line goes below the bar, not onto it
     _close_all(writer, checkpointer, quiet=True)  # the loop's error is the one to report
     raise
   finally:
