@@ -26,6 +26,7 @@ from absl import app, flags, logging
 
 from coe_jax import storage
 from coe_jax.errors import RUNTIME_EXIT, USAGE_EXIT, ConfigError, RunError
+from coe_jax.training import checkpoint_faults
 
 VERBOSE_ENV = "COE_JAX_VERBOSE"
 
@@ -54,23 +55,10 @@ def quiet_logs() -> None:
   if verbose():
     return
   logging.set_verbosity(logging.WARNING)
-  sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
+  checkpoint_faults.skip_orbax_failure_reports()  # a failed save's threads, reported once
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
     handler.addFilter(_QuietOrbax())
-
-
-def _drop_closed_loop_errors(hook: Callable[..., Any]) -> Callable[..., Any]:
-  """`sys.unraisablehook` without the 'Event loop is closed' errors that TensorStore's
-  callbacks report for each write still queued when a checkpoint save failed."""
-
-  def filtered(unraisable):
-    value = unraisable.exc_value
-    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-      return
-    hook(unraisable)
-
-  return filtered
 
 
 def exit_with(code: int, message: str, error: Optional[BaseException] = None) -> None:
@@ -148,7 +136,7 @@ def _config_flag_names() -> list[str]:
 
 def _flag_error_line(error: BaseException) -> Optional[str]:
   """The one line for a flag-parsing error: its ConfigError, missing file or absl message."""
-  for e in storage._chain(error):  # noqa: SLF001
+  for e in storage.chain(error):
     if isinstance(e, ConfigError):
       return str(e)
     if isinstance(e, (FileNotFoundError, OSError)) and "No such file" in str(e):

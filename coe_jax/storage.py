@@ -32,7 +32,7 @@ _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 _TEXT_PATH = re.compile(r'(?:Failed writing|Error writing[^"]*local file|file): "([^"]+)"')
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
+def chain(error: BaseException) -> Iterator[BaseException]:
   seen: set[int] = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -42,7 +42,7 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 
 def problem(error: BaseException) -> Optional[tuple[str, str]]:
   """(path or '', reason) of a full/read-only/forbidden-disk failure in `error`'s chain, or None."""
-  for e in _chain(error):
+  for e in chain(error):
     if isinstance(e, StorageError):
       return e.path, str(e)
     if isinstance(e, OSError) and e.errno in REASONS:

@@ -10,6 +10,7 @@ point.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -33,7 +34,8 @@ from test_train import (  # noqa: F401 (fixture)
   small_config,
 )
 
-from coe_jax.errors import CheckpointError, WorkdirLocked
+from coe_jax import cli, storage
+from coe_jax.errors import CheckpointError, ConfigError, WorkdirLocked
 from coe_jax.inference.run_dir import load_run
 from coe_jax.training import train
 from coe_jax.training.metrics import read_metrics
@@ -154,6 +156,18 @@ def test_when_no_checkpoint_restores_the_run_stops_with_one_line_and_moves_nothi
     train.train_and_evaluate(small_config(), str(run_copy), progress=False)
   assert "\n" not in str(e.value) and "nothing was moved or deleted" in str(e.value)
   assert tree(run_copy) == before
+
+
+def test_readers_skip_a_damaged_latest_checkpoint_and_change_nothing(run_copy, capsys):
+  truncate_largest_file(run_copy / "checkpoints" / "30")
+  before = tree(run_copy)
+  capsys.readouterr()
+  assert load_run(str(run_copy)).step == 25
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("warning: checkpoint step 30 is damaged ("), err
+  assert tree(run_copy) == before
+  with pytest.raises(CheckpointError, match="no checkpoint restores \\(step 30: "):
+    load_run(str(run_copy), step=30)
 
 
 # ---------------------------------------------------------------------------
@@ -397,3 +411,25 @@ def test_generate_prints_the_answer_without_library_logs(reference_run, env):
   )
   assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
   assert result.stdout.startswith("query : What is 1 + 2? response :")
+
+
+def test_verbose_adds_the_traceback_above_the_one_line(tmp_path, env):
+  file = tmp_path / "notes.txt"
+  file.write_text("mine")
+  result = run_cli("coe_jax.main", f"--workdir={file}", *cli_flags(), "--verbose", env=env)
+  assert result.returncode == 2 and "Traceback (most recent call last)" in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --workdir: ")
+
+
+def test_only_user_errors_and_failed_writes_lose_their_traceback():
+  assert cli.user_error(ConfigError("train.lr: got -1.0; must be > 0")) == (
+    2,
+    "train.lr: got -1.0; must be > 0",
+  )
+  assert cli.user_error(WorkdirLocked("held")) == (1, "held")
+  full = OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl")
+  assert cli.user_error(full) == (1, "/runs/x/metrics.jsonl: no space left on device")
+  orbax_text = ValueError("Failed writing: \"/runs/x/f\": No space [os_error_code='28']")
+  assert storage.problem(orbax_text) == ("/runs/x/f", "no space left on device")
+  for bug in (KeyError("model"), ValueError("shapes"), TypeError("None")):
+    assert cli.user_error(bug) is None

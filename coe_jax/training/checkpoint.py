@@ -16,18 +16,11 @@ raises a one-line `StorageError` naming the last complete checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import gc
-import glob
 import json
-import logging
 import os
-import re
-import shutil
 import sys
-import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,17 +28,21 @@ import orbax.checkpoint as ocp
 from coe_jax import storage
 from coe_jax.errors import CheckpointError
 from coe_jax.nn.model_config import FUNCTION, ConfigError, ModelConfig, fields_of_kind
+from coe_jax.training.checkpoint_faults import (
+  bytes_to_write,
+  close_quietly,
+  describe_damage,
+  intact_note,
+  move_aside,
+  quiet_background_failures,
+  remove_partial_saves,
+)
 
 CONFIG_FILE = "config.json"
 # Fields that change the parameters or the function the layers compute (derived from the
 # ModelConfig field metadata); execution choices (dispatch, capacity, dtype, remat) may change.
 FUNCTION_MODEL_FIELDS = fields_of_kind(FUNCTION)
 _DEFAULTS = ModelConfig.__dataclass_fields__
-DAMAGED_DIR = "damaged_checkpoints"
-# Files every complete checkpoint step holds (Orbax's layout of `state` and `data`).
-_REQUIRED = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "data/metadata")
-_TMP_GLOB = "*.orbax-checkpoint-tmp*"
-_STATUS = re.compile(r"[A-Z][A-Z_]{4,}: ")  # TensorStore's status, e.g. 'OUT_OF_RANGE: ...'
 
 
 class Checkpointer:
@@ -78,7 +75,7 @@ class Checkpointer:
       self.manager.wait_until_finished()  # as Orbax's save does; a failure is the previous step's
     except Exception as error:
       self._raise_save_failure(error)
-    self._pending = (step, _bytes_to_write(state))
+    self._pending = (step, bytes_to_write(state))
     free = storage.free_bytes(self.directory)
     if free is not None and free < self._pending[1]:
       self._raise_save_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.directory))
@@ -94,8 +91,7 @@ class Checkpointer:
       self._raise_save_failure(error)
 
   def _raise_save_failure(self, error: Exception) -> None:
-    for path in glob.glob(os.path.join(self.directory, _TMP_GLOB)):
-      storage.remove_quietly(path)
+    remove_partial_saves(self.directory)
     step, needed = self._pending
     failure = storage.storage_error(
       error, f"checkpoint step {step}", self.directory, needed or None, intact_note(self.directory)
@@ -120,12 +116,12 @@ class Checkpointer:
       except ConfigError:
         raise
       except Exception as error:  # noqa: BLE001 (any failure to read it is damage)
-        failures.append((step, self._damage(step, error)))
+        failures.append((step, describe_damage(self.directory, step, error)))
         continue
       for bad, what in failures:
         note(
           f"warning: checkpoint step {bad} is damaged ({what}); moved to "
-          f"{self._move_aside(bad)}; resuming from step {step}"
+          f"{move_aside(self.directory, bad)}; resuming from step {step}"
         )
       if failures:
         self.manager.reload()
@@ -138,29 +134,6 @@ class Checkpointer:
         "--workdir"
       )
     return None
-
-  def _damage(self, step: int, error: BaseException) -> str:
-    """Which file of checkpoint `step` is missing, or the first line of what failed."""
-    step_dir = os.path.join(self.directory, str(step))
-    for name in _REQUIRED:
-      if not os.path.exists(os.path.join(step_dir, name)):
-        return f"{os.path.join(step_dir, name)}: missing"
-    texts = [str(e).split("See full TensorStore")[0].strip() for e in storage._chain(error)]  # noqa: SLF001
-    text = next(
-      (t for t in texts if _STATUS.match(t)),
-      next((t for t in texts if step_dir in t), f"{type(error).__name__}: {error}"),
-    )
-    return f"{step_dir}: {text.splitlines()[0][:300] if text else type(error).__name__}"
-
-  def _move_aside(self, step: int) -> str:
-    target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR, str(step))
-    n = 1
-    while os.path.exists(target):
-      target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR, f"{step}-{n}")
-      n += 1
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), target)
-    return target
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, int]:
     step = self.latest_step() if step is None else step
@@ -201,78 +174,8 @@ class Checkpointer:
       try:
         self._raise_save_failure(error)
       finally:
-        _close_quietly(self.manager)
+        close_quietly(self.manager)
     self.manager.close()
-
-
-@contextlib.contextmanager
-def quiet_background_failures() -> Iterator[None]:
-  """Within it, the errors that Orbax's reader threads and coroutines print as they die with a
-  failed restore (the restore itself raises, and is reported once) are not printed."""
-  if os.environ.get("COE_JAX_VERBOSE", "") not in ("", "0"):
-    yield
-    return
-  if not isinstance(sys.unraisablehook, _SkipOrbaxCoroutines):
-    sys.unraisablehook = _SkipOrbaxCoroutines(sys.unraisablehook)
-  excepthook = threading.excepthook
-  asyncio_logger = logging.getLogger("asyncio")
-  level = asyncio_logger.level
-  threading.excepthook = lambda *args: None
-  asyncio_logger.setLevel(logging.CRITICAL)
-  try:
-    yield
-  finally:
-    gc.collect()  # most of the failed read's coroutines die here
-    threading.excepthook = excepthook
-    asyncio_logger.setLevel(level)
-
-
-class _SkipOrbaxCoroutines:
-  """An unraisable hook that drops Orbax's reader coroutines dying with a failed restore (the
-  restore raised that failure already), and passes everything else to `hook`."""
-
-  def __init__(self, hook: Callable[[Any], None]):
-    self.hook = hook
-
-  def __call__(self, unraisable: Any) -> None:
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
-      return
-    self.hook(unraisable)
-
-
-def _bytes_to_write(state: Any) -> int:
-  """Bytes of `state` this process writes (Orbax writes each shard's first replica once)."""
-  total = 0
-  for leaf in jax.tree.leaves(state):
-    shards = getattr(leaf, "addressable_shards", None)
-    if shards is None:
-      total += int(getattr(leaf, "nbytes", 0))
-    else:
-      total += sum(int(s.data.nbytes) for s in shards if s.replica_id == 0)
-  return total
-
-
-def complete_steps(directory: str) -> list[int]:
-  """Steps whose checkpoint directory is complete on disk (Orbax renames it when done)."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory) if re.fullmatch(r"\d+", n))
-
-
-def intact_note(directory: str) -> str:
-  """'the last complete checkpoint (step N) is intact', for a message about a failed write."""
-  steps = complete_steps(directory)
-  if not steps:
-    return "no complete checkpoint was written yet"
-  return f"the last complete checkpoint (step {steps[-1]}) is intact"
-
-
-def _close_quietly(manager: ocp.CheckpointManager) -> None:
-  try:
-    manager.close()
-  except Exception:  # noqa: BLE001 (its save already failed and is being reported)
-    pass
 
 
 def _with_default_sharding(abstract: Any) -> Any:
@@ -301,29 +204,53 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def restore_params(
   workdir_or_dir: str, abstract_params: Any, step: Optional[int] = None
 ) -> tuple[Any, int]:
-  """Only the params of a run's checkpoint (for analysis, generation, export)."""
+  """Only the params of a run's checkpoint (for analysis, generation, export).
+
+  Without `step`, the newest checkpoint that restores: each newer, damaged one is named in a
+  warning line on stderr and left in place (readers change nothing). CheckpointError when
+  none (or the given `step`) restores.
+  """
   directory = workdir_or_dir
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint path {workdir_or_dir!r} does not exist")
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {directory!r}")
-  target = {"params": _with_default_sharding(abstract_params)}
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
+  directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory)
+  try:
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint under {directory!r}")
+    target = {"params": _with_default_sharding(abstract_params)}
+    args = ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
         partial_restore=True,
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       )
-    ),
-  )
-  manager.close()
-  return restored["state"]["params"], step
+    )
+    failures = []
+    for candidate in steps:
+      try:
+        with quiet_background_failures():
+          params = manager.restore(candidate, args=args)["state"]["params"]
+      except Exception as error:  # noqa: BLE001 (any failure to read it is damage)
+        failures.append((candidate, describe_damage(directory, candidate, error)))
+        continue
+      for bad, what in failures:
+        print(
+          f"warning: checkpoint step {bad} is damaged ({what}); reading step {candidate} "
+          "instead (the damaged one is left in place)",
+          file=sys.stderr,
+        )
+      return params, candidate
+    raise CheckpointError(
+      f"{directory}: no checkpoint restores ("
+      + "; ".join(f"step {s}: {w}" for s, w in failures)
+      + ") ; a step that restores, or another run"
+    )
+  finally:
+    manager.close()
 
 
 def save_run_config(workdir: str, config_dict: dict) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -22,17 +21,16 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from coe_jax import config_lib, storage
+from coe_jax import config_lib
 from coe_jax.data.input_pipeline import build_datasets
-from coe_jax.errors import ConfigError, DivergenceError, StorageError
+from coe_jax.errors import ConfigError
 from coe_jax.nn.flops import flops_per_token, peak_tflops_per_device
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.params import count_params, format_counts
-from coe_jax.training import multihost, sharding
+from coe_jax.training import multihost, run_guard, sharding
 from coe_jax.training.checkpoint import (
   Checkpointer,
   check_resumable,
-  intact_note,
   keep_saved_layout_and_optimizer,
   load_run_config,
   save_run_config,
@@ -52,7 +50,6 @@ from coe_jax.training.train_step import (
   make_eval_step,
   make_train_step,
 )
-from coe_jax.training.workdir_lock import WorkdirLock
 
 # ---------------------------------------------------------------------------
 # The loop
@@ -85,27 +82,6 @@ class _StopFlag:
   def restore(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
-
-def _check_finite(
-  step: int, loss: float, grad_norm: float, last_checkpoint: Optional[int], workdir: str
-) -> None:
-  """Raises before a step whose loss or gradient is NaN/Inf can be logged or checkpointed.
-
-  A non-finite gradient norm means the step's update already spoiled the
-  params even when the loss (computed before the update) is still finite.
-  """
-  if math.isfinite(loss) and math.isfinite(grad_norm):
-    return
-  where = (
-    f"the last good checkpoint (step {last_checkpoint}) is intact under {workdir}/checkpoints"
-    if last_checkpoint is not None
-    else "no checkpoint was written"
-  )
-  raise DivergenceError(
-    f"train/loss: {loss} at step {step} (gradient norm {grad_norm}); stopping ; {where}; "
-    "lower train.lr or raise train.warmup_fraction and resume"
-  )
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict:
@@ -146,37 +122,11 @@ def train_and_evaluate(
   """
 
   validate_config(config)
-  _check_workdir(workdir)
+  run_guard.check_workdir(workdir)
   if config.get("mesh") is not None:
     multihost.initialize_distributed(config.mesh)  # before anything asks for the process index
-  created = not os.path.exists(workdir)
-  lock = WorkdirLock(workdir) if multihost.is_primary() else None
-  try:
-    if lock is not None:
-      lock.acquire()
+  with run_guard.held_workdir(workdir, lock=multihost.is_primary()):
     return _train(config, workdir, stop_at_step, progress)
-  except Exception as error:
-    kept = intact_note(os.path.join(workdir, "checkpoints"))
-    failure = storage.storage_error(error, "the run's files", workdir, kept=kept)
-    if failure is None or (failure is error and failure.says_what_is_kept):
-      raise
-    if not failure.says_what_is_kept:  # e.g. the token cache: add what is intact
-      failure = StorageError(f"{failure} ; {kept}", failure.path, True)
-    raise failure from error
-  finally:
-    if lock is not None:
-      lock.release()
-    if created and os.path.isdir(workdir) and not os.listdir(workdir):
-      os.rmdir(workdir)  # a run that failed before writing anything leaves no empty workdir
-
-
-def _check_workdir(workdir: str) -> None:
-  if not workdir:
-    raise ConfigError("--workdir: missing ; a directory (new, or a run to resume)")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(
-      f"--workdir: {workdir} is a file, not a directory ; a new directory or a run to resume"
-    )
 
 
 def _train(
@@ -309,7 +259,9 @@ def _train(
       metrics = jax.device_get(launched.metrics)
       agreed = launched.vote is not None and bool(jax.device_get(launched.vote))
       loss = float(metrics["loss"])
-      _check_finite(launched.done, loss, float(metrics["grad_norm"]), last_checkpoint, workdir)
+      run_guard.check_finite(
+        launched.done, loss, float(metrics["grad_norm"]), last_checkpoint, workdir
+      )
       train_losses.append(loss)
       return metrics, agreed
 
@@ -374,14 +326,14 @@ def _train(
   except BaseException:
     if isinstance(bar, tqdm):
       bar.close()  # the error's line goes below the bar, not onto it
-    _close_all(writer, checkpointer, quiet=True)  # the loop's error is the one to report
+    run_guard.close_all(writer, checkpointer, quiet=True)  # the loop's error is the one to report
     raise
   finally:
     if tracing:
       jax.profiler.stop_trace()
       summary["profile_dir"] = trace_dir
     stop.restore()
-  _close_all(writer, checkpointer, quiet=False)
+  run_guard.close_all(writer, checkpointer, quiet=False)
 
   final_step = int(jax.device_get(state.step))
   step_times = log.step_times if log is not None else []
@@ -418,17 +370,6 @@ def _train(
       f"  checkpoint:  {os.path.join(workdir, 'checkpoints')} (step {final_step})"
     )
   return summary
-
-
-def _close_all(writer: Optional[MetricWriter], checkpointer: Checkpointer, quiet: bool) -> None:
-  """Closes the metric writer and the checkpointer (which removes a failed save's partial
-  directory); with `quiet`, after another error, their own failures are not raised."""
-  for close in ([writer.close] if writer is not None else []) + [checkpointer.close]:
-    try:
-      close()
-    except Exception:
-      if not quiet:
-        raise
 
 
 def _stderr(line: str) -> None:
