@@ -4,7 +4,7 @@
 * `held_workdir`: the workdir's lock (`workdir_lock`, process 0) for the run's
   lifetime; a full, read-only or forbidden disk met anywhere in the run becomes
   one `StorageError` naming the path and the last complete checkpoint; a
-  workdir the run created and left empty (it failed first) is removed.
+  workdir the run created and left empty (it failed first) is removed (by process 0).
 * `check_finite`: a NaN/Inf loss or gradient norm stops the run (`DivergenceError`).
 * `close_all`: closes the metric writer and the checkpointer, quietly after
   another error.
@@ -52,8 +52,9 @@ def held_workdir(workdir: str, lock: bool = True) -> Iterator[None]:
   finally:
     if held is not None:
       held.release()
-    if created and os.path.isdir(workdir) and not os.listdir(workdir):
-      os.rmdir(workdir)  # a run that failed before writing anything leaves no empty workdir
+      if created and os.path.isdir(workdir) and not os.listdir(workdir):
+        with contextlib.suppress(OSError):
+          os.rmdir(workdir)  # a run that failed before writing anything leaves no empty workdir
 
 
 def check_finite(
