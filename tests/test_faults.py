@@ -341,6 +341,22 @@ def test_a_full_disk_is_one_line_naming_the_path_and_what_is_intact(tmp_path, en
       assert complete == (["5"] if mounted else [])
 
 
+def test_a_read_only_disk_is_one_line_naming_the_path(tmp_path, env):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  command = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)]
+  if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode != 0:
+    pytest.skip("needs root to mount a read-only tmpfs (root ignores file permissions)")
+  try:
+    result = run_cli("coe_jax.main", f"--workdir={disk / 'run'}", *cli_flags(), env=env)
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+  assert one_error_line(result, 1) == (
+    f"error: {disk / 'run'}: read-only file system writing the run's files ; "
+    f"{NO_CHECKPOINT} ; make it writable or use another --workdir"
+  )
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one line, exit code 2, nothing in the workdir changed
 # ---------------------------------------------------------------------------
