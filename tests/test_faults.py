@@ -10,6 +10,7 @@ point. Bad input at the command line: test_cli_errors.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from test_train import (  # noqa: F401 (fixture)
 
 from coe_jax.errors import CheckpointError, WorkdirLocked
 from coe_jax.inference.run_dir import load_run
-from coe_jax.training import train
+from coe_jax.training import train, workdir_lock
 from coe_jax.training.metrics import read_metrics
 from coe_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
 
@@ -259,6 +260,18 @@ def test_a_second_run_is_refused_at_once_and_a_dead_holders_lock_is_taken_over(
     f"(pid {holder.pid} on host {socket.gethostname()} (since {json.loads(lock_record)['started']}))"
   )
   assert not (run_copy / LOCK_FILE).exists()  # released on exit
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
+  with WorkdirLock(str(tmp_path)):
+    pass
+  assert capsys.readouterr().err == (
+    f"warning: {tmp_path}/{LOCK_FILE}: No locks available; one run per workdir is not enforced\n"
+  )
 
 
 # ---------------------------------------------------------------------------

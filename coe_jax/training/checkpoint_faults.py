@@ -33,7 +33,7 @@ from coe_jax.training import multihost
 
 DAMAGED_DIR = "damaged_checkpoints"
 # Files every complete checkpoint step holds (Orbax's layout of `state` and `data`).
-REQUIRED = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "data/metadata")
+REQUIRED = ("state", "data", "state/_METADATA", "state/manifest.ocdbt", "data/metadata")
 TMP_GLOB = "*.orbax-checkpoint-tmp*"
 _STATUS = re.compile(r"[A-Z][A-Z_]{4,}: ")  # TensorStore's status, e.g. 'OUT_OF_RANGE: ...'
 

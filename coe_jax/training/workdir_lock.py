@@ -4,11 +4,13 @@ The file names its holder (`{"pid", "host", "started"}`). A second run is
 refused at once with a `WorkdirLocked` naming that PID and host. The kernel
 drops a `flock` when its process dies, so a lock left by a killed run (kill
 -9, a crash, a lost host) is free: the next run takes it over and says whose
-it was. Readers (evaluate, generate, export, analysis) never take it.
+it was. Readers (evaluate, generate, export, analysis) never take it. On a file system
+without locks (some NFS mounts) the run goes on with a warning, unprotected.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -20,6 +22,7 @@ from typing import Optional
 from coe_jax.errors import WorkdirLocked
 
 LOCK_FILE = ".lock"
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # e.g. an NFS mount without locking
 
 
 def _holder(text: str) -> str:
@@ -40,18 +43,12 @@ class WorkdirLock:
     self._fd: Optional[int] = None
 
   def acquire(self) -> None:
+    """Takes the lock, or raises WorkdirLocked naming the live holder's PID and host."""
     os.makedirs(self.workdir, exist_ok=True)
     while True:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        holder = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-        os.close(fd)
-        raise WorkdirLocked(
-          f"--workdir {self.workdir}: another training run holds it ({holder}) ; one run per "
-          "workdir: wait for it to end, stop it, or use another --workdir"
-        ) from None
+      if not self._flock(fd):
+        return
       if _same_file(fd, self.path):  # not unlinked by a holder that just released it
         break
       os.close(fd)
@@ -64,6 +61,26 @@ class WorkdirLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
     self._fd = fd
+
+  def _flock(self, fd: int) -> bool:
+    """Locks `fd`: True; False (a warning) on a file system without locks; WorkdirLocked when
+    another process holds it."""
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except BlockingIOError:
+      holder = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+      os.close(fd)
+      raise WorkdirLocked(
+        f"--workdir {self.workdir}: another training run holds it ({holder}) ; one run per "
+        "workdir: wait for it to end, stop it, or use another --workdir"
+      ) from None
+    except OSError as error:
+      os.close(fd)
+      if error.errno not in _NO_LOCKS:
+        raise
+      self._note(f"warning: {self.path}: {error.strerror}; one run per workdir is not enforced")
+      return False
 
   def release(self) -> None:
     if self._fd is None:
