@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import logging as py_logging
 import os
+import re
 import sys
 import traceback
 from typing import Any, Callable, Optional
@@ -110,7 +111,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
     for name in _config_flag_names():
-      flags.FLAGS[name].value  # noqa: B018 (a config file that failed to load raises here)
+      flags.FLAGS[name].value.keys()  # a config file that failed to load raises here
     return rest
   except Exception as error:  # noqa: BLE001
     line = _unknown_field(argv) or _flag_error_line(error)
@@ -137,8 +138,8 @@ def _config_flag_names() -> list[str]:
 def _flag_error_line(error: BaseException) -> Optional[str]:
   """The one line for a flag-parsing error: its ConfigError, missing file or absl message."""
   for e in storage.chain(error):
-    if isinstance(e, ConfigError):
-      return str(e)
+    if isinstance(e, ConfigError):  # config_flags may wrap it with the traceback as its text
+      return re.sub(r"^[\w.]*ConfigError: ", "", str(e).strip().splitlines()[-1])
     if isinstance(e, (FileNotFoundError, OSError)) and "No such file" in str(e):
       file = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
       return (

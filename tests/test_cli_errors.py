@@ -53,6 +53,26 @@ def test_an_unknown_config_field_names_the_nearest_before_anything_runs(run_copy
   assert tree(run_copy) == before
 
 
+@pytest.mark.parametrize(
+  "args, line",
+  [
+    (["--config=configs/coe_c2.py:huge"], "error: config argument (scale): got 'huge'; allowed"),
+    (["--config=configs/nope.py"], "error: --config: configs/nope.py does not exist ; "),
+    (["--config=configs/coe_c2.py:tiny", "--stpes=3"], "error: Unknown command line flag 'stpes'"),
+    (
+      ["--config=configs/coe_c2.py:tiny", "--config.train.steps=abc"],
+      "error: flag --config.train.steps=abc: invalid literal for int()",
+    ),
+    (["--config=configs/coe_c2.py:tiny", "extra"], "error: unexpected arguments: ['extra']"),
+    ([], "error: flag --config=None: Flag --config must have a value other than None."),
+  ],
+)
+def test_bad_flags_are_one_line_and_exit_code_2(tmp_path, env, args, line):
+  result = run_cli("coe_jax.main", f"--workdir={tmp_path / 'run'}", *args, env=env)
+  assert one_error_line(result, 2).startswith(line)
+  assert not (tmp_path / "run").exists()
+
+
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path, env):
   file = tmp_path / "notes.txt"
   file.write_text("mine")
