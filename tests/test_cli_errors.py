@@ -129,6 +129,27 @@ def test_generate_prints_the_answer_without_library_logs(reference_run, env):
   assert result.stdout.startswith("query : What is 1 + 2? response :")
 
 
+@pytest.mark.parametrize(
+  "module, args, line",
+  [
+    ("coe_jax.evaluate", ["--task=gsm8k"], "error: --task=gsm8k: pass --data=PATH to a jsonl"),
+    ("coe_jax.evaluate", ["--data={empty}"], "error: --data: {empty}: empty (no rows) ; "),
+    ("coe_jax.generate", ["--query=Hi", "--step=7"], "error: --step: got 7; no such checkpoint"),
+    ("coe_jax.generate", [], "error: --query: missing ; "),
+  ],
+)
+def test_readers_bad_input_is_one_line_and_changes_nothing(
+  reference_run, tmp_path, env, module, args, line
+):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  before = tree(reference_run)
+  args = [a.format(empty=empty) for a in args]
+  result = run_cli(module, f"--workdir={reference_run}", *args, env=env)
+  assert one_error_line(result, 2).startswith(line.format(empty=empty))
+  assert tree(reference_run) == before
+
+
 def test_verbose_adds_the_traceback_above_the_one_line(tmp_path, env):
   file = tmp_path / "notes.txt"
   file.write_text("mine")

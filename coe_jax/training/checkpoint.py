@@ -218,9 +218,15 @@ def restore_params(
   directory = os.path.abspath(directory)
   manager = ocp.CheckpointManager(directory)
   try:
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"no checkpoint under {directory!r}")
+    if step is not None and step not in steps:
+      raise ConfigError(
+        f"--step: got {step}; no such checkpoint under {directory} ; one of "
+        + ", ".join(map(str, sorted(steps)))
+      )
+    steps = steps if step is None else [step]
     target = {"params": _with_default_sharding(abstract_params)}
     args = ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
