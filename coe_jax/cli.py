@@ -29,7 +29,7 @@ from coe_jax import storage
 from coe_jax.errors import RUNTIME_EXIT, USAGE_EXIT, ConfigError, RunError
 from coe_jax.training import checkpoint_faults
 
-VERBOSE_ENV = "COE_JAX_VERBOSE"
+VERBOSE_ENV = checkpoint_faults.VERBOSE_ENV
 
 
 def define_verbose_flag() -> None:
@@ -92,6 +92,8 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   """`main` with quiet logs and user errors as one line (see the module docstring)."""
 
   def wrapped(argv: list[str]) -> Any:
+    if verbose():
+      os.environ[VERBOSE_ENV] = "1"  # library code (checkpoint_faults) reads the variable
     quiet_logs()
     try:
       return main(argv)

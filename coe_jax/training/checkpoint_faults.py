@@ -35,6 +35,7 @@ DAMAGED_DIR = "damaged_checkpoints"
 # Files every complete checkpoint step holds (Orbax's layout of `state` and `data`).
 REQUIRED = ("state", "data", "state/_METADATA", "state/manifest.ocdbt", "data/metadata")
 TMP_GLOB = "*.orbax-checkpoint-tmp*"
+VERBOSE_ENV = "COE_JAX_VERBOSE"  # set: Orbax's failure reports are printed as they come
 _STATUS = re.compile(r"[A-Z][A-Z_]{4,}: ")  # TensorStore's status, e.g. 'OUT_OF_RANGE: ...'
 
 
@@ -76,7 +77,7 @@ def remove_partial_saves(directory: str) -> None:
 def quiet_background_failures() -> Iterator[None]:
   """Within it, the errors that Orbax's reader threads and coroutines print as they die with a
   failed restore (the restore itself raises, and is reported once) are not printed."""
-  if os.environ.get("COE_JAX_VERBOSE", "").strip().lower() not in ("", "0", "false", "no"):
+  if os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no"):
     yield
     return
   skip_orbax_failure_reports()
