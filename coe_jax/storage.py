@@ -116,3 +116,16 @@ def remove_quietly(path: str) -> None:
       os.remove(path)
     except OSError:
       pass
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: a reader (or a resumed run)
+  sees the old file or the new one, never half of it; a failed write leaves no temporary file."""
+  tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    remove_quietly(tmp)
+    raise

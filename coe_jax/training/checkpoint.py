@@ -261,8 +261,8 @@ def restore_params(
 
 def save_run_config(workdir: str, config_dict: dict) -> None:
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+  text = json.dumps(config_dict, indent=2, sort_keys=True, default=str)
+  storage.write_text_atomic(os.path.join(workdir, CONFIG_FILE), text)  # never half a config
 
 
 def load_run_config(workdir: str) -> Optional[dict]:

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from coe_jax import config_lib
+from coe_jax import config_lib, storage
 from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.errors import ConfigError
 from coe_jax.nn.flops import flops_per_token, peak_tflops_per_device
@@ -359,8 +359,7 @@ def _train(
   if not primary:
     return summary
   summary["loss_png"] = plot_losses(workdir, title=os.path.basename(os.path.abspath(workdir)))
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  storage.write_text_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   if progress:
     print(
       f"\nRun directory: {os.path.abspath(workdir)}\n"
