@@ -69,7 +69,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> None:
     """Starts saving `step` (async); raises StorageError when this or the previous save failed.
 
-    A save that cannot fit in the free space is refused before anything is written.
+    In one process, a save that cannot fit in the free space is refused before anything is
+    written (with several, each would decide alone and the others would wait for it in Orbax).
     """
     try:
       self.manager.wait_until_finished()  # as Orbax's save does; a failure is the previous step's
@@ -77,7 +78,7 @@ class Checkpointer:
       self._raise_save_failure(error)
     self._pending = (step, bytes_to_write(state))
     free = storage.free_bytes(self.directory)
-    if free is not None and free < self._pending[1]:
+    if jax.process_count() == 1 and free is not None and free < self._pending[1]:
       self._raise_save_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.directory))
     try:
       self.manager.save(
