@@ -33,6 +33,7 @@ VERBOSE_ENV = checkpoint_faults.VERBOSE_ENV
 
 
 def define_verbose_flag() -> None:
+  """Defines `--verbose` once (every command line calls `run`, which calls this)."""
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, f"Tracebacks and library logs (also: {VERBOSE_ENV}=1).")
 

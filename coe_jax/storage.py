@@ -33,6 +33,7 @@ _TEXT_PATH = re.compile(r'(?:Failed writing|Error writing[^"]*local file|file): 
 
 
 def chain(error: BaseException) -> Iterator[BaseException]:
+  """`error`, then its cause or context, and so on."""
   seen: set[int] = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -57,6 +58,7 @@ def problem(error: BaseException) -> Optional[tuple[str, str]]:
 
 
 def human_bytes(n: float) -> str:
+  """'552.6 KB' and the like (powers of 1024)."""
   for unit in ("bytes", "KB", "MB", "GB", "TB"):
     if abs(n) < 1024 or unit == "TB":
       return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"

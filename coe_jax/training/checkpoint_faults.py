@@ -69,6 +69,7 @@ def move_aside(directory: str, step: int) -> str:
 
 
 def remove_partial_saves(directory: str) -> None:
+  """Removes the temporary directories of saves that did not complete."""
   for path in glob.glob(os.path.join(directory, TMP_GLOB)):
     storage.remove_quietly(path)
 

@@ -24,6 +24,7 @@ from coe_jax.training.workdir_lock import WorkdirLock
 
 
 def check_workdir(workdir: str) -> None:
+  """ConfigError unless `workdir` is given and is a directory or does not exist yet."""
   if not workdir:
     raise ConfigError("--workdir: missing ; a directory (new, or a run to resume)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):

@@ -26,6 +26,7 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # e.g. an NFS mount 
 
 
 def _holder(text: str) -> str:
+  """'pid N on host H (since T)' from a lock file's text."""
   try:
     info = json.loads(text)
     return f"pid {info['pid']} on host {info['host']} (since {info['started']})"
