@@ -30,6 +30,7 @@ from coe_jax.errors import RUNTIME_EXIT, USAGE_EXIT, ConfigError, RunError
 from coe_jax.training import checkpoint_faults
 
 VERBOSE_ENV = checkpoint_faults.VERBOSE_ENV
+INTERRUPTED_EXIT = 130  # the shell's code for SIGINT
 
 
 def define_verbose_flag() -> None:
@@ -69,8 +70,8 @@ def exit_with(code: int, message: str, error: Optional[BaseException] = None) ->
     traceback.print_exception(error)
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.stdout.flush()
-  if isinstance(error, RunError) and not verbose():
-    os._exit(code)  # background writer threads of a failed save would print on the way out
+  if isinstance(error, (RunError, KeyboardInterrupt)) and not verbose():
+    os._exit(code)  # threads of a failed save or an interrupted compile would print on the way out
   sys.exit(code)
 
 
@@ -100,6 +101,8 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
       return main(argv)
     except app.UsageError as error:
       exit_with(USAGE_EXIT, str(error), error)
+    except KeyboardInterrupt as error:  # before training's own SIGINT handler, or a reader
+      exit_with(INTERRUPTED_EXIT, "interrupted (Ctrl-C)", error)
     except Exception as error:  # noqa: BLE001 (sorted into user errors and bugs)
       known = user_error(error)
       if known is None:
