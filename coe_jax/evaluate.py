@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
-from coe_jax import host_memory
+from coe_jax import cli, host_memory
 from coe_jax.evaluation.tasks import (
   DEFAULT_MAX_NEW_TOKENS,
   DEFAULT_STOP_STRINGS,
@@ -100,4 +100,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
   host_memory.reexec_keeping_host_memory()  # CPU: reuse the step's memory (PERF.md 19)
   _define_flags()
-  app.run(main)
+  cli.run(main)  # one-line user errors, --verbose, quiet Orbax logs

@@ -12,7 +12,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from coe_jax import host_memory
+from coe_jax import cli, host_memory
 from coe_jax.inference.hf_files import IMPORT_DISPATCH, export_run, import_hf, override_flags
 
 # ----------------------------------------------------------------------------
@@ -71,4 +71,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
   host_memory.reexec_keeping_host_memory()  # CPU: reuse the step's memory (PERF.md 19)
   _define_flags()
-  app.run(main)
+  cli.run(main)  # one-line user errors, --verbose, quiet Orbax logs

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from coe_jax import host_memory
+from coe_jax import cli, host_memory
 from coe_jax.data.tokenized import format_prompt
 from coe_jax.inference.completion import complete
 from coe_jax.inference.run_dir import load_run
@@ -20,6 +20,8 @@ from coe_jax.inference.run_dir import load_run
 def main(argv) -> None:
   del argv
   f = flags.FLAGS
+  if not f.query:
+    raise app.UsageError("--query: missing ; at least one --query='a question'")
   run = load_run(f.workdir, f.step)
   if run.tokenizer is None:
     raise SystemExit(f"{f.workdir}: no tokenizer.json; cannot turn text into tokens")
@@ -49,10 +51,10 @@ def _define_flags() -> None:
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_multi_string("stop", ["query :"], "Stop strings.")
-  flags.mark_flags_as_required(["workdir", "query"])
+  flags.mark_flags_as_required(["workdir"])  # --query is checked in main (a multi-flag)
 
 
 if __name__ == "__main__":
   host_memory.reexec_keeping_host_memory()  # CPU: reuse the step's memory (PERF.md 19)
   _define_flags()
-  app.run(main)
+  cli.run(main)  # one-line user errors, --verbose, quiet Orbax logs

@@ -271,7 +271,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
   batches_with_hook(monkeypatch, 8, poison)
   handler_before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(
-    FloatingPointError, match=r"at step 8; stopping. the last good checkpoint \(step 5\) is intact"
+    FloatingPointError,
+    match=r"train/loss: nan at step 8 \(gradient norm nan\); stopping ; the last good "
+    r"checkpoint \(step 5\) is intact",
   ):
     train.train_and_evaluate(small_config(), str(tmp_path), progress=False)
   assert signal.getsignal(signal.SIGTERM) is handler_before  # the run's stop handler is gone

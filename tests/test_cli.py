@@ -80,7 +80,13 @@ def test_cli_overrides_reach_the_saved_config_and_the_run(sigterm_run):
   rows = read_metrics(str(workdir))
   assert all(key in row for row in rows for key in REQUIRED_TRAIN_KEYS)
   assert rows[0]["train/lr"] == 0.0 and rows[2]["train/lr"] == pytest.approx(2e-3)  # warm-up 3
-  assert "Model (vocab from tokenizer):" in out  # parameter counts, printed before training
+  # Parameter counts, printed before training once the tokenizer has fixed the vocabulary.
+  assert "Model (vocab from tokenizer: 300):" in out
+  embedding = 300 * SMALL["model.hidden_size"]
+  summary = json.loads((workdir / "summary.json").read_text())
+  for name, value in (("embedding", embedding), ("head", embedding), ("total", None)):
+    value = summary["params_total"] if value is None else value
+    assert f"  {name:<18s} {value:>14,d}" in out, name
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(sigterm_run):
@@ -115,11 +121,11 @@ def test_cli_refuses_to_resume_a_workdir_of_another_model_shape(sigterm_run):
     text=True,
     timeout=120,
   )
-  assert result.returncode == 1
-  assert (
+  assert result.returncode == 2  # a usage error: one line, no traceback
+  assert result.stderr.startswith(
     "error: workdir holds a run of a different model (a field that changes the parameters"
-    in result.stderr
   )
+  assert len(result.stderr.strip().splitlines()) == 1
   assert "model.hidden_size: saved 32, requested 48" in result.stderr
   assert "Traceback" not in result.stderr
   assert (workdir / "config.json").read_text() == config_before
@@ -154,6 +160,6 @@ def test_cli_rejects_a_bad_value_before_compiling(tmp_path, flag, message):
     text=True,
     timeout=120,
   )
-  assert result.returncode != 0
-  assert message in result.stderr
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f"error: {message}"]
   assert not workdir.exists()  # rejected before the run started: no data, no compilation

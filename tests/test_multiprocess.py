@@ -41,7 +41,7 @@ from test_train import (  # noqa: F401 (fixture)
 from coe_jax.data import input_pipeline
 from coe_jax.nn.flops import known_peak_tflops, peak_tflops_per_device
 from coe_jax.nn.model_config import ConfigError
-from coe_jax.training import sharding, train, train_config
+from coe_jax.training import run_guard, sharding, train, train_config
 from coe_jax.training.checkpoint import Checkpointer, restore_params
 from coe_jax.training.metrics import MetricWriter, read_metrics
 
@@ -190,7 +190,7 @@ def test_process_zero_alone_writes_the_logs_and_artefacts(first_leg):
   summary = first_leg["summary"]
   assert (summary["processes"], summary["devices"]) == (2, 2 * DEVICES_PER_PROCESS)
   out0, out1 = (logs / "stdout0.txt").read_text(), (logs / "stdout1.txt").read_text()
-  assert "Model (vocab from tokenizer):" in out0 and "Run directory" in out0
+  assert "Model (vocab from tokenizer: " in out0 and "Run directory" in out0
   # No counts, no summary lines on process 1. Gloo (the CPU collectives library) prints its
   # connections there, sometimes as lines split mid-sentence by concurrent writes, so the check
   # looks for what we print rather than for an empty output.
@@ -244,7 +244,7 @@ def second_leg(first_leg, reference_run):
   )
   fake = FakeWandb()
   served, checked = [], []
-  original_next, original_check = input_pipeline.TrainIterator.__next__, train._check_finite
+  original_next, original_check = input_pipeline.TrainIterator.__next__, run_guard.check_finite
 
   def next_batch(iterator):
     served.append(1)
@@ -257,7 +257,7 @@ def second_leg(first_leg, reference_run):
   with pytest.MonkeyPatch.context() as patch:
     patch.setitem(sys.modules, "wandb", fake)
     patch.setattr(input_pipeline.TrainIterator, "__next__", next_batch)
-    patch.setattr(train, "_check_finite", check_finite)
+    patch.setattr(run_guard, "check_finite", check_finite)
     summary = train.train_and_evaluate(config, str(workdir), stop_at_step=stop, progress=False)
   return dict(
     start=start,
@@ -377,7 +377,7 @@ def test_processes_started_with_different_flags_refuse_to_train(tmp_path, tmp_pa
   processes = start_two_processes(
     workdir, SMALL, jax_cache_env(tmp_path_factory), logs, process_flags=([], ["--config.seed=1"])
   )
-  assert wait_all(processes, logs, STARTUP_TIMEOUT_S) == [1, 1]
+  assert wait_all(processes, logs, STARTUP_TIMEOUT_S) == [2, 2]  # a usage error, one line
   for i in range(2):
     assert (
       "error: the config of process(es) [1] differs from process 0's (this is process "

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -348,6 +349,19 @@ def build_datasets(
   data = with_defaults(data)
   validate_data_config(data)
   cache = resolve_cache_dir(data, workdir)
+  created = not cache.exists()
+  try:
+    return _build_datasets(data, cache, workdir if save_tokenizer else None, reference_padding)
+  except BaseException:
+    if created:  # a failed first build (bad file, full disk) leaves no cache directory behind
+      shutil.rmtree(cache, ignore_errors=True)
+    raise
+
+
+def _build_datasets(
+  data: DataConfig, cache: Path, workdir: Optional[str], reference_padding: bool
+) -> Datasets:
+  """`build_datasets` once `data` is valid; the tokenizer copy goes to `workdir` unless None."""
   raw_key = _hash(data_key(data))
   texts = _Texts(data, str(cache / "hf_datasets"))
   tok = _load_tokenizer(data, cache, raw_key, texts)
@@ -359,7 +373,7 @@ def build_datasets(
   splits = tokenized.load_splits(directory, ("train", "val"), *args)
   if splits is not None:
     _log.info("Loaded tokenised data from cache %s", directory)
-    _save_tokenizer_copy(tok, workdir if save_tokenizer else None)
+    _save_tokenizer_copy(tok, workdir)
     return Datasets(tok, layout(splits["train"]), layout(splits["val"]), str(directory), True, 0.0)
   start = time.perf_counter()
   splits = {
@@ -376,9 +390,7 @@ def build_datasets(
     **{f"{n}_examples": s.num_examples for n, s in splits.items()},
   }
   tokenized.save_splits(directory, splits, meta)
-  _save_tokenizer_copy(
-    tok, workdir if save_tokenizer else None
-  )  # only once the data has been read without error
+  _save_tokenizer_copy(tok, workdir)  # only once the data has been read without error
   _log.info(
     "Tokenised %d train / %d val examples in %.1f s; cached in %s",
     splits["train"].num_examples,

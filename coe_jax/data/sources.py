@@ -217,13 +217,20 @@ def check_json_file(
     if _first_byte(path) == b"[":
       _check_json_array(path, query_column, response_column)
       return
+    rows = 0
     with _open_binary(path) as f:
       for line_no, row in _jsonl_rows(f):
         problem = _row_problem(row, query_column, response_column)
         if problem:
           raise ValueError(f"line {line_no}: {problem}")
+        rows += 1
   except (ValueError, OSError, EOFError) as error:
     raise DataError(f"data.{field}: {path}, {error}") from None
+  if not rows:
+    raise DataError(
+      f"data.{field}: {path}: empty (no rows) ; at least one JSON object with "
+      f"{query_column!r} and {response_column!r} strings, one a line"
+    )
 
 
 def _check_json_array(path: str, query_column: str, response_column: str) -> None:
@@ -237,6 +244,8 @@ def _check_json_array(path: str, query_column: str, response_column: str) -> Non
     raise ValueError(
       f"line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})"
     ) from None
+  if not isinstance(rows, list) or not rows:
+    raise ValueError("empty (no rows) or not a JSON array of objects")
   for item, row in enumerate(rows, start=1):
     problem = _row_problem(row, query_column, response_column)
     if problem:

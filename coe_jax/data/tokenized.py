@@ -30,6 +30,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import tokenizers
 
+from coe_jax import storage
+
 ARRAYS = ("tokens", "offsets", "rows")
 Batch = dict[str, np.ndarray]
 
@@ -183,15 +185,27 @@ def build_split(
 
 
 def save_splits(directory: Path, splits: dict[str, Split], meta: dict) -> None:
-  """Writes every split's arrays and `meta.json` into `directory`, atomically."""
+  """Writes every split's arrays and `meta.json` into `directory`, atomically.
+
+  A full or read-only disk raises a one-line `StorageError` (the bytes needed) and
+  leaves nothing behind.
+  """
   directory.parent.mkdir(parents=True, exist_ok=True)
   tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
   shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  for name, split in splits.items():
-    for array in ARRAYS:
-      np.save(tmp / f"{name}_{array}.npy", getattr(split, array))
-  (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+  try:
+    tmp.mkdir()
+    for name, split in splits.items():
+      for array in ARRAYS:
+        np.save(tmp / f"{name}_{array}.npy", getattr(split, array))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+  except OSError as error:  # a full or read-only disk: no partial cache stays behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    needed = sum(getattr(s, a).nbytes for s in splits.values() for a in ARRAYS)
+    failure = storage.storage_error(error, "the token cache", str(directory), needed)
+    if failure is None:
+      raise
+    raise failure from error
   try:
     os.replace(tmp, directory)
   except OSError:  # another process finished first; its identical copy stays

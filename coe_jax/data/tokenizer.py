@@ -207,8 +207,12 @@ def write_text_atomic(path: Path, text: str) -> None:
   """Writes `text` to `path` via a temporary file and a rename (creating parent directories)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+  except OSError:
+    tmp.unlink(missing_ok=True)  # a full disk leaves no partial file
+    raise
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.data.tokenized import build_split, format_example, format_prompt
+from coe_jax.errors import ConfigError, DataError
 from coe_jax.evaluation.answers import (
   extract_gsm8k_answer,
   extract_math_answer,
@@ -117,7 +118,10 @@ def split_shots(
     return [], problems
   pool = problems if shots_from is None else shots_from
   if num_shots > len(pool):
-    raise ValueError(f"--num_shots={num_shots} but only {len(pool)} exemplars are available")
+    raise ConfigError(
+      f"--num_shots: got {num_shots}; only {len(pool)} exemplars are available ; at most "
+      f"{len(pool)}"
+    )
   picked = sorted(random.Random(seed).sample(range(len(pool)), num_shots))
   shots = [pool[i] for i in picked]
   if shots_from is None:
@@ -256,12 +260,23 @@ def load_problems(
 ) -> list[Problem]:
   """Every row of `data` (default: the task's shared test file) as a Problem."""
   if not data:
-    raise ValueError(
+    raise ConfigError(
       f"--task={task}: pass --data=PATH to a jsonl of its problems "
       "(e.g. ../shared/data/gsm8k/test.jsonl or ../shared/data/math/test.jsonl)"
     )
-  path = data
-  return [to_problem(row, task, query_column, response_column) for row in read_jsonl(path)]
+  try:
+    rows = read_jsonl(data)
+  except (OSError, ValueError) as error:  # a missing file, invalid JSON or UTF-8
+    raise DataError(f"--data: {data}: {error}") from None
+  if not rows:
+    raise DataError(f"--data: {data}: empty (no rows) ; a jsonl of problems, one a line")
+  problems = []
+  for number, row in enumerate(rows, start=1):
+    try:
+      problems.append(to_problem(row, task, query_column, response_column))
+    except (KeyError, AttributeError, TypeError) as error:
+      raise DataError(f"--data: {data}, row {number}: {error}") from None
+  return problems
 
 
 def evaluate_run(
@@ -285,7 +300,7 @@ def evaluate_run(
   `limit` keeps the first N problems (after few-shot exemplars are set aside).
   """
   if task not in TASKS:
-    raise ValueError(f"--task: got {task!r}; allowed values: {', '.join(TASKS)}")
+    raise ConfigError(f"--task: got {task!r}; allowed values: {', '.join(TASKS)}")
   start = time.perf_counter()
   run = load_run(workdir, step)
   settings = settings or GenerationSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS.get(task, 256))

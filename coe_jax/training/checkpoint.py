@@ -6,18 +6,37 @@ The run's config is written beside it as `config.json`; a workdir whose saved
 model differs from the requested one in any function field (`ModelConfig`
 metadata, see `model_config`) refuses to resume; execution fields (dispatch,
 capacity, dtype, remat, ...) may change.
+
+Damage (`restore_newest`): resuming takes the newest checkpoint that restores; each
+newer one that does not (a truncated file, a deleted `_METADATA`, ...) is named in
+one warning line and moved to `<workdir>/damaged_checkpoints/` (never deleted).
+A save that fails (a full or read-only disk) removes its partial directory and
+raises a one-line `StorageError` naming the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from coe_jax import storage
+from coe_jax.errors import CheckpointError
 from coe_jax.nn.model_config import FUNCTION, ConfigError, ModelConfig, fields_of_kind
+from coe_jax.training.checkpoint_faults import (
+  bytes_to_write,
+  close_quietly,
+  describe_damage,
+  intact_note,
+  move_aside,
+  quiet_background_failures,
+  remove_partial_saves,
+)
 
 CONFIG_FILE = "config.json"
 # Fields that change the parameters or the function the layers compute (derived from the
@@ -32,8 +51,12 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,  # a save killed midway leaves a tmp directory: removed
     )
+    self._pending: tuple[int, int] = (0, 0)  # (step, bytes) of the latest save
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=options,
@@ -44,13 +67,74 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict, force: bool = True) -> None:
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-      ),
-      force=force,
+    """Starts saving `step` (async); raises StorageError when this or the previous save failed.
+
+    In one process, a save that cannot fit in the free space is refused before anything is
+    written (with several, each would decide alone and the others would wait for it in Orbax).
+    """
+    try:
+      self.manager.wait_until_finished()  # as Orbax's save does; a failure is the previous step's
+    except Exception as error:
+      self._raise_save_failure(error)
+    self._pending = (step, bytes_to_write(state))
+    free = storage.free_bytes(self.directory)
+    if jax.process_count() == 1 and free is not None and free < self._pending[1]:
+      self._raise_save_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.directory))
+    try:
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+        ),
+        force=force,
+      )
+    except Exception as error:
+      self._raise_save_failure(error)
+
+  def _raise_save_failure(self, error: Exception) -> None:
+    remove_partial_saves(self.directory)
+    step, needed = self._pending
+    failure = storage.storage_error(
+      error, f"checkpoint step {step}", self.directory, needed or None, intact_note(self.directory)
     )
+    if failure is None:
+      raise error
+    raise failure from error
+
+  def restore_newest(
+    self, abstract_state: Any, note: Callable[[str], None] = print
+  ) -> Optional[tuple[Any, dict, int]]:
+    """`restore` of the newest checkpoint that restores, None when there is none.
+
+    Each newer one that fails is named in one `note` line and moved aside;
+    CheckpointError (one line, nothing moved) when none restores.
+    """
+    failures: list[tuple[int, str]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        with quiet_background_failures():
+          restored = self.restore(abstract_state, step)
+      except ConfigError:
+        raise
+      except Exception as error:  # noqa: BLE001 (any failure to read it is damage)
+        failures.append((step, describe_damage(self.directory, step, error)))
+        continue
+      for bad, what in failures:
+        note(
+          f"warning: checkpoint step {bad} is damaged ({what}); moved to "
+          f"{move_aside(self.directory, bad)}; resuming from step {step}"
+        )
+      if failures:
+        self.manager.reload()
+      return restored
+    if failures:
+      raise CheckpointError(
+        f"{self.directory}: no checkpoint restores ("
+        + "; ".join(f"step {s}: {w}" for s, w in failures)
+        + ") ; nothing was moved or deleted: move them away to start afresh, or use another "
+        "--workdir"
+      )
+    return None
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, int]:
     step = self.latest_step() if step is None else step
@@ -84,7 +168,14 @@ class Checkpointer:
     ]
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the last save (StorageError when it failed) and closes the manager."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:
+      try:
+        self._raise_save_failure(error)
+      finally:
+        close_quietly(self.manager)
     self.manager.close()
 
 
@@ -114,35 +205,65 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def restore_params(
   workdir_or_dir: str, abstract_params: Any, step: Optional[int] = None
 ) -> tuple[Any, int]:
-  """Only the params of a run's checkpoint (for analysis, generation, export)."""
+  """Only the params of a run's checkpoint (for analysis, generation, export).
+
+  Without `step`, the newest checkpoint that restores: each newer, damaged one is named in a
+  warning line on stderr and left in place (readers change nothing). CheckpointError when
+  none (or the given `step`) restores.
+  """
   directory = workdir_or_dir
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint path {workdir_or_dir!r} does not exist")
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {directory!r}")
-  target = {"params": _with_default_sharding(abstract_params)}
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
+  directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory)
+  try:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint under {directory!r}")
+    if step is not None and step not in steps:
+      raise ConfigError(
+        f"--step: got {step}; no such checkpoint under {directory} ; one of "
+        + ", ".join(map(str, sorted(steps)))
+      )
+    steps = steps if step is None else [step]
+    target = {"params": _with_default_sharding(abstract_params)}
+    args = ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
         partial_restore=True,
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       )
-    ),
-  )
-  manager.close()
-  return restored["state"]["params"], step
+    )
+    failures = []
+    for candidate in steps:
+      try:
+        with quiet_background_failures():
+          params = manager.restore(candidate, args=args)["state"]["params"]
+      except Exception as error:  # noqa: BLE001 (any failure to read it is damage)
+        failures.append((candidate, describe_damage(directory, candidate, error)))
+        continue
+      for bad, what in failures:
+        print(
+          f"warning: checkpoint step {bad} is damaged ({what}); reading step {candidate} "
+          "instead (the damaged one is left in place)",
+          file=sys.stderr,
+        )
+      return params, candidate
+    raise CheckpointError(
+      f"{directory}: no checkpoint restores ("
+      + "; ".join(f"step {s}: {w}" for s, w in failures)
+      + ") ; a step that restores, or another run"
+    )
+  finally:
+    manager.close()
 
 
 def save_run_config(workdir: str, config_dict: dict) -> None:
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+  text = json.dumps(config_dict, indent=2, sort_keys=True, default=str)
+  storage.write_text_atomic(os.path.join(workdir, CONFIG_FILE), text)  # never half a config
 
 
 def load_run_config(workdir: str) -> Optional[dict]:

@@ -129,9 +129,18 @@ def start_wandb(workdir: str, project: str, config: Optional[dict] = None):
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The rows of `workdir/metrics.jsonl`; a last line cut short by a killed run is skipped."""
   path = os.path.join(workdir, METRICS_FILE)
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise
+  return rows
 
 
 def truncate_metrics_after(workdir: str, step: int) -> None:
@@ -140,9 +149,11 @@ def truncate_metrics_after(workdir: str, step: int) -> None:
   if not os.path.exists(path):
     return
   rows = [r for r in read_metrics(workdir) if r["step"] <= step]
-  with open(path, "w") as f:
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:  # then renamed: a kill -9 meanwhile loses no row
     for row in rows:
       f.write(json.dumps(row) + "\n")
+  os.replace(tmp, path)
 
 
 def plot_losses(workdir: str, title: str = "") -> str:

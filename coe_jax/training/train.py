@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Optional
 
@@ -21,13 +21,13 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from coe_jax import config_lib
+from coe_jax import config_lib, storage
 from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.errors import ConfigError
 from coe_jax.nn.flops import flops_per_token, peak_tflops_per_device
 from coe_jax.nn.model import CoECausalLM
-from coe_jax.nn.params import count_params
-from coe_jax.training import multihost, sharding
+from coe_jax.nn.params import count_params, format_counts
+from coe_jax.training import multihost, run_guard, sharding
 from coe_jax.training.checkpoint import (
   Checkpointer,
   check_resumable,
@@ -84,26 +84,6 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
-def _check_finite(
-  step: int, loss: float, grad_norm: float, last_checkpoint: Optional[int], workdir: str
-) -> None:
-  """Raises before a step whose loss or gradient is NaN/Inf can be logged or checkpointed.
-
-  A non-finite gradient norm means the step's update already spoiled the
-  params even when the loss (computed before the update) is still finite.
-  """
-  if math.isfinite(loss) and math.isfinite(grad_norm):
-    return
-  where = (
-    f"the last good checkpoint (step {last_checkpoint}) is intact under {workdir}/checkpoints"
-    if last_checkpoint is not None
-    else "no checkpoint was written"
-  )
-  raise FloatingPointError(
-    f"train loss became {loss} (gradient norm {grad_norm}) at step {step}; stopping. {where}."
-  )
-
-
 def _config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
@@ -142,8 +122,17 @@ def train_and_evaluate(
   """
 
   validate_config(config)
+  run_guard.check_workdir(workdir)
   if config.get("mesh") is not None:
     multihost.initialize_distributed(config.mesh)  # before anything asks for the process index
+  with run_guard.held_workdir(workdir, lock=multihost.is_primary()):
+    return _train(config, workdir, stop_at_step, progress)
+
+
+def _train(
+  config: ml_collections.ConfigDict, workdir: str, stop_at_step: Optional[int], progress: bool
+) -> dict:
+  """`train_and_evaluate` once the workdir is held."""
   primary = multihost.is_primary()
   requested = _config_dict(config)
   multihost.check_same_on_all_processes(
@@ -178,6 +167,10 @@ def train_and_evaluate(
       f"model.vocab_size: got {model_config.vocab_size}, smaller than the "
       f"tokenizer's {datasets.vocab_size}; use >= {datasets.vocab_size} or 0 (= tokenizer's)"
     )
+  if primary and progress:
+    source = "from tokenizer" if config.model.vocab_size == 0 else "fixed"
+    print(f"Model (vocab {source}: {model_config.vocab_size}):")
+    print(format_counts(count_params(model_config)), flush=True)
   parallel = sharding.Parallelism.for_run(config, model_config)  # config.mesh; no mesh on 1 device
   model = CoECausalLM(model_config, expert_parallel=parallel.expert_parallel())
 
@@ -189,12 +182,13 @@ def train_and_evaluate(
     train_cfg.batch_size, config.seed, parallel.process_rows(train_cfg.batch_size)
   )
   start = 0
-  if checkpointer.latest_step() is not None:
-    try:
-      state, data_state, start = checkpointer.restore(state)
-    except Exception:
-      checkpointer.close()
-      raise
+  try:
+    restored = checkpointer.restore_newest(state, note=_stderr if primary else lambda line: None)
+  except Exception:
+    checkpointer.close()
+    raise
+  if restored is not None:
+    state, data_state, start = restored
     iterator.set_state(data_state)
     if primary:
       print(f"Resumed from {checkpointer.directory} at step {start}.")
@@ -253,6 +247,7 @@ def train_and_evaluate(
   train_losses: list[float] = []
   val_loss = None
   log = None
+  bar = None
   try:
     compiled = None
     end = (
@@ -267,7 +262,9 @@ def train_and_evaluate(
       metrics = jax.device_get(launched.metrics)
       agreed = launched.vote is not None and bool(jax.device_get(launched.vote))
       loss = float(metrics["loss"])
-      _check_finite(launched.done, loss, float(metrics["grad_norm"]), last_checkpoint, workdir)
+      run_guard.check_finite(
+        launched.done, loss, float(metrics["grad_norm"]), last_checkpoint, workdir
+      )
       train_losses.append(loss)
       return metrics, agreed
 
@@ -329,14 +326,17 @@ def train_and_evaluate(
       if interrupted:
         summary["interrupted_at"] = done
         break
+  except BaseException:
+    if isinstance(bar, tqdm):
+      bar.close()  # the error's line goes below the bar, not onto it
+    run_guard.close_all(writer, checkpointer, quiet=True)  # the loop's error is the one to report
+    raise
   finally:
     if tracing:
       jax.profiler.stop_trace()
       summary["profile_dir"] = trace_dir
     stop.restore()
-    if writer is not None:
-      writer.close()
-    checkpointer.close()
+  run_guard.close_all(writer, checkpointer, quiet=False)
 
   final_step = int(jax.device_get(state.step))
   step_times = log.step_times if log is not None else []
@@ -362,8 +362,7 @@ def train_and_evaluate(
   if not primary:
     return summary
   summary["loss_png"] = plot_losses(workdir, title=os.path.basename(os.path.abspath(workdir)))
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  storage.write_text_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   if progress:
     print(
       f"\nRun directory: {os.path.abspath(workdir)}\n"
@@ -373,6 +372,10 @@ def train_and_evaluate(
       f"  checkpoint:  {os.path.join(workdir, 'checkpoints')} (step {final_step})"
     )
   return summary
+
+
+def _stderr(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
 
 
 def _progress(iterable, enabled: bool, **kwargs):
