@@ -33,15 +33,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from coe_jax.nn.blocked import (
-  blocked_dispatch,
-  blocked_tiles_per_step,
-  default_tiling,
-  expert_weight_bytes,
-)
+from coe_jax.nn import tuning
+from coe_jax.nn.blocked import blocked_dispatch, expert_weight_bytes
 from coe_jax.nn.coe_config import DISPATCHES
 from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
+from coe_jax.nn.tuning import blocked_tiles_per_step, default_tiling
 
 
 def expert_capacity(
@@ -52,11 +49,9 @@ def expert_capacity(
   return int(min(max(capacity, min_capacity), num_tokens))
 
 
-def resolve_dropless_impl(impl: str) -> str:
-  """'auto' is 'blocked' on every backend (measured on CPU, predicted on GPU: PERF.md)."""
-  if impl != "auto":
-    return impl
-  return "blocked"
+def resolve_dropless_impl(impl: str, platform: str = "") -> str:
+  """What `dropless_impl` runs on the target platform (`tuning.resolve_dropless_impl`)."""
+  return tuning.resolve_dropless_impl(impl, platform)
 
 
 def assignment_slots(
@@ -199,6 +194,7 @@ def dispatch_to_experts(
   dropless_impl: str = "auto",
   dropless_tile: int = 0,
   dropless_tile_sizes: int = 0,
+  target_platform: str = "",
   token_mask: Optional[Bool[Array, "tokens"]] = None,
   expert_axis: Optional[str] = None,
   expert_fn: Callable[[Any, Array], Array] = swiglu,
@@ -215,7 +211,9 @@ def dispatch_to_experts(
     dropless_tile: rows per whole tile of the 'blocked' implementation (0:
       from the load, `default_tiling`).
     dropless_tile_sizes: how many sizes up to that tile each expert's last tile
-      picks from (0: the backend's default, `default_tiling`).
+      picks from (0: the target's default, `default_tiling`).
+    target_platform: '' | 'cpu' | 'gpu' | 'tpu', the platform 'auto' and the tilings are
+      chosen for ('': the devices the program is compiled for, `tuning.target_platform`).
     token_mask: <bool>[tokens] False for padding: those tokens take no expert
       capacity and get no routed output (None: every token is real).
     expert_axis: inside `jax.shard_map`, the mesh axis the experts are split
@@ -256,7 +254,8 @@ def dispatch_to_experts(
     )
   if mode != "dropless":
     raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
-  impl = resolve_dropless_impl(dropless_impl)
+  platform = tuning.target_platform(target_platform)
+  impl = resolve_dropless_impl(dropless_impl, platform)
   if expert_fn is not swiglu:  # the fast dropless kernels are written for SwiGLU
     impl = "gather" if dropless_impl == "auto" else dropless_impl
     if impl != "gather":
@@ -271,6 +270,7 @@ def dispatch_to_experts(
       expert_weight_bytes(weights),
       dropless_tile,
       dropless_tile_sizes,
+      platform,
     )
     return blocked_dispatch(
       x,
@@ -278,7 +278,7 @@ def dispatch_to_experts(
       combine_weights,
       weights,
       sizes,
-      blocked_tiles_per_step(weights, sizes[-1]),
+      blocked_tiles_per_step(weights, sizes[-1], platform),
       token_mask,
     )
   if impl == "ragged_dot":
