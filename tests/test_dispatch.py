@@ -595,7 +595,9 @@ def test_default_tiling_gives_large_experts_on_cpu_fine_last_tiles_under_a_wide_
     # Every 8 rows up to three balanced loads (PERF.md 22) where weight copies cost ...
     assert paper_tiling() == tuple(range(8, 121, 8))
     assert paper_tiling(tile=64) == tuple(range(8, 65, 8))
-    assert tuning.default_tiling(512 * 8, 63, paper, platform="cpu")[-1] == 224  # MoE(K=8): 28 sizes
+    assert (
+      tuning.default_tiling(512 * 8, 63, paper, platform="cpu")[-1] == 224
+    )  # MoE(K=8): 28 sizes
     # ... and five sizes up to one balanced load where they do not (PERF.md 21).
     assert tiny_tiling() == (8, 16, 24, 32, 40)
   else:  # whole tiles of one balanced load (unmeasured there)

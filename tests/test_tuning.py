@@ -40,9 +40,9 @@ def test_the_mesh_devices_decide_inside_jit_and_shard_map():
   with jax.sharding.use_abstract_mesh(_gpu_mesh()):
     jax.make_jaxpr(f)(jnp.ones(2))
     mesh = jax.sharding.get_abstract_mesh()
-    jax.make_jaxpr(
-      jax.shard_map(f, mesh=mesh, in_specs=jax.P("data"), out_specs=jax.P("data"))
-    )(jnp.ones(2))
+    jax.make_jaxpr(jax.shard_map(f, mesh=mesh, in_specs=jax.P("data"), out_specs=jax.P("data")))(
+      jnp.ones(2)
+    )
   mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
   with jax.set_mesh(mesh):
     jax.make_jaxpr(f)(jnp.ones(2))
