@@ -14,11 +14,11 @@ from typing import Any, Literal
 from coe_jax.errors import is_int, require, require_choice
 
 Dispatch = Literal["capacity", "dropless"]
-DroplessImpl = Literal["auto", "gather", "ragged_dot", "blocked"]
+DroplessImpl = Literal["auto", "gather", "ragged_dot", "blocked", "grouped"]
 ResidualStyle = Literal["reference", "textbook"]
 
 DISPATCHES = ("capacity", "dropless")
-DROPLESS_IMPLS = ("auto", "gather", "ragged_dot", "blocked")
+DROPLESS_IMPLS = ("auto", "gather", "ragged_dot", "blocked", "grouped")
 RESIDUAL_STYLES = ("reference", "textbook")
 DTYPES = ("float32", "bfloat16")
 TARGET_PLATFORMS = ("", "cpu", "gpu", "tpu")
@@ -51,8 +51,9 @@ class CoEConfig:
   router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (not in the reference)
   # --- dispatch (SPEC 3) ---
   dispatch: str = "dropless"  # 'dropless' (the reference) | 'capacity' (drops over capacity)
-  dropless_impl: str = "auto"  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
-  dropless_tile: int = 0  # rows per whole tile of 'blocked'; 0 = from the load (default_tiling)
+  # 'auto' ('grouped' on GPU, 'blocked' elsewhere) | 'grouped' | 'blocked' | 'gather' | 'ragged_dot'
+  dropless_impl: str = "auto"
+  dropless_tile: int = 0  # rows per whole tile of 'blocked' / 'grouped'; 0 = the target's default
   dropless_tile_sizes: int = 0  # tile sizes of 'blocked'; 0 = the target's (default_tiling)
   # '' | 'cpu' | 'gpu' | 'tpu': the platform the kernel policies (dropless_impl='auto', tiling)
   # are chosen for; '' = the devices the program is compiled for (nn.tuning.target_platform)

@@ -8,8 +8,12 @@ Two interchangeable implementations (SPEC 3, config `model.dispatch`):
   placed before any token's second choice, then by token order. Memory stays
   O(tokens * K + experts * capacity * hidden): positions come from one stable
   sort of the expert ids, tokens move by gather, results come back by gather.
-* dropless: nothing is dropped (what the authors' code computes). Three
-  implementations (`dropless_impl`), equal to float rounding:
+* dropless: nothing is dropped (what the authors' code computes). Four
+  implementations (`dropless_impl`), equal to float rounding; 'auto' picks
+  'grouped' when the program is compiled for GPUs, 'blocked' elsewhere (`tuning`):
+  - 'grouped' (`coe_jax.nn.grouped`): a Pallas (Triton) grouped matmul over
+    expert-sorted rows in whole tiles: static shapes, no XLA loops, each
+    expert's weights read in place; work tokens x K plus a tile per expert.
   - 'blocked' (`coe_jax.nn.blocked`): MegaBlocks' block-sparse layout in plain
     XLA. Assignments sorted by expert, each expert's group padded to whole
     tiles (a smaller last tile on CPU), every used tile run against its
@@ -37,6 +41,7 @@ from coe_jax.nn import tuning
 from coe_jax.nn.blocked import blocked_dispatch, expert_weight_bytes
 from coe_jax.nn.coe_config import DISPATCHES
 from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
+from coe_jax.nn.grouped import grouped_dispatch, kernel_config
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 from coe_jax.nn.tuning import blocked_tiles_per_step, default_tiling
 
@@ -207,9 +212,10 @@ def dispatch_to_experts(
     weights: stacked expert weights (compute dtype), leaves with a leading [E] axis.
     mode: 'capacity' or 'dropless'.
     capacity: per-expert capacity for mode='capacity' (see `expert_capacity`).
-    dropless_impl: 'auto' | 'gather' | 'ragged_dot' | 'blocked' for mode='dropless'.
-    dropless_tile: rows per whole tile of the 'blocked' implementation (0:
-      from the load, `default_tiling`).
+    dropless_impl: 'auto' | 'grouped' | 'blocked' | 'gather' | 'ragged_dot' for
+      mode='dropless' ('auto': 'grouped' on GPU, 'blocked' elsewhere).
+    dropless_tile: rows per whole tile of 'blocked' (0: from the load, `default_tiling`)
+      or per tile of 'grouped' (0: `tuning.grouped_tile_rows`).
     dropless_tile_sizes: how many sizes up to that tile each expert's last tile
       picks from (0: the target's default, `default_tiling`).
     target_platform: '' | 'cpu' | 'gpu' | 'tpu', the platform 'auto' and the tilings are
@@ -281,6 +287,9 @@ def dispatch_to_experts(
       blocked_tiles_per_step(weights, sizes[-1], platform),
       token_mask,
     )
+  if impl == "grouped":
+    cfg = kernel_config(expert_ids.size, num_experts, dropless_tile, platform)
+    return grouped_dispatch(x, expert_ids, combine_weights, weights, cfg, token_mask)
   if impl == "ragged_dot":
     return ragged_dispatch(
       x,

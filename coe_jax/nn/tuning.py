@@ -47,9 +47,11 @@ def target_platform(explicit: str = "") -> str:
 
 
 def resolve_dropless_impl(impl: str, platform: str = "") -> str:
-  """'auto' -> 'blocked' on every target (measured on CPU, PERF.md 11-22); others unchanged."""
-  del platform
-  return "blocked" if impl == "auto" else impl
+  """'auto' -> 'grouped' on GPU (a Pallas grouped matmul: no data-dependent loops, no weight
+  copies; PERF.md 24), 'blocked' elsewhere (measured fastest on CPU, PERF.md 11-22)."""
+  if impl != "auto":
+    return impl
+  return "grouped" if target_platform(platform) == "gpu" else "blocked"
 
 
 def default_dropless_tile(num_assignments: int, num_experts: int, span: int = 1) -> int:
