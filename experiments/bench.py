@@ -553,13 +553,17 @@ def _parse_bool(value: str, flag: str) -> bool:
 
 
 def _dropless_variants(mode: str, impls: list[str], tiles: list[int], sizes: list[int]):
-  """(impl, tile, sizes) for one dispatch mode: every impl, and for 'blocked' every tile x sizes."""
+  """(impl, tile, sizes) for one dispatch mode: every impl, for 'blocked' every tile x sizes,
+  for 'grouped' every tile."""
   if mode != "dropless":
     return [(None, None, None)]
   variants = []
   for impl in impls:
-    if dispatch.resolve_dropless_impl(impl) == "blocked":
+    resolved = dispatch.resolve_dropless_impl(impl)
+    if resolved == "blocked":
       variants += itertools.product([impl], tiles or [None], sizes or [None])
+    elif resolved == "grouped":  # rows per tile; no tile sizes
+      variants += itertools.product([impl], tiles or [None], [None])
     else:
       variants.append((impl, tiles[0] if tiles else None, sizes[0] if sizes else None))
   return variants

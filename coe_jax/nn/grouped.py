@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Bool, Float, Int
 
 from coe_jax.nn import tuning
+from coe_jax.nn.blocked import _varying_like
 from coe_jax.nn.experts import SwiGLUWeights
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
@@ -122,6 +123,13 @@ def grouped_layout(
   )
 
 
+def _like(x: Array, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+  """A kernel output's type: `shape` and `dtype`, varying over the manual axes `x` varies
+  over (inside `jax.shard_map`; nothing elsewhere)."""
+  manual = getattr(jax.typeof(x), "manual_axis_type", None)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+
+
 def _dot(a, b, trans_a=False, trans_b=False):
   """float32-accumulated tile product (IEEE float32 for float32 inputs, never TF32)."""
   allow_tf32 = False if a.dtype == jnp.float32 else None
@@ -162,7 +170,7 @@ def _gmm_call(x, w, tile_expert, cfg: KernelConfig, transpose: bool):
       pl.no_block_spec,
     ],
     out_specs=pl.BlockSpec((tile, bn), lambda i, j: (i, j)),
-    out_shape=jax.ShapeDtypeStruct((rows, width), x.dtype),
+    out_shape=_like(x, (rows, width), x.dtype),
   )(tile_expert, x, w)
 
 
@@ -190,7 +198,7 @@ def _tgmm_call(x, dy, first_tile, num_tiles, cfg: KernelConfig, dtype):
     grid=(num_experts, depth // bk, width // bn),
     in_specs=[pl.no_block_spec] * 4,
     out_specs=pl.BlockSpec((pl.squeezed, bk, bn), lambda e, kk, j: (e, kk, j)),
-    out_shape=jax.ShapeDtypeStruct((num_experts, depth, width), dtype),
+    out_shape=_like(x, (num_experts, depth, width), dtype),
   )(first_tile, num_tiles, x, dy)
 
 
@@ -232,6 +240,9 @@ def grouped_swiglu(
 ) -> Float[Array, "rows hidden"]:
   """Every used tile's rows through its expert's SwiGLU (three grouped matmuls)."""
   groups = (layout.tile_expert, layout.first_tile, layout.num_tiles)
+  # Under shard_map the kernels see weights typed like the rows; the cast's transpose sums the
+  # weight gradients over the axes the weights are replicated on.
+  weights = jax.tree.map(lambda w: _varying_like(w, rows), weights)
   g = gmm(rows, weights.gate, *groups, cfg)
   u = gmm(rows, weights.up, *groups, cfg)
   h = jax.nn.silu(g) * u
