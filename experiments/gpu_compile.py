@@ -202,6 +202,19 @@ def expert_count(config: str, scale: str) -> int:
   return config_lib.load_config_file(f"{config}:{scale}", root=REPO).model.n_routed_experts
 
 
+def overrides(text: str) -> dict[str, Any]:
+  """'a=1,b=x' -> {'a': 1, 'b': 'x'} (values parsed as JSON where they parse)."""
+  pairs = [item.split("=", 1) for item in text.split(",") if item]
+  return {key: _value(value) for key, value in pairs}
+
+
+def _value(text: str) -> Any:
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
 def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
   """Every (target, config, mesh, program) to compile, capacity first in each group."""
   configs = args.configs.split(",") if args.configs else list(PAPER_PAIR)
@@ -211,14 +224,14 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
   specs = []
   for target in args.targets.split(","):
     for config in configs:
-      experts = expert_count(config, args.scale)
+      experts = overrides(args.set).get("n_routed_experts") or expert_count(config, args.scale)
       for mesh in args.meshes.split(","):
         if mesh == "8ep" and experts % 8:
           print(f"skip {config} on {mesh}: N={experts} does not split over 8", file=sys.stderr)
           continue
         for program in args.programs.split(","):
           spec = dict(target=target, config=config, mesh=mesh, program=program, scale=args.scale)
-          specs.append(dict(spec, batch=args.batch, seq=args.seq))
+          specs.append(dict(spec, batch=args.batch, seq=args.seq, model=overrides(args.set)))
   return specs
 
 
@@ -290,6 +303,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument("--all_configs", action="store_true", help="every configs/*.py but demo")
   parser.add_argument("--programs", default=",".join(PROGRAMS), help=", ".join(PROGRAMS))
   parser.add_argument("--meshes", default="1,8data,8fsdp,8ep", help=", ".join(MESHES))
+  parser.add_argument(
+    "--set",
+    default="",
+    help="model overrides, comma-separated key=value (e.g. n_routed_experts=64)",
+  )
   parser.add_argument("--scale", default="paper", help="config scale: paper | tiny | narrow")
   parser.add_argument("--batch", type=int, default=64, help="sequences per step (paper: 64)")
   parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (paper: 512)")

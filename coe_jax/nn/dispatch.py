@@ -40,6 +40,7 @@ from jaxtyping import Array, Bool, Float, Int
 from coe_jax.nn import tuning
 from coe_jax.nn.blocked import blocked_dispatch, expert_weight_bytes
 from coe_jax.nn.coe_config import DISPATCHES
+from coe_jax.nn.expert_exchange import exchange_dispatch
 from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
 from coe_jax.nn.grouped import grouped_dispatch, kernel_config
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
@@ -223,18 +224,47 @@ def dispatch_to_experts(
     token_mask: <bool>[tokens] False for padding: those tokens take no expert
       capacity and get no routed output (None: every token is real).
     expert_axis: inside `jax.shard_map`, the mesh axis the experts are split
-      over; `weights` are then this device's E/n experts and the buffer rows
-      travel by all-to-all (`run_on_expert_shards`). Dropless then uses the
-      buffer with capacity = tokens.
+      over; `weights` are then this device's E/n experts. Capacity: the buffer
+      rows travel by all-to-all (`run_on_expert_shards`). Dropless with SwiGLU:
+      exactly the routed rows travel (`expert_exchange.exchange_dispatch`); a
+      custom `expert_fn` uses the buffer with capacity = tokens.
     expert_fn: one expert, `(weights of one expert, rows <[..., hidden]>) -> [..., hidden]`;
       `dropless_impl='ragged_dot'` needs the default SwiGLU.
   """
   run_experts = per_expert_fn(expert_fn)
   num_tokens = x.shape[0]
   num_experts = jax.tree.leaves(weights)[0].shape[0]
+  platform = tuning.target_platform(target_platform)
   if expert_axis is not None:
     if mode not in DISPATCHES:
       raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
+    if mode == "dropless" and expert_fn is swiglu:
+
+      def local_dispatch(rows, ids, ones, mask):
+        return dispatch_to_experts(
+          rows,
+          ids,
+          ones,
+          weights,
+          mode="dropless",
+          capacity=0,
+          dropless_impl=dropless_impl,
+          dropless_tile=dropless_tile,
+          dropless_tile_sizes=dropless_tile_sizes,
+          target_platform=platform,
+          token_mask=mask,
+        )
+
+      return exchange_dispatch(
+        x,
+        expert_ids,
+        combine_weights,
+        weights,
+        expert_axis,
+        local_dispatch,
+        ragged=platform == "gpu",
+        token_mask=token_mask,
+      )
 
     def exchanged_experts(buffer):
       return run_on_expert_shards(buffer, lambda rows: run_experts(weights, rows), expert_axis)
@@ -260,7 +290,6 @@ def dispatch_to_experts(
     )
   if mode != "dropless":
     raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
-  platform = tuning.target_platform(target_platform)
   impl = resolve_dropless_impl(dropless_impl, platform)
   if expert_fn is not swiglu:  # the fast dropless kernels are written for SwiGLU
     impl = "gather" if dropless_impl == "auto" else dropless_impl
