@@ -71,7 +71,7 @@ def test_grouped_matmul_and_its_gradients_equal_per_tile_matmuls():
   first = np.array([0, 2, 2, 2, 3, 3], np.int32)
   count = np.array([2, 0, 0, 1, 0, 1], np.int32)
   args = (jnp.asarray(owner), jnp.asarray(first), jnp.asarray(count), CFG)
-  out, vjp = jax.vjp(lambda x_, w_: grouped.gmm(x_, w_, *args), x, w)
+  out, vjp = jax.vjp(lambda x_, w_: grouped.gmm(x_, (w_,), *args)[0], x, w)
   dx, dw = vjp(dy)
   wt = np.asarray(w)[np.maximum(owner, 0)] * (owner >= 0)[:, None, None]  # [tiles, D, F]
   xt, dyt = np.asarray(x).reshape(tiles, 16, D), np.asarray(dy).reshape(tiles, 16, F)

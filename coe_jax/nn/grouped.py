@@ -136,100 +136,116 @@ def _dot(a, b, trans_a=False, trans_b=False):
   return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=allow_tf32)
 
 
-def _gmm_call(x, w, tile_expert, cfg: KernelConfig, transpose: bool):
-  """out[r] = x[r] @ w[e(r)] (w[e(r)].T if transpose), tile by tile; [rows, K] -> [rows, N]."""
-  rows, depth = x.shape
-  width = w.shape[1] if transpose else w.shape[2]
+def _gmm_call(xs, ws, tile_expert, cfg: KernelConfig, transpose: bool):
+  """Tile by tile, e = the tile's expert. Forward (one x, transpose False): one output per w,
+  x @ w[e] ([rows, K] -> [rows, N] each; x's row tile read once for all of them). Input
+  gradient (pairs, transpose True): one output, sum_i xs[i] @ ws[i][e].T."""
+  fan_in = len(xs) > 1 or transpose
+  rows, depth = xs[0].shape
+  width = ws[0].shape[1] if transpose else ws[0].shape[2]
   bn, bk = tuning.block_for(width, cfg.block_n), tuning.block_for(depth, cfg.block_k)
-  tile = cfg.tile
+  tile, num_x, num_w = cfg.tile, len(xs), len(ws)
+  num_out = 1 if fan_in else num_w
 
-  def kernel(expert_ref, x_ref, w_ref, o_ref):
+  def kernel(expert_ref, *refs):
+    x_refs, w_refs, o_refs = refs[:num_x], refs[num_x : num_x + num_w], refs[num_x + num_w :]
     e, j = expert_ref[pl.program_id(0)], pl.program_id(1)
 
-    def step(kk, acc):
+    def product(x_ref, w_ref, kk):
       a = x_ref[:, pl.ds(kk * bk, bk)]
       if transpose:
-        return acc + _dot(a, w_ref[e, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)], trans_b=True)
-      return acc + _dot(a, w_ref[e, pl.ds(kk * bk, bk), pl.ds(j * bn, bn)])
+        return _dot(a, w_ref[e, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)], trans_b=True)
+      return _dot(a, w_ref[e, pl.ds(kk * bk, bk), pl.ds(j * bn, bn)])
+
+    def step(kk, accs):
+      if fan_in:
+        return (accs[0] + sum(product(x, w, kk) for x, w in zip(x_refs, w_refs)),)
+      return tuple(acc + product(x_refs[0], w, kk) for acc, w in zip(accs, w_refs))
 
     @pl.when(e >= 0)
     def _():
-      acc = jax.lax.fori_loop(0, depth // bk, step, jnp.zeros((tile, bn), jnp.float32))
-      o_ref[...] = acc.astype(o_ref.dtype)
+      zeros = tuple(jnp.zeros((tile, bn), jnp.float32) for _ in o_refs)
+      for o_ref, acc in zip(o_refs, jax.lax.fori_loop(0, depth // bk, step, zeros)):
+        o_ref[...] = acc.astype(o_ref.dtype)
 
     @pl.when(e < 0)
     def _():
-      o_ref[...] = jnp.zeros((tile, bn), o_ref.dtype)
+      for o_ref in o_refs:
+        o_ref[...] = jnp.zeros((tile, bn), o_ref.dtype)
 
+  row_block = pl.BlockSpec((tile, depth), lambda i, j: (i, 0))
   return cfg.call(
     kernel,
     grid=(rows // tile, width // bn),
-    in_specs=[
-      pl.no_block_spec,
-      pl.BlockSpec((tile, depth), lambda i, j: (i, 0)),
-      pl.no_block_spec,
-    ],
-    out_specs=pl.BlockSpec((tile, bn), lambda i, j: (i, j)),
-    out_shape=_like(x, (rows, width), x.dtype),
-  )(tile_expert, x, w)
+    in_specs=[pl.no_block_spec, *[row_block] * num_x, *[pl.no_block_spec] * num_w],
+    out_specs=[pl.BlockSpec((tile, bn), lambda i, j: (i, j))] * num_out,
+    out_shape=[_like(xs[0], (rows, width), xs[0].dtype)] * num_out,
+  )(tile_expert, *xs, *ws)
 
 
-def _tgmm_call(x, dy, first_tile, num_tiles, cfg: KernelConfig, dtype):
-  """dw[e] = sum over expert e's tiles of x_tile.T @ dy_tile: [rows, K], [rows, N] -> [E, K, N]."""
-  depth, width = x.shape[1], dy.shape[1]
+def _tgmm_call(x, dys, first_tile, num_tiles, cfg: KernelConfig, dtypes):
+  """dw_i[e] = sum over expert e's tiles of x_tile.T @ dys[i]_tile: [rows, K], [rows, N] ->
+  [E, K, N] each (x's tiles read once for all of them)."""
+  depth, width = x.shape[1], dys[0].shape[1]
   bk, bn = tuning.block_for(depth, cfg.block_k), tuning.block_for(width, cfg.block_n)
-  tile = cfg.tile
+  tile, num_dy = cfg.tile, len(dys)
 
-  def kernel(first_ref, count_ref, x_ref, dy_ref, o_ref):
+  def kernel(first_ref, count_ref, x_ref, *refs):
+    dy_refs, o_refs = refs[:num_dy], refs[num_dy:]
     e, kk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     first = first_ref[e]
 
-    def step(t, acc):
+    def step(t, accs):
       rows = pl.ds((first + t) * tile, tile)
       a = x_ref[rows, pl.ds(kk * bk, bk)]
-      return acc + _dot(a, dy_ref[rows, pl.ds(j * bn, bn)], trans_a=True)
+      return tuple(
+        acc + _dot(a, dy[rows, pl.ds(j * bn, bn)], trans_a=True) for acc, dy in zip(accs, dy_refs)
+      )
 
-    acc = jax.lax.fori_loop(0, count_ref[e], step, jnp.zeros((bk, bn), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    zeros = tuple(jnp.zeros((bk, bn), jnp.float32) for _ in o_refs)
+    for o_ref, acc in zip(o_refs, jax.lax.fori_loop(0, count_ref[e], step, zeros)):
+      o_ref[...] = acc.astype(o_ref.dtype)
 
   num_experts = first_tile.shape[0]
   return cfg.call(
     kernel,
     grid=(num_experts, depth // bk, width // bn),
-    in_specs=[pl.no_block_spec] * 4,
-    out_specs=pl.BlockSpec((pl.squeezed, bk, bn), lambda e, kk, j: (e, kk, j)),
-    out_shape=_like(x, (num_experts, depth, width), dtype),
-  )(first_tile, num_tiles, x, dy)
+    in_specs=[pl.no_block_spec] * (3 + num_dy),
+    out_specs=[pl.BlockSpec((pl.squeezed, bk, bn), lambda e, kk, j: (e, kk, j))] * num_dy,
+    out_shape=[_like(x, (num_experts, depth, width), dtype) for dtype in dtypes],
+  )(first_tile, num_tiles, x, *dys)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def gmm(
   x: Float[Array, "rows depth"],
-  w: Float[Array, "experts depth width"],
+  ws: tuple[Float[Array, "experts depth width"], ...],
   tile_expert: Int[Array, "tiles"],
   first_tile: Int[Array, "experts"],
   num_tiles: Int[Array, "experts"],
   cfg: KernelConfig,
-) -> Float[Array, "rows width"]:
-  """Grouped matmul: rows of tile i times the weights of expert tile_expert[i] (zeros if -1).
+) -> tuple[Float[Array, "rows width"], ...]:
+  """Grouped matmuls: rows of tile i times each w of expert tile_expert[i] (zeros if -1).
 
-  rows = tiles * cfg.tile; expert e's tiles are first_tile[e] .. + num_tiles[e] (used by
-  the weight gradient). Gradients: x by `gmm` on w transposed, w by `tgmm`.
+  One kernel for all of `ws` (equal shapes): each row tile is read once. rows = tiles *
+  cfg.tile; expert e's tiles are first_tile[e] .. + num_tiles[e] (used by the weight
+  gradients). Gradients: x by one kernel summing each cotangent times its w transposed,
+  the ws by one transposed grouped matmul (`_tgmm_call`).
   """
-  return _gmm_call(x, w, tile_expert, cfg, transpose=False)
+  return tuple(_gmm_call((x,), ws, tile_expert, cfg, transpose=False))
 
 
-def _gmm_fwd(x, w, tile_expert, first_tile, num_tiles, cfg):
-  residuals = (x, w, tile_expert, first_tile, num_tiles)
-  return gmm(x, w, tile_expert, first_tile, num_tiles, cfg), residuals
+def _gmm_fwd(x, ws, tile_expert, first_tile, num_tiles, cfg):
+  residuals = (x, ws, tile_expert, first_tile, num_tiles)
+  return gmm(x, ws, tile_expert, first_tile, num_tiles, cfg), residuals
 
 
-def _gmm_bwd(cfg, residuals, dy):
-  x, w, tile_expert, first_tile, num_tiles = residuals
-  dy = dy.astype(x.dtype)
-  dx = _gmm_call(dy, w, tile_expert, cfg, transpose=True)
-  dw = _tgmm_call(x, dy, first_tile, num_tiles, cfg, w.dtype)
-  return dx, dw, None, None, None
+def _gmm_bwd(cfg, residuals, dys):
+  x, ws, tile_expert, first_tile, num_tiles = residuals
+  dys = tuple(dy.astype(x.dtype) for dy in dys)
+  (dx,) = _gmm_call(dys, ws, tile_expert, cfg, transpose=True)
+  dws = _tgmm_call(x, dys, first_tile, num_tiles, cfg, [w.dtype for w in ws])
+  return dx, tuple(dws), None, None, None
 
 
 gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -238,15 +254,15 @@ gmm.defvjp(_gmm_fwd, _gmm_bwd)
 def grouped_swiglu(
   rows: Float[Array, "rows hidden"], layout: GroupLayout, weights: SwiGLUWeights, cfg: KernelConfig
 ) -> Float[Array, "rows hidden"]:
-  """Every used tile's rows through its expert's SwiGLU (three grouped matmuls)."""
+  """Every used tile's rows through its expert's SwiGLU: gate and up in one kernel, down in
+  another (6 kernels with the backward pass)."""
   groups = (layout.tile_expert, layout.first_tile, layout.num_tiles)
   # Under shard_map the kernels see weights typed like the rows; the cast's transpose sums the
   # weight gradients over the axes the weights are replicated on.
   weights = jax.tree.map(lambda w: _varying_like(w, rows), weights)
-  g = gmm(rows, weights.gate, *groups, cfg)
-  u = gmm(rows, weights.up, *groups, cfg)
-  h = jax.nn.silu(g) * u
-  return gmm(h, weights.down, *groups, cfg)
+  g, u = gmm(rows, (weights.gate, weights.up), *groups, cfg)
+  (out,) = gmm(jax.nn.silu(g) * u, (weights.down,), *groups, cfg)
+  return out
 
 
 def kernel_config(
