@@ -126,3 +126,21 @@ def test_auto_is_grouped_for_gpu_targets_and_blocked_for_cpu(platform):
   )
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda x_: jnp.sum(run(x_))))(x))
   assert ("pallas_call" in jaxpr) == (platform == "gpu")
+
+
+def test_one_kernel_for_several_weights_equals_one_call_each():
+  rng = np.random.default_rng(2)
+  rows = 3 * 16
+  ws = tuple(jnp.asarray(rng.normal(size=(N, D, F)), jnp.float32) for _ in range(2))
+  x = jnp.asarray(rng.normal(size=(rows, D)), jnp.float32)
+  probes = [jnp.asarray(rng.normal(size=(rows, F)), jnp.float32) for _ in range(2)]
+  args = (jnp.asarray([2, 4, -1], jnp.int32), jnp.asarray([0, 0, 0, 1, 1, 2], jnp.int32))
+  args = (*args, jnp.asarray([0, 0, 1, 0, 1, 0], jnp.int32), CFG)
+
+  def loss(x_, ws_, fused):
+    outs = grouped.gmm(x_, ws_, *args) if fused else [grouped.gmm(x_, (w,), *args)[0] for w in ws_]
+    return sum(jnp.sum(o * p) for o, p in zip(outs, probes))
+
+  fused, single = (jax.value_and_grad(loss, argnums=(0, 1))(x, ws, f) for f in (True, False))
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(single)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
