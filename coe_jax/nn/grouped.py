@@ -2,16 +2,17 @@
 
 MegaBlocks' / tokamax's design written with Pallas (Triton backend): assignments
 sorted by expert, each expert's rows padded to whole tiles of `tile` rows
-(`grouped_layout`), and one kernel launch per projection computes every tile
-against its own expert's weights, read in place (`gmm`: no per-tile weight
-copies, no dense [experts, rows, ...] expansion). Its custom VJP is the same
-kernel on the transposed weights (input gradient) and a transposed grouped
-matmul that sums each expert's tiles into its weight gradient (`tgmm`).
+(`grouped_layout`), and one kernel launch computes every tile against its own
+expert's weights, read in place (`gmm`; gate and up in one launch, each row tile
+read once; no per-tile weight copies, no dense [experts, rows, ...] expansion).
+Its custom VJP is the same kernel on the transposed weights, summing the input
+gradients, and a transposed grouped matmul that sums each expert's tiles into
+its weight gradients (`_tgmm_call`). 6 kernels a layer pass, with the backward.
 
 Static shapes, no XLA while loops: the grid has a fixed number of row tiles,
 `(tokens * K + N * (tile - 1)) // tile`, so the work is tokens x K plus at most
 one tile per expert; tiles past the used ones write zeros without a matmul.
-The only data-dependent trip count is `tgmm`'s loop over one expert's tiles,
+The only data-dependent trip count is `_tgmm_call`'s loop over one expert's tiles,
 inside the kernel. On CPU the kernels run in Pallas' interpreter (tests).
 """
 
