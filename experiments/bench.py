@@ -65,7 +65,7 @@ import ml_collections
 import numpy as np
 
 from coe_jax import config_lib, host_memory
-from coe_jax.nn import blocked, coe_layer, dispatch, router
+from coe_jax.nn import coe_layer, dispatch, router, tuning
 from coe_jax.nn.coe_layer import CoELayer
 
 # The analytic FLOP count lives in the library: the training log reports the same numbers.
@@ -304,7 +304,7 @@ def summarize_step(
   achieved_per_cpu_s = flops.train * batch * seq / spread(bench.timed.cpu_seconds)["median"]
   metrics = jax.device_get(bench.last_metrics["metrics"])
   cfg = bench.model_config
-  sizes = blocked.default_tiling(
+  sizes = tuning.default_tiling(
     batch * seq * cfg.num_experts_per_tok,
     cfg.n_routed_experts,
     3 * cfg.hidden_size * cfg.moe_intermediate_size * jnp.dtype(cfg.dtype).itemsize,
@@ -553,13 +553,17 @@ def _parse_bool(value: str, flag: str) -> bool:
 
 
 def _dropless_variants(mode: str, impls: list[str], tiles: list[int], sizes: list[int]):
-  """(impl, tile, sizes) for one dispatch mode: every impl, and for 'blocked' every tile x sizes."""
+  """(impl, tile, sizes) for one dispatch mode: every impl, for 'blocked' every tile x sizes,
+  for 'grouped' every tile."""
   if mode != "dropless":
     return [(None, None, None)]
   variants = []
   for impl in impls:
-    if dispatch.resolve_dropless_impl(impl) == "blocked":
+    resolved = dispatch.resolve_dropless_impl(impl)
+    if resolved == "blocked":
       variants += itertools.product([impl], tiles or [None], sizes or [None])
+    elif resolved == "grouped":  # rows per tile; no tile sizes
+      variants += itertools.product([impl], tiles or [None], [None])
     else:
       variants.append((impl, tiles[0] if tiles else None, sizes[0] if sizes else None))
   return variants

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coe_jax import host_memory
-from coe_jax.nn import blocked
+from coe_jax.nn import blocked, tuning
 from coe_jax.nn.blocked import blocked_dispatch
 from coe_jax.nn.dispatch import assignment_slots, dispatch_to_experts, expert_capacity
 from coe_jax.nn.experts import SwiGLUWeights
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     "--tile_sizes",
     default="0",
     help="comma-separated counts of tile sizes per tile (one program each; 1 = whole tiles only, "
-    "0 = the backend's default, blocked.default_tiling: on CPU at the paper width last tiles "
+    "0 = the backend's default, tuning.default_tiling: on CPU at the paper width last tiles "
     "every 8 rows, PERF.md 22)",
   )
   parser.add_argument(
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     )
   for tile in (int(s) for s in args.tiles.split(",")):
     for count in (int(c) for c in args.tile_sizes.split(",")):
-      sizes = blocked.default_tiling(t * k, e, blocked.expert_weight_bytes(weights), tile, count)
+      sizes = tuning.default_tiling(t * k, e, blocked.expert_weight_bytes(weights), tile, count)
       routed = lambda x_, cw_, w_, sizes=sizes: (
         blocked_dispatch(x_, ids, cw_, w_, sizes, args.tiles_per_step).output
       )

@@ -4,7 +4,7 @@
 # Paper scale (hidden 1024, 4 layers, N=64, 64 x 512 = 32K tokens per step,
 # bf16 compute, fp32 params and router): MoE(K=8), CoE(C=2,K=4), CoE(C=2,K=8),
 # each with capacity dispatch and every dropless implementation in DROPLESS_IMPL
-# (default blocked,ragged_dot: 9 train steps), timed round-robin in one process,
+# (default grouped,blocked,ragged_dot: 12 train steps), timed round-robin in one process,
 # plus the matmul probe and the dispatch share of one layer. Prints the table
 # last (with each dropless step's wall, CPU-time and compiled-peak ratio to
 # its config's capacity step) and writes $OUT/bench.json.
@@ -18,8 +18,10 @@
 #
 # Environment: SCALE (paper|tiny), STEPS (timed steps, default 10), WARMUP (3),
 # BATCH / SEQ (default: the configs'), DISPATCH (capacity,dropless),
-# DROPLESS_IMPL (blocked,ragged_dot; 'gather' runs every expert on every token:
-# 8x the expert work at paper scale, left out by default), DROPLESS_TILE (0 = default),
+# DROPLESS_IMPL (grouped,blocked,ragged_dot: the Pallas grouped matmul that 'auto' picks on GPUs,
+# the XLA tile loop, XLA's ragged_dot; 'gather' runs every expert on every token:
+# 8x the expert work at paper scale, left out by default), DROPLESS_TILE (0 = default; rows per
+# tile of grouped and blocked, e.g. 64,128,256 sweeps both),
 # DROPLESS_TILE_SIZES (sizes for each expert's last tile; 0 = default, 1 on GPU; e.g. 1,5 runs
 # both, PERF.md 21), ROUTING
 # (model: the untrained router's skewed loads; balanced: the loads training reaches), LAYER_COST
@@ -31,7 +33,7 @@ SCALE=${SCALE:-paper}
 STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-3}
 DISPATCH=${DISPATCH:-capacity,dropless}
-DROPLESS_IMPL=${DROPLESS_IMPL:-blocked,ragged_dot}
+DROPLESS_IMPL=${DROPLESS_IMPL:-grouped,blocked,ragged_dot}
 DROPLESS_TILE=${DROPLESS_TILE:-0}
 DROPLESS_TILE_SIZES=${DROPLESS_TILE_SIZES:-0}
 ROUTING=${ROUTING:-model}

@@ -10,7 +10,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-from coe_jax.nn import blocked
+from coe_jax.nn import blocked, tuning
 from coe_jax.nn import dispatch as dispatch_lib
 from coe_jax.nn.blocked import blocked_bounds, blocked_dispatch, blocked_layout
 from coe_jax.nn.dispatch import (
@@ -546,7 +546,7 @@ def test_dropless_tile_and_tile_sizes_are_validated():
 
 
 def test_default_dropless_tile_holds_a_balanced_load_one_deviation_over_the_mean():
-  from coe_jax.nn.blocked import TILE_CAP, default_dropless_tile
+  from coe_jax.nn.tuning import TILE_CAP, default_dropless_tile
 
   assert default_dropless_tile(512 * 8, 63) == 80  # mean 65 + 8.1 (MoE(K=8), paper-width bench)
   assert default_dropless_tile(512 * 4, 63) == 40  # mean 32.5 + 5.7 (CoE(C=2,K=4) there)
@@ -568,35 +568,36 @@ def test_default_dropless_tile_holds_a_balanced_load_one_deviation_over_the_mean
 
 
 def test_tile_sizes_step_by_multiples_of_eight_up_to_the_whole_tile():
-  assert blocked.tile_sizes(80, 5) == (16, 32, 48, 64, 80)  # MoE(K=8) at 512 tokens: pad <= 15
-  assert blocked.tile_sizes(40, 5) == (8, 16, 24, 32, 40)  # CoE(C=2,K=4) there
-  assert blocked.tile_sizes(184, 5) == (40, 80, 112, 152, 184)
-  assert blocked.tile_sizes(80, 1) == (80,)  # whole tiles only (the GPU default)
-  assert blocked.tile_sizes(16, 5) == (8, 16) and blocked.tile_sizes(12, 5) == (12,)
-  assert blocked.tile_sizes(4, 5) == (4,)
-  assert blocked.fine_tile_sizes(120) == tuple(range(8, 121, 8))
-  assert blocked.fine_tile_sizes(16) == (8, 16) and blocked.fine_tile_sizes(20) == (8, 16, 20)
-  assert blocked.fine_tile_sizes(4) == (4,)
-  assert len(blocked.fine_tile_sizes(1024)) == blocked.MAX_TILE_SIZES  # then steps of 32
-  rows, tiles = blocked_bounds(512 * 8, 63, blocked.tile_sizes(80, 5))
+  assert tuning.tile_sizes(80, 5) == (16, 32, 48, 64, 80)  # MoE(K=8) at 512 tokens: pad <= 15
+  assert tuning.tile_sizes(40, 5) == (8, 16, 24, 32, 40)  # CoE(C=2,K=4) there
+  assert tuning.tile_sizes(184, 5) == (40, 80, 112, 152, 184)
+  assert tuning.tile_sizes(80, 1) == (80,)  # whole tiles only (the GPU default)
+  assert tuning.tile_sizes(16, 5) == (8, 16) and tuning.tile_sizes(12, 5) == (12,)
+  assert tuning.tile_sizes(4, 5) == (4,)
+  assert tuning.fine_tile_sizes(120) == tuple(range(8, 121, 8))
+  assert tuning.fine_tile_sizes(16) == (8, 16) and tuning.fine_tile_sizes(20) == (8, 16, 20)
+  assert tuning.fine_tile_sizes(4) == (4,)
+  assert len(tuning.fine_tile_sizes(1024)) == tuning.MAX_TILE_SIZES  # then steps of 32
+  rows, tiles = blocked_bounds(512 * 8, 63, tuning.tile_sizes(80, 5))
   assert rows == 512 * 8 + 63 * 15  # against 512 * 8 + 63 * 79 with whole tiles only
   assert tiles == (63, 63, 63, 63, min(4096 // 65, (4096 + 63 * 79) // 80))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_default_tiling_gives_large_experts_on_cpu_fine_last_tiles_under_a_wide_whole_tile(
-  monkeypatch, backend
+  backend,
 ):
-  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   paper = 3 * 1024 * 704 * 4  # one paper-width expert's weights, float32 (8.6 MB)
   tiny = 3 * 128 * 96 * 4  # the tiny configs' (147 KB)
-  paper_tiling = functools.partial(blocked.default_tiling, 512 * 4, 63, paper)  # CoE(C=2,K=4)
-  tiny_tiling = functools.partial(blocked.default_tiling, 512 * 4, 63, tiny)
+  paper_tiling = functools.partial(tuning.default_tiling, 512 * 4, 63, paper, platform=backend)
+  tiny_tiling = functools.partial(tuning.default_tiling, 512 * 4, 63, tiny, platform=backend)
   if backend == "cpu":
     # Every 8 rows up to three balanced loads (PERF.md 22) where weight copies cost ...
     assert paper_tiling() == tuple(range(8, 121, 8))
     assert paper_tiling(tile=64) == tuple(range(8, 65, 8))
-    assert blocked.default_tiling(512 * 8, 63, paper)[-1] == 224  # MoE(K=8): 28 sizes
+    assert (
+      tuning.default_tiling(512 * 8, 63, paper, platform="cpu")[-1] == 224
+    )  # MoE(K=8): 28 sizes
     # ... and five sizes up to one balanced load where they do not (PERF.md 21).
     assert tiny_tiling() == (8, 16, 24, 32, 40)
   else:  # whole tiles of one balanced load (unmeasured there)

@@ -2,7 +2,7 @@
 
 Assignments are sorted by expert and each expert's group runs as whole tiles
 of `tile` rows plus one last tile of the smallest of a few sizes that holds the
-rest (`default_tiling`; on CPU, for experts of >= 1 MiB, every 8 rows up to the
+rest (`tuning.default_tiling`; on CPU, for experts of >= 1 MiB, every 8 rows up to the
 whole tile); every used tile runs against its expert's weights in one loop per
 size (`blocked_swiglu`, a custom VJP whose backward is loops too). Work and
 memory grow with tokens x K (at most tokens * K + experts * (widest step between
@@ -14,7 +14,6 @@ and only the used tiles run (data-dependent trip counts).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Sequence
 
 import flax
@@ -25,99 +24,10 @@ from jaxtyping import Array, Bool, Float, Int
 from coe_jax.nn.experts import SwiGLUWeights
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
-TILE_CAP = 256  # most rows in one default tile; an expert's larger load is split into equal tiles
-LAST_TILE_SIZES = 5  # CPU: tile sizes for small experts (`default_tiling`, PERF.md 21)
-FINE_TILING_MIN_BYTES = 1 << 20  # CPU: experts this large get `fine_tile_sizes` (PERF.md 22)
-WHOLE_TILE_SPAN = 3  # ... and a whole tile of this many balanced loads (`default_dropless_tile`)
-MAX_TILE_SIZES = 32  # most sizes of `fine_tile_sizes`, one loop each
-
-
-def default_dropless_tile(num_assignments: int, num_experts: int, span: int = 1) -> int:
-  """Rows per whole tile of 'blocked' when `dropless_tile` is 0: `span` balanced loads' worth.
-
-  Sized for balanced routing (what the load-balancing loss trains towards; an
-  expert's load is then about mean +- sqrt(mean)): with span 1, one tile holds
-  a load up to one standard deviation above the mean, so ~84% of the experts
-  run a single tile (one read of their weights) and the rest two. Above
-  `TILE_CAP` rows that target is split into equal tiles (mean load 520 -> 3
-  tiles of 184 rows). A multiple of 8, at least 8. PERF.md 20 (whole tiles
-  only, the routed-expert layer at the paper width on CPU, balanced loads):
-  mean load 65 -> 80 rows 0.88-0.98x capacity (the old power of two, 64:
-  1.20-1.22x). With last tiles every 8 rows (`default_tiling` on CPU) a larger
-  whole tile pads nothing more and runs the heavy experts of skewed routing in
-  fewer tiles: span `WHOLE_TILE_SPAN` there (PERF.md 22).
-  """
-  mean = num_assignments / max(num_experts, 1)
-  target = span * (mean + math.sqrt(mean))
-  pieces = max(1, math.ceil(target / TILE_CAP))
-  return int(max(8, 8 * math.ceil(target / pieces / 8)))
-
-
-def blocked_tiles_per_step(weights: SwiGLUWeights, tile: int) -> int:
-  """Tiles per loop iteration of 'blocked': one on CPU, a weight-gather budget elsewhere.
-
-  CPU: one tile per iteration, the expert's weights read by dynamic slice (PERF.md 11).
-  GPU/TPU (unmeasured, a prediction): a sequential loop of small matmuls
-  would be launch-bound, so each iteration gathers the weights of as many
-  tiles as fit in ~1 GiB (3 [d, f] matrices per tile, plus as much again for
-  their weight gradients in the backward pass) and runs one batched matmul.
-  """
-  if jax.default_backend() == "cpu":
-    return 1
-  per_tile = 3 * weights.gate[0].size * jnp.dtype(weights.gate.dtype).itemsize
-  return max(1, (1 << 30) // (2 * per_tile))
-
-
-def default_tiling(
-  num_assignments: int,
-  num_experts: int,
-  expert_bytes: int,
-  tile: int = 0,
-  count: int = 0,
-) -> tuple[int, ...]:
-  """The tile sizes 'blocked' runs for `dropless_tile` = tile and `dropless_tile_sizes` = count.
-
-  Each expert's rows run as whole tiles of the largest size plus one last tile
-  of the smallest size that holds the rest (`blocked_layout`); `expert_bytes` is
-  the size of one expert's three weight matrices. A count > 0 asks for that many
-  sizes evenly spaced up to the whole tile (`tile_sizes`; 1 = whole tiles only);
-  tile 0 is `default_dropless_tile`. count 0, the backend's default:
-  - CPU, experts of >= `FINE_TILING_MIN_BYTES`: last tiles every 8 rows
-    (`fine_tile_sizes`), so an expert pads at most 7 rows, and when tile is 0 a
-    whole tile of `WHOLE_TILE_SPAN` balanced loads (paper width, 512 tokens:
-    K=8 224 rows in 28 sizes, K=4 120 rows in 15). Every tile copies its
-    expert's weights, so heavy experts should run few, large tiles (PERF.md 22).
-  - CPU, smaller experts: `LAST_TILE_SIZES` sizes up to one balanced load
-    (PERF.md 21). Their copies cost little, and each size is one more loop to
-    compile (the demo's step: 7.9 s for 5 sizes, 18.0 s for 18, the same speed).
-  - elsewhere (unmeasured): one size, `default_dropless_tile`: a GPU runs many
-    tiles per step, and pads little at its larger loads.
-  """
-  on_cpu = jax.default_backend() == "cpu"
-  fine = on_cpu and not count and expert_bytes >= FINE_TILING_MIN_BYTES
-  tile = tile or default_dropless_tile(num_assignments, num_experts, WHOLE_TILE_SPAN if fine else 1)
-  if fine:
-    return fine_tile_sizes(tile)
-  return tile_sizes(tile, count or (LAST_TILE_SIZES if on_cpu else 1))
-
 
 def expert_weight_bytes(weights: SwiGLUWeights) -> int:
   """Bytes of one expert's three matrices in stacked [E, ...] weights (what each tile copies)."""
   return sum(w.size // w.shape[0] * w.dtype.itemsize for w in jax.tree.leaves(weights))
-
-
-def fine_tile_sizes(tile: int) -> tuple[int, ...]:
-  """Multiples of 8 below `tile`, and `tile` (at most `MAX_TILE_SIZES`: wider steps beyond)."""
-  step = 8 * math.ceil(tile / 8 / MAX_TILE_SIZES)
-  return (*range(step, tile, step), tile)
-
-
-def tile_sizes(tile: int, count: int) -> tuple[int, ...]:
-  """Up to `count` sizes evenly spaced up to `tile`, multiples of 8 below it (fewer if small)."""
-  count = max(1, min(count, tile // 8))
-  return tuple(
-    sorted({min(tile, 8 * math.ceil(tile * i / count / 8)) for i in range(1, count + 1)})
-  )
 
 
 def blocked_bounds(

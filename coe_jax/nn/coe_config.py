@@ -14,13 +14,14 @@ from typing import Any, Literal
 from coe_jax.errors import is_int, require, require_choice
 
 Dispatch = Literal["capacity", "dropless"]
-DroplessImpl = Literal["auto", "gather", "ragged_dot", "blocked"]
+DroplessImpl = Literal["auto", "gather", "ragged_dot", "blocked", "grouped"]
 ResidualStyle = Literal["reference", "textbook"]
 
 DISPATCHES = ("capacity", "dropless")
-DROPLESS_IMPLS = ("auto", "gather", "ragged_dot", "blocked")
+DROPLESS_IMPLS = ("auto", "gather", "ragged_dot", "blocked", "grouped")
 RESIDUAL_STYLES = ("reference", "textbook")
 DTYPES = ("float32", "bfloat16")
+TARGET_PLATFORMS = ("", "cpu", "gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +51,13 @@ class CoEConfig:
   router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (not in the reference)
   # --- dispatch (DESIGN.md 3) ---
   dispatch: str = "dropless"  # 'dropless' (the reference) | 'capacity' (drops over capacity)
-  dropless_impl: str = "auto"  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
-  dropless_tile: int = 0  # rows per whole tile of 'blocked'; 0 = from the load (default_tiling)
-  dropless_tile_sizes: int = 0  # tile sizes of 'blocked'; 0 = the backend's (default_tiling)
+  # 'auto' ('grouped' on GPU, 'blocked' elsewhere) | 'grouped' | 'blocked' | 'gather' | 'ragged_dot'
+  dropless_impl: str = "auto"
+  dropless_tile: int = 0  # rows per whole tile of 'blocked' / 'grouped'; 0 = the target's default
+  dropless_tile_sizes: int = 0  # tile sizes of 'blocked'; 0 = the target's (default_tiling)
+  # '' | 'cpu' | 'gpu' | 'tpu': the platform the kernel policies (dropless_impl='auto', tiling)
+  # are chosen for; '' = the devices the program is compiled for (nn.tuning.target_platform)
+  target_platform: str = ""
   capacity_factor_train: float = 1.25  # capacity = ceil(cf * tokens * K / N) in training
   capacity_factor_eval: float = 2.0  # ... and in evaluation
   min_capacity: int = 4  # capacity never goes below this
@@ -112,6 +117,7 @@ def validate_coe(config: Any, prefix: str) -> None:
     ("dropless_impl", DROPLESS_IMPLS),
     ("residual_style", RESIDUAL_STYLES),
     ("dtype", DTYPES),
+    ("target_platform", TARGET_PLATFORMS),
   ):
     require_choice(getattr(config, field), f"{prefix}.{field}", allowed)
   for field in ("independent_gates", "inner_residual", "outer_residual", "norm_topk_prob"):

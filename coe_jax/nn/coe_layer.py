@@ -272,6 +272,7 @@ def expert_pass(
     dropless_impl=cfg.dropless_impl,
     dropless_tile=cfg.dropless_tile,
     dropless_tile_sizes=cfg.dropless_tile_sizes,
+    target_platform=cfg.target_platform,
     token_mask=None if token_mask is None else token_mask.reshape(-1),
     expert_axis=expert_axis,
     expert_fn=expert_fn,

@@ -8,8 +8,12 @@ Two interchangeable implementations (DESIGN.md 3, config `model.dispatch`):
   placed before any token's second choice, then by token order. Memory stays
   O(tokens * K + experts * capacity * hidden): positions come from one stable
   sort of the expert ids, tokens move by gather, results come back by gather.
-* dropless: nothing is dropped (what the authors' code computes). Three
-  implementations (`dropless_impl`), equal to float rounding:
+* dropless: nothing is dropped (what the authors' code computes). Four
+  implementations (`dropless_impl`), equal to float rounding; 'auto' picks
+  'grouped' when the program is compiled for GPUs, 'blocked' elsewhere (`tuning`):
+  - 'grouped' (`coe_jax.nn.grouped`): a Pallas (Triton) grouped matmul over
+    expert-sorted rows in whole tiles: static shapes, no XLA loops, each
+    expert's weights read in place; work tokens x K plus a tile per expert.
   - 'blocked' (`coe_jax.nn.blocked`): MegaBlocks' block-sparse layout in plain
     XLA. Assignments sorted by expert, each expert's group padded to whole
     tiles (a smaller last tile on CPU), every used tile run against its
@@ -33,15 +37,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from coe_jax.nn.blocked import (
-  blocked_dispatch,
-  blocked_tiles_per_step,
-  default_tiling,
-  expert_weight_bytes,
-)
+from coe_jax.nn import tuning
+from coe_jax.nn.blocked import blocked_dispatch, expert_weight_bytes
 from coe_jax.nn.coe_config import DISPATCHES
+from coe_jax.nn.expert_exchange import exchange_dispatch
 from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
+from coe_jax.nn.grouped import grouped_dispatch, kernel_config
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
+from coe_jax.nn.tuning import blocked_tiles_per_step, default_tiling
 
 
 def expert_capacity(
@@ -52,11 +55,9 @@ def expert_capacity(
   return int(min(max(capacity, min_capacity), num_tokens))
 
 
-def resolve_dropless_impl(impl: str) -> str:
-  """'auto' is 'blocked' on every backend (measured on CPU, predicted on GPU: PERF.md)."""
-  if impl != "auto":
-    return impl
-  return "blocked"
+def resolve_dropless_impl(impl: str, platform: str = "") -> str:
+  """What `dropless_impl` runs on the target platform (`tuning.resolve_dropless_impl`)."""
+  return tuning.resolve_dropless_impl(impl, platform)
 
 
 def assignment_slots(
@@ -199,6 +200,7 @@ def dispatch_to_experts(
   dropless_impl: str = "auto",
   dropless_tile: int = 0,
   dropless_tile_sizes: int = 0,
+  target_platform: str = "",
   token_mask: Optional[Bool[Array, "tokens"]] = None,
   expert_axis: Optional[str] = None,
   expert_fn: Callable[[Any, Array], Array] = swiglu,
@@ -211,26 +213,58 @@ def dispatch_to_experts(
     weights: stacked expert weights (compute dtype), leaves with a leading [E] axis.
     mode: 'capacity' or 'dropless'.
     capacity: per-expert capacity for mode='capacity' (see `expert_capacity`).
-    dropless_impl: 'auto' | 'gather' | 'ragged_dot' | 'blocked' for mode='dropless'.
-    dropless_tile: rows per whole tile of the 'blocked' implementation (0:
-      from the load, `default_tiling`).
+    dropless_impl: 'auto' | 'grouped' | 'blocked' | 'gather' | 'ragged_dot' for
+      mode='dropless' ('auto': 'grouped' on GPU, 'blocked' elsewhere).
+    dropless_tile: rows per whole tile of 'blocked' (0: from the load, `default_tiling`)
+      or per tile of 'grouped' (0: `tuning.grouped_tile_rows`).
     dropless_tile_sizes: how many sizes up to that tile each expert's last tile
-      picks from (0: the backend's default, `default_tiling`).
+      picks from (0: the target's default, `default_tiling`).
+    target_platform: '' | 'cpu' | 'gpu' | 'tpu', the platform 'auto' and the tilings are
+      chosen for ('': the devices the program is compiled for, `tuning.target_platform`).
     token_mask: <bool>[tokens] False for padding: those tokens take no expert
       capacity and get no routed output (None: every token is real).
     expert_axis: inside `jax.shard_map`, the mesh axis the experts are split
-      over; `weights` are then this device's E/n experts and the buffer rows
-      travel by all-to-all (`run_on_expert_shards`). Dropless then uses the
-      buffer with capacity = tokens.
+      over; `weights` are then this device's E/n experts. Capacity: the buffer
+      rows travel by all-to-all (`run_on_expert_shards`). Dropless with SwiGLU:
+      exactly the routed rows travel (`expert_exchange.exchange_dispatch`); a
+      custom `expert_fn` uses the buffer with capacity = tokens.
     expert_fn: one expert, `(weights of one expert, rows <[..., hidden]>) -> [..., hidden]`;
       `dropless_impl='ragged_dot'` needs the default SwiGLU.
   """
   run_experts = per_expert_fn(expert_fn)
   num_tokens = x.shape[0]
   num_experts = jax.tree.leaves(weights)[0].shape[0]
+  platform = tuning.target_platform(target_platform)
   if expert_axis is not None:
     if mode not in DISPATCHES:
       raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
+    if mode == "dropless" and expert_fn is swiglu:
+
+      def local_dispatch(rows, ids, ones, mask):
+        return dispatch_to_experts(
+          rows,
+          ids,
+          ones,
+          weights,
+          mode="dropless",
+          capacity=0,
+          dropless_impl=dropless_impl,
+          dropless_tile=dropless_tile,
+          dropless_tile_sizes=dropless_tile_sizes,
+          target_platform=platform,
+          token_mask=mask,
+        )
+
+      return exchange_dispatch(
+        x,
+        expert_ids,
+        combine_weights,
+        weights,
+        expert_axis,
+        local_dispatch,
+        ragged=platform == "gpu",
+        token_mask=token_mask,
+      )
 
     def exchanged_experts(buffer):
       return run_on_expert_shards(buffer, lambda rows: run_experts(weights, rows), expert_axis)
@@ -256,7 +290,7 @@ def dispatch_to_experts(
     )
   if mode != "dropless":
     raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
-  impl = resolve_dropless_impl(dropless_impl)
+  impl = resolve_dropless_impl(dropless_impl, platform)
   if expert_fn is not swiglu:  # the fast dropless kernels are written for SwiGLU
     impl = "gather" if dropless_impl == "auto" else dropless_impl
     if impl != "gather":
@@ -271,6 +305,7 @@ def dispatch_to_experts(
       expert_weight_bytes(weights),
       dropless_tile,
       dropless_tile_sizes,
+      platform,
     )
     return blocked_dispatch(
       x,
@@ -278,9 +313,12 @@ def dispatch_to_experts(
       combine_weights,
       weights,
       sizes,
-      blocked_tiles_per_step(weights, sizes[-1]),
+      blocked_tiles_per_step(weights, sizes[-1], platform),
       token_mask,
     )
+  if impl == "grouped":
+    cfg = kernel_config(expert_ids.size, num_experts, dropless_tile, platform)
+    return grouped_dispatch(x, expert_ids, combine_weights, weights, cfg, token_mask)
   if impl == "ragged_dot":
     return ragged_dispatch(
       x,

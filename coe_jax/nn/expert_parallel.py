@@ -11,8 +11,10 @@ iteration's routed pass runs per device under `jax.shard_map`:
 * with `expert_axis`, the routed experts' leading E axis is split over that
   mesh axis and `jax.lax.all_to_all` sends each expert's rows to the device
   that holds it, and back (the transpose of an all-to-all is an all-to-all,
-  so the backward pass has the same two exchanges); dropless uses the same
-  exchange with capacity = the device's token count (nothing can drop);
+  so the backward pass has the same two exchanges); dropless with SwiGLU experts
+  sends exactly the routed rows instead (`expert_exchange`: ragged all-to-all
+  on GPUs, a padded all-to-all stand-in on CPU); with a custom expert function
+  it uses the buffer with capacity = the device's token count (nothing drops);
 * the router and shared-expert weights are replicated; shard_map's
   replication rules sum their gradients over the mesh.
 

@@ -133,19 +133,25 @@ class ModelConfig:
   # --- dispatch ---
   # The reference routes dropless (DESIGN.md 3); capacity bounds the work per expert by dropping.
   dispatch: str = _execution("dropless")  # 'dropless' | 'capacity'
-  # 'auto' (= 'blocked') | 'blocked' | 'gather' | 'ragged_dot'
+  # 'auto' ('grouped' on GPU, 'blocked' elsewhere: nn.tuning) | 'grouped' (Pallas grouped matmul,
+  # nn.grouped; interpreted on CPU) | 'blocked' | 'gather' | 'ragged_dot'
   dropless_impl: str = _execution("auto")
   # Rows per whole tile of dropless_impl='blocked': each expert's rows run as whole tiles plus a
   # last tile of the smallest size that holds the rest (dropless_tile_sizes). Large: fewer,
   # faster matmuls.
-  # 0 = from the load (blocked.default_tiling: a balanced load + 1 sd, <= 256 rows a tile; three
+  # 'grouped': rows per tile, a power of two (0 = nn.tuning.GROUPED_TILE_ROWS, 128).
+  # 0 = from the load (tuning.default_tiling: a balanced load + 1 sd, <= 256 rows a tile; three
   # times that on CPU for experts of >= 1 MiB, whose last tiles there pad little).
   dropless_tile: int = _execution(0)
   # How many tile sizes 'blocked' picks each expert's last tile from, evenly spaced up to
-  # dropless_tile (1 = whole tiles only). 0 = the backend's default (blocked.default_tiling):
+  # dropless_tile (1 = whole tiles only). 0 = the target's default (blocked.default_tiling):
   # on CPU every 8 rows for experts of >= 1 MiB (PERF.md 22), else 5 (PERF.md 21); elsewhere 1
   # (unmeasured).
   dropless_tile_sizes: int = _execution(0)
+  # '' | 'cpu' | 'gpu' | 'tpu': the platform dropless_impl='auto' and the tilings are chosen for.
+  # '' = the devices the program is compiled for: the mesh's (jax.set_mesh), else the default
+  # device (nn.tuning.target_platform); set it when tracing for devices other than those.
+  target_platform: str = _execution("")
   capacity_factor_train: float = _execution(1.25)
   capacity_factor_eval: float = _execution(2.0)
   min_capacity: int = _execution(4)
