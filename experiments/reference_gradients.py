@@ -33,19 +33,22 @@ from coe_jax.training.train_step import cross_entropy_sum
 
 _HARNESS = Path(__file__).resolve().parents[2] / "shared" / "tools" / "ref_torch" / "ref.py"
 
-flags.DEFINE_string("real_lens", "32,23", "Real tokens per row; the rest are end-of-text pads.")
-flags.DEFINE_integer("seq", 48, "Tokens per row.")
-flags.DEFINE_string("pad_semantics", "reference,masked", "Our model.pad_semantics values to run.")
-flags.DEFINE_string(
-  "model_args",
-  "--hidden 64 --layers 2 --experts 8 --topk 2 --iters 2 --vocab 512 --moe-inter 32 "
-  "--set num_attention_heads=4 --set kv_lora_rank=32 --set qk_nope_head_dim=16 "
-  "--set qk_rope_head_dim=8 --set v_head_dim=16",
-  "Model arguments of ref.py (its --experts counts the shared expert).",
-)
-flags.DEFINE_integer("eos_id", 1, "End-of-text id (the pad).")
-flags.DEFINE_string("json", "", "Also write the per-tensor errors here.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("real_lens", "32,23", "Real tokens per row; the rest are end-of-text pads.")
+  flags.DEFINE_integer("seq", 48, "Tokens per row.")
+  flags.DEFINE_string("pad_semantics", "reference,masked", "Our model.pad_semantics values to run.")
+  flags.DEFINE_string(
+    "model_args",
+    "--hidden 64 --layers 2 --experts 8 --topk 2 --iters 2 --vocab 512 --moe-inter 32 "
+    "--set num_attention_heads=4 --set kv_lora_rank=32 --set qk_nope_head_dim=16 "
+    "--set qk_rope_head_dim=8 --set v_head_dim=16",
+    "Model arguments of ref.py (its --experts counts the shared expert).",
+  )
+  flags.DEFINE_integer("eos_id", 1, "End-of-text id (the pad).")
+  flags.DEFINE_string("json", "", "Also write the per-tensor errors here.")
 
 
 def run_their_padgrad(out_dir: str) -> None:
@@ -146,4 +149,5 @@ _GROUPS = (
 )
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

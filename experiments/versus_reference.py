@@ -55,13 +55,16 @@ SHAPES = {
   ),
 }
 
-flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to time: {', '.join(SHAPES)}.")
-flags.DEFINE_list("runs", ["moe_k8", "coe_c2"], f"Paper runs (configs/<run>.py): {list(RUNS)}.")
-flags.DEFINE_integer("steps", 10, "Timed steps of every program.")
-flags.DEFINE_integer("warmup", 2, "Untimed steps of every program first.")
-flags.DEFINE_integer("threads", 2, "torch threads on the authors' side.")
-flags.DEFINE_string("json", "", "Also write the results here.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to time: {', '.join(SHAPES)}.")
+  flags.DEFINE_list("runs", ["moe_k8", "coe_c2"], f"Paper runs (configs/<run>.py): {list(RUNS)}.")
+  flags.DEFINE_integer("steps", 10, "Timed steps of every program.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps of every program first.")
+  flags.DEFINE_integer("threads", 2, "torch threads on the authors' side.")
+  flags.DEFINE_string("json", "", "Also write the results here.")
 
 
 def reference_args(cfg: ModelConfig, batch: int, seq: int, threads: int) -> list[str]:
@@ -234,4 +237,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   host_memory.reexec_keeping_host_memory()  # the CLI's allocator settings (PERF.md 19)
+  _define_flags()
   app.run(main)
