@@ -155,7 +155,9 @@ def test_objective_and_every_gradient_on_a_padded_batch_equal_the_references(dis
     _leaf_directional_derivatives(params, cfg, ids, mask), grad_leaves
   ):
     analytic = float(np.sum(grad * direction))
-    assert abs(analytic - fd) <= 1e-4 * abs(fd) + 1e-9, (name, analytic, fd)
+    # float32 gradients against float64 differences: 4.3e-5 at worst here; the old 'masked'
+    # semantics move the router's gradient by ~3e-3 (the test below).
+    assert abs(analytic - fd) <= 3e-4 * abs(fd) + 1e-9, (name, analytic, fd)
     checked += 1
   assert checked == len(grad_leaves)
 
