@@ -29,7 +29,7 @@ from absl import app, flags
 from safetensors.numpy import load_file
 
 from coe_jax.inference import convert
-from coe_jax.training.train_step import cross_entropy_sum
+from coe_jax.training.train_step import training_objective
 
 _HARNESS = Path(__file__).resolve().parents[2] / "shared" / "tools" / "ref_torch" / "ref.py"
 
@@ -84,16 +84,7 @@ def our_gradient(hf_config: dict, weights: dict, batch: dict, pad_semantics: str
   model, variables = convert.from_hf(hf_config, weights, pad_semantics=pad_semantics)
 
   def objective(params):
-    logits, aux = model.apply(
-      {"params": params},
-      batch["input_ids"],
-      batch["attention_mask"],
-      batch["positions"],
-      batch["segment_ids"],
-      train=True,
-    )
-    ce_sum, count = cross_entropy_sum(logits, batch)
-    return ce_sum / count + aux.aux_loss + aux.z_loss
+    return training_objective(model, params, batch)[0]
 
   grads = jax.jit(jax.grad(objective))(variables["params"])
   return convert.to_hf(model, {"params": grads})[1]

@@ -20,7 +20,7 @@ import pytest
 from coe_jax.data.tokenized import Split
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
-from coe_jax.training.train_step import cross_entropy_sum, next_token_targets
+from coe_jax.training.train_step import next_token_targets, training_objective
 
 EOS, PAD, V, S = 1, 0, 40, 10
 CONFIG = ModelConfig(
@@ -98,19 +98,10 @@ def _batch():
 
 @functools.lru_cache(maxsize=None)
 def _objective_and_grad(cfg: ModelConfig):
-  """Our training objective (CE over the targets + router losses) and its gradient, jitted."""
+  """The train step's objective (`training_objective`) and its gradient, jitted."""
 
   def objective(params, batch):
-    logits, aux = CoECausalLM(cfg).apply(
-      {"params": params},
-      batch["input_ids"],
-      batch["attention_mask"],
-      batch["positions"],
-      batch["segment_ids"],
-      train=True,
-    )
-    ce_sum, count = cross_entropy_sum(logits, batch)
-    return ce_sum / count + aux.aux_loss + aux.z_loss
+    return training_objective(CoECausalLM(cfg), params, batch)[0]
 
   return jax.jit(jax.value_and_grad(objective))
 

@@ -9,7 +9,7 @@ its segment (`next_token_targets`), end-of-text included.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import flax
 import jax
@@ -71,6 +71,26 @@ def _forward(model: CoECausalLM, params, batch: Batch, train: bool):
   )
 
 
+def training_objective(
+  model: CoECausalLM,
+  params,
+  batch: Batch,
+  total_tokens: Optional[jax.Array] = None,
+  grad_accum_steps: int = 1,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
+  """What the train step differentiates, on one (micro-)batch.
+
+  Summed target cross-entropy over `total_tokens` (default: this batch's targets) plus the
+  router losses over `grad_accum_steps`. Returns (objective, (CE sum, target count, ModelAux)).
+  """
+  logits, aux = _forward(model, params, batch, train=True)
+  ce_sum, count = cross_entropy_sum(logits, batch)
+  if total_tokens is None:
+    total_tokens = jnp.maximum(count, 1.0)
+  router = (aux.aux_loss + aux.z_loss) / grad_accum_steps
+  return ce_sum / total_tokens + router, (ce_sum, count, aux)
+
+
 def make_train_step(
   model: CoECausalLM, grad_accum_steps: int = 1, log_routing_stats: bool = True
 ) -> Callable:
@@ -83,10 +103,7 @@ def make_train_step(
   """
 
   def objective(params, micro: Batch, total_tokens):
-    logits, aux = _forward(model, params, micro, train=True)
-    ce_sum, count = cross_entropy_sum(logits, micro)
-    router = (aux.aux_loss + aux.z_loss) / grad_accum_steps
-    return ce_sum / total_tokens + router, (ce_sum, count, aux)
+    return training_objective(model, params, micro, total_tokens, grad_accum_steps)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
