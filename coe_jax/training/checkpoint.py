@@ -290,12 +290,6 @@ def saved_value(saved: dict, section: str, field: str) -> Any:
   return saved.get(section, {}).get(field, KEPT_ON_RESUME[(section, field)])
 
 
-def saved_scan_layers(saved: dict) -> bool:
-  """`model.scan_layers` of a saved run config: True (stacked layers) where the field is absent,
-  since every run saved before it existed stacked its layers."""
-  return bool(saved_value(saved, "model", "scan_layers"))
-
-
 def apply_saved_semantics(config: Any, saved: dict) -> None:
   """Sets every `KEPT_ON_RESUME` field of `config` to the saved run's value (for a run read back
   by evaluate, generate or export)."""
