@@ -84,6 +84,8 @@ SUITE = (
 )
 # --shapes presets: model overrides plus batch / seq / suite scale.
 SHAPES = {
+  # the headline study's scale (its trimmed tokenizer's vocab), as `versus_reference` times it
+  "narrow": dict(scale="narrow", batch=16, seq=256, model=dict(vocab_size=5620, dtype="float32")),
   "paper_width": dict(
     scale="paper", batch=1, seq=512, model=dict(num_layers=2, vocab_size=8192, dtype="float32")
   ),
@@ -249,6 +251,7 @@ class StepBench:
   # (allocated at each call); None where the backend has no `memory_analysis`
   resident_bytes: Optional[int] = None
   temp_bytes: Optional[int] = None
+  hlo_text: str = ""  # the compiled program (op names for `experiments.profile_step --by=component`)
 
   def allocate(self) -> None:
     self.last_metrics["state"] = jax.block_until_ready(self.make_state())
@@ -289,6 +292,7 @@ def build_step_bench(
     make_state=lambda: make_state().replace(tx=abstract_state.tx),  # the compiled pytree's `tx`
     resident_bytes=resident,
     temp_bytes=temp,
+    hlo_text=compiled.as_text() or "",
   )
 
 
@@ -427,7 +431,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     default=None,
     choices=sorted(SHAPES),
     help="preset: paper_width = the :paper suite at 2 layers, vocab 8192, fp32, "
-    "batch 1 x 512 (explicit --batch/--seq/--dtype still win)",
+    "batch 1 x 512; narrow = the :narrow suite, vocab 5620, fp32, 16 x 256 "
+    "(explicit --batch/--seq/--dtype still win)",
   )
   parser.add_argument(
     "--optimizer",

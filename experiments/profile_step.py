@@ -33,6 +33,7 @@ from typing import Any, Optional
 import jax
 
 from coe_jax import host_memory
+from coe_jax.nn.blocked import TILES_BWD_SCOPE
 from experiments import bench
 
 # Trace events that are not one XLA op (runtime, Python, thread-pool bookkeeping), and ops
@@ -75,24 +76,119 @@ def trace_op_times(call, steps: int) -> dict[str, Any]:
   return dict(step_ms=step_ms, ops=dict(ops), kinds=dict(kinds))
 
 
-def format_kinds(labels: list[str], profiles: list[dict[str, Any]], top: int) -> str:
-  """One row per op kind (the `top` largest over all programs), ms per step per program."""
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+MLP_PARTS = ("router", "layout", "gather", "tiles", "combine", "shared_expert")
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> its JAX op name (`metadata.op_name`), for every instruction of a
+  compiled module. A fusion without one takes its computation's root's (or its most common);
+  an op XLA made without one (e.g. a rewritten dot) its first named operand's."""
+  own: dict[str, str] = {}
+  calls: dict[str, str] = {}
+  operands: dict[str, list[str]] = {}
+  members: dict[str, list[str]] = collections.defaultdict(list)
+  roots: dict[str, str] = {}
+  computation = ""
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and "=" not in line.split("(")[0]:
+      computation = header.group(1)
+      continue
+    instruction = _INSTRUCTION.match(line)
+    if not instruction:
+      continue
+    name, rest = instruction.groups()
+    members[computation].append(name)
+    if line.lstrip().startswith("ROOT"):
+      roots[computation] = name
+    op_name = _OP_NAME.search(rest)
+    if op_name:
+      own[name] = op_name.group(1)
+    called = _CALLS.search(rest)
+    if called:
+      calls[name] = called.group(1)
+    arguments = re.search(r"\w\((.*?)\)", rest)
+    operands[name] = re.findall(r"%([\w.\-]+)", arguments.group(1)) if arguments else []
+
+  def resolve(name: str, depth: int = 0) -> str:
+    if name in own or depth > 8:
+      return own.get(name, "")
+    found = ""
+    computation = calls.get(name)
+    if computation is not None:
+      root = roots.get(computation)
+      found = resolve(root, depth + 1) if root else ""
+      if not found:
+        named = [resolve(m, depth + 1) for m in members.get(computation, ())]
+        named = [n for n in named if n]
+        found = collections.Counter(named).most_common(1)[0][0] if named else ""
+    for operand in operands.get(name, ()) if not found else ():
+      found = resolve(operand, depth + 1)
+      if found:
+        break
+    own[name] = found
+    return found
+
+  return {name: resolve(name) for computation in members.values() for name in computation}
+
+
+def component(op_name: str) -> str:
+  """The part of the train step an op belongs to, from its op name: 'fwd'/'bwd' and the model
+  scope (layers' index dropped; the MoE block split by our named scopes), or the loss / the
+  optimizer update outside the model."""
+  if not op_name:
+    return "(no op name)"
+  if TILES_BWD_SCOPE in op_name:  # traced outside the model's name stack
+    return "mlp/tiles bwd"
+  direction = "bwd" if "transpose(" in op_name else "fwd"
+  inside = re.search(r"CoECausalLM\)*/(.+)", op_name)
+  if inside is None:
+    return f"loss {direction}" if "jvp(" in op_name else "optimizer update"
+  path = inside.group(1).split("/")
+  if re.fullmatch(r"layers_\d+", path[0]) and len(path) > 1:
+    part = path[1]
+    if part == "mlp":
+      sub = next((p for p in MLP_PARTS if p in path[2:]), "other")
+      part = f"mlp/{sub}"
+  else:
+    part = path[0]
+  return f"{part} {direction}"
+
+
+def by_component(ops: dict[str, float], hlo_text: str) -> dict[str, float]:
+  """ms per step of each `component` (ops summed by their op names in `hlo_text`)."""
+  names = op_names(hlo_text)
+  totals: collections.Counter = collections.Counter()
+  for op, ms in ops.items():
+    totals[component(names.get(op, ""))] += ms
+  return dict(totals)
+
+
+def format_kinds(
+  labels: list[str], profiles: list[dict[str, Any]], top: int, key: str = "kinds"
+) -> str:
+  """One row per op kind (or per `key` group; the `top` largest over all programs), ms per
+  step per program."""
   totals: collections.Counter = collections.Counter()
   for profile in profiles:
-    totals.update(profile["kinds"])
+    totals.update(profile[key])
   width = max(12, *(len(label) for label in labels))
-  head = f"{'op kind':<34s}" + "".join(f" {label:>{width}s}" for label in labels)
+  head = f"{'op kind' if key == 'kinds' else 'component':<34s}" + "".join(f" {label:>{width}s}" for label in labels)
   if len(labels) > 1:
     head += "".join(f" {'#' + str(i + 1) + ' - #1':>{width}s}" for i in range(1, len(labels)))
   lines = [head, "-" * len(head)]
   rows = [k for k, _ in totals.most_common(top)]
   for kind in rows + ["(all ops)", "(step wall, in the trace)"]:
     if kind == "(all ops)":
-      values = [sum(p["kinds"].values()) for p in profiles]
+      values = [sum(p[key].values()) for p in profiles]
     elif kind.startswith("(step"):
       values = [p["step_ms"] for p in profiles]
     else:
-      values = [p["kinds"].get(kind, 0.0) for p in profiles]
+      values = [p[key].get(kind, 0.0) for p in profiles]
     line = f"{kind:<34s}" + "".join(f" {v:{width}.1f}" for v in values)
     line += "".join(f" {v - values[0]:+{width}.1f}" for v in values[1:])
     lines.append(line)
@@ -111,8 +207,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for _ in range(max(1, args.warmup)):
       jax.block_until_ready(step.timed.call())
   profiles = [trace_op_times(step.timed.call, ours.trace_steps) for step in benches]
+  for profile, step in zip(profiles, benches):
+    profile["components"] = by_component(profile["ops"], step.hlo_text)
   labels = [step.label for step in benches]
   print(format_kinds(labels, profiles, ours.top))
+  print()
+  print(format_kinds(labels, profiles, ours.top, key="components"))
   results = dict(
     backend=jax.default_backend(),
     jax_version=jax.__version__,

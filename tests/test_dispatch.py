@@ -515,17 +515,17 @@ def test_blocked_swiglu_runs_only_the_used_tiles():
 def test_blocked_padding_rows_are_zero():
   x, ids, cw, weights, _ = _random_problem(15, num_tokens=9, num_experts=5, k=2)
   seen = {}
-  original = blocked.blocked_swiglu
+  original = blocked.blocked_swiglu_threaded
 
   def spy(rows, schedule, *rest):
     seen.update(rows=rows)
     return original(rows, schedule, *rest)
 
-  blocked.blocked_swiglu = spy
+  blocked.blocked_swiglu_threaded = spy
   try:
     out = blocked_dispatch(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(cw), weights, (2, 4))
   finally:
-    blocked.blocked_swiglu = original
+    blocked.blocked_swiglu_threaded = original
   rows = np.asarray(seen["rows"])
   layout = blocked_layout(jnp.asarray(ids), 5, (2, 4))
   of_row = np.asarray(layout.assignment_of_row)

@@ -25,6 +25,9 @@ from coe_jax.nn.experts import SwiGLUWeights
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
 
+TILES_BWD_SCOPE = "blocked_tiles_bwd"
+
+
 def expert_weight_bytes(weights: SwiGLUWeights) -> int:
   """Bytes of one expert's three matrices in stacked [E, ...] weights (what each tile copies)."""
   return sum(w.size // w.shape[0] * w.dtype.itemsize for w in jax.tree.leaves(weights))
@@ -255,7 +258,6 @@ def _blocked_forward(rows, schedule, gate, up, down, tiles_per_step):
   return _over_tiles(schedule, tiles_per_step, body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def blocked_swiglu(
   rows: Float[Array, "rows hidden"],
   schedule: TileSchedule,
@@ -264,7 +266,26 @@ def blocked_swiglu(
   down: Array,
   tiles_per_step: int = 1,
 ) -> Float[Array, "rows hidden"]:
+  """Each scheduled tile's rows through its expert's SwiGLU (`blocked_swiglu_threaded`'s output)."""
+  return blocked_swiglu_threaded(rows, schedule, gate, up, down, tiles_per_step)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def blocked_swiglu_threaded(
+  rows: Float[Array, "rows hidden"],
+  schedule: TileSchedule,
+  gate: Array,
+  up: Array,
+  down: Array,
+  tiles_per_step: int = 1,
+) -> tuple[Float[Array, "rows hidden"], Array, Array, Array]:
   """Each scheduled tile's rows through its expert's SwiGLU; rows outside every used tile stay zero.
+
+  Returns (outputs, gate, up, down): the weights pass through unchanged. Their
+  cotangent is where the backward pass starts accumulating the weight gradient
+  (in place), so passes chained through the returned weights build one
+  gradient for all of them, without a zeroed accumulator per pass and the sum
+  of the passes' gradients afterwards (PERF.md 31).
 
   `schedule` as `blocked_layout` makes it: each size's experts non-decreasing
   (the weight gradients are added with sorted indices), used tiles disjoint.
@@ -276,15 +297,25 @@ def blocked_swiglu(
   full-size zero-padded cotangent per iteration that differentiating
   `dynamic_slice` in a loop would produce.
   """
-  return _blocked_forward(rows, schedule, gate, up, down, tiles_per_step)[0]
+  y = _blocked_forward(rows, schedule, gate, up, down, tiles_per_step)[0]
+  return y, gate, up, down
 
 
 def _blocked_swiglu_fwd(rows, schedule, gate, up, down, tiles_per_step):
+  # symbolic_zeros=True: every leaf comes wrapped, whether it is differentiated or not
+  rows, schedule, gate, up, down = jax.tree.map(
+    lambda p: p.value, (rows, schedule, gate, up, down)
+  )
   y, g_all, u_all = _blocked_forward(rows, schedule, gate, up, down, tiles_per_step)
-  return y, (rows, schedule, gate, up, down, g_all, u_all)
+  return (y, gate, up, down), (rows, schedule, gate, up, down, g_all, u_all)
 
 
-def _blocked_swiglu_bwd(tiles_per_step, residuals, d_y):
+def _blocked_swiglu_bwd(tiles_per_step, residuals, cotangents):
+  with jax.named_scope(TILES_BWD_SCOPE):  # names the backward's ops for profiles
+    return _blocked_swiglu_bwd_loops(tiles_per_step, residuals, *cotangents)
+
+
+def _blocked_swiglu_bwd_loops(tiles_per_step, residuals, d_y, d_gate_in, d_up_in, d_down_in):
   rows, schedule, gate, up, down, g_all, u_all = residuals
   d_y = d_y.astype(rows.dtype)
   f32 = jnp.float32
@@ -312,20 +343,18 @@ def _blocked_swiglu_bwd(tiles_per_step, residuals, d_y):
       _add_to_experts(d_down, e, jnp.einsum("gwf,gwd->gfd", h, dy, preferred_element_type=f32)),
     )
 
-  # Each accumulator starts from a zero of its own: 0.0 times a finite number that differs per
-  # accumulator and per call (each call routes its own way). XLA merges identical constant
-  # broadcasts, across accumulators and across the model's calls of this loop, and then copies
-  # the merged buffer into every loop's state: a read and a write of [E, d, f] float32 where one
-  # write does (PERF.md 18).
+  # The weight gradients accumulate onto the cotangents of the passed-through weights: the
+  # later passes' gradients in a chain, zeros otherwise. A zero of JAX's (a symbolic zero made
+  # a constant broadcast) would be merged by XLA with every other identical broadcast and then
+  # copied into each loop's state, a read and a write of [E, d, f] float32 where one write does
+  # (PERF.md 18): so each starts from 0.0 times a number that differs per accumulator and call.
   used_tiles = jnp.sum(schedule.used)
   zeros = (used_tiles + jnp.arange(3, dtype=used_tiles.dtype)).astype(f32) * 0.0
-  init = jax.tree.map(
-    lambda z: _varying_like(z, rows),
-    (
-      jnp.zeros_like(rows),
-      *(jnp.broadcast_to(z, w.shape) for z, w in zip(zeros, (gate, up, down))),
-    ),
+  accumulators = tuple(
+    _accumulator(incoming, w, zero)
+    for incoming, w, zero in zip((d_gate_in, d_up_in, d_down_in), (gate, up, down), zeros)
   )
+  init = jax.tree.map(lambda z: _varying_like(z, rows), (jnp.zeros_like(rows), *accumulators))
   d_x, d_gate, d_up, d_down = _over_tiles(schedule, tiles_per_step, body, init)
   d_gate, d_up, d_down = (
     _sum_to_type_of(g, w).astype(w.dtype) for g, w in ((d_gate, gate), (d_up, up), (d_down, down))
@@ -333,7 +362,14 @@ def _blocked_swiglu_bwd(tiles_per_step, residuals, d_y):
   return d_x, None, d_gate, d_up, d_down
 
 
-blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
+blocked_swiglu_threaded.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd, symbolic_zeros=True)
+
+
+def _accumulator(incoming, weight: Array, zero: Array) -> Array:
+  """A float32 [E, d, f] accumulator starting at `incoming` (a cotangent; zeros if symbolic)."""
+  if isinstance(incoming, jax.custom_derivatives.SymbolicZero):
+    return jnp.broadcast_to(zero, weight.shape)
+  return incoming.astype(jnp.float32)
 
 
 def blocked_dispatch(
@@ -360,15 +396,20 @@ def blocked_dispatch(
     tile_sizes = (tile_sizes,)
   tile_sizes = tuple(sorted({max(1, min(int(s), num_tokens * k)) for s in tile_sizes}))
   tiles_per_step = max(1, tiles_per_step)
-  layout = blocked_layout(expert_ids, num_experts, tile_sizes, token_mask, tiles_per_step)
-  token_of_row = jnp.where(
-    layout.assignment_of_row < num_tokens * k, layout.assignment_of_row // k, num_tokens
-  )
-  rows = gather_rows(x, token_of_row, layout.row_of_assignment)  # [rows, hidden]
-  out_rows = blocked_swiglu(
-    rows, layout.schedule, weights.gate, weights.up, weights.down, tiles_per_step
-  )
-  output = combine_rows(
-    out_rows, layout.row_of_assignment, layout.assignment_of_row, combine_weights
-  )
-  return DispatchOutput(output=output, kept=layout.kept)
+  with jax.named_scope("layout"):
+    layout = blocked_layout(expert_ids, num_experts, tile_sizes, token_mask, tiles_per_step)
+    token_of_row = jnp.where(
+      layout.assignment_of_row < num_tokens * k, layout.assignment_of_row // k, num_tokens
+    )
+  with jax.named_scope("gather"):
+    rows = gather_rows(x, token_of_row, layout.row_of_assignment)  # [rows, hidden]
+  with jax.named_scope("tiles"):
+    out_rows, gate, up, down = blocked_swiglu_threaded(
+      rows, layout.schedule, weights.gate, weights.up, weights.down, tiles_per_step
+    )
+  with jax.named_scope("combine"):
+    output = combine_rows(
+      out_rows, layout.row_of_assignment, layout.assignment_of_row, combine_weights
+    )
+  threaded = weights.replace(gate=gate, up=up, down=down)
+  return DispatchOutput(output=output, kept=layout.kept, weights=threaded)

@@ -159,11 +159,11 @@ class CoELayer(nn.Module):
     sow_probs = self.is_mutable_collection("intermediates")
     real = jnp.ones((batch, seq), bool) if token_mask is None else token_mask > 0
     dispatch_mask = None if token_mask is None or route_pads else real
-    expert_pass = self._expert_pass(routed, shared, capacity_factor, dispatch_mask, real)
+    expert_pass = self._expert_pass(shared, capacity_factor, dispatch_mask, real)
 
     def iteration(carry, router_weight):
-      u, m_sum = carry
-      m, routing, kept = expert_pass(u, router_weight)
+      u, m_sum, routed = carry  # routed: each pass reads the weights the previous one returned
+      m, routing, kept, routed = expert_pass(u, router_weight, routed)
       u_next = (u + m) if cfg.inner_residual else m
       per_iter = dict(
         expert_ids=routing.expert_ids,
@@ -177,10 +177,10 @@ class CoELayer(nn.Module):
       )
       if sow_probs:
         per_iter["router_probs"] = routing.probs
-      return (u_next, m_sum + m), per_iter
+      return (u_next, m_sum + m, routed), per_iter
 
-    (u_last, m_sum), per_iter = jax.lax.scan(
-      iteration, (u0, jnp.zeros_like(u0)), router_weights, unroll=True
+    (u_last, m_sum, _), per_iter = jax.lax.scan(
+      iteration, (u0, jnp.zeros_like(u0), routed), router_weights, unroll=True
     )
 
     for name in ("expert_ids", "combine_weights", "kept", "router_probs"):
@@ -204,8 +204,9 @@ class CoELayer(nn.Module):
     )
     return out, aux
 
-  def _expert_pass(self, routed, shared, capacity_factor: float, token_mask, real):
-    """`(u, router_weight) -> (m, routing, kept)`, per device under `expert_parallel`."""
+  def _expert_pass(self, shared, capacity_factor: float, token_mask, real):
+    """`(u, router_weight, routed) -> (m, routing, kept, routed)`, per device under
+    `expert_parallel` (whose passes return `routed` as given)."""
     cfg = self.config
 
     def local_pass(u, router_weight, routed, shared, token_mask, expert_axis=None):
@@ -223,16 +224,21 @@ class CoELayer(nn.Module):
 
     parallel = self.expert_parallel
     if parallel is None or not parallel.applies_to(real.shape[0]):
-      return lambda u, router_weight: local_pass(u, router_weight, routed, shared, token_mask)
+      return lambda u, router_weight, routed: local_pass(
+        u, router_weight, routed, shared, token_mask
+      )
     if cfg.n_routed_experts % parallel.expert_shards:
       raise ValueError(
         f"expert_parallel: n_routed_experts={cfg.n_routed_experts} does not split "
         f"over the {parallel.expert_shards} devices of axis "
         f"{parallel.expert_axis!r}"
       )
-    sharded = parallel.wrap(local_pass)
+    sharded = parallel.wrap(lambda *args: local_pass(*args)[:3])
     mask = jnp.ones_like(real) if token_mask is None else token_mask
-    return lambda u, router_weight: sharded(u, router_weight, routed, shared, mask)
+    return lambda u, router_weight, routed: (
+      *sharded(u, router_weight, routed, shared, mask),
+      routed,
+    )
 
 
 def expert_pass(
@@ -246,20 +252,22 @@ def expert_pass(
   expert_axis=None,
   expert_fn: Callable = swiglu,
 ):
-  """m = RoutedExperts(u) + SharedExperts(u) for one iteration; returns (m, routing, kept).
+  """m = RoutedExperts(u) + SharedExperts(u) for one iteration; returns (m, routing, kept,
+  routed), the last the routed weights for the next pass (`DispatchOutput.weights`).
 
   `expert_axis`: inside shard_map, the mesh axis `routed` is split over.
   """
   batch, seq, hidden = u.shape
-  routing = route(
-    u,
-    router_weight,
-    k=cfg.num_experts_per_tok,
-    norm_topk_prob=cfg.norm_topk_prob,
-    routed_scaling_factor=cfg.routed_scaling_factor,
-    aux_loss_alpha=cfg.aux_loss_alpha,
-    z_loss_coef=cfg.router_z_loss_coef,
-  )
+  with jax.named_scope("router"):  # named scopes: what `experiments.profile_step` groups by
+    routing = route(
+      u,
+      router_weight,
+      k=cfg.num_experts_per_tok,
+      norm_topk_prob=cfg.norm_topk_prob,
+      routed_scaling_factor=cfg.routed_scaling_factor,
+      aux_loss_alpha=cfg.aux_loss_alpha,
+      z_loss_coef=cfg.router_z_loss_coef,
+    )
   flat_ids = routing.expert_ids.reshape(batch * seq, -1)
   flat_weights = routing.combine_weights.reshape(batch * seq, -1)
   result = dispatch_lib.dispatch_to_experts(
@@ -279,5 +287,7 @@ def expert_pass(
   )
   m = result.output.reshape(batch, seq, hidden)
   if shared is not None:
-    m = m + expert_fn(shared, u)
-  return m.astype(u.dtype), routing, result.kept.reshape(batch, seq, -1)
+    with jax.named_scope("shared_expert"):
+      m = m + expert_fn(shared, u)
+  routed_out = routed if result.weights is None else result.weights
+  return m.astype(u.dtype), routing, result.kept.reshape(batch, seq, -1), routed_out

@@ -8,6 +8,8 @@ what a dispatch returns.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -22,10 +24,15 @@ class DispatchOutput:
     output: <float>[tokens, hidden] sum_k weight_k * expert_k(x) over kept assignments.
     kept: <bool>[tokens, K] whether each assignment was processed (all True if
       dropless); assignments of masked-out (padding) tokens are never kept.
+    weights: the expert weights this dispatch read, passed through unchanged, or None.
+      A chain of passes that feeds each pass the previous pass's `weights`
+      (`CoELayer`) lets 'blocked' add every pass's weight gradient into one
+      accumulator in place, instead of one per pass summed afterwards.
   """
 
   output: Float[Array, "tokens hidden"]
   kept: Bool[Array, "tokens k"]
+  weights: Any = None
 
 
 def expert_order(flat_ids: Int[Array, "n"], num_experts: int) -> Int[Array, "n"]:

@@ -20,6 +20,7 @@ import optax
 
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.training import sharding
+from coe_jax.training.cross_entropy import shift_left, token_cross_entropy_sum
 from coe_jax.training.optimizer import make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -56,8 +57,9 @@ def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
 def cross_entropy_sum(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """(sum of token cross-entropies, number of target tokens) of one batch."""
   targets, weights = next_token_targets(batch)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-  return jnp.sum(losses * weights), jnp.sum(weights)
+  count = jnp.sum(weights)
+  targets, weights = shift_left(targets, weights)  # full length: no [b, s-1, V] copies
+  return token_cross_entropy_sum(logits, targets, weights), count
 
 
 def _forward(model: CoECausalLM, params, batch: Batch, train: bool):
