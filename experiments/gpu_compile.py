@@ -98,6 +98,7 @@ def compile_program(spec: dict[str, Any]) -> dict[str, Any]:
   from jax.sharding import PartitionSpec as P
 
   from coe_jax import config_lib
+  from coe_jax.nn import params
   from coe_jax.nn.model import CoECausalLM
   from coe_jax.training import metrics, sharding, train_step
 
@@ -117,7 +118,9 @@ def compile_program(spec: dict[str, Any]) -> dict[str, Any]:
   replicated = NamedSharding(mesh, P())
   if devices > 1:
     sharding.validate_for_mesh(mesh, model_config, {"batch": batch})
-    state_sh, batch_sh = sharding.state_shardings(abstract, mesh), sharding.batch_sharding(mesh)
+    axes_tree = params.param_axes(model_config)
+    state_sh = sharding.state_shardings(abstract, mesh, axes_tree)
+    batch_sh = sharding.batch_sharding(mesh)
   else:
     state_sh, batch_sh = jax.tree.map(lambda _: replicated, abstract), replicated
   sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import flax
 import jax
 import numpy as np
 
@@ -447,7 +448,7 @@ def random_params(init_fn, *args, seed=0, std=0.3, router_std=0.5):
   every value is drawn here: N(0, std) for matrices, N(0, router_std) for
   routers, 1 + N(0, 0.3) for RMSNorm scales (so that the scales are exercised).
   """
-  shapes = jax.eval_shape(init_fn, jax.random.key(0), *args)["params"]
+  shapes = flax.core.meta.unbox(jax.eval_shape(init_fn, jax.random.key(0), *args))["params"]
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):

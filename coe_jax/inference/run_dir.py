@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -88,9 +89,9 @@ def vocab_size(workdir: str, config: ml_collections.ConfigDict) -> int:
 
 
 def abstract_params(model: CoECausalLM) -> Any:
-  """Shapes and dtypes of the model's params (nothing allocated or compiled)."""
+  """Shapes and dtypes of the model's params (nothing allocated or compiled), unboxed."""
   dummy = jnp.zeros((1, 8), jnp.int32)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))["params"]
+  return nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), dummy)))["params"]
 
 
 def load_run(workdir: str, step: Optional[int] = None, *, with_tokenizer: bool = True) -> Run:

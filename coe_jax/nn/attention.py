@@ -20,7 +20,6 @@ Submodule names (`q_proj`, `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`,
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -30,6 +29,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from coe_jax.nn.layers import RMSNorm, compute_dtype, normal_init
+from coe_jax.nn.logical_axes import BATCH, EMBED, HEADS, KV, KV_LORA, LENGTH, constrain, param_init
 from coe_jax.nn.model_config import ModelConfig
 
 # Score given to masked (query, key) pairs. A finite value keeps rows with no
@@ -181,34 +181,34 @@ def make_attention_mask(
 class MultiHeadLatentAttention(nn.Module):
   """DeepSeek-V2 MLA without query compression (q_lora_rank=None).
 
-  Params (float32, Flax kernels are [in, out]):
-    q_proj/kernel               [hidden, H * (nope + rope)]
-    kv_a_proj_with_mqa/kernel   [hidden, kv_lora_rank + rope]
-    kv_a_layernorm/scale        [kv_lora_rank]
-    kv_b_proj/kernel            [kv_lora_rank, H * (nope + v)]
-    o_proj/kernel               [H * v, hidden]
+  Params (float32, Flax kernels are [in, out]), with their logical axes:
+    q_proj/kernel               [hidden, H * (nope + rope)]     (embed, heads)
+    kv_a_proj_with_mqa/kernel   [hidden, kv_lora_rank + rope]   (embed, kv_lora)
+    kv_a_layernorm/scale        [kv_lora_rank]                  (norm,)
+    kv_b_proj/kernel            [kv_lora_rank, H * (nope + v)]  (kv_lora, heads)
+    o_proj/kernel               [H * v, hidden]                 (heads, embed)
   Per-head output columns are laid out head-major, [head, (nope, rope)] and
   [head, (nope, v)], as the reference's `.view(b, s, H, -1)` reads them.
+  Activations: per-head (batch, length, heads, kv), the latent (batch, length,
+  kv_lora), the output (batch, length, embed).
   """
 
   config: ModelConfig
 
   def setup(self):
     config = self.config
-    dtype = compute_dtype(config.dtype)
-    dense = functools.partial(
-      nn.Dense,
-      use_bias=False,
-      kernel_init=normal_init(config.initializer_range),
-      dtype=dtype,
-      param_dtype=jnp.float32,
-    )
+    dtype, f32 = compute_dtype(config.dtype), jnp.float32
+
+    def dense(features: int, names: tuple[str, str]) -> nn.Dense:
+      init = param_init(normal_init(config.initializer_range), names)
+      return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=f32, kernel_init=init)
+
     heads = config.num_heads
-    self.q_proj = dense(heads * config.q_head_dim)
-    self.kv_a_proj_with_mqa = dense(config.kv_lora_rank + config.qk_rope_head_dim)
+    self.q_proj = dense(heads * config.q_head_dim, (EMBED, HEADS))
+    self.kv_a_proj_with_mqa = dense(config.kv_lora_rank + config.qk_rope_head_dim, (EMBED, KV_LORA))
     self.kv_a_layernorm = RMSNorm(eps=config.rms_norm_eps, dtype=dtype)
-    self.kv_b_proj = dense(heads * (config.qk_nope_head_dim + config.v_head_dim))
-    self.o_proj = dense(config.hidden_size)
+    self.kv_b_proj = dense(heads * (config.qk_nope_head_dim + config.v_head_dim), (KV_LORA, HEADS))
+    self.o_proj = dense(config.hidden_size, (HEADS, EMBED))
 
   def __call__(
     self,
@@ -231,6 +231,7 @@ class MultiHeadLatentAttention(nn.Module):
     """q_nope [b, s, H, nope] and rotated q_pe [b, s, H, rope], in compute dtype."""
     config = self.config
     q = self.q_proj(x).reshape(*x.shape[:2], config.num_heads, config.q_head_dim)
+    q = constrain(q, (BATCH, LENGTH, HEADS, KV))
     q_nope, q_pe = jnp.split(q, [config.qk_nope_head_dim], axis=-1)
     return q_nope, apply_rotary(q_pe, cos, sin)
 
@@ -244,7 +245,7 @@ class MultiHeadLatentAttention(nn.Module):
     compressed = self.kv_a_proj_with_mqa(x)
     c, k_pe = jnp.split(compressed, [self.config.kv_lora_rank], axis=-1)
     k_pe = apply_rotary(k_pe[:, :, None, :], cos, sin)[:, :, 0, :]
-    return self.kv_a_layernorm(c), k_pe
+    return constrain(self.kv_a_layernorm(c), (BATCH, LENGTH, KV_LORA)), k_pe
 
   def attend(
     self,
@@ -271,11 +272,14 @@ class MultiHeadLatentAttention(nn.Module):
     out = _attention(
       q_nope, q_pe, k_nope, k_pe.astype(q_pe.dtype), value, mask, softmax_scale(config), query_block
     )
-    return self.o_proj(out.reshape(*out.shape[:2], -1))
+    return self._project_out(out)
 
-  # --------------------------------------------------------------------------
+  def _project_out(self, out: Float[Array, "batch q heads v"]) -> Float[Array, "batch q hidden"]:
+    """o_proj over the heads' outputs, joined head-major."""
+    out = constrain(out, (BATCH, LENGTH, HEADS, KV))
+    return constrain(self.o_proj(out.reshape(*out.shape[:2], -1)), (BATCH, LENGTH, EMBED))
+
   # Decoding with a latent cache (used by `CoECausalLM(decode=...)`, coe_jax.nn.model).
-  # --------------------------------------------------------------------------
 
   def attend_absorbed(
     self,
@@ -296,22 +300,19 @@ class MultiHeadLatentAttention(nn.Module):
     config = self.config
     if self.is_initializing():  # create kv_b_proj's kernel
       self.kv_b_proj(c_latent[:, :1])
-    kernel = self.kv_b_proj.variables["params"]["kernel"].astype(q_nope.dtype)
-    kernel = kernel.reshape(
-      config.kv_lora_rank, config.num_heads, config.qk_nope_head_dim + config.v_head_dim
-    )
+    kernel = nn.meta.unbox(self.kv_b_proj.variables["params"]["kernel"]).astype(q_nope.dtype)
+    per_head = config.qk_nope_head_dim + config.v_head_dim
+    kernel = kernel.reshape(config.kv_lora_rank, config.num_heads, per_head)
     w_uk, w_uv = jnp.split(kernel, [config.qk_nope_head_dim], axis=-1)
     f32 = jnp.float32
     q_latent = jnp.einsum("bqhd,rhd->bqhr", q_nope, w_uk, preferred_element_type=f32)
     c32 = c_latent.astype(f32)
-    scores = jnp.einsum("bqhr,bkr->bhqk", q_latent, c32, preferred_element_type=f32) + jnp.einsum(
-      "bqhd,bkd->bhqk", q_pe, k_pe.astype(q_pe.dtype), preferred_element_type=f32
-    )
-    scores = jnp.where(mask, scores * softmax_scale(config), _MASK_VALUE)
+    scores = jnp.einsum("bqhr,bkr->bhqk", q_latent, c32, preferred_element_type=f32)
+    rope = jnp.einsum("bqhd,bkd->bhqk", q_pe, k_pe.astype(q_pe.dtype), preferred_element_type=f32)
+    scores = jnp.where(mask, (scores + rope) * softmax_scale(config), _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     context = jnp.einsum("bhqk,bkr->bqhr", probs, c32, preferred_element_type=f32)
-    out = jnp.einsum("bqhr,rhe->bqhe", context.astype(q_nope.dtype), w_uv)
-    return self.o_proj(out.reshape(*out.shape[:2], -1))
+    return self._project_out(jnp.einsum("bqhr,rhe->bqhe", context.astype(q_nope.dtype), w_uv))
 
   def attend_with_cache(
     self,
@@ -374,10 +375,7 @@ def _attention(
   if query_block <= 0 or query_block >= q_len:
     return _attend_block(query, key, value, mask, scale)
   if key.shape[1] != q_len:
-    raise ValueError(
-      f"blocked causal attention needs as many keys as queries, got "
-      f"{key.shape[1]} keys for {q_len} queries"
-    )
+    raise ValueError(f"blocked causal attention: {key.shape[1]} keys for {q_len} queries")
   outs = []
   for start in range(0, q_len, query_block):
     end = min(start + query_block, q_len)

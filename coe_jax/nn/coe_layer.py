@@ -33,6 +33,7 @@ from coe_jax.nn.coe_config import CoEConfig
 from coe_jax.nn.expert_parallel import ExpertParallel
 from coe_jax.nn.experts import RoutedExperts, SharedExperts, swiglu
 from coe_jax.nn.layers import RMSNorm, compute_dtype, torch_linear_default_init
+from coe_jax.nn.logical_axes import CHAIN, EMBED, EXPERT_LOGITS, param_init
 from coe_jax.nn.router import route
 
 ROUTED_EXPERTS = "routed_experts"  # the param collection holding the stacked [E, ...] experts
@@ -138,7 +139,7 @@ class CoELayer(nn.Module):
     u0 = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(h)
     router_weights = self.param(
       "router",
-      torch_linear_default_init(hidden),
+      param_init(torch_linear_default_init(hidden), (CHAIN, EXPERT_LOGITS, EMBED)),
       (cfg.num_router_weights, num_experts, hidden),
       jnp.float32,
     )

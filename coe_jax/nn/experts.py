@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from coe_jax.nn.layers import normal_init
+from coe_jax.nn.logical_axes import BATCH, EMBED, EXPERT, LENGTH, MLP, constrain, param_init
 
 
 @flax.struct.dataclass
@@ -33,18 +34,28 @@ class SwiGLUWeights:
 
 
 def swiglu(weights: SwiGLUWeights, x: Float[Array, "... hidden"]) -> Float[Array, "... hidden"]:
-  """One SwiGLU MLP applied to the last axis."""
+  """One SwiGLU MLP applied to the last axis.
+
+  On the residual stream [batch, length, hidden] (the shared expert) its hidden
+  activation carries the logical axes (batch, length, mlp).
+  """
   hidden = jax.nn.silu(x @ weights.gate) * (x @ weights.up)
+  if hidden.ndim == 3:
+    hidden = constrain(hidden, (BATCH, LENGTH, MLP))
   return hidden @ weights.down
 
 
 def swiglu_per_expert(
   weights: SwiGLUWeights, x: Float[Array, "experts capacity hidden"]
 ) -> Float[Array, "experts capacity hidden"]:
-  """Each expert's MLP on its own buffer rows, as batched matmuls (no loop over experts)."""
+  """Each expert's MLP on its own buffer rows, as batched matmuls (no loop over experts).
+
+  The hidden activation carries the logical axes (expert, None, mlp).
+  """
   gate = jnp.einsum("ecd,edf->ecf", x, weights.gate)
   up = jnp.einsum("ecd,edf->ecf", x, weights.up)
-  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, weights.down)
+  hidden = constrain(jax.nn.silu(gate) * up, (EXPERT, None, MLP))
+  return jnp.einsum("ecf,efd->ecd", hidden, weights.down)
 
 
 def swiglu_grouped(
@@ -63,7 +74,8 @@ class RoutedExperts(nn.Module):
   """Creates the stacked weights of `num_experts` SwiGLU experts.
 
   Params: gate_proj, up_proj <float32>[experts, hidden, intermediate];
-  down_proj <float32>[experts, intermediate, hidden]. Returns `SwiGLUWeights`.
+  down_proj <float32>[experts, intermediate, hidden]; logical axes (expert,
+  embed, mlp) and (expert, mlp, embed). Returns `SwiGLUWeights`.
   """
 
   num_experts: int
@@ -74,11 +86,12 @@ class RoutedExperts(nn.Module):
   @nn.compact
   def __call__(self) -> SwiGLUWeights:
     e, d, f = self.num_experts, self.hidden_size, self.intermediate_size
-    init = normal_init(self.init_std)
+    into = param_init(normal_init(self.init_std), (EXPERT, EMBED, MLP))
+    out = param_init(normal_init(self.init_std), (EXPERT, MLP, EMBED))
     return SwiGLUWeights(
-      gate=self.param("gate_proj", init, (e, d, f), jnp.float32),
-      up=self.param("up_proj", init, (e, d, f), jnp.float32),
-      down=self.param("down_proj", init, (e, f, d), jnp.float32),
+      gate=self.param("gate_proj", into, (e, d, f), jnp.float32),
+      up=self.param("up_proj", into, (e, d, f), jnp.float32),
+      down=self.param("down_proj", out, (e, f, d), jnp.float32),
     )
 
 
@@ -86,7 +99,8 @@ class SharedExperts(nn.Module):
   """Creates the shared expert's weights: one SwiGLU MLP of width f * n_shared.
 
   Params: gate_proj, up_proj <float32>[hidden, intermediate]; down_proj
-  <float32>[intermediate, hidden]. Returns `SwiGLUWeights`.
+  <float32>[intermediate, hidden]; logical axes (embed, mlp) and (mlp, embed).
+  Returns `SwiGLUWeights`.
   """
 
   hidden_size: int
@@ -96,9 +110,10 @@ class SharedExperts(nn.Module):
   @nn.compact
   def __call__(self) -> SwiGLUWeights:
     d, f = self.hidden_size, self.intermediate_size
-    init = normal_init(self.init_std)
+    into = param_init(normal_init(self.init_std), (EMBED, MLP))
+    out = param_init(normal_init(self.init_std), (MLP, EMBED))
     return SwiGLUWeights(
-      gate=self.param("gate_proj", init, (d, f), jnp.float32),
-      up=self.param("up_proj", init, (d, f), jnp.float32),
-      down=self.param("down_proj", init, (f, d), jnp.float32),
+      gate=self.param("gate_proj", into, (d, f), jnp.float32),
+      up=self.param("up_proj", into, (d, f), jnp.float32),
+      down=self.param("down_proj", out, (f, d), jnp.float32),
     )

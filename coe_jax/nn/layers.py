@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from coe_jax.nn.logical_axes import NORM, param_init
+
 
 def compute_dtype(name: str) -> jnp.dtype:
   """'float32' | 'bfloat16' -> the dtype object."""
@@ -33,6 +35,8 @@ def torch_linear_default_init(fan_in: int) -> nn.initializers.Initializer:
 class RMSNorm(nn.Module):
   """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (as DeepSeek-V2 does).
 
+  Params: `scale` <float32>[d], logical axes (norm,).
+
   Attributes:
     eps: added to the mean square.
     dtype: output dtype.
@@ -43,7 +47,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    ones = param_init(nn.initializers.ones, (NORM,))
+    scale = self.param("scale", ones, (x.shape[-1],), jnp.float32)
     return rms_norm(x, scale, self.eps).astype(self.dtype)
 
 

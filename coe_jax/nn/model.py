@@ -29,6 +29,7 @@ from coe_jax.nn.attention import MultiHeadLatentAttention, make_attention_mask, 
 from coe_jax.nn.coe_layer import CoEAux, CoELayer
 from coe_jax.nn.expert_parallel import ExpertParallel
 from coe_jax.nn.layers import RMSNorm, compute_dtype, normal_init
+from coe_jax.nn.logical_axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, param_init
 from coe_jax.nn.model_config import ModelConfig
 
 
@@ -127,7 +128,9 @@ class CoECausalLM(nn.Module):
 
   Params: `embed_tokens/embedding` [vocab, hidden]; `layers_0/...` ..
   `layers_{L-1}/...` (with `scan_layers`: `layers/...` stacked on a leading
-  [num_layers] axis); `norm/scale`; `lm_head/kernel` [hidden, vocab].
+  [num_layers] axis, logical name `layers`); `norm/scale`; `lm_head/kernel`
+  [hidden, vocab]. `init` returns them boxed with their logical axes
+  (`coe_jax.nn.logical_axes`); `nn.meta.unbox` gives the plain arrays.
   `expert_parallel` (optional) runs every CoE layer's routed pass per device
   (`coe_jax.nn.expert_parallel`); the train loop passes `Parallelism.expert_parallel()`.
 
@@ -183,11 +186,12 @@ class CoECausalLM(nn.Module):
     x = nn.Embed(
       cfg.vocab_size,
       cfg.hidden_size,
-      embedding_init=normal_init(cfg.initializer_range),
+      embedding_init=param_init(normal_init(cfg.initializer_range), (VOCAB, EMBED)),
       param_dtype=jnp.float32,
       dtype=dtype,
       name="embed_tokens",
     )(input_ids)
+    x = constrain(x, (BATCH, LENGTH, EMBED))
     x, layer_aux, new_entries = self._layers(train)(
       x,
       positions,
@@ -202,11 +206,12 @@ class CoECausalLM(nn.Module):
     logits = nn.Dense(
       cfg.vocab_size,
       use_bias=False,
-      kernel_init=normal_init(cfg.initializer_range),
+      kernel_init=param_init(normal_init(cfg.initializer_range), (EMBED, VOCAB)),
       dtype=dtype,
       param_dtype=jnp.float32,
       name="lm_head",
     )(x)
+    logits = constrain(logits, (BATCH, LENGTH, VOCAB))
     new_cache = None
     if cache is not None:
       if key_mask is None:  # prefill
@@ -244,6 +249,7 @@ class CoECausalLM(nn.Module):
       layer_cls,
       variable_axes={"params": 0, "intermediates": 0},
       split_rngs={"params": True},
+      metadata_params={nn.PARTITION_NAME: LAYERS},  # stacked params' leading logical axis
       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, cache_axis, nn.broadcast),
       length=cfg.num_layers,
       unroll=cfg.num_layers if self.decode is None else 1,

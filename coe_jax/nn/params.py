@@ -1,17 +1,23 @@
-"""Parameter accounting: analytic counts per config, checked against real trees.
+"""Parameter accounting: analytic counts per config, and each param's logical axes.
 
 `count_params(config)` is the hand count of DESIGN.md 5; `tree_size(params)` counts
-an initialised tree. Tests assert they agree.
+an initialised tree. Tests assert they agree. `param_axes(config)` names every
+axis of every param (`coe_jax.nn.logical_axes`), which `training.sharding` lays
+out by its rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
 
 
@@ -89,6 +95,18 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     norms=norms,
     active_per_token=active,
   )
+
+
+def param_axes(cfg: ModelConfig) -> Any:
+  """The params' tree with a `PartitionSpec` of logical axis names at every leaf.
+
+  Read from the boxes `CoECausalLM(cfg).init` creates, traced only (nothing is
+  allocated): e.g. `param_axes(cfg)["layers_0"]["mlp"]["routed_experts"]["gate_proj"]`
+  is `PartitionSpec('expert', 'embed', 'mlp')`.
+  """
+  ids = jnp.zeros((1, 8), jnp.int32)
+  abstract = jax.eval_shape(CoECausalLM(cfg).init, jax.random.key(0), ids)
+  return nn.get_partition_spec(abstract)["params"]
 
 
 def tree_size(params) -> int:

@@ -4,17 +4,22 @@ The mesh has three named axes, `data`, `fsdp` and `expert` (config section
 `config.mesh`, defaults in `config_lib.build`), with `expert` innermost so that
 the all-to-all traffic stays between neighbouring devices.
 
-* Batch: the leading axis of every batch array is split over all three axes
-  (`BATCH_AXES`): every device holds different sequences. Attention, norms,
-  the head and the loss run data-parallel under `jax.jit`; XLA's SPMD
-  partitioner propagates that sharding and inserts the gradient all-reduces.
-* Params and optimizer state (`state_shardings`): the routed-expert weights
-  `[E, ...]` (`[layers, E, ...]` with `scan_layers`) are split over `expert` on their E axis; with
-  `fsdp > 1` every matrix (experts included) is also split over `fsdp` on its
-  largest divisible axis, and XLA all-gathers it where it is used (ZeRO-3).
-  The rules look only at a leaf's tree path and shape, and Optax's moment
-  trees repeat the param paths, so the AdamW state is sharded exactly like the
-  params it tracks.
+Layouts are `RULES` over the logical axis names every param is created with
+(`coe_jax.nn.logical_axes`, DESIGN.md 9), read as flax reads
+`nn.logical_axis_rules` (in priority order):
+
+* Batch: the leading (`batch`) axis of every batch array is split over all
+  three axes (`BATCH_AXES`): every device holds different sequences.
+  Attention, norms, the head and the loss run data-parallel under `jax.jit`;
+  XLA's SPMD partitioner propagates that sharding and inserts the gradient
+  all-reduces.
+* Params and optimizer state (`state_shardings`): the routed experts' `expert`
+  axis is split over `expert`; with `fsdp > 1` every matrix is also split over
+  `fsdp` on its `vocab` axis (embedding, head), else its `heads` axis (q_proj,
+  kv_b_proj, o_proj), else its `embed` axis (experts, routers, kv_a_proj), and
+  XLA all-gathers it where it is used (ZeRO-3). A rule whose mesh axes do not
+  divide the dimension is passed over. Adam's moments have the params' tree
+  structure, so they are laid out exactly like the params they track.
 * Expert dispatch: `Parallelism.expert_parallel()` is the
   `coe_jax.nn.expert_parallel.ExpertParallel` that the train loop hands the model
   (and so every CoE layer) explicitly: batch over all three axes, experts over
@@ -40,6 +45,7 @@ import contextlib
 import dataclasses
 from typing import Any, Callable, Iterator, Optional
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -47,13 +53,24 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from coe_jax.errors import ConfigError
-from coe_jax.nn.coe_layer import ROUTED_EXPERTS
+from coe_jax.nn import logical_axes as axes
 from coe_jax.nn.expert_parallel import ExpertParallel
 from coe_jax.nn.model_config import ModelConfig
+from coe_jax.nn.params import param_axes
 from coe_jax.training import multihost
 
 MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = MESH_AXES
+
+# Our layouts as logical axis rules, highest priority first: each rule gives its
+# mesh axes to the dimension of that name unless the mesh axes are taken.
+RULES = (
+  (axes.BATCH, BATCH_AXES),  # data parallel over every device
+  (axes.EXPERT, "expert"),  # the routed experts split on their E axis
+  (axes.VOCAB, "fsdp"),  # fsdp (ZeRO-3): the embedding's and the head's vocabulary,
+  (axes.HEADS, "fsdp"),  # else the attention projections' heads,
+  (axes.EMBED, "fsdp"),  # else the model width (experts, routers, kv_a_proj)
+)
 
 
 # ---------------------------------------------------------------------------
@@ -131,40 +148,64 @@ def batch_shards(mesh: Mesh) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _path_names(path) -> list[str]:
-  return [str(getattr(entry, "key", getattr(entry, "name", entry))) for entry in path]
+def mesh_spec(names: tuple, shape: tuple[int, ...], axis_sizes: dict[str, int], rules=RULES) -> P:
+  """The PartitionSpec of an array with logical axis `names` under `rules`.
 
-
-def param_spec(path_names: list[str], shape: tuple[int, ...], axis_sizes: dict[str, int]) -> P:
-  """PartitionSpec of one param (or optimizer-moment) leaf from its tree path and shape.
-
-  Routed experts `[..., E, a, b]`: E over `expert`. Any leaf of rank >= 2:
-  its largest axis divisible by the fsdp size (and not already split) over `fsdp`.
+  `nn.logical_to_mesh_axes` (each rule, in order, gives its mesh axes to the
+  dimension of that name if that dimension and those axes are still free), except
+  that a rule is passed over where its mesh axes are missing from the mesh or their
+  sizes do not divide the dimension: the next rule for that name, or none, applies.
   """
-  spec: list[Any] = [None] * len(shape)
-  if ROUTED_EXPERTS in path_names and len(shape) >= 3 and axis_sizes["expert"] > 1:
-    spec[len(shape) - 3] = "expert"
-  fsdp = axis_sizes["fsdp"]
-  if fsdp > 1 and len(shape) >= 2:
-    free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % fsdp == 0]
-    if free:
-      spec[max(free, key=lambda i: shape[i])] = "fsdp"
+  spec: list[Any] = [None] * len(names)
+  taken: set[str] = set()
+  for name, mesh_axes in rules:
+    if name not in names or spec[names.index(name)] is not None:
+      continue
+    dim = names.index(name)
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    if not mesh_axes or taken & set(mesh_axes) or not set(mesh_axes) <= set(axis_sizes):
+      continue
+    if shape[dim] % int(np.prod([axis_sizes[a] for a in mesh_axes])):
+      continue
+    spec[dim] = mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+    taken |= set(mesh_axes)
   return P(*spec)
 
 
-def state_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for every leaf of a param / TrainState tree (see `param_spec`)."""
+def state_shardings(abstract_tree: Any, mesh: Mesh, axes_tree: Any, rules=RULES) -> Any:
+  """NamedShardings for every leaf of a params tree or a TrainState.
+
+  `axes_tree`: the params' logical axes (`coe_jax.nn.params.param_axes`), a tree of
+  PartitionSpecs. The params, and every subtree of the same structure (Adam's mu
+  and nu), are laid out by `mesh_spec`; any other leaf (step, counts) is replicated.
+  """
   sizes = dict(mesh.shape)
+  params_structure = jax.tree.structure(axes_tree, is_leaf=_is_spec)
 
-  def sharding(path, leaf):
-    return NamedSharding(mesh, param_spec(_path_names(path), tuple(np.shape(leaf)), sizes))
+  def like_params(node) -> bool:
+    return jax.tree.structure(node) == params_structure
 
-  return jax.tree_util.tree_map_with_path(sharding, abstract_tree)
+  def layout(leaf, names) -> NamedSharding:
+    shape = tuple(np.shape(leaf))
+    if len(shape) != len(names):
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, mesh_spec(tuple(names), shape, sizes, rules))
+
+  def shardings(node):
+    if like_params(node):
+      return jax.tree.map(layout, node, axes_tree)
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(shardings, abstract_tree, is_leaf=like_params)
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis over every mesh axis, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  """Leading (`batch`) axis by `RULES` (over every mesh axis), the rest replicated."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes((axes.BATCH,), RULES))
 
 
 def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
@@ -231,9 +272,12 @@ class Parallelism:
 
   Attributes:
     mesh: the device mesh, or None for single-device code.
+    axes_tree: the params' logical axes (`coe_jax.nn.params.param_axes`), which
+      `init_state` lays the state out by; needed with a mesh.
   """
 
   mesh: Optional[Mesh] = None
+  axes_tree: Any = None
 
   @classmethod
   def for_run(cls, config: ml_collections.ConfigDict, model: ModelConfig) -> "Parallelism":
@@ -249,6 +293,7 @@ class Parallelism:
           "train.eval_batch_size": train.eval_batch_size,
         },
       )
+      return cls(mesh, param_axes(model))
     return cls(mesh)
 
   def expert_parallel(self) -> Optional[ExpertParallel]:
@@ -270,7 +315,9 @@ class Parallelism:
     """`make_state()` (e.g. a TrainState), created directly in its sharded layout."""
     if self.mesh is None:
       return make_state()
-    shardings = state_shardings(jax.eval_shape(make_state), self.mesh)
+    if self.axes_tree is None:
+      raise ValueError("Parallelism.init_state with a mesh needs axes_tree (params.param_axes)")
+    shardings = state_shardings(jax.eval_shape(make_state), self.mesh, self.axes_tree)
     return jax.jit(make_state, out_shardings=shardings)()
 
   def shard_batch(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -185,7 +186,9 @@ def init_train_state(
   tx = make_optimizer(train)
 
   def create(key: jax.Array) -> TrainState:
-    params = model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    # Plain arrays: the logical axes `init` boxes them with lay out the state
+    # (`sharding.state_shardings`), they are not part of it.
+    params = nn.meta.unbox(model.init(key, jnp.zeros((1, seq_len), jnp.int32)))["params"]
     return TrainState.create(params, tx)
 
   return jax.jit(create)(jax.random.key(seed))
