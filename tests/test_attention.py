@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.core.meta import unbox
 
 from coe_jax.nn.attention import (
   MultiHeadLatentAttention,
@@ -139,8 +140,10 @@ def init_params(cfg, seed=0):
   """Flax params with a random (not all-ones) kv_a_layernorm scale."""
   x = jnp.zeros((1, SEQ, cfg.hidden_size))
   pos = jnp.zeros((1, SEQ), jnp.int32)
-  params = MultiHeadLatentAttention(cfg).init(
-    jax.random.key(seed), x, pos, make_attention_mask(seq_len=SEQ)
+  params = unbox(
+    MultiHeadLatentAttention(cfg).init(
+      jax.random.key(seed), x, pos, make_attention_mask(seq_len=SEQ)
+    )
   )["params"]
   scale = 1.0 + 0.2 * jax.random.normal(jax.random.key(seed + 1), (cfg.kv_lora_rank,))
   return {**params, "kv_a_layernorm": {"scale": scale}}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
 import pytest
+from flax.core.meta import unbox
 
 from coe_jax.nn.coe_config import CoEConfig
 from coe_jax.nn.coe_layer import CoELayer, expert_pass
@@ -366,10 +367,11 @@ def test_bfloat16_compute_with_float32_router():
 def test_param_shapes_and_router_init():
   for independent_gates, rows in ((True, 3), (False, 1)):
     cfg = BASE.replace(num_iterations=3, independent_gates=independent_gates, hidden_size=64)
-    variables = jax.eval_shape(CoELayer(cfg).init, jax.random.key(0), jnp.zeros((1, 2, 64)))
+    variables = unbox(jax.eval_shape(CoELayer(cfg).init, jax.random.key(0), jnp.zeros((1, 2, 64))))
     assert variables["params"]["router"].shape == (rows, 6, 64)
   cfg = BASE.replace(num_iterations=3, hidden_size=64, n_routed_experts=16, n_shared_experts=2)
-  params = ref.fast_jit(CoELayer(cfg).init)(jax.random.key(0), jnp.zeros((1, 2, 64)))["params"]
+  init = ref.fast_jit(CoELayer(cfg).init)
+  params = unbox(init(jax.random.key(0), jnp.zeros((1, 2, 64))))["params"]
   shapes = jax.tree.map(lambda a: a.shape, params)
   assert shapes == {
     "norm": {"scale": (64,)},

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
 import pytest
+from flax.core.meta import unbox
 
 from coe_jax.inference.convert import from_hf, to_hf
 from coe_jax.nn.model import CoECausalLM, stack_layers
@@ -171,7 +172,7 @@ def test_reference_state_dict_loads_and_matches_numpy(variant):
   assert np.abs(want).std() > 0.5
   np.testing.assert_allclose(np.asarray(logits), want, **F32)
   # Our shapes are exactly what the model itself would create.
-  expected = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(ids))["params"]
+  expected = unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(ids)))["params"]
   assert jax.tree.map(lambda a: a.shape, variables["params"]) == jax.tree.map(
     lambda a: a.shape, expected
   )

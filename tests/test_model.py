@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
 import pytest
+from flax.core.meta import unbox
 
 from coe_jax.nn.attention import make_attention_mask
 from coe_jax.nn.model import CoECausalLM, DecoderLayer, stack_layers, unstack_layers
@@ -118,7 +119,9 @@ def test_logits_shape_and_dtype(dtype):
 @functools.lru_cache(maxsize=None)
 def _perturbed_init(cfg, seed=0):
   """Real Flax init (initializer_range 0.2), then random RMSNorm scales so they matter."""
-  params = ref.fast_jit(CoECausalLM(cfg).init)(jax.random.key(seed), jnp.zeros((B, S), jnp.int32))
+  params = unbox(
+    ref.fast_jit(CoECausalLM(cfg).init)(jax.random.key(seed), jnp.zeros((B, S), jnp.int32))
+  )
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map_with_path(
     lambda path, a: (
@@ -253,7 +256,7 @@ def test_per_layer_and_stacked_params_compute_the_same_function():
   assert {"layers_0", "layers_1"} <= set(params) and "layers" not in params
   params_stacked = stack_layers(params)
   assert "layers" in params_stacked and not any(k.startswith("layers_") for k in params_stacked)
-  want = jax.eval_shape(CoECausalLM(stacked).init, jax.random.key(0), ids)["params"]
+  want = unbox(jax.eval_shape(CoECausalLM(stacked).init, jax.random.key(0), ids))["params"]
   assert jax.tree.structure(params_stacked) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(unstack_layers(params_stacked)), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # exact round trip

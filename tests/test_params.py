@@ -1,17 +1,21 @@
-"""Tests for coe_jax.nn.params: analytic counts vs real trees, and the paper's hand counts."""
+"""Tests for coe_jax.nn.params and coe_jax.nn.logical_axes: analytic counts vs real trees, the
+paper's hand counts, and the logical axis names every param is created with."""
 
 from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy_reference as ref
 import pytest
+from jax.sharding import PartitionSpec as P
 
+from coe_jax.nn import logical_axes
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
-from coe_jax.nn.params import count_params, format_counts, tree_size
+from coe_jax.nn.params import count_params, format_counts, param_axes, tree_size
 
 SMALL = ModelConfig(
   vocab_size=50,
@@ -55,6 +59,7 @@ def test_count_params_equals_initialised_tree(name):
     params = ref.fast_jit(CoECausalLM(cfg).init)(jax.random.key(0), ids)["params"]
   else:  # the exact shapes `init` creates, without compiling it
     params = jax.eval_shape(CoECausalLM(cfg).init, jax.random.key(0), ids)["params"]
+  params = nn.meta.unbox(params)
   counts = count_params(cfg)
   assert counts.total == tree_size(params)
   assert counts.embedding == _subtree_size(params, "embed_tokens")
@@ -117,3 +122,64 @@ def test_coe_c2_k4_n48_saves_about_17_6_percent_of_parameters():
   assert coe.routed_experts == 4 * 47 * 3 * 1024 * 704
   saving = 100.0 * (1 - coe.total / moe.total)
   assert math.isclose(saving, 17.6, abs_tol=0.5), saving
+
+
+KNOWN_NAMES = {
+  value
+  for key, value in vars(logical_axes).items()
+  if key.isupper() and isinstance(value, str) and key != "BATCH"
+}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_param_axis_has_a_logical_name(scan_layers):
+  cfg = SMALL.replace(num_iterations=2, scan_layers=scan_layers)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  boxed = jax.eval_shape(CoECausalLM(cfg).init, jax.random.key(0), ids)["params"]
+  axes = param_axes(cfg)
+  plain = nn.meta.unbox(boxed)
+  assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(plain)
+  for spec, leaf in zip(jax.tree.leaves(axes), jax.tree.leaves(plain)):
+    assert len(spec) == leaf.ndim and set(spec) <= KNOWN_NAMES, (spec, leaf.shape)
+  layer = axes["layers"] if scan_layers else axes["layers_1"]
+  stacked = ("layers",) if scan_layers else ()
+  want = {
+    ("mlp", "routed_experts", "gate_proj"): ("expert", "embed", "mlp"),
+    ("mlp", "routed_experts", "down_proj"): ("expert", "mlp", "embed"),
+    ("mlp", "shared_experts", "up_proj"): ("embed", "mlp"),
+    ("mlp", "router"): ("chain", "expert_logits", "embed"),
+    ("mlp", "norm", "scale"): ("norm",),
+    ("self_attn", "q_proj", "kernel"): ("embed", "heads"),
+    ("self_attn", "kv_a_proj_with_mqa", "kernel"): ("embed", "kv_lora"),
+    ("self_attn", "kv_b_proj", "kernel"): ("kv_lora", "heads"),
+    ("self_attn", "o_proj", "kernel"): ("heads", "embed"),
+  }
+  for path, names in want.items():
+    node = layer
+    for key in path:
+      node = node[key]
+    assert tuple(node) == stacked + names, path
+  assert tuple(axes["embed_tokens"]["embedding"]) == ("vocab", "embed")
+  assert tuple(axes["lm_head"]["kernel"]) == ("embed", "vocab")
+
+
+def test_constrain_is_the_identity_without_rules_or_mesh():
+  x = jnp.ones((2, 3, 4))
+  names = ("batch", "length", "embed")
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  assert logical_axes.constrain(x, names) is x  # nothing set
+  with nn.logical_axis_rules((("batch", "data"),)):
+    assert logical_axes.constrain(x, names) is x  # rules, no mesh
+  with jax.set_mesh(mesh):
+    assert logical_axes.constrain(x, names) is x  # a mesh, no rules
+    with nn.logical_axis_rules((("batch", "data"),)):
+      traced = jax.make_jaxpr(lambda y: logical_axes.constrain(y, names))(x)
+  assert "sharding_constraint" in str(traced)  # both: a constraint
+
+
+def test_boxes_keep_their_names_in_nnx_metadata_without_sharding_at_creation():
+  box = logical_axes.param_init(jnp.ones, ("embed", "mlp"))((2, 3))
+  metadata = box.to_nnx_metadata()
+  assert metadata["out_sharding"] == ("embed", "mlp") and metadata["eager_sharding"] is False
+  assert box.names == ("embed", "mlp")  # the box itself is left as it was
+  assert nn.get_partition_spec({"w": box})["w"] == P("embed", "mlp")

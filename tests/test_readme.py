@@ -5,7 +5,9 @@ three times: with no mesh, inside `jax.set_mesh` of a mesh whose axes have
 other names, and inside one named like ours (`data`, `fsdp`, `expert`); the
 layer must compute the same thing every time (no ambient-mesh detection). The
 expert-parallel snippet (its own mesh, experts split over 4 devices) must equal
-the same layer without `expert_parallel`.
+the same layer without `expert_parallel`, and the host-rules snippet (its own
+2 x 2 mesh and logical axis rules, the experts' `mlp` axis tensor-parallel) the
+plain layer on the same params.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def readme_snippets() -> list[str]:
 
 
 def run_worker(out_path: str) -> None:
+  import flax.linen as nn
   import jax
 
   from coe_jax import CoELayer
@@ -44,8 +47,9 @@ def run_worker(out_path: str) -> None:
   }
   results = {}
   for i, code in enumerate(readme_snippets()):
-    # The expert-parallel snippet brings its own mesh; the others run under every host mesh.
-    for name, mesh in meshes.items() if "ExpertParallel" not in code else [("none", None)]:
+    # The expert-parallel and host-rules snippets bring their own mesh; the others run under
+    # every host mesh.
+    for name, mesh in meshes.items() if "jax.make_mesh" not in code else [("none", None)]:
       namespace: dict = {}
       if mesh is None:
         exec(code, namespace)
@@ -56,6 +60,18 @@ def run_worker(out_path: str) -> None:
       if "parallel" in namespace:  # the same layer without expert parallelism
         plain, _ = CoELayer(namespace["cfg"]).apply(namespace["params"], namespace["x"], train=True)
         row["plain"] = np.asarray(plain).tolist()
+      if "rules" in namespace:  # the plain layer on the host's params, copied to the host
+        params = jax.tree.map(np.asarray, namespace["params"])
+        x = np.asarray(namespace["x"])
+        plain, _ = CoELayer(namespace["cfg"]).apply({"params": params}, x, train=True)
+        row["plain"] = np.asarray(plain).tolist()
+        boxes = nn.get_partition_spec(namespace["variables"])["params"]["coe"]
+        shardings = jax.tree.map(lambda a: a.sharding.spec, namespace["params"])
+        row["mlp_split"] = [  # each param with an `mlp` axis: is that axis split over `tensor`?
+          spec[names.index("mlp")] == "tensor"
+          for names, spec in zip(jax.tree.leaves(boxes), jax.tree.leaves(shardings))
+          if "mlp" in names
+        ]
       results[f"{i}/{name}"] = row
   Path(out_path).write_text(json.dumps(results))
 
@@ -83,11 +99,12 @@ def results(tmp_path_factory):
   }
 
 
-def test_readme_has_the_three_snippets():
+def test_readme_has_the_four_snippets():
   snippets = readme_snippets()
-  assert len(snippets) == 3
+  assert len(snippets) == 4
   assert "nn.compact" in snippets[0] and "nnx.bridge" in snippets[1]
   assert "ExpertParallel" in snippets[2]
+  assert "nn.logical_axis_rules" in snippets[3] and '("mlp", "tensor")' in snippets[3]
 
 
 @pytest.mark.parametrize("snippet", [0, 1])
@@ -98,6 +115,14 @@ def test_a_host_mesh_does_not_change_what_the_layer_computes(results, snippet, m
 
 def test_expert_parallel_equals_the_plain_layer(results):
   row = results["2/none"]
+  assert np.abs(row["y"]).max() > 0
+  np.testing.assert_allclose(row["y"], row["plain"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_host_with_its_own_rules_gets_the_plain_layers_output(results):
+  row = results["3/none"]
+  # routed gate/up/down and shared gate/up/down: all six split on `mlp` over `tensor`
+  assert row["mlp_split"].tolist() == [True] * 6
   assert np.abs(row["y"]).max() > 0
   np.testing.assert_allclose(row["y"], row["plain"], rtol=1e-5, atol=1e-6)
 

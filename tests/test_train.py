@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax.core.meta import unbox
 from jax.experimental.compilation_cache import compilation_cache
 
 from coe_jax import config_lib
@@ -255,7 +256,7 @@ def test_cosine_schedule_decays_from_peak_to_zero_after_warm_up():
 def abstract_params(config: ml_collections.ConfigDict) -> Any:
   model = CoECausalLM(config_lib.model_config_from(config, config.data.vocab_size))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  return variables["params"]
+  return unbox(variables)["params"]
 
 
 @pytest.mark.parametrize("decay_norm_scales", [True, False])

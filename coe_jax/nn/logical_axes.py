@@ -1,4 +1,4 @@
-"""Logical axis names of every parameter and key activation (DESIGN.md 9).
+"""Logical axis names of every parameter and key activation (DESIGN.md 11).
 
 Params are created boxed with their names (`param_init`), the way flax's
 `nn.with_logical_partitioning` does, so a host codebase lays our layer out with

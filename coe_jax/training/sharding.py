@@ -5,7 +5,7 @@ The mesh has three named axes, `data`, `fsdp` and `expert` (config section
 the all-to-all traffic stays between neighbouring devices.
 
 Layouts are `RULES` over the logical axis names every param is created with
-(`coe_jax.nn.logical_axes`, DESIGN.md 9), read as flax reads
+(`coe_jax.nn.logical_axes`, DESIGN.md 11), read as flax reads
 `nn.logical_axis_rules` (in priority order):
 
 * Batch: the leading (`batch`) axis of every batch array is split over all
@@ -148,7 +148,9 @@ def batch_shards(mesh: Mesh) -> int:
 # ---------------------------------------------------------------------------
 
 
-def mesh_spec(names: tuple, shape: tuple[int, ...], axis_sizes: dict[str, int], rules=RULES) -> P:
+def mesh_spec(
+  names: tuple[Optional[str], ...], shape: tuple[int, ...], axis_sizes: dict[str, int], rules=RULES
+) -> P:
   """The PartitionSpec of an array with logical axis `names` under `rules`.
 
   `nn.logical_to_mesh_axes` (each rule, in order, gives its mesh axes to the
@@ -159,9 +161,9 @@ def mesh_spec(names: tuple, shape: tuple[int, ...], axis_sizes: dict[str, int], 
   spec: list[Any] = [None] * len(names)
   taken: set[str] = set()
   for name, mesh_axes in rules:
-    if name not in names or spec[names.index(name)] is not None:
+    dim = names.index(name) if name in names else None
+    if dim is None or spec[dim] is not None:
       continue
-    dim = names.index(name)
     mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
     if not mesh_axes or taken & set(mesh_axes) or not set(mesh_axes) <= set(axis_sizes):
       continue
@@ -185,11 +187,11 @@ def state_shardings(abstract_tree: Any, mesh: Mesh, axes_tree: Any, rules=RULES)
   def like_params(node) -> bool:
     return jax.tree.structure(node) == params_structure
 
-  def layout(leaf, names) -> NamedSharding:
-    shape = tuple(np.shape(leaf))
+  def layout(leaf, spec: P) -> NamedSharding:
+    shape, names = tuple(np.shape(leaf)), tuple(spec)
     if len(shape) != len(names):
       return NamedSharding(mesh, P())
-    return NamedSharding(mesh, mesh_spec(tuple(names), shape, sizes, rules))
+    return NamedSharding(mesh, mesh_spec(names, shape, sizes, rules))
 
   def shardings(node):
     if like_params(node):
