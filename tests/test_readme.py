@@ -5,13 +5,15 @@ three times: with no mesh, inside `jax.set_mesh` of a mesh whose axes have
 other names, and inside one named like ours (`data`, `fsdp`, `expert`); the
 layer must compute the same thing every time (no ambient-mesh detection). The
 expert-parallel snippet (its own mesh, experts split over 4 devices) must equal
-the same layer without `expert_parallel`, and the host-rules snippet (its own
+the same layer without `expert_parallel`, also inside a host's logical axis
+rules (whose activation marks must stay out of shard_map); the host-rules snippet (its own
 2 x 2 mesh and logical axis rules, the experts' `mlp` axis tensor-parallel) the
 plain layer on the same params.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,43 +39,53 @@ def run_worker(out_path: str) -> None:
   import flax.linen as nn
   import jax
 
-  from coe_jax import CoELayer
-
   auto = jax.sharding.AxisType.Auto
   meshes = {
     "none": None,
     "other_names": jax.make_mesh((2, 2), ("rows", "cols"), axis_types=(auto,) * 2),
     "our_names": jax.make_mesh((2, 1, 2), ("data", "fsdp", "expert"), axis_types=(auto,) * 3),
   }
+  host_rules = (("batch", "devices"), ("mlp", "devices"))  # a host's rules around shard_map
   results = {}
   for i, code in enumerate(readme_snippets()):
-    # The expert-parallel and host-rules snippets bring their own mesh; the others run under
-    # every host mesh.
-    for name, mesh in meshes.items() if "jax.make_mesh" not in code else [("none", None)]:
+    if "ExpertParallel" in code:  # its own mesh; also inside a host's logical axis rules
+      settings = {"none": None, "host_rules": lambda: nn.logical_axis_rules(host_rules)}
+    elif "jax.make_mesh" in code:  # its own mesh and rules
+      settings = {"none": None}
+    else:  # under every host mesh
+      settings = {n: m and (lambda m=m: jax.set_mesh(m)) for n, m in meshes.items()}
+    for name, context in settings.items():
       namespace: dict = {}
-      if mesh is None:
+      with context() if context else contextlib.nullcontext():
         exec(code, namespace)
-      else:
-        with jax.set_mesh(mesh):
-          exec(code, namespace)
-      row = {"y": np.asarray(namespace["y"]).tolist()}
-      if "parallel" in namespace:  # the same layer without expert parallelism
-        plain, _ = CoELayer(namespace["cfg"]).apply(namespace["params"], namespace["x"], train=True)
-        row["plain"] = np.asarray(plain).tolist()
-      if "rules" in namespace:  # the plain layer on the host's params, copied to the host
-        params = jax.tree.map(np.asarray, namespace["params"])
-        x = np.asarray(namespace["x"])
-        plain, _ = CoELayer(namespace["cfg"]).apply({"params": params}, x, train=True)
-        row["plain"] = np.asarray(plain).tolist()
-        boxes = nn.get_partition_spec(namespace["variables"])["params"]["coe"]
-        shardings = jax.tree.map(lambda a: a.sharding.spec, namespace["params"])
-        row["mlp_split"] = [  # each param with an `mlp` axis: is that axis split over `tensor`?
-          spec[names.index("mlp")] == "tensor"
-          for names, spec in zip(jax.tree.leaves(boxes), jax.tree.leaves(shardings))
-          if "mlp" in names
-        ]
-      results[f"{i}/{name}"] = row
+      results[f"{i}/{name}"] = _row(namespace)
   Path(out_path).write_text(json.dumps(results))
+
+
+def _row(namespace: dict) -> dict:
+  """A snippet's output `y`, and the plain layer's output where the snippet sharded it."""
+  import flax.linen as nn
+  import jax
+
+  from coe_jax import CoELayer
+
+  row = {"y": np.asarray(namespace["y"]).tolist()}
+  if "parallel" in namespace:  # the same layer without expert parallelism
+    plain, _ = CoELayer(namespace["cfg"]).apply(namespace["params"], namespace["x"], train=True)
+    row["plain"] = np.asarray(plain).tolist()
+  if "rules" in namespace:  # the plain layer on the host's params, copied to the host
+    params = jax.tree.map(np.asarray, namespace["params"])
+    x = np.asarray(namespace["x"])
+    plain, _ = CoELayer(namespace["cfg"]).apply({"params": params}, x, train=True)
+    row["plain"] = np.asarray(plain).tolist()
+    boxes = nn.get_partition_spec(namespace["variables"])["params"]["coe"]
+    shardings = jax.tree.map(lambda a: a.sharding.spec, namespace["params"])
+    row["mlp_split"] = [  # each param with an `mlp` axis: is that axis split over `tensor`?
+      spec[names.index("mlp")] == "tensor"
+      for names, spec in zip(jax.tree.leaves(boxes), jax.tree.leaves(shardings))
+      if "mlp" in names
+    ]
+  return row
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +125,10 @@ def test_a_host_mesh_does_not_change_what_the_layer_computes(results, snippet, m
   np.testing.assert_array_equal(results[f"{snippet}/{mesh}"]["y"], results[f"{snippet}/none"]["y"])
 
 
-def test_expert_parallel_equals_the_plain_layer(results):
-  row = results["2/none"]
+@pytest.mark.parametrize("context", ["none", "host_rules"])
+def test_expert_parallel_equals_the_plain_layer(results, context):
+  # host_rules: inside a host's `nn.logical_axis_rules`, whose marks stay out of shard_map
+  row = results[f"2/{context}"]
   assert np.abs(row["y"]).max() > 0
   np.testing.assert_allclose(row["y"], row["plain"], rtol=1e-5, atol=1e-6)
 
