@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import numpy_reference as ref
 import pytest
+from flax.core.meta import unbox
 from matplotlib.figure import Figure
 
 from coe_jax import analysis
@@ -438,7 +439,7 @@ def _train_state(model: CoECausalLM, config: ml_collections.ConfigDict, seed: in
   from coe_jax.training import optimizer, train_step
 
   init = ref.fast_jit(model.init)
-  params = init(jax.random.key(seed), jnp.zeros((1, S), jnp.int32))["params"]
+  params = unbox(init(jax.random.key(seed), jnp.zeros((1, S), jnp.int32)))["params"]
   return train_step.TrainState.create(params, optimizer.make_optimizer(config.train))
 
 
