@@ -1,7 +1,8 @@
 """The headline pair at equal training time (pre-registered with the second study, experiments/README.md).
 
-    python -m experiments.equal_time --time --out=experiments/results/headline/study2/step_seconds.json
-    python -m experiments.equal_time --runs_dir=runs/headline2/pair --seeds=20 \
+    python -m experiments.equal_time --time --scale=narrow \
+        --out=experiments/results/headline/study2/step_seconds.json
+    python -m experiments.equal_time --runs_dir=runs/headline2/pair --seeds=20 --scale=narrow \
         --step_seconds=experiments/results/headline/study2/step_seconds.json \
         --results_dir=experiments/results/headline/study2/equal_time
 
@@ -37,14 +38,19 @@ SHAPES = {  # the shape each study trains at: `narrow` (CPU), `paper` (experimen
 
 def _define_flags() -> None:
   flags.DEFINE_bool("time", False, "Measure the two configs' step times and write --out.")
-  flags.DEFINE_enum("scale", "narrow", sorted(SHAPES), "The study's scale (shape of --time's steps).")
   flags.DEFINE_string("out", "", "--time: where the step times go (JSON).")
-  flags.DEFINE_integer("steps", 10, "--time: timed steps of each config.")
+  flags.DEFINE_integer("timed_steps", 10, "--time: timed steps of each config.")
   flags.DEFINE_float("settle", 0.3, "--time: pause (s) before each timed call.")
-  flags.DEFINE_string("runs_dir", "", "The pair's runs (<runs_dir>/<config>/seed<k>).")
-  flags.DEFINE_integer("seeds", 20, "Seeds below this that finished are read.")
   flags.DEFINE_string("step_seconds", "", "The JSON `--time` wrote.")
-  flags.DEFINE_string("results_dir", "", "Where table.md, equal_time.json and curves.png go.")
+  shared = dict(  # also experiments.ablation's flags (defined there when it is imported first)
+    scale=lambda: flags.DEFINE_enum("scale", "narrow", sorted(SHAPES), "The study's scale."),
+    runs_dir=lambda: flags.DEFINE_string("runs_dir", "", "The pair's runs (<dir>/<config>/seed<k>)."),
+    seeds=lambda: flags.DEFINE_integer("seeds", 20, "Seeds below this that finished are read."),
+    results_dir=lambda: flags.DEFINE_string("results_dir", "", "Where the report goes."),
+  )
+  for name, define in shared.items():
+    if name not in FLAGS:
+      define()
 
 
 def measure_step_seconds(steps: int, settle: float, scale: str = "narrow") -> dict[str, float]:
@@ -164,10 +170,12 @@ def plot_curves(curves: dict, seconds: dict[str, float], seeds: list[int], path:
 
 def main(argv) -> None:
   del argv
+  if FLAGS.scale not in SHAPES:
+    raise app.UsageError(f"--scale: got {FLAGS.scale!r}; allowed: {', '.join(sorted(SHAPES))}")
   if FLAGS.time:
     if not FLAGS.out:
       raise app.UsageError("--time needs --out")
-    seconds = measure_step_seconds(FLAGS.steps, FLAGS.settle, FLAGS.scale)
+    seconds = measure_step_seconds(FLAGS.timed_steps, FLAGS.settle, FLAGS.scale)
     Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.out).write_text(json.dumps(seconds, indent=1))
     print(json.dumps(seconds))
