@@ -12,9 +12,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import tokenizers
+from data_helpers import MATH_QA, ROWS, shared_math_qa_config, small_data_config, write_rows
 from tokenizers import processors
 
 from coe_jax.data import synthetic
@@ -28,48 +28,10 @@ from coe_jax.data.input_pipeline import (
 from coe_jax.data.tokenized import build_split
 from coe_jax.nn.model_config import ConfigError, DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 ANSWER_LINE = re.compile(r"\nThe answer is: (-?\d+)$")
 STEP = re.compile(r"(\d+(?: ?[-+*/] ?\d+)+) = (\d+)")
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
-
-ROWS = [
-  {"question": "What is 2 + 3?", "solution": "2 + 3 = 5\nThe answer is: 5"},
-  {
-    "question": "Tom has 4 apples and eats 1. How many are left?",
-    "solution": "4 - 1 = 3\nThe answer is: 3",
-  },
-  {
-    "question": "A pen costs $2. How much do 6 pens cost?",
-    "solution": "6 * 2 = 12\nThe answer is: 12",
-  },
-  {"question": "What is 10 / 2?", "solution": "10 / 2 = 5\nThe answer is: 5"},
-  {"question": "Ünïcode café: what is 1 + 1?", "solution": "1 + 1 = 2\nThe answer is: 2"},
-]
-
-
-def small_config(tmp_path: Path, **changes):
-  """A fast synthetic config whose caches live in tmp_path."""
-  data = default_data_config()
-  data.synthetic_train_size = 300
-  data.synthetic_val_size = 40
-  data.vocab_size = 400
-  data.max_length = 96
-  data.cache_dir = str(tmp_path / "cache")
-  data.update(changes)
-  return data
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-  """Writes rows as .jsonl, .json (one array) or .parquet, by suffix."""
-  if path.suffix == ".jsonl":
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-  elif path.suffix == ".json":
-    path.write_text(json.dumps(rows), encoding="utf-8")
-  else:
-    pd.DataFrame(rows).to_parquet(path)
-  return path
 
 
 def texts_of(split, tok) -> list[str]:
@@ -80,7 +42,7 @@ def texts_of(split, tok) -> list[str]:
 def synth(tmp_path_factory):
   """One small synthetic build shared by the iterator and batching tests."""
   tmp = tmp_path_factory.mktemp("synth")
-  return build_datasets(small_config(tmp), workdir=str(tmp / "run"), seed=0)
+  return build_datasets(small_data_config(tmp), workdir=str(tmp / "run"), seed=0)
 
 
 # --- synthetic corpus -----------------------------------------------------------------------------
@@ -191,7 +153,7 @@ def test_text_format_has_no_special_tokens(tmp_path):
   )
   base.save(str(tmp_path / "tokenizer.json"))
   files = write_rows(tmp_path / "rows.jsonl", ROWS)
-  data = small_config(
+  data = small_data_config(
     tmp_path,
     source="json",
     train_files=str(files),
@@ -244,7 +206,7 @@ def test_local_file_sources(tmp_path, suffix):
   train = write_rows(tmp_path / f"train{suffix}", ROWS[:4])
   val = write_rows(tmp_path / f"val{suffix}", ROWS[4:])
   source = "parquet" if suffix == ".parquet" else "json"
-  data = small_config(
+  data = small_data_config(
     tmp_path,
     source=source,
     train_files=[str(train)],
@@ -273,7 +235,7 @@ def test_globs_holdout_and_limits(tmp_path):
   ]
   write_rows(tmp_path / "part0.jsonl", rows[:15])
   write_rows(tmp_path / "part1.jsonl", rows[15:])
-  data = small_config(
+  data = small_data_config(
     tmp_path,
     source="json",
     train_files=str(tmp_path / "part*.jsonl"),
@@ -334,7 +296,7 @@ def test_malformed_jsonl_line_names_file_and_line_and_writes_nothing(
     tokenizer_lib.train_bpe([format_example(r["question"], r["solution"]) for r in ROWS], 300).save(
       tokenizer
     )
-  data = small_config(
+  data = small_data_config(
     tmp_path,
     source="json",
     train_files=str(bad),
@@ -354,7 +316,7 @@ def test_malformed_jsonl_line_names_file_and_line_and_writes_nothing(
 def test_malformed_validation_file_and_json_array_name_their_field_and_item(tmp_path):
   good = write_rows(tmp_path / "good.jsonl", ROWS)
   bad = write_rows(tmp_path / "bad.json", ROWS[:1] + [{"question": "q"}])
-  data = small_config(
+  data = small_data_config(
     tmp_path,
     source="json",
     train_files=str(good),
@@ -377,7 +339,7 @@ def test_malformed_validation_file_and_json_array_name_their_field_and_item(tmp_
 def test_parquet_without_the_column_names_the_file(tmp_path):
   good = write_rows(tmp_path / "good.parquet", ROWS)
   bad = write_rows(tmp_path / "bad.parquet", [{"question": r["question"]} for r in ROWS])
-  data = small_config(
+  data = small_data_config(
     tmp_path,
     source="parquet",
     train_files=str(good),
@@ -402,7 +364,7 @@ def test_parquet_without_the_column_names_the_file(tmp_path):
 
 def test_cache_is_reused_and_invalidated(tmp_path):
   path = write_rows(tmp_path / "rows.jsonl", ROWS)
-  data = small_config(
+  data = small_data_config(
     tmp_path,
     source="json",
     train_files=str(path),
@@ -427,7 +389,7 @@ def test_cache_is_reused_and_invalidated(tmp_path):
 
 
 def test_synthetic_cache_and_workdir_default(tmp_path):
-  data = small_config(tmp_path, cache_dir="")
+  data = small_data_config(tmp_path, cache_dir="")
   run = tmp_path / "run"
   first = build_datasets(data, workdir=str(run), seed=0)
   assert Path(first.cache_path).parent == run / "data_cache"
@@ -443,7 +405,7 @@ def test_synthetic_cache_and_workdir_default(tmp_path):
 def test_packing_segments_and_positions(tmp_path):
   length = 128
   packed = build_datasets(
-    small_config(tmp_path, packing=True, max_length=length), workdir=None, seed=0
+    small_data_config(tmp_path, packing=True, max_length=length), workdir=None, seed=0
   )
   split = packed.train
   assert split.num_rows < split.num_examples
@@ -466,7 +428,7 @@ def test_packing_segments_and_positions(tmp_path):
     if last < split.num_examples:  # greedy: the next example would not have fit
       assert used + len(split.example(last)) > length
   assert seen == list(range(split.num_examples))
-  unpacked = build_datasets(small_config(tmp_path, max_length=length), workdir=None, seed=0)
+  unpacked = build_datasets(small_data_config(tmp_path, max_length=length), workdir=None, seed=0)
   np.testing.assert_array_equal(unpacked.train.tokens, split.tokens)
 
 
@@ -566,9 +528,9 @@ def test_trim_vocabulary_rejects_non_bpe():
 
 def test_trim_vocab_config_builds_a_smaller_cached_tokenizer(tmp_path):
   full = build_datasets(
-    small_config(tmp_path, max_length=512), workdir=str(tmp_path / "full"), seed=0
+    small_data_config(tmp_path, max_length=512), workdir=str(tmp_path / "full"), seed=0
   )  # long rows: nothing truncated, so the texts compare whole
-  data = small_config(tmp_path, max_length=512, trim_vocab=60)
+  data = small_data_config(tmp_path, max_length=512, trim_vocab=60)
   trimmed = build_datasets(data, workdir=str(tmp_path / "run"), seed=0)
   assert trimmed.vocab_size < full.vocab_size
   assert int(trimmed.train.tokens.max()) < trimmed.vocab_size
@@ -611,7 +573,7 @@ def test_trim_vocab_config_builds_a_smaller_cached_tokenizer(tmp_path):
   ],
 )
 def test_config_errors_name_the_field(tmp_path, changes, field):
-  data = small_config(tmp_path).to_dict()  # a plain dict, so wrongly typed values get through
+  data = small_data_config(tmp_path).to_dict()  # a plain dict, so wrongly typed values get through
   data.update(changes)
   with pytest.raises(ConfigError, match=field):
     validate_data_config(data)
@@ -621,7 +583,7 @@ def test_config_errors_name_the_field(tmp_path, changes, field):
 
 
 def test_unknown_field_and_defaults(tmp_path):
-  data = small_config(tmp_path)
+  data = small_data_config(tmp_path)
   data.tokeniser = "bpe"
   with pytest.raises(ConfigError, match="tokeniser"):
     validate_data_config(data)
@@ -643,7 +605,7 @@ def test_hf_source_offline_error(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-  data = small_config(tmp_path, source="hf", hf_name="meta-math/MetaMathQA")
+  data = small_data_config(tmp_path, source="hf", hf_name="meta-math/MetaMathQA")
   with pytest.raises(ConfigError) as error:
     build_datasets(data, workdir=None, seed=0)
   message = str(error.value)
@@ -695,7 +657,7 @@ def _prepare_tiny_tfds(data_dir: Path) -> str:
 
 def test_tfds_source_without_tensorflow(tmp_path):
   name = _prepare_tiny_tfds(tmp_path / "tfds")
-  data = small_config(
+  data = small_data_config(
     tmp_path, source="tfds", tfds_name=name, tfds_data_dir=str(tmp_path / "tfds"), vocab_size=300
   )
   ds = build_datasets(data, workdir=None, seed=0)
@@ -723,23 +685,6 @@ def test_tensorflow_datasets_is_imported_lazily(tmp_path):
 
 
 # --- the workplace's real data --------------------------------------------------------------------
-
-MATH_QA = SHARED_DATA / "math_qa"
-
-
-def shared_math_qa_config(tmp_path: Path, **changes):
-  """`small_config` over ../shared's math_qa and olmoe tokenizer; skips when they are absent."""
-  tok_path = SHARED_DATA / "tokenizer" / "olmoe" / "tokenizer.json"
-  if not (MATH_QA / "validation.jsonl").is_file() or not tok_path.is_file():
-    pytest.skip(f"shared data not found at {SHARED_DATA}")
-  return small_config(
-    tmp_path,
-    source="json",
-    train_files=str(MATH_QA / "train.jsonl"),
-    val_files=[str(MATH_QA / "validation.jsonl")],
-    tokenizer=str(tok_path),
-    **changes,
-  )
 
 
 @pytest.mark.shared_data
