@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import operator
 import os
@@ -19,10 +20,12 @@ from tokenizers import processors
 
 from coe_jax.data import synthetic
 from coe_jax.data import tokenizer as tokenizer_lib
+from coe_jax.data.corpus import Corpus
 from coe_jax.data.input_pipeline import (
   build_datasets,
   default_data_config,
   format_example,
+  resolve_data_spec,
   validate_data_config,
 )
 from coe_jax.data.tokenized import build_split
@@ -357,6 +360,44 @@ def test_parquet_without_the_column_names_the_file(tmp_path):
   ):
     build_datasets(data, workdir=None, seed=0)
   assert not (tmp_path / "cache").exists()
+
+
+# --- the resolved spec and the one-way flow --------------------------------------------------------
+
+
+def test_the_spec_resolves_patterns_hold_out_and_cache_once_and_is_frozen(tmp_path):
+  part0 = write_rows(tmp_path / "part0.jsonl", ROWS[:3])
+  part1 = write_rows(tmp_path / "part1.jsonl", ROWS[3:])
+  data = small_data_config(
+    tmp_path,
+    source="json",
+    train_files=str(tmp_path / "part*.jsonl"),
+    query_column="question",
+    response_column="solution",
+    val_size=2,
+    cache_dir="",
+  )
+  spec = resolve_data_spec(data, workdir=str(tmp_path / "run"))
+  assert spec.train_paths == (str(part0), str(part1)) and spec.val_paths == ()
+  assert spec.holds_out_val and spec.cache_root == tmp_path / "run" / "data_cache"
+  assert resolve_data_spec(spec) is spec  # resolved once; later stages take it as it is
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.max_length = 8
+  data.val_files = str(part1)
+  assert not resolve_data_spec(data).holds_out_val
+  synthetic_spec = resolve_data_spec(small_data_config(tmp_path))
+  assert synthetic_spec.train_paths == () and synthetic_spec.cache_root == tmp_path / "cache"
+
+
+def test_a_cached_build_never_reads_the_source(tmp_path, monkeypatch):
+  spec = resolve_data_spec(small_data_config(tmp_path))
+  first = build_datasets(spec)
+  reads = []
+  monkeypatch.setattr(Corpus, "_read", lambda corpus: reads.append(1) or {})
+  again = build_datasets(spec)
+  assert again.from_cache and not reads
+  np.testing.assert_array_equal(again.train.tokens, first.train.tokens)
+  assert again.cache_path == first.cache_path
 
 
 # --- caching --------------------------------------------------------------------------------------

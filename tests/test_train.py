@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import types
 from typing import Any
 
@@ -31,6 +32,8 @@ from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ConfigError
 from coe_jax.training import optimizer, train, train_config, train_step
 from coe_jax.training.metrics import MetricWriter, read_metrics
+from coe_jax.training.schedule import StepSchedule
+from coe_jax.training.stop import StopRequest
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
@@ -245,6 +248,27 @@ def test_bf16_compute_keeps_fp32_params_and_optimizer_state(step_setup, fp32_ste
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
+
+
+def test_the_schedule_evaluates_checkpoints_and_stops_where_the_config_says():
+  schedule = StepSchedule.of(small_config(train__steps=12).train, stop_at_step=None)
+  assert [d for d in range(1, 13) if schedule.evaluates(d)] == [10, 12]  # eval_every 10, last
+  assert [d for d in range(1, 13) if schedule.checkpoints(d)] == [5, 10, 12]  # every 5, last
+  assert schedule.end(3) == 12 and not any(schedule.interrupts(d) for d in range(1, 13))
+  stopped = StepSchedule(steps=30, eval_every=0, checkpoint_every=0, stop_at_step=7)
+  assert stopped.end(0) == 7 and stopped.end(9) == 9  # a resumed run past it runs no step
+  assert [d for d in range(1, 31) if stopped.interrupts(d)] == list(range(7, 31))
+  assert [d for d in range(1, 31) if stopped.evaluates(d) or stopped.checkpoints(d)] == [30]
+
+
+def test_a_stop_request_is_set_by_sigterm_and_restores_the_handlers():
+  before = signal.getsignal(signal.SIGTERM)
+  with StopRequest(vote=None) as stop:
+    assert not stop.requested_here() and stop.cast() is None
+    signal.raise_signal(signal.SIGTERM)
+    assert stop.signal == signal.SIGTERM and stop.requested_here()
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert not StopRequest.agreed(None) and StopRequest.agreed(jnp.int32(1))
 
 
 @pytest.fixture(scope="module")

@@ -180,39 +180,50 @@ def _build(spec: DataSpec, tokenizer_copy_dir: Optional[str], reference_padding:
   eos = _eos_target_id(spec, tok)
   full_key = [raw_key, tokenizer_lib.tokenizer_fingerprint(tok), spec.max_length, spec.packing, eos]
   directory = spec.cache_root / f"{spec.source}-{_hash(full_key)}"
-  args = (spec.max_length, tokenizer_lib.pad_id(tok), spec.packing)
-  splits = tokenized.load_splits(directory, SIDES, *args)
+  splits = tokenized.load_splits(
+    directory, SIDES, spec.max_length, tokenizer_lib.pad_id(tok), spec.packing
+  )
   from_cache, seconds = splits is not None, 0.0
   if from_cache:
     _log.info("Loaded tokenised data from cache %s", directory)
   else:
-    start = time.perf_counter()
-    splits = {
-      side: tokenized.build_split(tok, texts, *args, eos_id=eos)
-      for side, texts in corpus.texts().items()
-    }
-    seconds = time.perf_counter() - start
-    meta = {
-      "key": corpus_key,
-      "tokenizer": full_key[1],
-      "max_length": spec.max_length,
-      "packing": spec.packing,
-      "eos_target_id": eos,
-      "seconds": seconds,
-      **{f"{side}_examples": split.num_examples for side, split in splits.items()},
-    }
-    tokenized.save_splits(directory, splits, meta)
-    _log.info(
-      "Tokenised %d train / %d val examples in %.1f s; cached in %s",
-      splits["train"].num_examples,
-      splits["val"].num_examples,
-      seconds,
-      directory,
-    )
+    meta = {"key": corpus_key, "tokenizer": full_key[1], "eos_target_id": eos}
+    splits, seconds = _tokenise_and_cache(spec, corpus, tok, directory, meta)
   _save_tokenizer_copy(tok, tokenizer_copy_dir)  # only once the data has been read without error
   eos_pad_id = eos if reference_padding and not spec.packing else None
   train, val = (dataclasses.replace(splits[side], eos_pad_id=eos_pad_id) for side in SIDES)
   return Datasets(tok, train, val, str(directory), from_cache, seconds)
+
+
+def _tokenise_and_cache(
+  spec: DataSpec, corpus: Corpus, tok: tokenizers.Tokenizer, directory: Path, meta: dict
+) -> tuple[dict[str, Split], float]:
+  """(both splits tokenised from the corpus' texts, seconds taken), saved in `directory`."""
+  eos = meta["eos_target_id"]
+  start = time.perf_counter()
+  splits = {
+    side: tokenized.build_split(
+      tok, texts, spec.max_length, tokenizer_lib.pad_id(tok), spec.packing, eos_id=eos
+    )
+    for side, texts in corpus.texts().items()
+  }
+  seconds = time.perf_counter() - start
+  meta = {
+    **meta,
+    "max_length": spec.max_length,
+    "packing": spec.packing,
+    "seconds": seconds,
+    **{f"{side}_examples": split.num_examples for side, split in splits.items()},
+  }
+  tokenized.save_splits(directory, splits, meta)
+  _log.info(
+    "Tokenised %d train / %d val examples in %.1f s; cached in %s",
+    splits["train"].num_examples,
+    splits["val"].num_examples,
+    seconds,
+    directory,
+  )
+  return splits, seconds
 
 
 def _hash(value: Any) -> str:
