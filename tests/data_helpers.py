@@ -12,8 +12,10 @@ from typing import Any
 import ml_collections
 import pandas as pd
 import pytest
+import tokenizers
 
 from coe_jax.data.input_pipeline import default_data_config
+from coe_jax.data.tokenized import Split
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MATH_QA = SHARED_DATA / "math_qa"
@@ -60,7 +62,7 @@ MATH_QA = SHARED_DATA / "math_qa"
 
 
 def shared_math_qa_config(tmp_path: Path, **changes: Any) -> ml_collections.ConfigDict:
-  """`small_data_config` over ../shared's math_qa and olmoe tokenizer; skips when they are absent."""
+  """`small_data_config` over ../shared's math_qa and olmoe tokenizer; skips when absent."""
   tok_path = SHARED_DATA / "tokenizer" / "olmoe" / "tokenizer.json"
   if not (MATH_QA / "validation.jsonl").is_file() or not tok_path.is_file():
     pytest.skip(f"shared data not found at {SHARED_DATA}")
@@ -72,3 +74,8 @@ def shared_math_qa_config(tmp_path: Path, **changes: Any) -> ml_collections.Conf
     tokenizer=str(tok_path),
     **changes,
   )
+
+
+def texts_of(split: Split, tok: tokenizers.Tokenizer) -> list[str]:
+  """Every example of `split` decoded back to text."""
+  return [tok.decode(split.example(e).tolist()) for e in range(split.num_examples)]

@@ -1,10 +1,10 @@
 """Fault injection: kill -9, damaged checkpoints, a full disk, two runs on one workdir, bad input.
 
 Each fault ends in one line (a warning when the run goes on, `error: ...` when it stops),
-loses nothing and leaves nothing partial. Runs are the shrunk config of `run_helpers` (`small_config`,
-the session's compilation cache; the CLI subprocesses pass the same values as flags). Nothing here depends
-on how fast the machine is: a kill lands wherever it lands, and the assertions hold for any
-point. Bad input at the command line: test_cli_errors.
+loses nothing and leaves nothing partial. Runs are the shrunk config of `run_helpers`
+(`small_config`, the session's compilation cache; the CLI subprocesses pass the same values as
+flags). Nothing here depends on how fast the machine is: a kill lands wherever it lands, and the
+assertions hold for any point. Bad input at the command line: test_cli_errors.
 """
 
 from __future__ import annotations
