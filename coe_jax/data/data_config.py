@@ -134,11 +134,13 @@ def _check_str(data: ml_collections.ConfigDict, field: str) -> None:
     fail(field, f"got {value!r}; must be a non-empty string")
 
 
-def _check_files(data: ml_collections.ConfigDict, field: str, required: bool) -> None:
+def _check_files(data: ml_collections.ConfigDict, field: str, required: bool) -> tuple[str, ...]:
+  """The paths `data[field]` names (`expand_files`), each pattern checked to match a file."""
   value = data[field]
   if not isinstance(value, (str, list, tuple)):
     fail(field, f"got {value!r}; must be a path, a glob, a comma-separated string or a list")
-  if required and not expand_files(value):
+  paths = tuple(expand_files(value))
+  if required and not paths:
     fail(field, f"got {value!r}; source={data.source!r} needs at least one file")
   items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
   for item in (i.strip() for i in items if i.strip()):
@@ -146,6 +148,7 @@ def _check_files(data: ml_collections.ConfigDict, field: str, required: bool) ->
     found = glob.glob(path) if glob.has_magic(path) else [path] if os.path.isfile(path) else []
     if not found:
       fail(field, f"{item!r} matches no file (cwd {os.getcwd()!r})")
+  return paths
 
 
 def _check_tokenizer(data: ml_collections.ConfigDict) -> None:
@@ -163,11 +166,15 @@ def _check_tokenizer(data: ml_collections.ConfigDict) -> None:
       )
 
 
-def _check_source_fields(data: ml_collections.ConfigDict) -> None:
+def _check_source_fields(data: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
+  """Checks the fields of `data.source`; returns the (train, val) json/parquet paths."""
   source = data.source
+  paths: tuple[tuple[str, ...], ...] = ((), ())
   if source in ("json", "parquet"):
-    _check_files(data, "train_files", required=True)
-    _check_files(data, "val_files", required=False)
+    paths = (
+      _check_files(data, "train_files", required=True),
+      _check_files(data, "val_files", required=False),
+    )
   if source in ("json", "parquet", "hf"):
     _check_str(data, "query_column")
     _check_str(data, "response_column")
@@ -180,6 +187,7 @@ def _check_source_fields(data: ml_collections.ConfigDict) -> None:
     _check_int(data, "synthetic_train_size", 1)
     _check_int(data, "synthetic_val_size", 1)
     _check_int(data, "synthetic_seed", 0)
+  return paths
 
 
 def _check_tfds(data: ml_collections.ConfigDict) -> None:
@@ -211,7 +219,11 @@ def with_defaults(data: DataConfig) -> ml_collections.ConfigDict:
 
 def validate_data_config(data: DataConfig) -> None:
   """Raises ConfigError naming the first bad `config.data` field; reads no data."""
-  data = with_defaults(data)
+  _validate(with_defaults(data))
+
+
+def _validate(data: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
+  """`validate_data_config` of `data` (with defaults); returns the (train, val) file paths."""
   if data.source not in SOURCES:
     fail("source", f"got {data.source!r}; allowed values: {', '.join(SOURCES)}")
   _check_int(data, "max_length", 2)
@@ -224,7 +236,7 @@ def validate_data_config(data: DataConfig) -> None:
     _check_int(data, field, 0)
   _check_int(data, "val_size", 1)
   _check_tokenizer(data)
-  _check_source_fields(data)
+  return _check_source_fields(data)
 
 
 def resolve_cache_dir(data: DataConfig, workdir: Optional[str]) -> Path:
@@ -244,14 +256,11 @@ def resolve_data_spec(data: Union[DataConfig, DataSpec], workdir: Optional[str] 
   if isinstance(data, DataSpec):
     return data
   data = with_defaults(data)
-  validate_data_config(data)
+  train_paths, val_paths = _validate(data)
   fields = {
     name: tuple(value) if isinstance(value, list) else value for name, value in data.items()
   }
-  local = data.source in ("json", "parquet")
-  train_paths = tuple(expand_files(data.train_files)) if local else ()
-  val_paths = tuple(expand_files(data.val_files)) if local else ()
-  if local:
+  if data.source in ("json", "parquet"):
     holds_out_val = not val_paths
   else:
     holds_out_val = data.source == "hf" or (data.source == "tfds" and not data.tfds_val_split)
