@@ -88,8 +88,8 @@ def _train(
 ) -> dict:
   """`train_and_evaluate` once the workdir is held."""
   primary = multihost.is_primary()
+  requested = _agreed_config(config, workdir, primary)  # may keep fields of the saved run
   train_cfg, max_length = config.train, config.data.max_length
-  requested = _agreed_config(config, workdir, primary)
   datasets = _datasets(config, workdir, primary)
   model_config = _model_config(config, datasets.vocab_size, show=primary and progress)
   parallel = sharding.Parallelism.for_run(config, model_config)  # config.mesh; no mesh on 1 device
