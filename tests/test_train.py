@@ -31,6 +31,7 @@ from coe_jax import config_lib
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ConfigError
 from coe_jax.training import optimizer, train, train_config, train_step
+from coe_jax.training.metric_pipeline import LaunchedStep, MetricPipeline
 from coe_jax.training.metrics import MetricWriter, read_metrics
 from coe_jax.training.schedule import StepSchedule
 from coe_jax.training.stop import StopRequest
@@ -259,6 +260,21 @@ def test_the_schedule_evaluates_checkpoints_and_stops_where_the_config_says():
   assert stopped.end(0) == 7 and stopped.end(9) == 9  # a resumed run past it runs no step
   assert [d for d in range(1, 31) if stopped.interrupts(d)] == list(range(7, 31))
   assert [d for d in range(1, 31) if stopped.evaluates(d) or stopped.checkpoints(d)] == [30]
+
+
+def test_the_metric_pipeline_reads_a_deferred_step_once_and_refuses_a_nan_loss(tmp_path):
+  logged = []
+  log = types.SimpleNamespace(step=lambda done, metrics: logged.append(done))
+  pipeline = MetricPipeline(log, str(tmp_path), last_checkpoint=None)
+  assert not pipeline.read_deferred() and logged == []
+  pipeline.defer(LaunchedStep(1, {"loss": np.float32(2.0), "grad_norm": np.float32(1.0)}, None))
+  assert not pipeline.read_deferred() and logged == [1] and pipeline.losses == [2.0]
+  assert not pipeline.read_deferred() and logged == [1]  # read once
+  pipeline.checkpointed(5)
+  nan_step = LaunchedStep(6, {"loss": np.float32("nan"), "grad_norm": np.float32(1.0)}, None)
+  with pytest.raises(FloatingPointError, match=r"nan at step 6 .* checkpoint \(step 5\) is intact"):
+    pipeline.read(nan_step)
+  assert pipeline.losses == [2.0]  # nothing of the diverged step is kept
 
 
 def test_a_stop_request_is_set_by_sigterm_and_restores_the_handlers():
