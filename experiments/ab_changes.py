@@ -86,9 +86,11 @@ def main(argv) -> None:
   for row in rows:
     print(f"{row['label']:<40} {row['seconds']['median']:.3f} s")
   base = {run: statistics.median(s.timed.seconds) for run, s in zip(FLAGS.runs, steps)}
-  for s in steps[len(FLAGS.runs):]:
+  for s in steps[len(FLAGS.runs) :]:
     run = s.label.split()[0]
-    print(f"{s.label} / {run} {FLAGS.variants[0]}: {statistics.median(s.timed.seconds) / base[run]:.2f}x")
+    print(
+      f"{s.label} / {run} {FLAGS.variants[0]}: {statistics.median(s.timed.seconds) / base[run]:.2f}x"
+    )
   if FLAGS.json:
     Path(FLAGS.json).write_text(json.dumps(dict(shape=FLAGS.shapes, rows=rows), indent=1))
 

@@ -258,7 +258,9 @@ class StepBench:
   # (allocated at each call); None where the backend has no `memory_analysis`
   resident_bytes: Optional[int] = None
   temp_bytes: Optional[int] = None
-  hlo_text: str = ""  # the compiled program (op names for `experiments.profile_step --by=component`)
+  hlo_text: str = (
+    ""  # the compiled program (op names for `experiments.profile_step --by=component`)
+  )
 
   def allocate(self) -> None:
     self.last_metrics["state"] = jax.block_until_ready(self.make_state())

@@ -44,7 +44,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("step_seconds", "", "The JSON `--time` wrote.")
   shared = dict(  # also experiments.ablation's flags (defined there when it is imported first)
     scale=lambda: flags.DEFINE_enum("scale", "narrow", sorted(SHAPES), "The study's scale."),
-    runs_dir=lambda: flags.DEFINE_string("runs_dir", "", "The pair's runs (<dir>/<config>/seed<k>)."),
+    runs_dir=lambda: flags.DEFINE_string(
+      "runs_dir", "", "The pair's runs (<dir>/<config>/seed<k>)."
+    ),
     seeds=lambda: flags.DEFINE_integer("seeds", 20, "Seeds below this that finished are read."),
     results_dir=lambda: flags.DEFINE_string("results_dir", "", "Where the report goes."),
   )
@@ -78,9 +80,7 @@ def readings(
   """One seed's two equal-time readings from each config's (steps, val loss) curve."""
   ends = {name: float(curves[name][0][-1]) * seconds[name] for name in PAIR}
   fast, slow = sorted(PAIR, key=lambda name: ends[name])
-  at_fast_end = {
-    name: loss_at_step(*curves[name], ends[fast] / seconds[name]) for name in PAIR
-  }
+  at_fast_end = {name: loss_at_step(*curves[name], ends[fast] / seconds[name]) for name in PAIR}
   at_slow_end = {name: float(curves[name][1][-1]) for name in PAIR}
   b, a = PAIR
   return dict(
@@ -157,8 +157,14 @@ def plot_curves(curves: dict, seconds: dict[str, float], seeds: list[int], path:
   for name, color in zip(PAIR, ("tab:blue", "tab:red")):
     for i, seed in enumerate(seeds):
       steps, losses = curves[name][seed]
-      ax.plot(steps * seconds[name], losses, color=color, alpha=0.35, lw=0.8,
-              label=f"{name} ({seconds[name]:.3f} s/step)" if i == 0 else None)
+      ax.plot(
+        steps * seconds[name],
+        losses,
+        color=color,
+        alpha=0.35,
+        lw=0.8,
+        label=f"{name} ({seconds[name]:.3f} s/step)" if i == 0 else None,
+      )
   ax.set_xlabel("training seconds (step x side-by-side step time)")
   ax.set_ylabel("pooled validation loss")
   ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))

@@ -74,4 +74,6 @@ def test_head_dot_general_equals_lax_dot_general_in_value_and_gradient(shape, dt
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     assert a.dtype == b.dtype
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
+    )

@@ -41,8 +41,13 @@ def _fake_run(workdir, curve, final):
   rows = [{"step": int(s), "val/loss": float(v)} for s, v in zip(*curve)]
   (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   summary = dict(
-    completed=True, step=2000, final_val_loss=final, params_total=1, params_active=1,
-    step_seconds_median=0.5, tokens_per_sec=1.0,
+    completed=True,
+    step=2000,
+    final_val_loss=final,
+    params_total=1,
+    params_active=1,
+    step_seconds_median=0.5,
+    tokens_per_sec=1.0,
   )
   (workdir / "summary.json").write_text(json.dumps(summary))
 

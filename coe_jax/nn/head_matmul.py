@@ -62,7 +62,9 @@ def _bwd(precision, preferred_element_type, residuals, d_out):
   # materialised [d, tokens]: XLA would otherwise fold the transpose back into the dot
   rows_t = jax.lax.optimization_barrier(rows.T)
   d_kernel = jnp.matmul(
-    rows_t, d_out.reshape(-1, d_out.shape[-1]), precision=precision,
+    rows_t,
+    d_out.reshape(-1, d_out.shape[-1]),
+    precision=precision,
     preferred_element_type=jnp.float32,
   )
   return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
