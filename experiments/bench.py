@@ -170,13 +170,20 @@ def _minor_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def run_round_robin(programs: list[Timed], warmup: int, steps: int) -> None:
-  """`warmup` untimed then `steps` timed calls of every program, interleaved call by call."""
+def run_round_robin(
+  programs: list[Timed], warmup: int, steps: int, settle_seconds: float = 0.0
+) -> None:
+  """`warmup` untimed then `steps` timed calls of every program, interleaved call by call.
+
+  `settle_seconds`: a pause before each timed call, so that a thread pool still spinning
+  after the previous program (XLA's, or another process's OpenMP) takes no core from it.
+  """
   for _ in range(warmup):
     for program in programs:
       jax.block_until_ready(program.call())
   for _ in range(steps):
     for program in programs:
+      time.sleep(settle_seconds)
       program.run_once()
 
 
@@ -251,7 +258,9 @@ class StepBench:
   # (allocated at each call); None where the backend has no `memory_analysis`
   resident_bytes: Optional[int] = None
   temp_bytes: Optional[int] = None
-  hlo_text: str = ""  # the compiled program (op names for `experiments.profile_step --by=component`)
+  hlo_text: str = (
+    ""  # the compiled program (op names for `experiments.profile_step --by=component`)
+  )
 
   def allocate(self) -> None:
     self.last_metrics["state"] = jax.block_until_ready(self.make_state())

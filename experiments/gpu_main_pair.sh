@@ -5,16 +5,20 @@
 # figures through experiments.ablation, whose table takes the train step's peak memory from the
 # device's memory stats on GPU.
 #
-# By default it follows the pre-registered headline protocol (experiments/README.md): 3 seeds,
-# warm-up then cosine decay, the pooled validation loss as the endpoint with the reference's
-# 2 x 64-row number logged beside it, and the claims table's paired verdict
-# (`ablation.paired_verdict`), so its result reads exactly like the CPU-scale one. The learning
-# rate is the paper's 3e-4 (the configs'); SCHEDULE=constant gives the paper's recipe unchanged.
+# By default it follows the second pre-registered headline protocol (experiments/README.md,
+# "Pre-registered: the second headline study"): seeds 10 .. 19 (n = 10 from its power
+# calculation; no extension), warm-up then cosine decay, the pooled validation loss as the
+# endpoint with the reference's 2 x 64-row number logged beside it, the claims table's paired
+# verdict (`ablation.paired_verdict`), and the equal-training-time readings
+# (`experiments.equal_time`, both configs' steps timed side by side on the GPU), so its result
+# reads exactly like the CPU-scale one. The learning rate is the paper's 3e-4 (the configs');
+# SCHEDULE=constant gives the paper's recipe unchanged.
 #
 #   bash experiments/gpu_main_pair.sh                       # the paper-scale pair
 #   SCALE=tiny STEPS=20 bash experiments/gpu_main_pair.sh   # the same runner at CPU scale
 #
-# Environment (defaults in brackets): SCALE [paper], STEPS [1000], SEEDS [3], SCHEDULE [cosine],
+# Environment (defaults in brackets): SCALE [paper], STEPS [1000], FIRST_SEED [10], SEEDS [10],
+# SCHEDULE [cosine], TIME [1: the equal-time readings],
 # DATA [../shared/data/math_qa if present, else the config's MetaMathQA from the hub],
 # TOKENIZER [../shared/data/tokenizer/olmoe/tokenizer.json if present, else the config's],
 # RUNS_DIR [runs/ablation/$SCALE], RESULTS_DIR [experiments/results/$SCALE],
@@ -28,7 +32,9 @@ cd "$(dirname "$0")/.."
 
 SCALE="${SCALE:-paper}"
 STEPS="${STEPS:-1000}"
-SEEDS="${SEEDS:-3}"
+FIRST_SEED="${FIRST_SEED:-10}"
+SEEDS="${SEEDS:-10}"
+LAST=$((FIRST_SEED + SEEDS))
 SCHEDULE="${SCHEDULE:-cosine}"
 DISPATCH="${DISPATCH:-dropless}"
 SHARED_DATA="../shared/data"
@@ -42,8 +48,15 @@ if [[ -z "${TOKENIZER+x}" ]]; then
 fi
 PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
 
-exec "$PYTHON" -m experiments.ablation --suite=main --scale="$SCALE" --steps="$STEPS" \
-  --seeds="$SEEDS" --data="$DATA" --tokenizer="$TOKENIZER" --set=model.dispatch="$DISPATCH" \
-  --set=train.schedule="$SCHEDULE" --set=train.paper_val=True \
-  --runs_dir="${RUNS_DIR:-runs/ablation/$SCALE}" \
-  --results_dir="${RESULTS_DIR:-experiments/results/$SCALE}" "$@"
+RUNS_DIR="${RUNS_DIR:-runs/ablation/$SCALE}"
+RESULTS_DIR="${RESULTS_DIR:-experiments/results/$SCALE}"
+"$PYTHON" -m experiments.ablation --suite=main --scale="$SCALE" --steps="$STEPS" \
+  --first_seed="$FIRST_SEED" --seeds="$LAST" --data="$DATA" --tokenizer="$TOKENIZER" \
+  --set=model.dispatch="$DISPATCH" --set=train.schedule="$SCHEDULE" --set=train.paper_val=True \
+  --runs_dir="$RUNS_DIR" --results_dir="$RESULTS_DIR" "$@"
+if [[ "${TIME:-1}" != 0 && "$SCALE" == paper ]]; then
+  [[ -f "$RESULTS_DIR/step_seconds.json" ]] || "$PYTHON" -m experiments.equal_time --time \
+    --scale=paper --out="$RESULTS_DIR/step_seconds.json"
+  "$PYTHON" -m experiments.equal_time --runs_dir="$RUNS_DIR" --seeds="$LAST" --scale=paper \
+    --step_seconds="$RESULTS_DIR/step_seconds.json" --results_dir="$RESULTS_DIR/equal_time"
+fi

@@ -177,7 +177,9 @@ def format_kinds(
   for profile in profiles:
     totals.update(profile[key])
   width = max(12, *(len(label) for label in labels))
-  head = f"{'op kind' if key == 'kinds' else 'component':<34s}" + "".join(f" {label:>{width}s}" for label in labels)
+  head = f"{'op kind' if key == 'kinds' else 'component':<34s}" + "".join(
+    f" {label:>{width}s}" for label in labels
+  )
   if len(labels) > 1:
     head += "".join(f" {'#' + str(i + 1) + ' - #1':>{width}s}" for i in range(1, len(labels)))
   lines = [head, "-" * len(head)]

@@ -65,6 +65,12 @@ def _define_flags() -> None:
   flags.DEFINE_integer("warmup", 2, "Untimed steps of every program first.")
   flags.DEFINE_integer("threads", 2, "torch threads on the authors' side.")
   flags.DEFINE_string("json", "", "Also write the results here.")
+  flags.DEFINE_float(
+    "settle",
+    0.3,
+    "Seconds of pause before each timed call: the previous program's spinning threads "
+    "(XLA's pool, torch's OpenMP) then take no core from the one timed.",
+  )
 
 
 def reference_args(cfg: ModelConfig, batch: int, seq: int, threads: int) -> list[str]:
@@ -164,7 +170,7 @@ def time_shape(name: str, shape: dict, probe: bench.Timed) -> list[dict]:
     }
     try:  # one call of each side of each run, and the probe, per round
       programs = [p for run in runs for p in (ours[run].timed, theirs[run])]
-      bench.run_round_robin(programs + [probe], FLAGS.warmup, FLAGS.steps)
+      bench.run_round_robin(programs + [probe], FLAGS.warmup, FLAGS.steps, FLAGS.settle)
     finally:
       for server in theirs.values():
         server.close()

@@ -28,7 +28,7 @@ def test_the_same_run_twice_is_refused():
 def test_a_trained_run_gets_its_tables_figures_and_summary(tmp_path):
   # Its own short run: the session's shared run must be trained where the tests that compare
   # against it bit for bit run (tests/test_checkpoint.py).
-  from test_train import small_config
+  from run_helpers import small_config
 
   from coe_jax.training import train
 

@@ -1,6 +1,6 @@
 """Tests for coe_jax.training.checkpoint and resumption: exact resume, refusals, the NaN stop.
 
-Uses the shrunk config and compilation settings of test_train (see its docstring).
+Uses the shrunk config of `run_helpers` and the compilation settings of `fast_compilation`.
 """
 
 from __future__ import annotations
@@ -15,20 +15,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_train import (  # noqa: F401 (fixture)
-  fast_compilation,
+from run_helpers import (
+  STEPS,
+  abstract_state,
+  max_abs_diff,
   metric_rows,
-  shared_trained_run,
   small_config,
   tensorboard_scalars,
 )
 
-from coe_jax import config_lib
 from coe_jax.data import input_pipeline
 from coe_jax.inference.run_dir import load_run
-from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import EXECUTION, FIELD_KINDS, FUNCTION, ConfigError, ModelConfig
-from coe_jax.training import train, train_step
+from coe_jax.training import train
 from coe_jax.training.checkpoint import (
   FUNCTION_MODEL_FIELDS,
   Checkpointer,
@@ -37,22 +36,7 @@ from coe_jax.training.checkpoint import (
 )
 from coe_jax.training.metrics import read_metrics
 
-STEPS = 30  # small_config's train.steps; checkpoints every 5, the last 2 kept
-
-pytestmark = pytest.mark.slow  # end-to-end training runs
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-  """A workdir trained for all 30 steps in one go (read only)."""
-  return shared_trained_run(tmp_path_factory)
-
-
-def abstract_state(config):
-  model = CoECausalLM(config_lib.model_config_from(config, config.data.vocab_size))
-  return jax.eval_shape(
-    lambda: train_step.init_train_state(model, config.train, config.seed, config.data.max_length)
-  )
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compilation")]  # training runs
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:
@@ -61,13 +45,6 @@ def checkpoint_steps(workdir: Path) -> list[int]:
     return list(checkpointer.manager.all_steps())
   finally:
     checkpointer.close()
-
-
-def max_abs_diff(a, b) -> float:
-  return max(
-    float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  )
 
 
 def test_resume_gives_the_metrics_and_params_of_an_uninterrupted_run(reference_run, tmp_path):

@@ -1,7 +1,7 @@
 """Tests for the command line `python -m coe_jax.main`: overrides, config errors, SIGTERM.
 
-The subprocess trains test_train's shrunk config given as `--config.*` flags and
-shares the session's compilation cache (see test_train's docstring).
+The subprocess trains the shrunk config of `run_helpers` given as `--config.*` flags and
+shares the session's compilation cache (`fast_compilation` in conftest.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import REPO, REQUIRED_TRAIN_KEYS, SMALL, jax_cache_env
+from run_helpers import REPO, REQUIRED_TRAIN_KEYS, SMALL, jax_cache_env
 
 from coe_jax.training.checkpoint import Checkpointer
 from coe_jax.training.metrics import read_metrics

@@ -2,7 +2,7 @@
 
 `error: <field or file>: <what> ; <what is allowed>` with exit code 2 for a usage error and 1 for
 a run that cannot go on, no traceback unless `--verbose`, no library logs (`coe_jax.cli`). The
-fault-injection helpers and the shrunk run come from test_faults.
+CLI helpers and the shrunk run come from `run_helpers` and conftest.py.
 """
 
 from __future__ import annotations
@@ -10,42 +10,20 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
-from test_faults import STEPS, cli_flags, one_error_line, run_cli, tree
-from test_train import (  # noqa: F401 (fixture)
-  fast_compilation,
-  jax_cache_env,
-  shared_trained_run,
-)
+from run_helpers import STEPS, cli_flags, one_error_line, run_cli, tree
 
 from coe_jax import cli, storage
 from coe_jax.errors import ConfigError, WorkdirLocked
 
-pytestmark = pytest.mark.slow  # CLI subprocesses
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compilation")]  # CLI runs
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-  return jax_cache_env(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-  return shared_trained_run(tmp_path_factory)
-
-
-@pytest.fixture
-def run_copy(reference_run, tmp_path) -> Path:
-  return Path(shutil.copytree(reference_run, tmp_path / "run"))
-
-
-def test_an_unknown_config_field_names_the_nearest_before_anything_runs(run_copy, env):
+def test_an_unknown_config_field_names_the_nearest_before_anything_runs(run_copy, cli_env):
   before = tree(run_copy)
   result = run_cli(
-    "coe_jax.main", f"--workdir={run_copy}", *cli_flags(), "--config.train.stpes=5", env=env
+    "coe_jax.main", f"--workdir={run_copy}", *cli_flags(), "--config.train.stpes=5", env=cli_env
   )
   assert one_error_line(result, 2) == (
     "error: --config.train.stpes: unknown config field 'stpes' ; did you mean config.train.steps?"
@@ -67,21 +45,21 @@ def test_an_unknown_config_field_names_the_nearest_before_anything_runs(run_copy
     ([], "error: flag --config=None: Flag --config must have a value other than None."),
   ],
 )
-def test_bad_flags_are_one_line_and_exit_code_2(tmp_path, env, args, line):
-  result = run_cli("coe_jax.main", f"--workdir={tmp_path / 'run'}", *args, env=env)
+def test_bad_flags_are_one_line_and_exit_code_2(tmp_path, cli_env, args, line):
+  result = run_cli("coe_jax.main", f"--workdir={tmp_path / 'run'}", *args, env=cli_env)
   assert one_error_line(result, 2).startswith(line)
   assert not (tmp_path / "run").exists()
 
 
-def test_a_workdir_that_is_a_file_is_one_line(tmp_path, env):
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, cli_env):
   file = tmp_path / "notes.txt"
   file.write_text("mine")
-  result = run_cli("coe_jax.main", f"--workdir={file}", *cli_flags(), env=env)
+  result = run_cli("coe_jax.main", f"--workdir={file}", *cli_flags(), env=cli_env)
   assert one_error_line(result, 2).startswith(f"error: --workdir: {file} is a file")
   assert file.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
-def test_an_empty_training_file_says_empty_and_leaves_no_data_cache(tmp_path, env):
+def test_an_empty_training_file_says_empty_and_leaves_no_data_cache(tmp_path, cli_env):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
   workdir = tmp_path / "run"
@@ -92,19 +70,19 @@ def test_an_empty_training_file_says_empty_and_leaves_no_data_cache(tmp_path, en
     *cli_flags(),
     "--config.data.source=json",
     *files,
-    env=env,
+    env=cli_env,
   )
   line = one_error_line(result, 2)
   assert line.startswith(f"error: data.train_files: {empty}: empty (no rows) ; ")
   assert not workdir.exists()
 
 
-def test_divergence_is_one_line_naming_the_step_the_loss_and_the_checkpoint_kept(run_copy, env):
+def test_divergence_is_one_line_naming_the_step_the_loss_and_the_checkpoint_kept(run_copy, cli_env):
   result = run_cli(
     "coe_jax.main",
     f"--workdir={run_copy}",
     *cli_flags(train__steps=60, train__lr=1e4),
-    env=env,
+    env=cli_env,
   )
   line = one_error_line(result, 1)
   found = re.match(
@@ -117,13 +95,13 @@ def test_divergence_is_one_line_naming_the_step_the_loss_and_the_checkpoint_kept
   assert int(kept) >= STEPS and (run_copy / "checkpoints" / kept / "state").is_dir()
 
 
-def test_generate_prints_the_answer_without_library_logs(reference_run, env):
+def test_generate_prints_the_answer_without_library_logs(reference_run, cli_env):
   result = run_cli(
     "coe_jax.generate",
     f"--workdir={reference_run}",
     "--query=What is 1 + 2?",
     "--max_new_tokens=4",
-    env=env,
+    env=cli_env,
   )
   assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
   assert result.stdout.startswith("query : What is 1 + 2? response :")
@@ -139,21 +117,21 @@ def test_generate_prints_the_answer_without_library_logs(reference_run, env):
   ],
 )
 def test_readers_bad_input_is_one_line_and_changes_nothing(
-  reference_run, tmp_path, env, module, args, line
+  reference_run, tmp_path, cli_env, module, args, line
 ):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
   before = tree(reference_run)
   args = [a.format(empty=empty) for a in args]
-  result = run_cli(module, f"--workdir={reference_run}", *args, env=env)
+  result = run_cli(module, f"--workdir={reference_run}", *args, env=cli_env)
   assert one_error_line(result, 2).startswith(line.format(empty=empty))
   assert tree(reference_run) == before
 
 
-def test_verbose_adds_the_traceback_above_the_one_line(tmp_path, env):
+def test_verbose_adds_the_traceback_above_the_one_line(tmp_path, cli_env):
   file = tmp_path / "notes.txt"
   file.write_text("mine")
-  result = run_cli("coe_jax.main", f"--workdir={file}", *cli_flags(), "--verbose", env=env)
+  result = run_cli("coe_jax.main", f"--workdir={file}", *cli_flags(), "--verbose", env=cli_env)
   assert result.returncode == 2 and "Traceback (most recent call last)" in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith("error: --workdir: ")
 

@@ -1,5 +1,7 @@
 """The fused token cross-entropy against optax's, value and gradient."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,3 +55,25 @@ def test_bfloat16_logits_get_a_bfloat16_gradient_computed_in_float32():
   assert value.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
   ref = _optax_sum(logits.astype(jnp.float32), targets, weights)
   np.testing.assert_allclose(value, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (2, 5, 8)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_dot_general_equals_lax_dot_general_in_value_and_gradient(shape, dtype):
+  from coe_jax.nn.head_matmul import head_dot_general
+
+  x = jax.random.normal(jax.random.key(3), shape).astype(dtype)
+  w = jax.random.normal(jax.random.key(4), (8, 11)).astype(dtype)
+  dims = (((len(shape) - 1,), (0,)), ((), ()))
+
+  def loss(dot_general, x, w):
+    return jnp.sum(jnp.sin(dot_general(x, w, dims).astype(jnp.float32)))
+
+  ours = jax.value_and_grad(functools.partial(loss, head_dot_general), argnums=(0, 1))(x, w)
+  ref = jax.value_and_grad(functools.partial(loss, jax.lax.dot_general), argnums=(0, 1))(x, w)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
+    )

@@ -1,10 +1,10 @@
 """Fault injection: kill -9, damaged checkpoints, a full disk, two runs on one workdir, bad input.
 
 Each fault ends in one line (a warning when the run goes on, `error: ...` when it stops),
-loses nothing and leaves nothing partial. Runs are test_train's shrunk config (`small_config`,
-its compilation cache; the CLI subprocesses pass the same values as flags). Nothing here depends
-on how fast the machine is: a kill lands wherever it lands, and the assertions hold for any
-point. Bad input at the command line: test_cli_errors.
+loses nothing and leaves nothing partial. Runs are the shrunk config of `run_helpers`
+(`small_config`, the session's compilation cache; the CLI subprocesses pass the same values as
+flags). Nothing here depends on how fast the machine is: a kill lands wherever it lands, and the
+assertions hold for any point. Bad input at the command line: test_cli_errors.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import contextlib
 import errno
 import json
 import os
-import re
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,14 +22,16 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import (  # noqa: F401 (fixture)
+from run_helpers import (
+  CLI_TIMEOUT_S,
   REPO,
-  SMALL,
-  fast_compilation,
-  jax_cache_env,
+  STEPS,
+  cli_flags,
   metric_rows,
-  shared_trained_run,
+  one_error_line,
+  run_cli,
   small_config,
+  tree,
 )
 
 from coe_jax.errors import CheckpointError, WorkdirLocked
@@ -40,73 +40,8 @@ from coe_jax.training import train, workdir_lock
 from coe_jax.training.metrics import read_metrics
 from coe_jax.training.workdir_lock import LOCK_FILE, WorkdirLock
 
-pytestmark = pytest.mark.slow  # training runs and CLI subprocesses
-STEPS = 30  # small_config's train.steps; checkpoints every 5, the last two (25, 30) kept
-TIMEOUT_S = 300  # a CLI subprocess: imports, data and (on a cache miss) compilation
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compilation")]  # runs, CLI
 TMP_GLOB = "*.orbax-checkpoint-tmp*"
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-  return shared_trained_run(tmp_path_factory)
-
-
-@pytest.fixture
-def run_copy(reference_run, tmp_path) -> Path:
-  """A writable copy of the 30-step reference run."""
-  return Path(shutil.copytree(reference_run, tmp_path / "run"))
-
-
-def cli_flags(**changes) -> list[str]:
-  """SMALL (and `changes`, dotted with '__') as `--config.<field>=<value>` flags."""
-  values = {**SMALL, **{k.replace("__", "."): v for k, v in changes.items()}}
-  return ["--config=configs/coe_c2.py:tiny", *(f"--config.{k}={v}" for k, v in values.items())]
-
-
-def run_cli(module: str, *args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    cwd=REPO,
-    env={**os.environ, **env},
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT_S,
-    **kwargs,
-  )
-
-
-def stderr_lines(result: subprocess.CompletedProcess) -> list[str]:
-  """Lines of stderr other than the progress bar's."""
-  return [
-    line
-    for line in re.split(r"[\r\n]", result.stderr)
-    if line.strip() and not re.match(r"\s*\d+%\|", line)
-  ]
-
-
-def one_error_line(result: subprocess.CompletedProcess, code: int) -> str:
-  """The single line of stderr (besides the progress bar): `error: ...`, exit code `code`."""
-  lines = stderr_lines(result)
-  assert result.returncode == code and len(lines) == 1, (result.returncode, result.stderr[-3000:])
-  assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
-  return lines[0]
-
-
-def tree(path: Path) -> dict[str, tuple[int, int]]:
-  """Every file and directory under `path`: relative path -> (size, mtime in ns).
-
-  `path`'s own mtime is left out: a run's lock file comes and goes in it.
-  """
-  entries = {}
-  for p in path.rglob("*"):
-    stat = p.lstat()
-    entries[str(p.relative_to(path))] = (stat.st_size if p.is_file() else 0, stat.st_mtime_ns)
-  return entries
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-  return jax_cache_env(tmp_path_factory)
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +119,9 @@ def test_readers_skip_a_damaged_latest_checkpoint_and_change_nothing(run_copy, c
 LONG = dict(train__steps=30000, train__warmup_fraction=1e-4, train__eval_every=0)
 
 
-def test_kill_9_during_saves_then_resume_is_exact_and_logs_each_step_once(env, tmp_path, capsys):
+def test_kill_9_during_saves_then_resume_is_exact_and_logs_each_step_once(
+  cli_env, tmp_path, capsys
+):
   workdir = tmp_path / "killed"
   command = [
     sys.executable,
@@ -194,9 +131,11 @@ def test_kill_9_during_saves_then_resume_is_exact_and_logs_each_step_once(env, t
     *cli_flags(**LONG, train__checkpoint_every=1),  # a save every step: kills land in saves
   ]
   with open(tmp_path / "stderr.txt", "w") as err, open(tmp_path / "stdout.txt", "w") as out:
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=err)
+    process = subprocess.Popen(
+      command, cwd=REPO, env={**os.environ, **cli_env}, stdout=out, stderr=err
+    )
   metrics = workdir / "metrics.jsonl"
-  deadline = time.monotonic() + TIMEOUT_S
+  deadline = time.monotonic() + CLI_TIMEOUT_S
   while time.monotonic() < deadline and process.poll() is None:
     if metrics.is_file() and len(metrics.read_text().splitlines()) >= 8:
       break
@@ -246,13 +185,13 @@ def lock_held_by_another_process(workdir: Path):
 
 
 def test_a_second_run_is_refused_at_once_and_a_dead_holders_lock_is_taken_over(
-  run_copy, env, capsys
+  run_copy, cli_env, capsys
 ):
   with lock_held_by_another_process(run_copy) as holder:
     before = tree(run_copy)
     with pytest.raises(WorkdirLocked, match=rf"pid {holder.pid} on host {socket.gethostname()}"):
       train.train_and_evaluate(small_config(train__steps=40), str(run_copy), progress=False)
-    result = run_cli("coe_jax.main", f"--workdir={run_copy}", *cli_flags(), env=env)
+    result = run_cli("coe_jax.main", f"--workdir={run_copy}", *cli_flags(), env=cli_env)
     line = one_error_line(result, 1)
     assert f"another training run holds it (pid {holder.pid} on host" in line
     # Readers do not take the lock.
@@ -333,7 +272,7 @@ FULL_DISK = {
 
 
 @pytest.mark.parametrize("case", FULL_DISK)
-def test_a_full_disk_is_one_line_naming_the_path_and_what_is_intact(tmp_path, env, case):
+def test_a_full_disk_is_one_line_naming_the_path_and_what_is_intact(tmp_path, cli_env, case):
   changes, on_tmpfs, limited = FULL_DISK[case]
   disk = tmp_path / "disk"
   with small_disk(disk, on_tmpfs[0]) as mounted:
@@ -343,7 +282,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_what_is_intact(tmp_path, en
       "coe_jax.main",
       f"--workdir={workdir}",
       *cli_flags(**changes),
-      env={**env, **({} if mounted else {"JAX_ENABLE_COMPILATION_CACHE": "false"})},
+      env={**cli_env, **({} if mounted else {"JAX_ENABLE_COMPILATION_CACHE": "false"})},
       preexec_fn=None if mounted else file_size_limit(kilobytes),
     )
     line = one_error_line(result, 1)
@@ -360,14 +299,14 @@ def test_a_full_disk_is_one_line_naming_the_path_and_what_is_intact(tmp_path, en
       assert complete == (["5"] if mounted else [])
 
 
-def test_a_read_only_disk_is_one_line_naming_the_path(tmp_path, env):
+def test_a_read_only_disk_is_one_line_naming_the_path(tmp_path, cli_env):
   disk = tmp_path / "disk"
   disk.mkdir()
   command = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)]
   if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode != 0:
     pytest.skip("needs root to mount a read-only tmpfs (root ignores file permissions)")
   try:
-    result = run_cli("coe_jax.main", f"--workdir={disk / 'run'}", *cli_flags(), env=env)
+    result = run_cli("coe_jax.main", f"--workdir={disk / 'run'}", *cli_flags(), env=cli_env)
   finally:
     subprocess.run(["umount", str(disk)], check=True)
   assert one_error_line(result, 1) == (

@@ -3,15 +3,15 @@
 The run under test (module fixtures, one after the other, on one workdir):
 
 1. two processes (`jax.distributed` with CPU collectives, 2 host devices each,
-   one mesh over all 4) train test_train's shrunk config until process 1
+   one mesh over all 4) train the shrunk config of `run_helpers` until process 1
    alone gets SIGTERM: both must stop after the same step, save it and exit 0;
 2. one process (this one, 1 device) resumes that checkpoint for 3 steps,
    profiling one of them, with a fake `wandb` module installed;
 3. two processes resume the one-process checkpoint and finish the 30 steps.
 
-Each leg's losses must be those of test_train's uninterrupted one-process
-run of the same config (`shared_trained_run`), which sees the same global
-batches. Everything shares the session's compilation cache (test_train).
+Each leg's losses must be those of the session's uninterrupted one-process
+run of the same config (conftest's `reference_run`), which sees the same global
+batches. Everything shares the session's compilation cache (`fast_compilation`).
 """
 
 from __future__ import annotations
@@ -28,15 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_checkpoint import abstract_state, max_abs_diff
-from test_train import (  # noqa: F401 (fixture)
-  REPO,
-  SMALL,
-  fast_compilation,
-  jax_cache_env,
-  shared_trained_run,
-  small_config,
-)
+from run_helpers import REPO, SMALL, abstract_state, jax_cache_env, max_abs_diff, small_config
 
 from coe_jax.data import input_pipeline
 from coe_jax.nn.flops import known_peak_tflops, peak_tflops_per_device
@@ -54,7 +46,7 @@ STARTUP_TIMEOUT_S = 300
 LOSS_RTOL = 1e-5
 SECOND_LEG_STEPS = 3
 
-pytestmark = pytest.mark.slow  # subprocess training runs
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compilation")]  # subprocess runs
 
 
 def free_port() -> int:
@@ -136,12 +128,6 @@ def latest_checkpoint(workdir: Path) -> int:
 
 def losses(workdir: Path) -> dict[int, float]:
   return {row["step"]: row["train/loss"] for row in read_metrics(str(workdir))}
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-  """test_train's 30 steps of the same config in one process on one device (read only)."""
-  return shared_trained_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 import pytest
-from test_data import ROWS, shared_math_qa_config
-from test_train import small_config
+from data_helpers import ROWS, shared_math_qa_config
+from run_helpers import small_config
 
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import Datasets, build_datasets, format_example

@@ -1,19 +1,16 @@
 """Tests for coe_jax.training.train: validation, optimiser, the train step and the training loop.
 
-Every test trains a shrunk CoE(C=2) (`small_config`): one layer, hidden 32,
-7 routed experts + 1 shared, 32-token rows, a 300-token BPE. Compilation is the
-cost on CPU, so these modules compile without XLA's slow optimisation passes
-and share one persistent compilation cache (`fast_compilation`): runs of the
-same config, in-process or in a CLI subprocess (`jax_cache_env`), compile once.
+Every test trains a shrunk CoE(C=2) (`run_helpers.small_config`) under the
+`fast_compilation` fixture (conftest.py): no slow XLA passes, one persistent
+compilation cache for the session.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import struct
+import signal
 import types
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,160 +20,24 @@ import numpy as np
 import optax
 import pytest
 from flax.core.meta import unbox
-from jax.experimental.compilation_cache import compilation_cache
+from run_helpers import (
+  REQUIRED_TRAIN_KEYS,
+  SHARED_DATA,
+  set_field,
+  small_config,
+  tensorboard_scalars,
+)
 
 from coe_jax import config_lib
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ConfigError
 from coe_jax.training import optimizer, train, train_config, train_step
+from coe_jax.training.metric_pipeline import LaunchedStep, MetricPipeline
 from coe_jax.training.metrics import MetricWriter, read_metrics
+from coe_jax.training.schedule import StepSchedule
+from coe_jax.training.stop import StopRequest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CONFIG_FILE = REPO / "configs" / "coe_c2.py"
-
-# Dotted field -> value, applied to `configs/coe_c2.py:tiny`; test_cli passes the same
-# values as --config.<field>=<value> flags, so its subprocess hits the compilation cache.
-SMALL = {
-  "model.hidden_size": 32,
-  "model.num_layers": 1,
-  "model.n_routed_experts": 7,
-  "model.moe_intermediate_size": 32,
-  "model.kv_lora_rank": 16,
-  "model.qk_nope_head_dim": 8,
-  "model.qk_rope_head_dim": 8,
-  "model.v_head_dim": 8,
-  "model.num_heads": 2,
-  # capacity = tokens (cf 3.5 = N/K): nothing drops, so micro-batches route exactly as the
-  # whole batch (the accumulation test compares them).
-  "model.capacity_factor_train": 3.5,
-  "data.max_length": 32,
-  "data.vocab_size": 300,
-  "data.synthetic_train_size": 400,
-  "data.synthetic_val_size": 32,
-  "train.batch_size": 8,
-  "train.eval_batch_size": 16,
-  "train.max_eval_batches": 2,
-  # 30 steps at the paper's 3e-4 barely move this model; 3e-3 shows learning clearly.
-  "train.lr": 3e-3,
-  "train.steps": 30,
-  "train.eval_every": 10,
-  "train.checkpoint_every": 5,
-  "train.keep_checkpoints": 2,
-}
-# Metrics every train row of metrics.jsonl must hold (the issue's list).
-REQUIRED_TRAIN_KEYS = (
-  "train/loss",
-  "train/aux_loss",
-  "train/lr",
-  "train/grad_norm",
-  "train/tokens_per_sec",
-  "train/dropped_fraction",
-)
-# Timing-dependent columns; everything else in metrics.jsonl is a deterministic number.
-TIMING_KEYS = (
-  "train/tokens_per_sec",
-  "train/step_seconds",
-  "train/tflops_per_sec_per_device",
-  "train/mfu",
-)
-
-
-def load_config_file(path: Path, arg: str) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file, as `--config=path:arg` loads it."""
-  return config_lib.load_config_file(f"{path}:{arg}")
-
-
-def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-  section, field = dotted.split(".")
-  config[section][field] = value
-
-
-def small_config(**changes: Any) -> ml_collections.ConfigDict:
-  """`configs/coe_c2.py:tiny` with `SMALL` and then `changes` (dotted names with '__' for '.')."""
-  config = load_config_file(CONFIG_FILE, "tiny")
-  for dotted, value in SMALL.items():
-    set_field(config, dotted, value)
-  for name, value in changes.items():
-    set_field(config, name.replace("__", "."), value)
-  return config
-
-
-def jax_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-  """One compilation cache for the whole pytest session."""
-  return tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-
-
-def jax_cache_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-  """Environment variables giving a subprocess the settings of `fast_compilation`."""
-  return {
-    "JAX_COMPILATION_CACHE_DIR": str(jax_cache_dir(tmp_path_factory)),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-  }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation(tmp_path_factory):
-  """Within this module: no slow XLA passes, and a persistent cache shared by the session."""
-  settings = {
-    "jax_compilation_cache_dir": str(jax_cache_dir(tmp_path_factory)),
-    "jax_persistent_cache_min_compile_time_secs": 0.0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-    "jax_disable_most_optimizations": True,
-  }
-  previous = {name: jax.config.values[name] for name in settings}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()  # re-read the cache directory
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
-def shared_trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-  """A workdir of `small_config()` trained for its 30 steps in one go, once per session.
-
-  Tests read it; a test that would write to it works on a copy.
-  """
-  workdir = tmp_path_factory.getbasetemp() / "small_config_trained"
-  if not (workdir / "summary.json").is_file():
-    train.train_and_evaluate(small_config(), str(workdir), progress=False)
-  return workdir
-
-
-def tensorboard_scalars(workdir: Path) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value), ...] in logging order} from the run's TensorBoard event files.
-
-  As TensorBoard does, a SessionLog START event at step s (a resumed run's
-  purge marker) drops the values logged earlier at steps >= s.
-  """
-  from tensorboardX.proto import event_pb2
-
-  scalars: dict[str, list[tuple[int, float]]] = {}
-  for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
-    data, offset = path.read_bytes(), 0
-    while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset : offset + 8])  # then a 4-byte length CRC
-      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-      offset += 12 + length + 4  # record and its 4-byte CRC
-      if event.session_log.status == event_pb2.SessionLog.START:
-        for values in scalars.values():
-          values[:] = [(step, value) for step, value in values if step < event.step]
-      for value in event.summary.value:
-        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-  return scalars
-
-
-def metric_rows(workdir: Path) -> dict[int, dict]:
-  """metrics.jsonl by step, without the timing columns."""
-  return {
-    row["step"]: {k: v for k, v in row.items() if k not in TIMING_KEYS}
-    for row in read_metrics(str(workdir))
-  }
-
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 # ---------------------------------------------------------------------------
 # Validation
@@ -391,11 +252,46 @@ def test_bf16_compute_keeps_fp32_params_and_optimizer_state(step_setup, fp32_ste
 # ---------------------------------------------------------------------------
 
 
+def test_the_schedule_evaluates_checkpoints_and_stops_where_the_config_says():
+  schedule = StepSchedule.of(small_config(train__steps=12).train, stop_at_step=None)
+  assert [d for d in range(1, 13) if schedule.evaluates(d)] == [10, 12]  # eval_every 10, last
+  assert [d for d in range(1, 13) if schedule.checkpoints(d)] == [5, 10, 12]  # every 5, last
+  assert schedule.end(3) == 12 and not any(schedule.interrupts(d) for d in range(1, 13))
+  stopped = StepSchedule(steps=30, eval_every=0, checkpoint_every=0, stop_at_step=7)
+  assert stopped.end(0) == 7 and stopped.end(9) == 9  # a resumed run past it runs no step
+  assert [d for d in range(1, 31) if stopped.interrupts(d)] == list(range(7, 31))
+  assert [d for d in range(1, 31) if stopped.evaluates(d) or stopped.checkpoints(d)] == [30]
+
+
+def test_the_metric_pipeline_reads_a_deferred_step_once_and_refuses_a_nan_loss(tmp_path):
+  logged = []
+  log = types.SimpleNamespace(step=lambda done, metrics: logged.append(done))
+  pipeline = MetricPipeline(log, str(tmp_path), last_checkpoint=None)
+  assert not pipeline.read_deferred() and logged == []
+  pipeline.defer(LaunchedStep(1, {"loss": np.float32(2.0), "grad_norm": np.float32(1.0)}, None))
+  assert not pipeline.read_deferred() and logged == [1] and pipeline.losses == [2.0]
+  assert not pipeline.read_deferred() and logged == [1]  # read once
+  pipeline.checkpointed(5)
+  nan_step = LaunchedStep(6, {"loss": np.float32("nan"), "grad_norm": np.float32(1.0)}, None)
+  with pytest.raises(FloatingPointError, match=r"nan at step 6 .* checkpoint \(step 5\) is intact"):
+    pipeline.read(nan_step)
+  assert pipeline.losses == [2.0]  # nothing of the diverged step is kept
+
+
+def test_a_stop_request_is_set_by_sigterm_and_restores_the_handlers():
+  before = signal.getsignal(signal.SIGTERM)
+  with StopRequest(vote=None) as stop:
+    assert not stop.requested_here() and stop.cast() is None
+    signal.raise_signal(signal.SIGTERM)
+    assert stop.signal == signal.SIGTERM and stop.requested_here()
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert not StopRequest.agreed(None) and StopRequest.agreed(jnp.int32(1))
+
+
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(reference_run):
   """(workdir, summary) of the small config trained for 30 steps."""
-  workdir = shared_trained_run(tmp_path_factory)
-  return workdir, json.loads((workdir / "summary.json").read_text())
+  return reference_run, json.loads((reference_run / "summary.json").read_text())
 
 
 # Margins (measured with this module's compile settings; config.seed 0, 1, 2 at the config's

@@ -13,7 +13,6 @@ what is wrong, before anything is cached.
 from __future__ import annotations
 
 import bz2
-import glob
 import gzip
 import json
 import lzma
@@ -51,21 +50,6 @@ def as_text(value: Any) -> str:
   if isinstance(value, bytes):
     return value.decode("utf-8")
   return value if isinstance(value, str) else str(value)
-
-
-def expand_files(spec: Any) -> list[str]:
-  """`train_files`/`val_files` (a path, glob, comma-separated string or list) as sorted paths."""
-  if spec is None or spec == "":
-    return []
-  items = spec.split(",") if isinstance(spec, str) else list(spec)
-  paths: list[str] = []
-  for item in (str(i).strip() for i in items):
-    if not item:
-      continue
-    item = os.path.expanduser(item)
-    matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-    paths.extend(matches)
-  return paths
 
 
 def holdout(num_rows: int, size: int, seed: int, field: str) -> tuple[list[int], list[int]]:

@@ -24,7 +24,6 @@ from jaxtyping import Array, Bool, Float, Int
 from coe_jax.nn.experts import SwiGLUWeights
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
-
 TILES_BWD_SCOPE = "blocked_tiles_bwd"
 
 
@@ -303,9 +302,7 @@ def blocked_swiglu_threaded(
 
 def _blocked_swiglu_fwd(rows, schedule, gate, up, down, tiles_per_step):
   # symbolic_zeros=True: every leaf comes wrapped, whether it is differentiated or not
-  rows, schedule, gate, up, down = jax.tree.map(
-    lambda p: p.value, (rows, schedule, gate, up, down)
-  )
+  rows, schedule, gate, up, down = jax.tree.map(lambda p: p.value, (rows, schedule, gate, up, down))
   y, g_all, u_all = _blocked_forward(rows, schedule, gate, up, down, tiles_per_step)
   return (y, gate, up, down), (rows, schedule, gate, up, down, g_all, u_all)
 

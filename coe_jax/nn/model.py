@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, Int
 from coe_jax.nn.attention import MultiHeadLatentAttention, make_attention_mask, rotary_cos_sin
 from coe_jax.nn.coe_layer import CoEAux, CoELayer
 from coe_jax.nn.expert_parallel import ExpertParallel
+from coe_jax.nn.head_matmul import head_dot_general
 from coe_jax.nn.layers import RMSNorm, compute_dtype, normal_init
 from coe_jax.nn.logical_axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, param_init
 from coe_jax.nn.model_config import ModelConfig
@@ -209,6 +210,7 @@ class CoECausalLM(nn.Module):
       kernel_init=param_init(normal_init(cfg.initializer_range), (EMBED, VOCAB)),
       dtype=dtype,
       param_dtype=jnp.float32,
+      dot_general=head_dot_general,  # a weight gradient XLA:CPU need not transpose for
       name="lm_head",
     )(x)
     logits = constrain(logits, (BATCH, LENGTH, VOCAB))

@@ -61,7 +61,9 @@ def _bwd(residuals, g):
 token_cross_entropy_sum.defvjp(_fwd, _bwd)
 
 
-def shift_left(targets: Int[Array, "batch seq_minus_1"], weights: Float[Array, "batch seq_minus_1"]):
+def shift_left(
+  targets: Int[Array, "batch seq_minus_1"], weights: Float[Array, "batch seq_minus_1"]
+):
   """Next-token targets and weights [b, s - 1] as full-length [b, s] (last position: weight 0)."""
   pad = ((0, 0), (0, 1))
   return jnp.pad(targets, pad), jnp.pad(weights, pad)
