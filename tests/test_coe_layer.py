@@ -17,6 +17,7 @@ from coe_jax.nn.coe_layer import CoELayer, expert_pass
 from coe_jax.nn.dispatch import expert_capacity
 from coe_jax.nn.experts import SwiGLUWeights
 from coe_jax.nn.layers import rms_norm
+from coe_jax.nn.router import route
 
 B, S, D = 2, 6, 16
 BASE = CoEConfig(
@@ -293,6 +294,21 @@ def test_sown_intermediates_match_numpy():
     lambda p_, h_: CoELayer(cfg).apply({"params": p_}, h_), params, jnp.asarray(h)
   )
   assert out_plain.shape == (B, S, D)
+
+
+def test_router_fn_replaces_the_router_and_defaults_to_route():
+  cfg, params, h = STATS_CFG, _params(STATS_CFG, 5), jnp.asarray(_h(5))
+  def last_experts(x, weight, *, k, **kwargs):  # every token to the last K experts
+    routing = route(x, weight, k=k, **kwargs)
+    ids = jnp.arange(cfg.n_routed_experts - 1, cfg.n_routed_experts - 1 - k, -1, dtype=jnp.int32)
+    return routing.replace(expert_ids=jnp.broadcast_to(ids, routing.expert_ids.shape))
+
+  apply = lambda layer: layer.apply({"params": params}, h, mutable=["intermediates"])
+  (out, _), state = apply(CoELayer(cfg, router_fn=last_experts))
+  ids = np.asarray(state["intermediates"]["expert_ids"][0])
+  assert (ids[..., 0] == 5).all() and (ids[..., 1] == 4).all()
+  assert CoELayer(cfg).router_fn is route  # the numpy-spec tests above check its output
+  assert not np.allclose(out, _apply_fn(cfg)(params, h)[0], atol=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train", "eval_padded"])
