@@ -297,11 +297,11 @@ def test_sown_intermediates_match_numpy():
 
 
 def test_router_fn_replaces_the_router_and_defaults_to_route():
-  cfg, params, h = STATS_CFG, _params(STATS_CFG, 5), jnp.asarray(_h(5))
   def last_experts(x, weight, **kwargs):  # every token to the last K=2 of the 6 experts
     routing = route(x, weight, **kwargs)
     return routing.replace(expert_ids=jnp.broadcast_to(jnp.int32([5, 4]), routing.expert_ids.shape))
 
+  cfg, params, h = STATS_CFG, _params(STATS_CFG, 5), jnp.asarray(_h(5))
   layer = CoELayer(cfg, router_fn=last_experts)
   (out, _), state = layer.apply({"params": params}, h, mutable=["intermediates"])
   assert (np.asarray(state["intermediates"]["expert_ids"][0]) == [5, 4]).all()

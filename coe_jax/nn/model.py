@@ -117,9 +117,7 @@ class DecoderLayer(nn.Module):
       attn_out = attn_out * (token_mask > 0)[..., None].astype(attn_out.dtype)
     out, aux = CoELayer(
       cfg.coe, router_fn=self.router_fn, expert_parallel=self.expert_parallel, name="mlp"
-    )(
-      x + attn_out, train=self.train, token_mask=token_mask, route_pads=reference_pads
-    )
+    )(x + attn_out, train=self.train, token_mask=token_mask, route_pads=reference_pads)
     return out.astype(dtype), (aux, new_entries)
 
 
