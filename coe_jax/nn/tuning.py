@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 TILE_CAP = 256  # most rows in one default tile; an expert's larger load is split into equal tiles
 LAST_TILE_SIZES = 5  # CPU: tile sizes for small experts (`default_tiling`, PERF.md 21)
@@ -75,6 +74,12 @@ def default_dropless_tile(num_assignments: int, num_experts: int, span: int = 1)
   return int(max(8, 8 * math.ceil(target / pieces / 8)))
 
 
+def expert_weight_bytes(weights: Any) -> int:
+  """Bytes of one expert's matrices in stacked [E, ...] weights: what each tile of 'blocked'
+  copies, and what its tiling and tiles per step are sized by."""
+  return sum(w.size // w.shape[0] * w.dtype.itemsize for w in jax.tree.leaves(weights))
+
+
 def blocked_tiles_per_step(weights: Any, tile: int, platform: str = "") -> int:
   """Tiles per loop iteration of 'blocked': one on CPU, a weight-gather budget elsewhere.
 
@@ -87,8 +92,7 @@ def blocked_tiles_per_step(weights: Any, tile: int, platform: str = "") -> int:
   del tile
   if target_platform(platform) == "cpu":
     return 1
-  per_tile = 3 * weights.gate[0].size * jnp.dtype(weights.gate.dtype).itemsize
-  return max(1, (1 << 30) // (2 * per_tile))
+  return max(1, (1 << 30) // (2 * expert_weight_bytes(weights)))
 
 
 def default_tiling(
