@@ -299,5 +299,5 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_keeping_host_memory()  # CPU: reuse the step's memory (experiments/PERF.md 19)
+  host_memory.reexec_keeping_host_memory()  # CPU: reuse the step's memory (PERF.md 19)
   main(sys.argv[1:])

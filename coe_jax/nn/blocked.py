@@ -324,7 +324,8 @@ def _blocked_swiglu_bwd_loops(tiles_per_step, residuals, d_y, d_gate_in, d_up_in
   # later passes' gradients in a chain, zeros otherwise. A zero of JAX's (a symbolic zero made
   # a constant broadcast) would be merged by XLA with every other identical broadcast and then
   # copied into each loop's state, a read and a write of [E, d, f] float32 where one write does
-  # (experiments/PERF.md 18): so each starts from 0.0 times a number that differs per accumulator and call.
+  # (experiments/PERF.md 18): so each starts from 0.0 times a number that differs per
+  # accumulator and call.
   used_tiles = jnp.sum(schedule.used)
   zeros = (used_tiles + jnp.arange(3, dtype=used_tiles.dtype)).astype(f32) * 0.0
   accumulators = tuple(

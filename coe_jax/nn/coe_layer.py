@@ -13,7 +13,7 @@ The iterations run under `jax.lax.scan` over router weights stacked on a
 leading [C] axis (one router per iteration, or one broadcast router when
 `independent_gates=False`); the experts are shared by every iteration.
 The scan is unrolled (C is 1-3 in the paper): XLA then schedules and fuses
-across iterations, at the price of compile time linear in C (experiments/PERF.md).
+across iterations, at the price of compile time linear in C (experiments/PERF.md 4).
 C = 1 is the plain MoE layer.
 """
 
