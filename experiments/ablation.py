@@ -30,7 +30,12 @@ from absl import app, flags
 from coe_jax import config_lib
 
 # The pieces, re-exported: experiments/equal_time.py and the tests use them as `ablation.<name>`.
-from experiments.ablation_figures import FIGURES, paired_curve, plot_figure, write_figures  # noqa: F401
+from experiments.ablation_figures import (  # noqa: F401
+  FIGURES,
+  paired_curve,
+  plot_figure,
+  write_figures,
+)
 from experiments.ablation_results import RunResult, collect, paired_differences  # noqa: F401
 from experiments.ablation_runner import (  # noqa: F401
   CONFIG_DIR,

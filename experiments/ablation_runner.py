@@ -65,7 +65,8 @@ class Recipe:
   overrides: tuple[str, ...] = ()
 
   def flags_for(self, cache_dir: str) -> list[str]:
-    """`--config.*` overrides implementing the recipe (the tokenised data cache shared by all runs)."""
+    """`--config.*` overrides implementing the recipe (the tokenised data cache shared by all
+    runs)."""
     out = [f"--config.data.cache_dir={cache_dir}", f"--config.data.packing={self.packing}"]
     if self.data_dir:
       out += [

@@ -130,9 +130,8 @@ class StepBench:
   # (allocated at each call); None where the backend has no `memory_analysis`
   resident_bytes: Optional[int] = None
   temp_bytes: Optional[int] = None
-  hlo_text: str = (
-    ""  # the compiled program (op names for `experiments.profile_step --by=component`)
-  )
+  # the compiled program (op names for `experiments.profile_step --by=component`)
+  hlo_text: str = ""
   config_name: str = ""
 
   def allocate(self) -> None:
