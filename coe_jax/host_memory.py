@@ -1,10 +1,10 @@
 """Host memory that stays mapped between steps, for CPU runs (glibc's allocator settings).
 
-XLA:CPU allocates each program's temporary buffer (1.6-2.6 GB for one
+XLA:CPU allocates each program's temporary buffer (gigabytes for one
 paper-width train step) when the program starts and frees it when it ends.
 With glibc's defaults a block that large is a fresh `mmap` every time, so the
-kernel zero-fills every page of it again on every step: a quarter of the CPU
-time of a paper-width step, and the matmul probe runs at half speed (PERF.md 19).
+kernel zero-fills every page of it again on every step, and the step pays for
+those page faults (measurements: experiments/PERF.md 19).
 Three of glibc's settings make the allocator keep and reuse the memory:
 
 - `MALLOC_ARENA_MAX=1`: every thread allocates from the main heap (blocks over
@@ -15,7 +15,7 @@ Three of glibc's settings make the allocator keep and reuse the memory:
 The settings must be in the environment when the process starts, so the
 command-line programs re-execute themselves once with them
 (`reexec_keeping_host_memory`, first thing in `__main__`; the imports done
-before it, JAX's included, are done again: ~1 s). The process keeps its peak
+before it, JAX's included, are done again). The process keeps its peak
 host memory until it exits. Nothing changes where the settings do not apply (not
 Linux with glibc, or JAX runs on an accelerator), when `COE_JAX_HOST_MALLOC=system`,
 inside IPython or under a debugger (a re-exec would end the session), or if the

@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     )
   for tile in (int(s) for s in args.tiles.split(",")):
     for count in (int(c) for c in args.tile_sizes.split(",")):
-      sizes = tuning.default_tiling(t * k, e, blocked.expert_weight_bytes(weights), tile, count)
+      sizes = tuning.default_tiling(t * k, e, tuning.expert_weight_bytes(weights), tile, count)
       routed = lambda x_, cw_, w_, sizes=sizes: (
         blocked_dispatch(x_, ids, cw_, w_, sizes, args.tiles_per_step).output
       )

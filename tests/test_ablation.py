@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -320,16 +321,16 @@ def test_paired_difference_panel_draws_every_seed(tmp_path, monkeypatch):
 
 def test_run_lock_refuses_a_live_runner_and_takes_over_a_dead_ones(tmp_path):
   lock = tmp_path / ablation.LOCK_FILE
-  lock.write_text(f"{ablation.socket.gethostname()} {os.getpid()}")  # a live process: this one
+  lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # a live process: this one
   with pytest.raises(RuntimeError, match="being trained by another runner"):
     with ablation.run_lock(tmp_path):
       pass
   gone = subprocess.run(
     [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
   )
-  lock.write_text(f"{ablation.socket.gethostname()} {int(gone.stdout)}")  # its process has exited
+  lock.write_text(f"{socket.gethostname()} {int(gone.stdout)}")  # its process has exited
   with ablation.run_lock(tmp_path):
-    assert lock.read_text() == f"{ablation.socket.gethostname()} {os.getpid()}"
+    assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}"
   assert not lock.exists()
 
 
@@ -343,7 +344,7 @@ def test_first_seed_trains_only_the_later_seeds(tmp_path, monkeypatch):
     ).is_file()  # held while training
     return subprocess.CompletedProcess(command, 0)
 
-  monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+  monkeypatch.setattr(subprocess, "run", fake_run)
   workdirs = ablation.run_suite(
     PAIR, 5, ablation.Recipe(), tmp_path, log=lambda _: None, first_seed=3
   )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from coe_jax.nn import router
 from coe_jax.nn.model_config import ModelConfig
 from experiments import bench
 
@@ -106,9 +107,23 @@ def test_gpu_bench_runs_in_cpu_form_and_prints_the_table_last(tmp_path):
 
 def _suite_model_config(run: dict) -> ModelConfig:
   """The ModelConfig of a suite run, rebuilt from its config file."""
-  name = run["label"].rsplit(" ", 1)[0]
-  config = bench.load_config(f"{dict(bench.SUITE)[name]}:tiny")
+  config = bench.load_config(f"{dict(bench.SUITE)[run['config']]}:tiny")
   return bench.bench_model_config(config, run["dispatch"], {})
+
+
+def test_each_program_is_compared_with_the_capacity_step_of_its_own_variant():
+  def record(config, dispatch, block, label):
+    keys = ("config", "dispatch", "attention_query_block", "label")
+    return dict(zip(keys, (config, dispatch, block, label)), scan_layers=False)
+
+  runs = [
+    record("MoE (K=8)", "capacity", 0, "a"),  # a config name with a space: no label parsing
+    record("MoE (K=8)", "capacity", 64, "b"),
+    record("MoE", "capacity", 64, "c"),
+    record("MoE (K=8)", "dropless", 64, "d"),
+  ]
+  assert bench.capacity_baseline(runs[3], runs)["label"] == "b"
+  assert bench.capacity_baseline(record("CoE", "dropless", 0, "e"), runs) is None
 
 
 @pytest.mark.slow
@@ -268,7 +283,7 @@ def test_balanced_routing_draws_k_distinct_experts_per_token_and_keeps_the_route
   x = jax.random.normal(jax.random.key(1), (4, 256, 16)) + 3.0  # a shared component: skewed
   weight = jax.random.normal(jax.random.key(2), (31, 16))
   scaling = dict(norm_topk_prob=True, routed_scaling_factor=2.5)  # as the router would apply
-  own = bench.router.route(x, weight, k=4, **scaling)
+  own = router.route(x, weight, k=4, **scaling)
   drawn = bench.balanced_route(x, weight, k=4, **scaling)
   ids = np.asarray(drawn.expert_ids)
   assert all(len(set(row)) == 4 for row in ids.reshape(-1, 4))
@@ -347,8 +362,9 @@ def test_bench_refuses_before_allocating_what_host_memory_cannot_hold(monkeypatc
 
 
 def test_compiled_memory_split_counts_a_donated_state_once():
-  state = bench.jnp.zeros((1024,), bench.jnp.float32)  # 4 KiB, donated: aliased by the output
-  step = lambda s: (s * 2.0, bench.jnp.sum(s))  # and a 4-byte output
+  jnp = bench.jax.numpy
+  state = jnp.zeros((1024,), jnp.float32)  # 4 KiB, donated: aliased by the output
+  step = lambda s: (s * 2.0, jnp.sum(s))  # and a 4-byte output
   compiled = bench.jax.jit(step, donate_argnums=0).lower(state).compile()
   resident, temp = bench.metrics_lib.compiled_memory_split(compiled)
   # The state once (8196+ if the aliased output were counted again), the scalar, and at most

@@ -18,6 +18,7 @@ from coe_jax.nn.coe_layer import CoELayer, expert_pass
 from coe_jax.nn.dispatch import expert_capacity
 from coe_jax.nn.experts import SwiGLUWeights
 from coe_jax.nn.layers import rms_norm
+from coe_jax.nn.router import route
 
 B, S, D = 2, 6, 16
 BASE = CoEConfig(
@@ -178,11 +179,8 @@ def test_blocked_chain_matches_numpy_spec(chain, shared):
 
 def test_blocked_chain_gradients_equal_gather_leaf_by_leaf():
   params, h = _params(BASE.replace(num_iterations=3), 7), jnp.asarray(_h(7))
-  grads = {}
-  for impl in ("blocked", "gather"):
-    cfg = BASE.replace(num_iterations=3, dispatch="dropless", dropless_impl=impl)
-    (out, _, _), (g_params, g_h) = _value_and_grad_fn(cfg)(params, h)
-    grads[impl] = (out, g_params, g_h)
+  cfg = lambda impl: BASE.replace(num_iterations=3, dispatch="dropless", dropless_impl=impl)
+  grads = {impl: _value_and_grad_fn(cfg(impl))(params, h) for impl in ("blocked", "gather")}
   for a, b in zip(jax.tree.leaves(grads["blocked"]), jax.tree.leaves(grads["gather"])):
     a, b = np.asarray(a), np.asarray(b)  # float32 sums in another order: 1e-5 of the leaf's scale
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
@@ -294,6 +292,19 @@ def test_sown_intermediates_match_numpy():
     lambda p_, h_: CoELayer(cfg).apply({"params": p_}, h_), params, jnp.asarray(h)
   )
   assert out_plain.shape == (B, S, D)
+
+
+def test_router_fn_replaces_the_router_and_defaults_to_route():
+  def last_experts(x, weight, **kwargs):  # every token to the last K=2 of the 6 experts
+    routing = route(x, weight, **kwargs)
+    return routing.replace(expert_ids=jnp.broadcast_to(jnp.int32([5, 4]), routing.expert_ids.shape))
+
+  cfg, params, h = STATS_CFG, _params(STATS_CFG, 5), jnp.asarray(_h(5))
+  layer = CoELayer(cfg, router_fn=last_experts)
+  (out, _), state = layer.apply({"params": params}, h, mutable=["intermediates"])
+  assert (np.asarray(state["intermediates"]["expert_ids"][0]) == [5, 4]).all()
+  assert CoELayer(cfg).router_fn is route  # the numpy-spec tests above check its output
+  assert not np.allclose(out, _apply_fn(cfg)(params, h)[0], atol=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train", "eval_padded"])

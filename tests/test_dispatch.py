@@ -613,7 +613,7 @@ def test_large_experts_run_the_fine_default_tiling_and_match_the_loop(monkeypatc
   # three balanced loads (mean load 16 -> 64 rows), and stays exact.
   x, ids, cw, weights, probe = _random_problem(15, 32, num_experts=4, k=2, hidden=256, inter=384)
   weights = jax.tree.map(jnp.asarray, weights)
-  assert blocked.expert_weight_bytes(weights) == 3 * 256 * 384 * 4
+  assert tuning.expert_weight_bytes(weights) == 3 * 256 * 384 * 4
   used_sizes = []
   real_blocked_dispatch = blocked_dispatch
 

@@ -2,13 +2,16 @@
 
 Assignments are sorted by expert and each expert's group runs as whole tiles
 of `tile` rows plus one last tile of the smallest of a few sizes that holds the
-rest (`tuning.default_tiling`; on CPU, for experts of >= 1 MiB, every 8 rows up to the
-whole tile); every used tile runs against its expert's weights in one loop per
+rest; every used tile runs against its expert's weights in one loop per
 size (`blocked_swiglu`, a custom VJP whose backward is loops too). Work and
 memory grow with tokens x K (at most tokens * K + experts * (widest step between
 sizes - 1) rows, plus one tile of zero rows when several tiles run per step),
 not with tokens x N. Padding rows are exact zeros (never uninitialised memory),
 and only the used tiles run (data-dependent trip counts).
+
+This module is the kernel: it runs the tile sizes and tiles per step it is
+given. Which ones a target gets (`dropless_tile`, `dropless_tile_sizes` and the
+platform's defaults) is policy, in `coe_jax.nn.tuning`.
 """
 
 from __future__ import annotations
@@ -22,14 +25,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from coe_jax.nn.experts import SwiGLUWeights
+from coe_jax.nn.manual_axes import sum_to_type_of, varying_like
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
 TILES_BWD_SCOPE = "blocked_tiles_bwd"
-
-
-def expert_weight_bytes(weights: SwiGLUWeights) -> int:
-  """Bytes of one expert's three matrices in stacked [E, ...] weights (what each tile copies)."""
-  return sum(w.size // w.shape[0] * w.dtype.itemsize for w in jax.tree.leaves(weights))
 
 
 def blocked_bounds(
@@ -178,25 +177,6 @@ def _add_to_experts(acc: Array, experts: Int[Array, "g"], update: Array) -> Arra
   return acc.at[experts].add(update, indices_are_sorted=True)  # tiles are in expert order
 
 
-def _varying_axes(a: Array) -> set[str]:
-  """The manual mesh axes `a` varies over inside `jax.shard_map` (empty elsewhere)."""
-  return set(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", None) or ())
-
-
-def _varying_like(x: Array, reference: Array) -> Array:
-  """`x` typed as varying over the manual axes `reference` varies over (so that a loop's
-  zero-initialised carry has its body's output type under shard_map); `x` elsewhere."""
-  axes = tuple(sorted(_varying_axes(reference) - _varying_axes(x)))
-  return jax.lax.pcast(x, axes, to="varying") if axes else x
-
-
-def _sum_to_type_of(grad: Array, primal: Array) -> Array:
-  """`grad` summed over the manual axes its primal is replicated over, as JAX's own
-  transposes do (a custom VJP under shard_map must return the primal's type)."""
-  axes = tuple(sorted(_varying_axes(grad) - _varying_axes(primal)))
-  return jax.lax.psum(grad, axes) if axes else grad
-
-
 def _read_tiles(a: Array, starts: Int[Array, "g"], size: int) -> Array:
   """[g, size, width] rows starts[i] .. starts[i] + size of a [rows, width] (a slice when g = 1)."""
   if starts.shape[0] == 1:
@@ -252,7 +232,7 @@ def _blocked_forward(rows, schedule, gate, up, down, tiles_per_step):
       _write_tiles(u_all, starts, u),
     )
 
-  zeros = lambda width: _varying_like(jnp.zeros((rows.shape[0], width), rows.dtype), rows)
+  zeros = lambda width: varying_like(jnp.zeros((rows.shape[0], width), rows.dtype), rows)
   init = (zeros(rows.shape[1]), zeros(inter), zeros(inter))
   return _over_tiles(schedule, tiles_per_step, body, init)
 
@@ -284,7 +264,7 @@ def blocked_swiglu_threaded(
   cotangent is where the backward pass starts accumulating the weight gradient
   (in place), so passes chained through the returned weights build one
   gradient for all of them, without a zeroed accumulator per pass and the sum
-  of the passes' gradients afterwards (PERF.md 31).
+  of the passes' gradients afterwards (experiments/PERF.md 31).
 
   `schedule` as `blocked_layout` makes it: each size's experts non-decreasing
   (the weight gradients are added with sorted indices), used tiles disjoint.
@@ -344,17 +324,18 @@ def _blocked_swiglu_bwd_loops(tiles_per_step, residuals, d_y, d_gate_in, d_up_in
   # later passes' gradients in a chain, zeros otherwise. A zero of JAX's (a symbolic zero made
   # a constant broadcast) would be merged by XLA with every other identical broadcast and then
   # copied into each loop's state, a read and a write of [E, d, f] float32 where one write does
-  # (PERF.md 18): so each starts from 0.0 times a number that differs per accumulator and call.
+  # (experiments/PERF.md 18): so each starts from 0.0 times a number that differs per
+  # accumulator and call.
   used_tiles = jnp.sum(schedule.used)
   zeros = (used_tiles + jnp.arange(3, dtype=used_tiles.dtype)).astype(f32) * 0.0
   accumulators = tuple(
     _accumulator(incoming, w, zero)
     for incoming, w, zero in zip((d_gate_in, d_up_in, d_down_in), (gate, up, down), zeros)
   )
-  init = jax.tree.map(lambda z: _varying_like(z, rows), (jnp.zeros_like(rows), *accumulators))
+  init = jax.tree.map(lambda z: varying_like(z, rows), (jnp.zeros_like(rows), *accumulators))
   d_x, d_gate, d_up, d_down = _over_tiles(schedule, tiles_per_step, body, init)
   d_gate, d_up, d_down = (
-    _sum_to_type_of(g, w).astype(w.dtype) for g, w in ((d_gate, gate), (d_up, up), (d_down, down))
+    sum_to_type_of(g, w).astype(w.dtype) for g, w in ((d_gate, gate), (d_up, up), (d_down, down))
   )
   return d_x, None, d_gate, d_up, d_down
 

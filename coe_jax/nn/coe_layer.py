@@ -13,8 +13,7 @@ The iterations run under `jax.lax.scan` over router weights stacked on a
 leading [C] axis (one router per iteration, or one broadcast router when
 `independent_gates=False`); the experts are shared by every iteration.
 The scan is unrolled (C is 1-3 in the paper): XLA then schedules and fuses
-across iterations, which made a CoE(C=2) train step ~10% faster on CPU
-(experiments/PERF.md) at the price of compile time linear in C.
+across iterations, at the price of compile time linear in C (experiments/PERF.md 4).
 C = 1 is the plain MoE layer.
 """
 
@@ -34,7 +33,7 @@ from coe_jax.nn.expert_parallel import ExpertParallel
 from coe_jax.nn.experts import RoutedExperts, SharedExperts, swiglu
 from coe_jax.nn.layers import RMSNorm, compute_dtype, torch_linear_default_init
 from coe_jax.nn.logical_axes import CHAIN, EMBED, EXPERT_LOGITS, param_init
-from coe_jax.nn.router import route
+from coe_jax.nn.router import RouterOutput, route
 
 ROUTED_EXPERTS = "routed_experts"  # the param collection holding the stacked [E, ...] experts
 
@@ -107,6 +106,10 @@ class CoELayer(nn.Module):
       one expert's slice of the stacked weights. SwiGLU (the paper's) by default. Any
       other function runs with capacity dispatch and with dropless 'gather' ('auto' then
       means 'gather'); 'blocked' and 'ragged_dot' are written for SwiGLU and refuse it.
+    router_fn: the router of one iteration, called as `coe_jax.nn.router.route` is
+      (`(u, weight <[N_routed, hidden]>, *, k, norm_topk_prob, routed_scaling_factor,
+      aux_loss_alpha, z_loss_coef) -> RouterOutput`); `route` (greedy top-K) by default.
+      Another routing rule (e.g. a benchmark's fixed balanced draw) needs no new module.
     routed_experts_module: module class creating the stacked routed weights, called as
       `routed_experts_module(num_experts, hidden_size, intermediate_size, init_std)` and
       returning a pytree whose leaves have a leading [num_experts] axis.
@@ -119,6 +122,7 @@ class CoELayer(nn.Module):
 
   config: CoEConfig
   expert_fn: Callable[[Any, Array], Array] = swiglu
+  router_fn: Callable[..., RouterOutput] = route
   routed_experts_module: Callable[..., nn.Module] = RoutedExperts
   shared_experts_module: Callable[..., nn.Module] = SharedExperts
   expert_parallel: Optional[ExpertParallel] = None
@@ -220,7 +224,16 @@ class CoELayer(nn.Module):
         cfg.min_capacity,
       )
       return expert_pass(
-        u, router_weight, routed, shared, cfg, capacity, token_mask, expert_axis, self.expert_fn
+        u,
+        router_weight,
+        routed,
+        shared,
+        cfg,
+        capacity,
+        token_mask,
+        expert_axis,
+        self.expert_fn,
+        self.router_fn,
       )
 
     parallel = self.expert_parallel
@@ -252,15 +265,17 @@ def expert_pass(
   token_mask=None,
   expert_axis=None,
   expert_fn: Callable = swiglu,
+  router_fn: Callable[..., RouterOutput] = route,
 ):
   """m = RoutedExperts(u) + SharedExperts(u) for one iteration; returns (m, routing, kept,
   routed), the last the routed weights for the next pass (`DispatchOutput.weights`).
 
-  `expert_axis`: inside shard_map, the mesh axis `routed` is split over.
+  `expert_axis`: inside shard_map, the mesh axis `routed` is split over. `router_fn`
+  picks the experts (`CoELayer.router_fn`).
   """
   batch, seq, hidden = u.shape
   with jax.named_scope("router"):  # named scopes: what `experiments.profile_step` groups by
-    routing = route(
+    routing = router_fn(
       u,
       router_weight,
       k=cfg.num_experts_per_tok,

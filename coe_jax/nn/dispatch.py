@@ -38,13 +38,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from coe_jax.nn import tuning
-from coe_jax.nn.blocked import blocked_dispatch, expert_weight_bytes
+from coe_jax.nn.blocked import blocked_dispatch
 from coe_jax.nn.coe_config import DISPATCHES
 from coe_jax.nn.expert_exchange import exchange_dispatch
 from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
 from coe_jax.nn.grouped import grouped_dispatch, kernel_config
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
-from coe_jax.nn.tuning import blocked_tiles_per_step, default_tiling
+from coe_jax.nn.tuning import blocked_tiles_per_step, default_tiling, expert_weight_bytes
 
 
 def expert_capacity(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from coe_jax.nn.blocked import _varying_like
+from coe_jax.nn.manual_axes import varying_like
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
 
@@ -56,7 +56,7 @@ def exchange_rows(
   remote_offsets[p]; returns [num_out, hidden] holding each peer's rows one after another
   (recv_sizes), zeros past them. `block` bounds any send_sizes (the padded stand-in's block)."""
   if ragged:
-    out = _varying_like(jnp.zeros((num_out, operand.shape[1]), operand.dtype), operand)
+    out = varying_like(jnp.zeros((num_out, operand.shape[1]), operand.dtype), operand)
     return jax.lax.ragged_all_to_all(
       operand, out, send_offsets, send_sizes, remote_offsets, recv_sizes, axis_name=axis
     )

@@ -29,8 +29,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Bool, Float, Int
 
 from coe_jax.nn import tuning
-from coe_jax.nn.blocked import _varying_like
 from coe_jax.nn.experts import SwiGLUWeights
+from coe_jax.nn.manual_axes import varying_like
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 
 
@@ -260,7 +260,7 @@ def grouped_swiglu(
   groups = (layout.tile_expert, layout.first_tile, layout.num_tiles)
   # Under shard_map the kernels see weights typed like the rows; the cast's transpose sums the
   # weight gradients over the axes the weights are replicated on.
-  weights = jax.tree.map(lambda w: _varying_like(w, rows), weights)
+  weights = jax.tree.map(lambda w: varying_like(w, rows), weights)
   g, u = gmm(rows, (weights.gate, weights.up), *groups, cfg)
   (out,) = gmm(jax.nn.silu(g) * u, (weights.down,), *groups, cfg)
   return out

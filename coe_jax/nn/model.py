@@ -16,7 +16,7 @@ stacked arrays every step, which per-layer params avoid (PERF.md 17).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -32,6 +32,7 @@ from coe_jax.nn.head_matmul import head_dot_general
 from coe_jax.nn.layers import RMSNorm, compute_dtype, normal_init
 from coe_jax.nn.logical_axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, param_init
 from coe_jax.nn.model_config import ModelConfig
+from coe_jax.nn.router import route
 
 
 @flax.struct.dataclass
@@ -77,6 +78,7 @@ class DecoderLayer(nn.Module):
   expert_parallel: Optional[ExpertParallel] = None
   decode: Optional[str] = None  # None | 'prefill' | 'step'
   absorb: bool = True  # decode='step': DeepSeek-V2's absorbed-projection attention
+  router_fn: Callable[..., Any] = route  # every CoE layer's router (`CoELayer.router_fn`)
 
   @nn.compact
   def __call__(
@@ -114,9 +116,9 @@ class DecoderLayer(nn.Module):
     if reference_pads and token_mask is not None:
       # flash-attention's unpad/pad: a pad's attention output is zero.
       attn_out = attn_out * (token_mask > 0)[..., None].astype(attn_out.dtype)
-    out, aux = CoELayer(cfg.coe, expert_parallel=self.expert_parallel, name="mlp")(
-      x + attn_out, train=self.train, token_mask=token_mask, route_pads=reference_pads
-    )
+    out, aux = CoELayer(
+      cfg.coe, router_fn=self.router_fn, expert_parallel=self.expert_parallel, name="mlp"
+    )(x + attn_out, train=self.train, token_mask=token_mask, route_pads=reference_pads)
     return out.astype(dtype), (aux, new_entries)
 
 
@@ -152,6 +154,7 @@ class CoECausalLM(nn.Module):
   expert_parallel: Optional[ExpertParallel] = None
   decode: Optional[str] = None  # None | 'prefill' | 'step'
   absorb: bool = True
+  router_fn: Callable[..., Any] = route  # every CoE layer's router (`CoELayer.router_fn`)
 
   @nn.compact
   def __call__(
@@ -262,6 +265,7 @@ class CoECausalLM(nn.Module):
       expert_parallel=self.expert_parallel,
       decode=self.decode,
       absorb=self.absorb,
+      router_fn=self.router_fn,
       name="layers",
     )
 
@@ -281,6 +285,7 @@ class CoECausalLM(nn.Module):
         expert_parallel=self.expert_parallel,
         decode=self.decode,
         absorb=self.absorb,
+        router_fn=self.router_fn,
         name=f"{LAYER_PREFIX}{i}",
       )
       for i in range(cfg.num_layers)

@@ -39,8 +39,9 @@ def expert_order(flat_ids: Int[Array, "n"], num_experts: int) -> Int[Array, "n"]
   """Stable argsort of expert ids in [0, num_experts]: ids grouped, ties in index order.
 
   Sorts one packed int32 key (id * n + index) instead of (id, index) pairs:
-  XLA's CPU sort is a comparator loop, and one key is ~3x faster than argsort's
-  two-operand comparator (PERF.md). Falls back to argsort if the key would overflow.
+  XLA's CPU sort is a comparator loop, and comparing one key costs less than
+  argsort's two-operand comparator (experiments/PERF.md 1). Falls back to argsort
+  if the key would overflow.
   """
   n = flat_ids.shape[0]
   if (num_experts + 1) * n >= 2**31:
@@ -60,8 +61,8 @@ def gather_rows(
   `inverse[r]` lists every output position whose index is r (padded with
   `out`, the position of an appended zero cotangent), so the gradient is
   `sum_j d_out[inverse[r, j]]`: a gather instead of the scatter-add JAX would
-  emit. XLA's CPU scatter is a serial loop; this makes a dispatch's backward
-  pass ~4x faster there (PERF.md) and costs nothing elsewhere.
+  emit. XLA's CPU scatter is a serial loop, a gather is not (experiments/PERF.md 2);
+  elsewhere the two cost about the same.
   """
   return _pad_zero_row(source)[index]
 

@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 TILE_CAP = 256  # most rows in one default tile; an expert's larger load is split into equal tiles
 LAST_TILE_SIZES = 5  # CPU: tile sizes for small experts (`default_tiling`, PERF.md 21)
@@ -48,7 +47,8 @@ def target_platform(explicit: str = "") -> str:
 
 def resolve_dropless_impl(impl: str, platform: str = "") -> str:
   """'auto' -> 'grouped' on GPU (a Pallas grouped matmul: no data-dependent loops, no weight
-  copies; PERF.md 24), 'blocked' elsewhere (measured fastest on CPU, PERF.md 11-22)."""
+  copies), 'blocked' elsewhere (the fastest dropless path on CPU); experiments/PERF.md 24,
+  11-22."""
   if impl != "auto":
     return impl
   return "grouped" if target_platform(platform) == "gpu" else "blocked"
@@ -62,12 +62,11 @@ def default_dropless_tile(num_assignments: int, num_experts: int, span: int = 1)
   a load up to one standard deviation above the mean, so ~84% of the experts
   run a single tile (one read of their weights) and the rest two. Above
   `TILE_CAP` rows that target is split into equal tiles (mean load 520 -> 3
-  tiles of 184 rows). A multiple of 8, at least 8. PERF.md 20 (whole tiles
-  only, the routed-expert layer at the paper width on CPU, balanced loads):
-  mean load 65 -> 80 rows 0.88-0.98x capacity (the old power of two, 64:
-  1.20-1.22x). With last tiles every 8 rows (`default_tiling` on CPU) a larger
-  whole tile pads nothing more and runs the heavy experts of skewed routing in
-  fewer tiles: span `WHOLE_TILE_SPAN` there (PERF.md 22).
+  tiles of 184 rows). A multiple of 8, at least 8 (against the older
+  power-of-two tile: experiments/PERF.md 20). With last tiles every 8 rows
+  (`default_tiling` on CPU) a larger whole tile pads nothing more and runs the
+  heavy experts of skewed routing in fewer tiles: span `WHOLE_TILE_SPAN` there
+  (experiments/PERF.md 22).
   """
   mean = num_assignments / max(num_experts, 1)
   target = span * (mean + math.sqrt(mean))
@@ -75,10 +74,17 @@ def default_dropless_tile(num_assignments: int, num_experts: int, span: int = 1)
   return int(max(8, 8 * math.ceil(target / pieces / 8)))
 
 
+def expert_weight_bytes(weights: Any) -> int:
+  """Bytes of one expert's matrices in stacked [E, ...] weights: what each tile of 'blocked'
+  copies, and what its tiling and tiles per step are sized by."""
+  return sum(w.size // w.shape[0] * w.dtype.itemsize for w in jax.tree.leaves(weights))
+
+
 def blocked_tiles_per_step(weights: Any, tile: int, platform: str = "") -> int:
   """Tiles per loop iteration of 'blocked': one on CPU, a weight-gather budget elsewhere.
 
-  CPU: one tile per iteration, the expert's weights read by dynamic slice (PERF.md 11).
+  CPU: one tile per iteration, the expert's weights read by dynamic slice (no gather copy;
+  experiments/PERF.md 11).
   GPU/TPU (unmeasured, a prediction): a sequential loop of small matmuls
   would be launch-bound, so each iteration gathers the weights of as many
   tiles as fit in ~1 GiB (3 [d, f] matrices per tile, plus as much again for
@@ -87,8 +93,7 @@ def blocked_tiles_per_step(weights: Any, tile: int, platform: str = "") -> int:
   del tile
   if target_platform(platform) == "cpu":
     return 1
-  per_tile = 3 * weights.gate[0].size * jnp.dtype(weights.gate.dtype).itemsize
-  return max(1, (1 << 30) // (2 * per_tile))
+  return max(1, (1 << 30) // (2 * expert_weight_bytes(weights)))
 
 
 def default_tiling(
@@ -111,10 +116,11 @@ def default_tiling(
     (`fine_tile_sizes`), so an expert pads at most 7 rows, and when tile is 0 a
     whole tile of `WHOLE_TILE_SPAN` balanced loads (paper width, 512 tokens:
     K=8 224 rows in 28 sizes, K=4 120 rows in 15). Every tile copies its
-    expert's weights, so heavy experts should run few, large tiles (PERF.md 22).
-  - CPU, smaller experts: `LAST_TILE_SIZES` sizes up to one balanced load
-    (PERF.md 21). Their copies cost little, and each size is one more loop to
-    compile (the demo's step: 7.9 s for 5 sizes, 18.0 s for 18, the same speed).
+    expert's weights, so heavy experts should run few, large tiles
+    (experiments/PERF.md 22).
+  - CPU, smaller experts: `LAST_TILE_SIZES` sizes up to one balanced load. Their
+    copies cost little, and each size is one more loop to compile: more sizes
+    add compile time, not speed (experiments/PERF.md 21).
   - elsewhere (unmeasured): one size, `default_dropless_tile`: a GPU runs many
     tiles per step, and pads little at its larger loads.
   """

@@ -75,9 +75,9 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
   """clip_by_global_norm + AdamW (weight decay as `decay_mask(train)` says).
 
   `train.fused_optimizer` (the config default) gives the update as one fused
-  elementwise pass per leaf (`fused_clip_adamw`: 2-3.5x faster on CPU at 136M
-  params, equal to the optax chain to float32 rounding but not bit for bit;
-  PERF.md 13); False, or a config without the field (a run saved before it
+  elementwise pass per leaf (`fused_clip_adamw`: one read and write of each
+  leaf instead of one per transform, equal to the optax chain to float32
+  rounding but not bit for bit; experiments/PERF.md 13); False, or a config without the field (a run saved before it
   was the default), gives the optax chain (`make_reference_optimizer`). Both
   keep the chain's state pytree, so checkpoints are interchangeable.
   """
