@@ -45,10 +45,11 @@ def save_figure(fig, path: Path) -> None:
 def describe(name: str, run: analysis.Run, stats: analysis.RoutingStats, tokens: int) -> str:
   """The run's key routing numbers as text (printed, and kept for `summary.txt`)."""
   cfg = run.model.config
+  coe = cfg.coe
   lines = []
   lines.append(
-    f"\n== {name}: step {run.step}, C={cfg.num_iterations}, K={cfg.num_experts_per_tok}, "
-    f"N_routed={cfg.n_routed_experts}, layers={cfg.num_layers}, {tokens} real tokens"
+    f"\n== {name}: step {run.step}, C={coe.num_iterations}, K={coe.num_experts_per_tok}, "
+    f"N_routed={coe.n_routed_experts}, layers={cfg.num_layers}, {tokens} real tokens"
   )
   for layer in range(stats.num_layers):
     lines.append(f" layer {layer}")
@@ -61,7 +62,7 @@ def describe(name: str, run: analysis.Run, stats: analysis.RoutingStats, tokens:
         f"{confidence.top1_weight[layer, t]:.3f}, dropped {stats.drops.fraction[layer, t]:.4f}"
       )
     again, combos = stats.reselection, stats.combinations
-    chance_diagonal = cfg.num_experts_per_tok / stats.num_experts
+    chance_diagonal = coe.num_experts_per_tok / stats.num_experts
     for t in range(stats.num_iterations - 1):
       diagonal = stats.co_selection.diagonal[layer, t]
       lines.append(

@@ -75,6 +75,7 @@ def _define_flags() -> None:
 
 def reference_args(cfg: ModelConfig, batch: int, seq: int, threads: int) -> list[str]:
   """`ref.py` model arguments describing `cfg` (their --experts counts the shared expert)."""
+  coe = cfg.coe
   rope = None
   if cfg.rope_scaling == "yarn":
     rope = dict(
@@ -96,18 +97,18 @@ def reference_args(cfg: ModelConfig, batch: int, seq: int, threads: int) -> list
     rope_theta=cfg.rope_theta,
     rope_scaling=rope,
     rms_norm_eps=cfg.rms_norm_eps,
-    aux_loss_alpha=cfg.aux_loss_alpha,
-    norm_topk_prob=cfg.norm_topk_prob,
-    routed_scaling_factor=cfg.routed_scaling_factor,
+    aux_loss_alpha=coe.aux_loss_alpha,
+    norm_topk_prob=coe.norm_topk_prob,
+    routed_scaling_factor=coe.routed_scaling_factor,
   )
   args = [
     *("--hidden", str(cfg.hidden_size), "--layers", str(cfg.num_layers)),
-    *("--experts", str(cfg.n_routed_experts + cfg.n_shared_experts)),
-    *("--n-shared", str(cfg.n_shared_experts), "--topk", str(cfg.num_experts_per_tok)),
-    *("--iters", str(cfg.num_iterations), "--vocab", str(cfg.vocab_size)),
-    *("--moe-inter", str(cfg.moe_intermediate_size), "--batch", str(batch), "--seq", str(seq)),
-    *("--outer-residual", str(cfg.outer_residual), "--inner-residual", str(cfg.inner_residual)),
-    *("--use-igate", str(cfg.independent_gates), "--threads", str(threads)),
+    *("--experts", str(coe.n_routed_experts + coe.n_shared_experts)),
+    *("--n-shared", str(coe.n_shared_experts), "--topk", str(coe.num_experts_per_tok)),
+    *("--iters", str(coe.num_iterations), "--vocab", str(cfg.vocab_size)),
+    *("--moe-inter", str(coe.moe_intermediate_size), "--batch", str(batch), "--seq", str(seq)),
+    *("--outer-residual", str(coe.outer_residual), "--inner-residual", str(coe.inner_residual)),
+    *("--use-igate", str(coe.independent_gates), "--threads", str(threads)),
   ]
   for key, value in sets.items():
     args += ["--set", f"{key}={json.dumps(value)}"]
@@ -180,8 +181,8 @@ def time_shape(name: str, shape: dict, probe: bench.Timed) -> list[dict]:
         dict(
           shape=name,
           run=RUNS[run],
-          dispatch=ours[run].model_config.dispatch,
-          dropless_impl=ours[run].model_config.dropless_impl,
+          dispatch=ours[run].model_config.coe.dispatch,
+          dropless_impl=ours[run].model_config.coe.dropless_impl,
           batch=shape["batch"],
           seq=shape["seq"],
           ours_seconds=bench.spread(mine),

@@ -5,8 +5,10 @@ from `coe_jax`: nothing here imports the library. Weight matrices are in
 [in, out] layout ("x @ w"); `flax_layer_weights` / `hf_layer_weights` build
 that neutral per-layer dict from Flax params or from a torch-layout state dict.
 
-`hp` arguments are any object with `ModelConfig`'s attribute names (a
-`ModelConfig`, or a `types.SimpleNamespace` built from the authors' config.json).
+`hp` arguments are any object with the flat `config.model` attribute names (a
+`types.SimpleNamespace` built from the authors' config.json, `hf_hparams`); an
+object with a `to_dict()` of those names (a `ModelConfig`) is read through it.
+`coe_block` reads only the CoE layer's names, so a `CoEConfig` does too.
 """
 
 from __future__ import annotations
@@ -282,6 +284,7 @@ def lm_forward(
   hp.pad_semantics 'reference': a pad's (attn_mask 0) attention output is zero and the CoE
   block takes no mask (pads are routed, take capacity); 'masked': pads take no capacity.
   """
+  hp = flat_hparams(hp)
   b, s = input_ids.shape
   if positions is None:
     positions = np.broadcast_to(np.arange(s), (b, s))
@@ -405,6 +408,11 @@ def hf_weights(sd, hf):
     "norm": f64(sd["model.norm.weight"]),
     "head": lin("lm_head.weight"),
   }
+
+
+def flat_hparams(hp):
+  """`hp` as a namespace of flat names: `hp.to_dict()` where it has one (a ModelConfig)."""
+  return SimpleNamespace(**hp.to_dict()) if hasattr(hp, "to_dict") else hp
 
 
 def hf_hparams(hf, **ours):

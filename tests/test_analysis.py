@@ -348,7 +348,7 @@ def test_co_selection_plot_needs_two_iterations():
 # ----------------------------------------------------------------------------
 
 B, S, V = 2, 8, 40
-TINY = ModelConfig(
+TINY = ModelConfig().replace(
   vocab_size=V,
   hidden_size=16,
   num_layers=2,

@@ -23,7 +23,7 @@ from coe_jax.nn.attention import (
 from coe_jax.nn.model_config import ModelConfig
 
 SEQ = 12
-SMALL = ModelConfig(
+SMALL = ModelConfig().replace(
   vocab_size=64,
   hidden_size=32,
   num_heads=4,

@@ -21,7 +21,7 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 
 
 def test_flops_per_token_matches_a_hand_count():
-  cfg = ModelConfig(
+  cfg = ModelConfig().replace(
     vocab_size=100,
     hidden_size=8,
     num_layers=2,
@@ -50,8 +50,8 @@ def test_flops_per_token_matches_a_hand_count():
 
 
 def test_coe_c2_k4_costs_what_moe_k8_costs_in_routed_flops():
-  moe = bench.flops_per_token(ModelConfig(num_experts_per_tok=8), 512)
-  coe = bench.flops_per_token(ModelConfig(num_experts_per_tok=4, num_iterations=2), 512)
+  moe = bench.flops_per_token(ModelConfig().replace(num_experts_per_tok=8), 512)
+  coe = bench.flops_per_token(ModelConfig().replace(num_experts_per_tok=4, num_iterations=2), 512)
   assert coe.routed_experts == moe.routed_experts
   assert coe.shared_experts == 2 * moe.shared_experts  # the shared expert runs every iteration
   assert coe.router == 2 * moe.router
@@ -212,9 +212,9 @@ def test_paper_width_preset_is_the_paper_layer_at_cpu_size():
   cfg = bench.bench_model_config(config, "dropless", preset["model"])
   assert (
     cfg.hidden_size,
-    cfg.moe_intermediate_size,
-    cfg.n_routed_experts,
-    cfg.n_shared_experts,
+    cfg.coe.moe_intermediate_size,
+    cfg.coe.n_routed_experts,
+    cfg.coe.n_shared_experts,
     cfg.num_layers,
     cfg.vocab_size,
     cfg.dtype,

@@ -5,7 +5,6 @@ Uses the shrunk config of `run_helpers` and the compilation settings of `fast_co
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -26,6 +25,7 @@ from run_helpers import (
 
 from coe_jax.data import input_pipeline
 from coe_jax.inference.run_dir import load_run
+from coe_jax.nn import model_config
 from coe_jax.nn.model_config import EXECUTION, FIELD_KINDS, FUNCTION, ConfigError, ModelConfig
 from coe_jax.training import train
 from coe_jax.training.checkpoint import (
@@ -183,7 +183,8 @@ def test_a_run_whose_router_weights_the_reference_rule_changes_refuses_to_resume
 
 
 def test_every_model_config_field_is_classified():
-  kinds = {f.name: f.metadata.get("kind") for f in dataclasses.fields(ModelConfig)}
+  kinds = {f.name: f.metadata.get("kind") for f in model_config.flat_fields()}
+  assert list(kinds) == list(ModelConfig().to_dict())  # the flat form, CoE fields included
   assert set(kinds.values()) <= set(FIELD_KINDS), kinds
   assert FUNCTION_MODEL_FIELDS == tuple(n for n, k in kinds.items() if k == FUNCTION)
   assert {

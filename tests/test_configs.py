@@ -66,9 +66,9 @@ def test_config_loads_and_validates(name, scale):
   config = load_config(name, scale)
   model_config = train_config.validate_config(config)
   assert config.scale == scale
-  assert model_config.num_iterations == config.paper.c
+  assert model_config.coe.num_iterations == config.paper.c
   # The paper's runs are the reference's: dropless routing and end-of-text targets (DESIGN.md 3, 6).
-  assert model_config.dispatch == "dropless"
+  assert model_config.coe.dispatch == "dropless"
   assert config.data.eos_target
   assert config.train.paper_val == (scale == "paper")
 

@@ -159,13 +159,13 @@ def test_reference_state_dict_loads_and_matches_numpy(variant):
   sd = _random_state_dict(hf)
   model, variables = from_hf(hf, sd)  # dropless by default: the authors' routing
   cfg = model.config
-  assert cfg.dispatch == "dropless"
-  assert (cfg.num_iterations, cfg.independent_gates, cfg.n_routed_experts) == (
+  assert cfg.coe.dispatch == "dropless"
+  assert (cfg.coe.num_iterations, cfg.coe.independent_gates, cfg.coe.n_routed_experts) == (
     hf["inner_iter"],
     hf["use_igate"],
     5,
   )
-  assert cfg.n_shared_experts == (hf["n_shared_experts"] or 0)
+  assert cfg.coe.n_shared_experts == (hf["n_shared_experts"] or 0)
   ids = _ids(hf["vocab_size"])
   logits = _logits_fn(cfg)(variables["params"], jnp.asarray(ids))
   want, _, _ = ref.lm_forward(ref.hf_weights(sd, hf), ref.hf_hparams(hf), ids)
@@ -179,7 +179,7 @@ def test_reference_state_dict_loads_and_matches_numpy(variant):
 
 
 def test_to_hf_then_from_hf_round_trip():
-  cfg = ModelConfig(
+  cfg = ModelConfig().replace(
     vocab_size=40,
     hidden_size=16,
     num_layers=2,
@@ -306,11 +306,11 @@ def test_import_routes_dropless_by_default_and_capacity_is_an_override():
   capped, _, infos = ref.lm_forward(weights, hp, ids, capacity_factor=2.0)
   assert not all(np.all(kept) for info in infos for kept in info["kept"])
   model, variables = from_hf(hf, sd)
-  assert model.config.dispatch == "dropless"
+  assert model.config.coe.dispatch == "dropless"
   logits = np.asarray(_logits_fn(model.config)(variables["params"], jnp.asarray(ids)))
   np.testing.assert_allclose(logits, dropless, **F32)
   model, variables = from_hf(hf, sd, dispatch="capacity")
-  assert (model.config.dispatch, model.config.capacity_factor_eval) == ("capacity", 2.0)
+  assert (model.config.coe.dispatch, model.config.coe.capacity_factor_eval) == ("capacity", 2.0)
   capacity_logits = np.asarray(_logits_fn(model.config)(variables["params"], jnp.asarray(ids)))
   np.testing.assert_allclose(capacity_logits, capped, **F32)
   assert np.abs(capacity_logits - dropless).max() > 1e-3
@@ -340,11 +340,11 @@ def test_deepseek_v2_config_imports_as_one_pass_with_its_residual():
   model, variables = from_hf(hf, sd)
   cfg = model.config
   assert (
-    cfg.num_iterations,
-    cfg.independent_gates,
-    cfg.inner_residual,
-    cfg.outer_residual,
-    cfg.dispatch,
+    cfg.coe.num_iterations,
+    cfg.coe.independent_gates,
+    cfg.coe.inner_residual,
+    cfg.coe.outer_residual,
+    cfg.coe.dispatch,
   ) == (1, False, False, True, "dropless")
   ids = _ids(hf["vocab_size"])
   logits = _logits_fn(cfg)(variables["params"], jnp.asarray(ids))

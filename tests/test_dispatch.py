@@ -537,12 +537,12 @@ def test_blocked_padding_rows_are_zero():
 
 
 def test_dropless_tile_and_tile_sizes_are_validated():
-  assert ModelConfig(dropless_impl="blocked", dropless_tile=32).dropless_tile == 32
-  assert ModelConfig(dropless_tile_sizes=3).coe.dropless_tile_sizes == 3
+  assert ModelConfig().replace(dropless_impl="blocked", dropless_tile=32).coe.dropless_tile == 32
+  assert ModelConfig().replace(dropless_tile_sizes=3).coe.dropless_tile_sizes == 3
   for field in ("dropless_tile", "dropless_tile_sizes"):
     for bad in (-1, 2.5, True):
       with pytest.raises(ConfigError, match=rf"model\.{field}\b"):
-        ModelConfig(**{field: bad})
+        ModelConfig().replace(**{field: bad})
 
 
 def test_default_dropless_tile_holds_a_balanced_load_one_deviation_over_the_mean():

@@ -15,7 +15,7 @@ from coe_jax.nn.model import CoECausalLM, init_decode_cache
 from coe_jax.nn.model_config import ModelConfig
 
 V = 48
-TINY = ModelConfig(
+TINY = ModelConfig().replace(
   vocab_size=V,
   hidden_size=16,
   num_layers=2,
@@ -156,7 +156,9 @@ def test_a_prompts_sample_does_not_depend_on_its_batch_row():
 
 
 def test_cache_bytes_per_token_of_the_paper_config():
-  paper = ModelConfig(dtype="bfloat16")  # 4 layers, kv rank 512, rope 64, 8 heads x (128+64, 128)
+  paper = ModelConfig().replace(
+    dtype="bfloat16"
+  )  # 4 layers, kv rank 512, rope 64, 8 heads x (128+64, 128)
   sizes = gen.cache_bytes_per_token(paper)
   assert sizes["mla"] == 4 * (512 + 64) * 2 == 4608
   assert sizes["full_kv"] == 4 * 8 * (128 + 64 + 128) * 2 == 20480

@@ -16,7 +16,7 @@ from coe_jax.nn.model import CoECausalLM, DecoderLayer, stack_layers, unstack_la
 from coe_jax.nn.model_config import ConfigError, ModelConfig
 
 B, S, V = 2, 8, 48
-TINY = ModelConfig(
+TINY = ModelConfig().replace(
   vocab_size=V,
   hidden_size=16,
   num_layers=2,
@@ -112,8 +112,8 @@ def test_logits_shape_and_dtype(dtype):
   logits, aux = jax.eval_shape(lambda p: CoECausalLM(cfg).apply({"params": p}, ids), params)
   assert logits.shape == (B, S, V) and logits.dtype == jnp.float32
   assert aux.aux_loss.shape == () and aux.aux_loss.dtype == jnp.float32
-  assert aux.layers.dropped_fraction.shape == (cfg.num_layers, cfg.num_iterations)
-  assert aux.layers.expert_load.shape == (cfg.num_layers, cfg.num_iterations, 6)
+  assert aux.layers.dropped_fraction.shape == (cfg.num_layers, cfg.coe.num_iterations)
+  assert aux.layers.expert_load.shape == (cfg.num_layers, cfg.coe.num_iterations, 6)
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,8 +153,8 @@ def test_full_lm_forward_matches_numpy(variant):
   )
   cf = (
     None
-    if cfg.dispatch == "dropless"
-    else (cfg.capacity_factor_train if train else cfg.capacity_factor_eval)
+    if cfg.coe.dispatch == "dropless"
+    else (cfg.coe.capacity_factor_train if train else cfg.coe.capacity_factor_eval)
   )
   want, want_aux, infos = ref.lm_forward(
     ref.flax_weights(params, cfg.num_layers),
@@ -178,9 +178,11 @@ def test_full_lm_forward_matches_numpy(variant):
   # Dropped share of the real tokens' assignments (padding is never routed, never counted).
   real = np.broadcast_to(
     (np.ones((B, S)) if attn_mask is None else attn_mask)[..., None],
-    (B, S, cfg.num_experts_per_tok),
+    (B, S, cfg.coe.num_experts_per_tok),
   ).astype(bool)
-  dropped = ((~kept) & real).reshape(cfg.num_layers, cfg.num_iterations, -1).sum(-1) / real.sum()
+  dropped = ((~kept) & real).reshape(cfg.num_layers, cfg.coe.num_iterations, -1).sum(
+    -1
+  ) / real.sum()
   np.testing.assert_allclose(np.asarray(aux.layers.dropped_fraction), dropped, rtol=1e-6)
   if variant == "dropless_padded_packed":
     # Changing the padded tokens' ids changes nothing at the real positions (dropless).
@@ -202,11 +204,11 @@ def test_full_lm_forward_matches_numpy(variant):
 def test_train_and_eval_use_their_capacity_factors():
   cfg = FWD
   params, ids = _params(cfg, 2), jnp.asarray(_ids(2))
-  tokens, k, n = B * S, cfg.num_experts_per_tok, cfg.n_routed_experts
+  tokens, k, n = B * S, cfg.coe.num_experts_per_tok, cfg.coe.n_routed_experts
   caps = {True: 4, False: 7}  # ceil(0.75 * 16 * 2 / 6), ceil(1.25 * 16 * 2 / 6)
   for train, cf in ((True, 0.75), (False, 1.25)):
     _, aux, inter = _forward(cfg, train)(params, ids, None, None, None)
-    assert caps[train] == ref.capacity(tokens, k, n, cf, cfg.min_capacity)
+    assert caps[train] == ref.capacity(tokens, k, n, cf, cfg.coe.min_capacity)
     expert_ids = np.asarray(inter["expert_ids"][0])  # [L, C, b, s, K]
 
     def keep(cap):
@@ -215,7 +217,7 @@ def test_train_and_eval_use_their_capacity_factors():
           np.stack(
             [
               ref.keep_mask(expert_ids[l, t].reshape(tokens, k), n, cap).reshape(B, S, k)
-              for t in range(cfg.num_iterations)
+              for t in range(cfg.coe.num_iterations)
             ]
           )
           for l in range(cfg.num_layers)
@@ -316,7 +318,7 @@ def test_gradients_finite_for_switch_combinations(name):
   np.testing.assert_allclose(
     float(loss), float(ce) + float(aux.aux_loss) + float(aux.z_loss), rtol=1e-6
   )
-  if cfg.router_z_loss_coef:
+  if cfg.coe.router_z_loss_coef:
     assert float(aux.z_loss) > 0
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     g = np.asarray(g)
@@ -350,7 +352,11 @@ def test_lm_gradient_matches_numpy_directional_derivative():
 
   def numpy_loss(p):
     logits, aux_np, infos = ref.lm_forward(
-      ref.flax_weights(p, cfg.num_layers), cfg, ids, mask, capacity_factor=cfg.capacity_factor_train
+      ref.flax_weights(p, cfg.num_layers),
+      cfg,
+      ids,
+      mask,
+      capacity_factor=cfg.coe.capacity_factor_train,
     )
     routing = [np.stack(i[name]) for i in infos for name in ("ids", "kept")]
     return ref.cross_entropy(logits, labels, mask) + aux_np, routing
@@ -417,9 +423,9 @@ def test_bad_config_raises_config_error_naming_the_field(overrides, field, allow
     TINY.replace(**overrides)
   assert field in str(err.value) and allowed in str(err.value)
   assert isinstance(err.value, ValueError)
-  # Also at plain construction.
+  # Also from the flat form (`config.model`).
   with pytest.raises(ConfigError, match=field):
-    ModelConfig(**{**TINY.to_dict(), **overrides})
+    ModelConfig.from_dict({**TINY.to_dict(), **overrides})
 
 
 def test_from_dict_rejects_unknown_keys_and_round_trips():

@@ -23,7 +23,7 @@ from coe_jax.nn.model_config import ModelConfig
 from coe_jax.training.train_step import next_token_targets, training_objective
 
 EOS, PAD, V, S = 1, 0, 40, 10
-CONFIG = ModelConfig(
+CONFIG = ModelConfig().replace(
   vocab_size=V,
   hidden_size=16,
   num_layers=2,

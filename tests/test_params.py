@@ -17,7 +17,7 @@ from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
 from coe_jax.nn.params import count_params, format_counts, param_axes, tree_size
 
-SMALL = ModelConfig(
+SMALL = ModelConfig().replace(
   vocab_size=50,
   hidden_size=16,
   num_layers=2,
@@ -67,7 +67,9 @@ def test_count_params_equals_initialised_tree(name):
   assert counts.attention == _subtree_size(params, "layers", "self_attn")
   assert counts.routed_experts == _subtree_size(params, "layers", "mlp", "routed_experts")
   assert counts.routers == _subtree_size(params, "layers", "mlp", "router")
-  shared = _subtree_size(params, "layers", "mlp", "shared_experts") if cfg.n_shared_experts else 0
+  shared = (
+    _subtree_size(params, "layers", "mlp", "shared_experts") if cfg.coe.n_shared_experts else 0
+  )
   assert counts.shared_experts == shared
   assert counts.norms == (
     _subtree_size(params, "layers", "input_layernorm")
@@ -85,10 +87,10 @@ def test_paper_moe_k8_n64_hand_count():
     cfg.vocab_size,
     cfg.hidden_size,
     cfg.num_layers,
-    cfg.n_routed_experts,
-    cfg.n_shared_experts,
-    cfg.num_experts_per_tok,
-    cfg.moe_intermediate_size,
+    cfg.coe.n_routed_experts,
+    cfg.coe.n_shared_experts,
+    cfg.coe.num_experts_per_tok,
+    cfg.coe.moe_intermediate_size,
   ) == (102400, 1024, 4, 63, 1, 8, 704)
   counts = count_params(cfg)
   assert counts.routed_experts == 4 * 63 * 3 * 1024 * 704 == 544_997_376  # "544M"
@@ -116,7 +118,7 @@ def test_paper_moe_k8_n64_hand_count():
 
 def test_coe_c2_k4_n48_saves_about_17_6_percent_of_parameters():
   moe = count_params(ModelConfig())
-  coe_cfg = ModelConfig(num_iterations=2, num_experts_per_tok=4, n_routed_experts=47)
+  coe_cfg = ModelConfig().replace(num_iterations=2, num_experts_per_tok=4, n_routed_experts=47)
   coe = count_params(coe_cfg)
   assert coe.routers == 4 * 2 * 47 * 1024  # two independent routers per layer
   assert coe.routed_experts == 4 * 47 * 3 * 1024 * 704

@@ -40,7 +40,7 @@ def _worker_config():
 
   # C=2, K=2 of 8 routed + 1 shared. capacity_factor = N/K gives capacity = tokens:
   # nothing drops, so the per-device capacity of a mesh cannot change the result.
-  return ModelConfig(
+  return ModelConfig().replace(
     vocab_size=64,
     hidden_size=32,
     num_layers=2,
@@ -312,7 +312,7 @@ def test_validate_for_mesh_names_the_field_and_the_allowed_values():
     ConfigError, match=r"mesh.expert: got 4; must divide model.n_routed_experts=63"
   ):
     validate_for_mesh(mesh, ModelConfig(), {})
-  cfg = ModelConfig(n_routed_experts=8)
+  cfg = ModelConfig().replace(n_routed_experts=8)
   with pytest.raises(ConfigError, match="train.batch_size: got 12; must be divisible by .* 8"):
     validate_for_mesh(mesh, cfg, {"train.batch_size": 12})
   validate_for_mesh(mesh, cfg, {"train.batch_size": 16})

@@ -86,9 +86,9 @@ def test_validate_config_names_the_bad_field_and_allowed_values(dotted, value, e
 def test_validate_config_accepts_the_small_config_and_resolves_the_model():
   model_config = train_config.validate_config(small_config())
   assert (
-    model_config.num_iterations,
-    model_config.num_experts_per_tok,
-    model_config.n_routed_experts,
+    model_config.coe.num_iterations,
+    model_config.coe.num_experts_per_tok,
+    model_config.coe.n_routed_experts,
     model_config.hidden_size,
   ) == (2, 2, 7, 32)
 

@@ -50,9 +50,9 @@ def test_the_mesh_devices_decide_inside_jit_and_shard_map():
 
 
 def test_target_platform_is_a_validated_execution_field():
-  assert ModelConfig(target_platform="gpu").coe.target_platform == "gpu"
+  assert ModelConfig().replace(target_platform="gpu").coe.target_platform == "gpu"
   with pytest.raises(ConfigError, match=r"model\.target_platform"):
-    ModelConfig(target_platform="cuda")
+    ModelConfig().replace(target_platform="cuda")
 
 
 def test_tiling_and_tiles_per_step_follow_the_target():

@@ -31,7 +31,7 @@ def test_reference_args_describe_our_model(run, k, c, shape):
   assert (flags["--topk"], flags["--iters"]) == (str(k), str(c))
   assert flags["--hidden"] == str(cfg.hidden_size) == ("128" if shape == "narrow" else "1024")
   assert flags["--layers"] == str(cfg.num_layers) == "2"
-  assert flags["--moe-inter"] == str(cfg.moe_intermediate_size)
+  assert flags["--moe-inter"] == str(cfg.coe.moe_intermediate_size)
   assert flags["--vocab"] == str(preset["model"]["vocab_size"])
   assert (flags["--batch"], flags["--seq"]) == (str(preset["batch"]), str(preset["seq"]))
   attention = {k: flags["--set"][k] for k in ("num_attention_heads", "kv_lora_rank", "v_head_dim")}

@@ -69,7 +69,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
   values.update(hf_fixed_values())
   values["dispatch"] = IMPORT_DISPATCH
   values.update(overrides)
-  return ModelConfig(**values)
+  return ModelConfig.from_dict(values)
 
 
 def _check_hf_values(hf: Mapping[str, Any]) -> None:
@@ -135,8 +135,9 @@ def check_authors_can_compute(cfg: ModelConfig) -> None:
   'reference' (its inner_residual/outer_residual switches cannot express
   out = h + sum_t m_t), so the exported model would compute something else.
   """
+  flat = cfg.to_dict()
   for name, only in hf_fixed_values().items():
-    value = getattr(cfg, name)
+    value = flat[name]
     if value != only:
       raise ConfigError(
         f"model.{name}: got {value!r}; the authors' CoeForCausalLM only computes "
@@ -150,13 +151,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   Raises ConfigError (`check_authors_can_compute`), e.g. for residual_style='textbook'.
   """
   check_authors_can_compute(cfg)
-  hf: dict[str, Any] = {theirs: getattr(cfg, ours) for ours, theirs in _SAME_FIELDS.items()}
+  flat = cfg.to_dict()
+  hf: dict[str, Any] = {theirs: flat[ours] for ours, theirs in _SAME_FIELDS.items()}
   hf.update(
     {
       "architectures": ["CoeForCausalLM"],
       "model_type": MODEL_TYPE,
       "auto_map": dict(AUTO_MAP),
-      "n_shared_experts": cfg.n_shared_experts or None,
+      "n_shared_experts": cfg.coe.n_shared_experts or None,
       "q_lora_rank": None,
       "num_key_value_heads": cfg.num_heads,
       "first_k_dense_replace": 0,
@@ -167,7 +169,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "hidden_act": "silu",
       "tie_word_embeddings": False,
       "attention_bias": False,
-      "intermediate_size": cfg.moe_intermediate_size * max(cfg.num_experts_per_tok, 1),
+      "intermediate_size": cfg.coe.moe_intermediate_size * max(cfg.coe.num_experts_per_tok, 1),
       "max_position_embeddings": int(cfg.rope_original_max_position * cfg.rope_factor)
       if cfg.rope_scaling == "yarn"
       else cfg.rope_original_max_position,
@@ -177,7 +179,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   if cfg.rope_scaling == "yarn":
     hf["rope_scaling"] = {
       "type": "yarn",
-      **{theirs: getattr(cfg, ours) for ours, theirs in _ROPE_FIELDS.items()},
+      **{theirs: flat[ours] for ours, theirs in _ROPE_FIELDS.items()},
     }
   return hf
 
@@ -197,7 +199,7 @@ def _layer_names(cfg: ModelConfig, i: int) -> dict[tuple[str, ...], tuple[str, b
   for proj in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
     names[("self_attn", proj, "kernel")] = (p + f"self_attn.{proj}.weight", True)
   names[("self_attn", "kv_a_layernorm", "scale")] = (p + "self_attn.kv_a_layernorm.weight", False)
-  if cfg.n_shared_experts > 0:
+  if cfg.coe.n_shared_experts > 0:
     for proj in ("gate_proj", "up_proj", "down_proj"):
       names[("mlp", "shared_experts", proj)] = (p + f"mlp.shared_experts.{proj}.weight", True)
   return names
@@ -254,7 +256,7 @@ def from_hf(
         np.stack(
           [
             _linear(sd[f"model.layers.{i}.mlp.experts.{j}.{proj}.weight"])
-            for j in range(cfg.n_routed_experts)
+            for j in range(cfg.coe.n_routed_experts)
           ]
         )
         for i in range(cfg.num_layers)
@@ -268,8 +270,8 @@ def from_hf(
 
 
 def _router_names(cfg: ModelConfig, i: int) -> list[str]:
-  if cfg.independent_gates:
-    return [f"model.layers.{i}.mlp.gate.{t}.weight" for t in range(cfg.num_iterations)]
+  if cfg.coe.independent_gates:
+    return [f"model.layers.{i}.mlp.gate.{t}.weight" for t in range(cfg.coe.num_iterations)]
   return [f"model.layers.{i}.mlp.gate.weight"]
 
 
@@ -280,7 +282,7 @@ def _expected_names(cfg: ModelConfig) -> list[str]:
     names += _router_names(cfg, i)
     names += [
       f"model.layers.{i}.mlp.experts.{j}.{proj}.weight"
-      for j in range(cfg.n_routed_experts)
+      for j in range(cfg.coe.n_routed_experts)
       for proj in ("gate_proj", "up_proj", "down_proj")
     ]
   return names
@@ -308,6 +310,6 @@ def to_hf(
       sd[name] = router[t]
     for proj in ("gate_proj", "up_proj", "down_proj"):
       stacked = np.asarray(layers["mlp"]["routed_experts"][proj][i], np.float32)
-      for j in range(cfg.n_routed_experts):
+      for j in range(cfg.coe.n_routed_experts):
         sd[f"model.layers.{i}.mlp.experts.{j}.{proj}.weight"] = _linear(stacked[j])
   return config_to_hf(cfg), sd

@@ -1,8 +1,9 @@
 """`CoEConfig`: what one Chain-of-Experts layer reads, and nothing else (DESIGN.md 2-4).
 
 `CoELayer(CoEConfig(...))` is all a host Flax codebase needs to configure the
-layer; `ModelConfig` (the whole LM) keeps the same fields flat, validates them
-with the same rules and hands the layer `model_config.coe`.
+layer. The paper's LM holds one as `ModelConfig.coe`: each field is declared
+here only, with its kind (function or execution) and the authors' config.json
+key in its metadata (`field_kinds`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 from typing import Any, Literal
 
 from coe_jax.errors import is_int, require, require_choice
+from coe_jax.nn.field_kinds import execution_field as _execution
+from coe_jax.nn.field_kinds import function_field as _function
 
 Dispatch = Literal["capacity", "dropless"]
 DroplessImpl = Literal["auto", "gather", "ragged_dot", "blocked", "grouped"]
@@ -32,39 +35,61 @@ class CoEConfig:
   num_experts_per_tok=4` is its CoE(C=2, K=4).
   """
 
-  hidden_size: int = 1024  # width of the residual stream the layer reads and writes
+  # width of the residual stream the layer reads and writes (the LM's hidden size)
+  hidden_size: int = _function(1024, hf="hidden_size")
   # --- experts (DESIGN.md 4) ---
-  n_routed_experts: int = 63  # N_routed; the paper's N counts the shared expert too (64 = 63 + 1)
-  n_shared_experts: int = 1  # shared experts, run on every token in every iteration (0 = none)
-  num_experts_per_tok: int = 8  # K: routed experts chosen per token per iteration
-  moe_intermediate_size: int = 704  # SwiGLU width of one expert (shared: times n_shared_experts)
+  # N_routed; the paper's N counts the shared expert too (64 = 63 + 1)
+  n_routed_experts: int = _function(63, hf="n_routed_experts")
+  # shared experts, run on every token in every iteration (0 = none; config.json: null)
+  n_shared_experts: int = _function(1, hf="n_shared_experts")
+  # K: routed experts chosen per token per iteration
+  num_experts_per_tok: int = _function(8, hf="num_experts_per_tok")
+  # SwiGLU width of one expert (shared: times n_shared_experts)
+  moe_intermediate_size: int = _function(704, hf="moe_intermediate_size")
   # --- the chain (DESIGN.md 2) ---
-  num_iterations: int = 1  # C; C=1 is plain MoE
-  independent_gates: bool = True  # one router per iteration (else one router reused)
-  inner_residual: bool = True  # u_t = u_{t-1} + m_t (else u_t = m_t)
-  outer_residual: bool = False  # out = h + u_C (else out = u_C, the reference's default)
-  residual_style: str = "reference"  # 'reference' (DESIGN.md 2) | 'textbook' (out = h + sum_t m_t)
+  num_iterations: int = _function(1, hf="inner_iter")  # C; C=1 is plain MoE
+  # one router per iteration (else one router reused)
+  independent_gates: bool = _function(True, hf="use_igate")
+  inner_residual: bool = _function(True, hf="inner_residual")  # u_t = u_{t-1} + m_t (else m_t)
+  # out = h + u_C (else out = u_C, the reference's default)
+  outer_residual: bool = _function(False, hf="outer_residual")
+  # 'reference' (DESIGN.md 2) | 'textbook' (out = h + sum_t m_t); the authors' code has only
+  # 'reference'
+  residual_style: str = _function("reference", hf_value="reference")
   # --- router (DESIGN.md 3) ---
-  norm_topk_prob: bool = False  # renormalise the K chosen scores to sum to 1
-  routed_scaling_factor: float = 1.0  # multiplies the combine weights
-  aux_loss_alpha: float = 0.001  # sequence-level load-balancing loss weight
-  router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (not in the reference)
+  # renormalise the K chosen scores to sum to 1
+  norm_topk_prob: bool = _function(False, hf="norm_topk_prob")
+  routed_scaling_factor: float = _function(1.0, hf="routed_scaling_factor")  # scales the weights
+  # sequence-level load-balancing loss weight
+  aux_loss_alpha: float = _function(0.001, hf="aux_loss_alpha")
+  router_z_loss_coef: float = _function(0.0)  # ST-MoE router z-loss weight (not in the reference)
   # --- dispatch (DESIGN.md 3) ---
-  dispatch: str = "dropless"  # 'dropless' (the reference) | 'capacity' (drops over capacity)
-  # 'auto' ('grouped' on GPU, 'blocked' elsewhere) | 'grouped' | 'blocked' | 'gather' | 'ragged_dot'
-  dropless_impl: str = "auto"
-  dropless_tile: int = 0  # rows per whole tile of 'blocked' / 'grouped'; 0 = the target's default
-  dropless_tile_sizes: int = 0  # tile sizes of 'blocked'; 0 = the target's (default_tiling)
-  # '' | 'cpu' | 'gpu' | 'tpu': the platform the kernel policies (dropless_impl='auto', tiling)
-  # are chosen for; '' = the devices the program is compiled for (nn.tuning.target_platform)
-  target_platform: str = ""
-  capacity_factor_train: float = 1.25  # capacity = ceil(cf * tokens * K / N) in training
-  capacity_factor_eval: float = 2.0  # ... and in evaluation
-  min_capacity: int = 4  # capacity never goes below this
+  # 'dropless' (the reference) | 'capacity' (bounds the work per expert by dropping)
+  dispatch: str = _execution("dropless")
+  # 'auto' ('grouped' on GPU, 'blocked' elsewhere: nn.tuning) | 'grouped' (Pallas grouped
+  # matmul, nn.grouped; interpreted on CPU) | 'blocked' | 'gather' | 'ragged_dot'
+  dropless_impl: str = _execution("auto")
+  # Rows per whole tile of 'blocked' (each expert's rows run as whole tiles plus a last tile of
+  # the smallest size that holds the rest) or of 'grouped' (a power of two).
+  # 0 = the target's default (nn.tuning).
+  dropless_tile: int = _execution(0)
+  # How many tile sizes 'blocked' picks each expert's last tile from, evenly spaced up to
+  # dropless_tile (1 = whole tiles only); 0 = the target's default (nn.tuning).
+  dropless_tile_sizes: int = _execution(0)
+  # '' | 'cpu' | 'gpu' | 'tpu': the platform dropless_impl='auto' and the tilings are chosen for.
+  # '' = the devices the program is compiled for: the mesh's (jax.set_mesh), else the default
+  # device (nn.tuning.target_platform); set it when tracing for devices other than those.
+  target_platform: str = _execution("")
+  # capacity = ceil(cf * tokens * K / N), at least min_capacity (dispatch.expert_capacity)
+  capacity_factor_train: float = _execution(1.25)
+  capacity_factor_eval: float = _execution(2.0)
+  min_capacity: int = _execution(4)
   # --- numerics ---
-  rms_norm_eps: float = 1e-6  # of the RMSNorm that runs once before the chain
-  initializer_range: float = 0.02  # std of the experts' normal init (the router: torch default)
-  dtype: str = "float32"  # compute dtype; params and the router stay float32
+  # of the RMSNorm that runs once before the chain (the LM's other norms use it too)
+  rms_norm_eps: float = _function(1e-6, hf="rms_norm_eps")
+  # std of the normal init of the experts (and of the LM's other weights; the router: torch's)
+  initializer_range: float = _function(0.02, hf="initializer_range")
+  dtype: str = _execution("float32")  # compute dtype; params and the router stay float32
 
   def __post_init__(self):
     validate_coe(self, prefix="coe")
@@ -87,7 +112,8 @@ COE_FIELDS = tuple(f.name for f in dataclasses.fields(CoEConfig))
 
 def validate_coe(config: Any, prefix: str) -> None:
   """Raises ConfigError naming `<prefix>.<field>` for the first bad CoE field of `config`
-  (a CoEConfig, or a ModelConfig, which holds the same fields)."""
+  (any object with CoEConfig's attribute names: a CoEConfig, or the flat `config.model`
+  values `ModelConfig` builds one from, named as the user wrote them)."""
 
   def check(ok: bool, field: str, message: str) -> None:
     require(ok, f"{prefix}.{field}", message)

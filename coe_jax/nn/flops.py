@@ -52,11 +52,12 @@ class FlopCount:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
   """Matmul FLOPs of one token's forward pass (embedding lookup, norms, softmax excluded)."""
+  coe = cfg.coe
   d, f, layers, chain = (
     cfg.hidden_size,
-    cfg.moe_intermediate_size,
+    coe.moe_intermediate_size,
     cfg.num_layers,
-    cfg.num_iterations,
+    coe.num_iterations,
   )
   heads = cfg.num_heads
   proj_params = (
@@ -69,9 +70,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
   return FlopCount(
     attention_proj=2.0 * layers * proj_params,
     attention_scores=2.0 * layers * (seq_len + 1) / 2 * heads * (cfg.q_head_dim + cfg.v_head_dim),
-    routed_experts=2.0 * layers * chain * cfg.num_experts_per_tok * swiglu_macs,
-    shared_experts=2.0 * layers * chain * cfg.n_shared_experts * swiglu_macs,
-    router=2.0 * layers * chain * d * cfg.n_routed_experts,
+    routed_experts=2.0 * layers * chain * coe.num_experts_per_tok * swiglu_macs,
+    shared_experts=2.0 * layers * chain * coe.n_shared_experts * swiglu_macs,
+    router=2.0 * layers * chain * d * coe.n_routed_experts,
     head=2.0 * d * cfg.vocab_size,
   )
 

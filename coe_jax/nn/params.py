@@ -69,20 +69,20 @@ def attention_params_per_layer(cfg: ModelConfig) -> int:
 
 def expert_params(cfg: ModelConfig) -> int:
   """One routed SwiGLU expert: gate, up and down projections."""
-  return 3 * cfg.hidden_size * cfg.moe_intermediate_size
+  return 3 * cfg.hidden_size * cfg.coe.moe_intermediate_size
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
-  layers = cfg.num_layers
+  layers, coe = cfg.num_layers, cfg.coe
   embedding = cfg.vocab_size * cfg.hidden_size
   head = cfg.hidden_size * cfg.vocab_size
   attention = layers * attention_params_per_layer(cfg)
-  routed = layers * cfg.n_routed_experts * expert_params(cfg)
-  shared = layers * 3 * cfg.hidden_size * cfg.shared_intermediate_size
-  routers = layers * cfg.num_router_weights * cfg.n_routed_experts * cfg.hidden_size
+  routed = layers * coe.n_routed_experts * expert_params(cfg)
+  shared = layers * 3 * cfg.hidden_size * coe.shared_intermediate_size
+  routers = layers * coe.num_router_weights * coe.n_routed_experts * cfg.hidden_size
   norms = (2 * layers + 1) * cfg.hidden_size
   total = embedding + head + attention + routed + shared + routers + norms
-  active_experts = min(cfg.num_iterations * cfg.num_experts_per_tok, cfg.n_routed_experts)
+  active_experts = min(coe.num_iterations * coe.num_experts_per_tok, coe.n_routed_experts)
   active = total - routed + layers * active_experts * expert_params(cfg)
   return ParamCounts(
     total=total,

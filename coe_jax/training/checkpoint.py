@@ -3,8 +3,8 @@
 A checkpoint holds `state` (step, params, optimizer state) and `data` (the
 iterator's JSON state), so resuming reproduces the uninterrupted run exactly.
 The run's config is written beside it as `config.json`; a workdir whose saved
-model differs from the requested one in any function field (`ModelConfig`
-metadata, see `model_config`) refuses to resume; execution fields (dispatch,
+model differs from the requested one in any function field (field metadata,
+see `field_kinds`; compared by the flat `config.model` names) refuses to resume; execution fields (dispatch,
 capacity, dtype, remat, ...) may change.
 
 Damage (`restore_newest`): resuming takes the newest checkpoint that restores; each
@@ -40,9 +40,11 @@ from coe_jax.training.checkpoint_faults import (
 
 CONFIG_FILE = "config.json"
 # Fields that change the parameters or the function the layers compute (derived from the
-# ModelConfig field metadata); execution choices (dispatch, capacity, dtype, remat) may change.
+# field metadata of ModelConfig and its CoEConfig); execution choices (dispatch, capacity, dtype,
+# remat) may change.
 FUNCTION_MODEL_FIELDS = fields_of_kind(FUNCTION)
-_DEFAULTS = ModelConfig.__dataclass_fields__
+# What a saved config lacking a field (written before it existed) counts it as, by flat name.
+_DEFAULTS = ModelConfig().to_dict()
 
 
 class Checkpointer:
@@ -350,7 +352,7 @@ def _check_router_weights_rule(saved: dict) -> None:
   if "pad_semantics" in model:  # saved since the rule changed
     return
   norm = model.get("norm_topk_prob", False)
-  k = model.get("num_experts_per_tok", _DEFAULTS["num_experts_per_tok"].default)
+  k = model.get("num_experts_per_tok", _DEFAULTS["num_experts_per_tok"])
   scaling = model.get("routed_scaling_factor", 1.0)
   if norm and (k == 1 or scaling != 1.0):
     raise ConfigError(
@@ -362,4 +364,4 @@ def _check_router_weights_rule(saved: dict) -> None:
 
 
 def _model_value(config: dict, name: str) -> Any:
-  return config["model"].get(name, _DEFAULTS[name].default)
+  return config["model"].get(name, _DEFAULTS[name])

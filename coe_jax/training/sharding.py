@@ -124,12 +124,12 @@ def mesh_from_config(config: ml_collections.ConfigDict) -> Optional[Mesh]:
 
 def validate_for_mesh(mesh: Mesh, model: ModelConfig, batch_sizes: dict[str, int]) -> None:
   """ConfigError unless experts and every batch split evenly over `mesh`."""
-  experts = mesh.shape["expert"]
-  if model.n_routed_experts % experts:
-    divisors = [n for n in range(1, model.n_routed_experts + 1) if model.n_routed_experts % n == 0]
+  experts, routed = mesh.shape["expert"], model.coe.n_routed_experts
+  if routed % experts:
+    divisors = [n for n in range(1, routed + 1) if routed % n == 0]
     raise ConfigError(
-      f"mesh.expert: got {experts}; must divide model.n_routed_experts="
-      f"{model.n_routed_experts} (allowed: {divisors})"
+      f"mesh.expert: got {experts}; must divide model.n_routed_experts={routed} "
+      f"(allowed: {divisors})"
     )
   shards = batch_shards(mesh)
   for field, size in batch_sizes.items():
