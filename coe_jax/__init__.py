@@ -3,7 +3,7 @@
 The layer, for your own Flax model: `CoEConfig`, `CoELayer` (+ `CoEAux`), and
 optionally `ExpertParallel`. The paper's LM: `ModelConfig`, `CoECausalLM`.
 Training, data, generation and analysis live in their modules
-(`coe_jax.training.train`, `coe_jax.data`, `coe_jax.inference`, `coe_jax.evaluation`, `coe_jax.analysis`, ...).
+(`coe_jax.training.train`, `coe_jax.data`, `coe_jax.inference`, `coe_jax.eval_tasks`, `coe_jax.analysis`, ...).
 """
 
 from coe_jax.errors import ConfigError, DataError

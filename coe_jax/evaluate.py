@@ -1,4 +1,4 @@
-"""Command line: evaluate a trained run (see `coe_jax.evaluation.tasks`).
+"""Command line: evaluate a trained run on one task (the tasks: `coe_jax.eval_tasks.scoring`).
 
     python -m coe_jax.evaluate --workdir=RUN --task=val_loss [--data=FILE.jsonl]
     python -m coe_jax.evaluate --workdir=RUN --task=gsm8k --data=../shared/data/gsm8k/test.jsonl
@@ -18,7 +18,7 @@ import os
 from absl import flags
 
 from coe_jax import cli, host_memory
-from coe_jax.evaluation.tasks import (
+from coe_jax.eval_tasks.scoring import (
   DEFAULT_MAX_NEW_TOKENS,
   DEFAULT_STOP_STRINGS,
   TASKS,

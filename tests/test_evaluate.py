@@ -1,4 +1,4 @@
-"""Tests for coe_jax.evaluation and the coe_jax.evaluate command line: answer extraction, prompts, and a trained model end to end.
+"""Tests for coe_jax.eval_tasks and the coe_jax.evaluate command line: answer extraction, prompts, and a trained model end to end.
 
 The end-to-end part trains a tiny CoE(C=2) model in-process with the library's
 train step on a few two-digit additions in the training format (`query : 23 + 45
@@ -21,7 +21,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from coe_jax import config_lib, evaluation
+from coe_jax import config_lib, eval_tasks
 from coe_jax.data import synthetic
 from coe_jax.data.tokenized import build_split, format_example
 from coe_jax.data.tokenizer import EOS_TOKEN, PAD_TOKEN, pad_id
@@ -51,19 +51,19 @@ needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs .
   ],
 )
 def test_extract_gsm8k_answer(text, expected):
-  assert evaluation.extract_gsm8k_answer(text) == expected
+  assert eval_tasks.extract_gsm8k_answer(text) == expected
 
 
 def test_gsm8k_target_and_numeric_match():
-  assert evaluation.gsm8k_target("She pays 2*500=<<2*500=1000>>1000.\n#### 1,000") == "1000"
-  assert evaluation.numbers_equal("3.50", "3.5") and evaluation.numbers_equal("1000", "1000")
-  assert not evaluation.numbers_equal(None, "3") and not evaluation.numbers_equal("31", "3")
+  assert eval_tasks.gsm8k_target("She pays 2*500=<<2*500=1000>>1000.\n#### 1,000") == "1000"
+  assert eval_tasks.numbers_equal("3.50", "3.5") and eval_tasks.numbers_equal("1000", "1000")
+  assert not eval_tasks.numbers_equal(None, "3") and not eval_tasks.numbers_equal("31", "3")
 
 
 def test_gsm8k_rows_become_training_style_responses():
   row = {"question": "Q?", "answer": "2*3=<<2*3=6>>6 apples.\n#### 1,006"}
-  problem = evaluation.to_problem(row, "gsm8k")
-  assert problem == evaluation.Problem(
+  problem = eval_tasks.to_problem(row, "gsm8k")
+  assert problem == eval_tasks.Problem(
     "Q?", "2*3=6 apples.\n#### 1,006\nThe answer is: 1006", "1006"
   )
 
@@ -79,16 +79,16 @@ def test_gsm8k_rows_become_training_style_responses():
   ],
 )
 def test_last_boxed(text, expected):
-  assert evaluation.last_boxed(text) == expected
+  assert eval_tasks.last_boxed(text) == expected
 
 
 def test_math_rows_and_extraction():
   row = {"problem": "P", "solution": "Thus $x = \\boxed{\\dfrac{3}{4}}$.", "level": "Level 2"}
-  problem = evaluation.to_problem(row, "math")
+  problem = eval_tasks.to_problem(row, "math")
   assert problem.answer == "\\dfrac{3}{4}"
   assert problem.response.endswith("\nThe answer is: \\dfrac{3}{4}")
-  assert evaluation.extract_math_answer("... \\boxed{3}.\nThe answer is: 3\nquery : x") == "3"
-  assert evaluation.extract_math_answer("we get $\\boxed{(1,2)}$ done") == "(1,2)"
+  assert eval_tasks.extract_math_answer("... \\boxed{3}.\nThe answer is: 3\nquery : x") == "3"
+  assert eval_tasks.extract_math_answer("we get $\\boxed{(1,2)}$ done") == "(1,2)"
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_math_rows_and_extraction():
   ],
 )
 def test_math_answers_that_are_equal(a, b):
-  assert evaluation.math_equal(a, b)
+  assert eval_tasks.math_equal(a, b)
 
 
 @pytest.mark.parametrize(
@@ -118,40 +118,40 @@ def test_math_answers_that_are_equal(a, b):
   [("\\frac{1}{3}", "\\frac{1}{2}"), ("(1,2)", "(2,1)"), ("", "0"), (None, "1"), ("12", "1,2")],
 )
 def test_math_answers_that_differ(a, b):
-  assert not evaluation.math_equal(a, b)
+  assert not eval_tasks.math_equal(a, b)
 
 
 def test_prompts_and_shots():
-  problems = [evaluation.Problem(f"q{i}", f"r{i}", str(i)) for i in range(6)]
-  assert evaluation.build_prompt("Q") == "query : Q response :"
-  shots, rest = evaluation.split_shots(problems, 2, seed=5)
+  problems = [eval_tasks.Problem(f"q{i}", f"r{i}", str(i)) for i in range(6)]
+  assert eval_tasks.build_prompt("Q") == "query : Q response :"
+  shots, rest = eval_tasks.split_shots(problems, 2, seed=5)
   assert len(shots) == 2 and len(rest) == 4 and not set(shots) & set(rest)
-  assert evaluation.split_shots(problems, 2, seed=5) == (shots, rest)  # deterministic
-  prompt = evaluation.build_prompt("Q", shots)
+  assert eval_tasks.split_shots(problems, 2, seed=5) == (shots, rest)  # deterministic
+  prompt = eval_tasks.build_prompt("Q", shots)
   assert prompt.startswith(f"query : {shots[0].query} response : {shots[0].response}\n\n")
   assert prompt.endswith("\n\nquery : Q response :")
-  shots2, rest2 = evaluation.split_shots(problems, 2, seed=5, shots_from=problems[:3])
+  shots2, rest2 = eval_tasks.split_shots(problems, 2, seed=5, shots_from=problems[:3])
   assert rest2 == problems and set(shots2) <= set(problems[:3])
 
 
 @needs_shared_data
 def test_shared_gsm8k_and_math_files_parse():
-  gsm8k = evaluation.load_problems("gsm8k", str(SHARED_DATA / "gsm8k" / "test.jsonl"))
+  gsm8k = eval_tasks.load_problems("gsm8k", str(SHARED_DATA / "gsm8k" / "test.jsonl"))
   assert len(gsm8k) == 1319 and all(
-    evaluation.normalize_number(p.answer) == p.answer for p in gsm8k
+    eval_tasks.normalize_number(p.answer) == p.answer for p in gsm8k
   )
-  math_problems = evaluation.load_problems("math", str(SHARED_DATA / "math" / "test.jsonl"))
+  math_problems = eval_tasks.load_problems("math", str(SHARED_DATA / "math" / "test.jsonl"))
   assert len(math_problems) == 5000
   assert sum(bool(p.answer) for p in math_problems) >= 4990
   # Extracting from the training-style response gives back the reference answer (one MATH
   # answer, "90\\text{ square\\nunits}", spans two lines).
   assert all(
-    evaluation.numbers_equal(evaluation.extract_gsm8k_answer(p.response), p.answer) for p in gsm8k
+    eval_tasks.numbers_equal(eval_tasks.extract_gsm8k_answer(p.response), p.answer) for p in gsm8k
   )
   misses = [
     p.answer
     for p in math_problems
-    if p.answer and not evaluation.math_equal(evaluation.extract_math_answer(p.response), p.answer)
+    if p.answer and not eval_tasks.math_equal(eval_tasks.extract_math_answer(p.response), p.answer)
   ]
   assert len(misses) <= 1, misses[:5]
 
@@ -344,21 +344,21 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward_pass(arithmetic_run
   workdir = arithmetic_run["workdir"]
   # Unseen additions (uncertain answers) and memorised ones (confident, stop at end-of-text).
   problems = (
-    evaluation.load_problems("gsm8k", arithmetic_run["held_out"])
-    + evaluation.load_problems("gsm8k", arithmetic_run["memorised"])[:16]
+    eval_tasks.load_problems("gsm8k", arithmetic_run["held_out"])
+    + eval_tasks.load_problems("gsm8k", arithmetic_run["memorised"])[:16]
   )
   data = _write_jsonl(
     tmp_path / "mixed.jsonl", [{"query": p.query, "response": p.response} for p in problems]
   )
-  settings = evaluation.GenerationSettings(max_new_tokens=ARITH_NEW_TOKENS, batch_size=16)
-  result = evaluation.evaluate_run(
+  settings = eval_tasks.GenerationSettings(max_new_tokens=ARITH_NEW_TOKENS, batch_size=16)
+  result = eval_tasks.evaluate_run(
     str(workdir), "gsm8k", data=data, settings=settings, num_samples=len(problems)
   )
   samples = [json.loads(line) for line in (workdir / "eval_gsm8k_samples.jsonl").open()]
   assert result["count"] == len(samples) == len(problems)
 
   run = load_run(str(workdir))
-  prompts = [evaluation.build_prompt(p.query) for p in problems]
+  prompts = [eval_tasks.build_prompt(p.query) for p in problems]
   completions = complete(
     run.params,
     run.model_config,
@@ -385,8 +385,8 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward_pass(arithmetic_run
 @pytest.mark.slow
 def test_greedy_generation_answers_memorised_additions(arithmetic_run):
   workdir = arithmetic_run["workdir"]
-  settings = evaluation.GenerationSettings(max_new_tokens=ARITH_NEW_TOKENS, batch_size=32)
-  result = evaluation.evaluate_run(
+  settings = eval_tasks.GenerationSettings(max_new_tokens=ARITH_NEW_TOKENS, batch_size=32)
+  result = eval_tasks.evaluate_run(
     str(workdir), "gsm8k", data=arithmetic_run["memorised"], settings=settings
   )
   print(
@@ -406,8 +406,8 @@ def test_greedy_generation_answers_memorised_additions(arithmetic_run):
 @pytest.mark.slow
 def test_val_loss_on_a_file_equals_the_runs_validation_split(arithmetic_run):
   workdir = arithmetic_run["workdir"]
-  own = evaluation.evaluate_run(str(workdir), "val_loss")
-  from_file = evaluation.evaluate_run(
+  own = eval_tasks.evaluate_run(str(workdir), "val_loss")
+  from_file = eval_tasks.evaluate_run(
     str(workdir), "val_loss", data=arithmetic_run["memorised"], batch_size=50
   )
   assert own["count"] == from_file["count"] == ARITH_MEMORISED
@@ -445,8 +445,8 @@ def test_command_line_val_loss(arithmetic_run):
 @pytest.mark.slow
 def test_math_task_runs_on_the_shared_test_file(arithmetic_run):
   workdir = arithmetic_run["workdir"]
-  settings = evaluation.GenerationSettings(max_new_tokens=8, batch_size=2, max_prompt_length=48)
-  result = evaluation.evaluate_run(
+  settings = eval_tasks.GenerationSettings(max_new_tokens=8, batch_size=2, max_prompt_length=48)
+  result = eval_tasks.evaluate_run(
     str(workdir), "math", limit=2, settings=settings, data=str(SHARED_DATA / "math" / "test.jsonl")
   )
   assert result["count"] == 2 and result["data"].endswith("math/test.jsonl")
@@ -455,4 +455,4 @@ def test_math_task_runs_on_the_shared_test_file(arithmetic_run):
 
 def test_answer_tasks_need_a_data_path_not_a_guessed_layout():
   with pytest.raises(ValueError, match=r"--task=gsm8k: pass --data=PATH"):
-    evaluation.load_problems("gsm8k", None)
+    eval_tasks.load_problems("gsm8k", None)

@@ -25,7 +25,7 @@ from coe_jax.data.input_pipeline import Datasets, build_datasets, format_example
 from coe_jax.data.tokenized import build_split
 from coe_jax.training.metrics import read_metrics
 from coe_jax.training.train import train_and_evaluate
-from coe_jax.training.train_step import evaluate, evaluate_batch_means, next_token_targets
+from coe_jax.training.train_step import batch_mean_eval_loss, next_token_targets, pooled_eval_loss
 
 TEXTS = [format_example(r["question"], r["solution"]) for r in ROWS]
 EOS = 1  # train_bpe's <|endoftext|>
@@ -156,9 +156,9 @@ def test_batch_means_differ_from_the_pooled_mean():
   """(sum, count) per batch: (10, 10) and (1, 2) -> pooled 11/12, reference (1 + 0.5) / 2."""
   results = iter([(10.0, 10.0), (1.0, 2.0)])
   eval_step = lambda params, batch: next(results)
-  assert evaluate_batch_means(eval_step, None, [None, None]) == pytest.approx(0.75)
+  assert batch_mean_eval_loss(eval_step, None, [None, None]) == pytest.approx(0.75)
   results = iter([(10.0, 10.0), (1.0, 2.0)])
-  assert evaluate(eval_step, None, [None, None]) == pytest.approx(11 / 12)
+  assert pooled_eval_loss(eval_step, None, [None, None]) == pytest.approx(11 / 12)
 
 
 @pytest.mark.slow

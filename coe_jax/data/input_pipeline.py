@@ -128,7 +128,7 @@ class Datasets:
     but the protocol is the same), then the first `num_batches` full batches of
     `batch_size` examples, one example per row even when the split is packed
     for training (fewer when the split is smaller). Score them with
-    `train_step.evaluate_batch_means`: the mean of the per-batch mean losses.
+    `train_step.batch_mean_eval_loss`: the mean of the per-batch mean losses.
     """
     examples = dataclasses.replace(
       self.val, rows=np.arange(self.val.num_examples + 1, dtype=np.int64), packed=False

@@ -156,7 +156,7 @@ def make_eval_step(model: CoECausalLM) -> Callable:
   return eval_step
 
 
-def evaluate(
+def pooled_eval_loss(
   eval_step: Callable, params, batches: Iterable[dict], *, with_count: bool = False
 ) -> float | tuple[float, float]:
   """Mean token cross-entropy over `batches` (and the number of targets if `with_count`)."""
@@ -169,9 +169,9 @@ def evaluate(
   return (loss, count) if with_count else loss
 
 
-def evaluate_batch_means(eval_step: Callable, params, batches: list[dict]) -> float:
+def batch_mean_eval_loss(eval_step: Callable, params, batches: list[dict]) -> float:
   """Mean over `batches` of each batch's mean token cross-entropy: the reference's
-  validation number (DESIGN.md 6), unlike `evaluate`'s pooled mean over every target."""
+  validation number (DESIGN.md 6), unlike `pooled_eval_loss`'s mean over every target."""
   means = []
   for batch in batches:
     ce_sum, n = eval_step(params, batch)

@@ -8,7 +8,7 @@ import ml_collections
 
 from coe_jax.data.input_pipeline import Datasets
 from coe_jax.data.tokenized import Batch
-from coe_jax.training.train_step import evaluate, evaluate_batch_means
+from coe_jax.training.train_step import batch_mean_eval_loss, pooled_eval_loss
 
 
 class Validation:
@@ -38,7 +38,7 @@ class Validation:
 
   def __call__(self, params: Any) -> dict[str, float]:
     """{'val/loss': ..., and 'val/loss_paper' when asked} for `params`."""
-    values = {"val/loss": evaluate(self.eval_step, params, self.batches)}
+    values = {"val/loss": pooled_eval_loss(self.eval_step, params, self.batches)}
     if self.paper_batches:
-      values["val/loss_paper"] = evaluate_batch_means(self.eval_step, params, self.paper_batches)
+      values["val/loss_paper"] = batch_mean_eval_loss(self.eval_step, params, self.paper_batches)
     return values

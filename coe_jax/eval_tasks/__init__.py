@@ -1,7 +1,8 @@
-"""Evaluating trained runs: `answers` (extracting and comparing final answers), `tasks`
-(validation loss, GSM8K and MATH accuracy); the command line is `coe_jax.evaluate`."""
+"""The tasks a trained run is evaluated on: `scoring` (validation loss, GSM8K and MATH accuracy,
+`evaluate_run`) and `answers` (extracting and comparing final answers). The command line that
+runs them is `python -m coe_jax.evaluate`."""
 
-from coe_jax.evaluation.answers import (
+from coe_jax.eval_tasks.answers import (
   extract_gsm8k_answer,
   extract_math_answer,
   gsm8k_target,
@@ -11,7 +12,7 @@ from coe_jax.evaluation.answers import (
   normalize_number,
   numbers_equal,
 )
-from coe_jax.evaluation.tasks import (
+from coe_jax.eval_tasks.scoring import (
   DEFAULT_MAX_NEW_TOKENS,
   DEFAULT_STOP_STRINGS,
   TASKS,

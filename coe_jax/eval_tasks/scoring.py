@@ -1,13 +1,13 @@
-"""The evaluation tasks on a trained run: validation loss, GSM8K and MATH answer accuracy.
+"""Scoring a trained run on one task: validation loss, GSM8K and MATH answer accuracy.
 
 * `val_loss`: mean token cross-entropy and perplexity with the training loss
-  (`train_step.make_eval_step`, `train_step.evaluate`, the run's own targets). Without
+  (`train_step.make_eval_step`, `train_step.pooled_eval_loss`, the run's own targets). Without
   `data` it uses the run's validation split (reproducing the run's `val/loss`);
   with `data`, any jsonl of query/response rows (GSM8K question/answer and MATH
   problem/solution rows are converted to the training text first).
 * `gsm8k` / `math`: prompts `query : {question} response :` (after `num_shots`
   solved exemplars in the same format), decodes (greedy by default) and
-  exact-matches the extracted answer (`coe_jax.evaluation.answers`).
+  exact-matches the extracted answer (`eval_tasks.answers`).
 
 `evaluate_run` writes `eval_<task>.json` (score, count, settings, checkpoint
 step, configs) and `eval_<task>_samples.jsonl` into the run directory.
@@ -33,7 +33,7 @@ from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import build_datasets
 from coe_jax.data.tokenized import build_split, format_example, format_prompt
 from coe_jax.errors import ConfigError, DataError
-from coe_jax.evaluation.answers import (
+from coe_jax.eval_tasks.answers import (
   extract_gsm8k_answer,
   extract_math_answer,
   gsm8k_target,
@@ -174,7 +174,7 @@ def validation_loss(
     )
     for start in _bar(range(0, split.num_rows, batch_size), progress, desc="val_loss", unit="batch")
   )
-  loss, count = train_step.evaluate(eval_step, run.params, batches, with_count=True)
+  loss, count = train_step.pooled_eval_loss(eval_step, run.params, batches, with_count=True)
   return {
     "loss": loss,
     "perplexity": math.exp(min(loss, 700.0)),
