@@ -227,7 +227,8 @@ def load_config_file(spec: str, root: Optional[Path] = None) -> ml_collections.C
 def model_config_from(
   config: ml_collections.ConfigDict, vocab_size: Optional[int] = None
 ) -> ModelConfig:
-  """ModelConfig from `config.model`; vocab_size=0 there means 'the tokenizer's size'."""
+  """ModelConfig from the flat `config.model` (`ModelConfig.from_dict` puts the CoE layer's
+  fields in `.coe`); vocab_size=0 there means 'the tokenizer's size'."""
   values = dict(config.model)
   if values.get("vocab_size", 0) == 0:
     if vocab_size is None:

@@ -1,4 +1,4 @@
-"""Tests for coe_jax.nn.model (the whole LM) and coe_jax.nn.model_config validation."""
+"""Tests for coe_jax.nn.model (the whole LM); its config: test_model_config.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from flax.core.meta import unbox
 
 from coe_jax.nn.attention import make_attention_mask
 from coe_jax.nn.model import CoECausalLM, DecoderLayer, stack_layers, unstack_layers
-from coe_jax.nn.model_config import ConfigError, ModelConfig
+from coe_jax.nn.model_config import ModelConfig
 
 B, S, V = 2, 8, 48
 TINY = ModelConfig().replace(
@@ -386,49 +386,3 @@ def test_remat_gives_the_same_loss_and_gradients(remat):
   np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
   for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-5, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------
-# Config validation (before anything is traced).
-# ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-  "overrides,field,allowed",
-  [
-    (dict(num_experts_per_tok=7), "model.num_experts_per_tok", "between 1 and n_routed_experts=6"),
-    (dict(num_iterations=0), "model.num_iterations", "integer >= 1"),
-    (dict(capacity_factor_train=0.0), "model.capacity_factor_train", "> 0"),
-    (dict(capacity_factor_eval=-1.0), "model.capacity_factor_eval", "> 0"),
-    (dict(dispatch="dense"), "model.dispatch", "allowed values: capacity, dropless"),
-    (
-      dict(dropless_impl="megablox"),
-      "model.dropless_impl",
-      "allowed values: auto, gather, ragged_dot",
-    ),
-    (dict(qk_rope_head_dim=5), "model.qk_rope_head_dim", "even integer"),
-    (dict(dtype="float16"), "model.dtype", "allowed values: float32, bfloat16"),
-    (
-      dict(residual_style="pre_norm"),
-      "model.residual_style",
-      "allowed values: reference, textbook",
-    ),
-    (dict(remat="some"), "model.remat", "allowed values: none, full, dots"),
-    (dict(n_shared_experts=-1), "model.n_shared_experts", ">= 0"),
-    (dict(scan_layers="yes"), "model.scan_layers", "allowed values: True, False"),
-  ],
-)
-def test_bad_config_raises_config_error_naming_the_field(overrides, field, allowed):
-  with pytest.raises(ConfigError) as err:
-    TINY.replace(**overrides)
-  assert field in str(err.value) and allowed in str(err.value)
-  assert isinstance(err.value, ValueError)
-  # Also from the flat form (`config.model`).
-  with pytest.raises(ConfigError, match=field):
-    ModelConfig.from_dict({**TINY.to_dict(), **overrides})
-
-
-def test_from_dict_rejects_unknown_keys_and_round_trips():
-  assert ModelConfig.from_dict(TINY.to_dict()) == TINY
-  with pytest.raises(ConfigError, match="num_experts"):
-    ModelConfig.from_dict({**TINY.to_dict(), "num_experts": 8})

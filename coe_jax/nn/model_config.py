@@ -25,18 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from coe_jax.errors import ConfigError, DataError, is_int, require, require_choice  # noqa: F401
-from coe_jax.nn.coe_config import (  # noqa: F401
-  COE_FIELDS,
-  DISPATCHES,
-  DROPLESS_IMPLS,
-  DTYPES,
-  RESIDUAL_STYLES,
-  CoEConfig,
-  validate_coe,
-)
+from coe_jax.nn.coe_config import COE_FIELDS, CoEConfig, validate_coe
 from coe_jax.nn.field_kinds import EXECUTION, FIELD_KINDS, FUNCTION  # noqa: F401
 from coe_jax.nn.field_kinds import execution_field as _execution
 from coe_jax.nn.field_kinds import function_field as _function
@@ -125,14 +117,16 @@ class ModelConfig:
   def q_head_dim(self) -> int:
     return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-  def __getattr__(self, name: str) -> Any:
-    """Only for names that are no attribute: a CoE field read on the model says where it is."""
-    if name in COE_FIELDS or name in _COE_PROPERTIES:
-      raise AttributeError(
-        f"ModelConfig has no attribute {name!r}: it is a field of the CoE layer, "
-        f"model_config.coe.{name} (config.model.{name} in the flat form)"
-      )
-    raise AttributeError(f"'ModelConfig' object has no attribute {name!r}")
+  if not TYPE_CHECKING:  # type checkers keep flagging unknown attributes
+
+    def __getattr__(self, name: str) -> Any:
+      """Only for names that are no attribute: a CoE field read on the model says where it is."""
+      if name in COE_FIELDS or name in _COE_PROPERTIES:
+        raise AttributeError(
+          f"ModelConfig has no attribute {name!r}: it is a field of the CoE layer, "
+          f"model_config.coe.{name} (config.model.{name} in the flat form)"
+        )
+      raise AttributeError(f"'ModelConfig' object has no attribute {name!r}")
 
   def replace(self, **changes: Any) -> "ModelConfig":
     """This config with `changes` by their flat names (a CoE field lands in `coe`), or `coe=`."""
