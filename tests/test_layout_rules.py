@@ -22,7 +22,7 @@ from coe_jax.nn.params import param_axes
 from coe_jax.training import train_step
 from coe_jax.training.sharding import MESH_AXES, mesh_spec, state_shardings
 
-SMALL = ModelConfig(
+SMALL = ModelConfig().replace(
   vocab_size=64,
   hidden_size=32,
   num_layers=2,
@@ -70,7 +70,9 @@ def _largest_divisible_axis_rule(path_names, shape, axis_sizes):
 
 @pytest.mark.parametrize("fsdp,expert", [(8, 1), (8, 7), (4, 9)])
 def test_rules_give_the_paper_model_the_layout_of_the_earlier_rule(fsdp, expert):
-  cfg = ModelConfig(num_iterations=2, num_experts_per_tok=4)  # the paper's CoE(C=2, K=4), N=64
+  cfg = ModelConfig().replace(
+    num_iterations=2, num_experts_per_tok=4
+  )  # the paper's CoE(C=2, K=4), N=64
   axes_tree = param_axes(cfg)
   mesh = AbstractMesh((1, fsdp, expert), MESH_AXES)
   abstract = _abstract_params(cfg)
