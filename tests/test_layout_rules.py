@@ -70,9 +70,8 @@ def _largest_divisible_axis_rule(path_names, shape, axis_sizes):
 
 @pytest.mark.parametrize("fsdp,expert", [(8, 1), (8, 7), (4, 9)])
 def test_rules_give_the_paper_model_the_layout_of_the_earlier_rule(fsdp, expert):
-  cfg = ModelConfig().replace(
-    num_iterations=2, num_experts_per_tok=4
-  )  # the paper's CoE(C=2, K=4), N=64
+  # the paper's CoE(C=2, K=4), N=64
+  cfg = ModelConfig().replace(num_iterations=2, num_experts_per_tok=4)
   axes_tree = param_axes(cfg)
   mesh = AbstractMesh((1, fsdp, expert), MESH_AXES)
   abstract = _abstract_params(cfg)
