@@ -18,6 +18,7 @@ from coe_jax.data.input_pipeline import default_data_config
 from coe_jax.data.tokenized import Split
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
 MATH_QA = SHARED_DATA / "math_qa"
 
 ROWS = [

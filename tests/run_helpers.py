@@ -15,6 +15,7 @@ import re
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +227,22 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
     stat = p.lstat()
     entries[str(p.relative_to(path))] = (stat.st_size if p.is_file() else 0, stat.st_mtime_ns)
   return entries
+
+
+class FakeWandb(types.ModuleType):
+  """What `MetricWriter` uses of the `wandb` package, recording the calls."""
+
+  def __init__(self):
+    super().__init__("wandb")
+    self.inits, self.logged, self.finished = [], [], 0
+    self.util = types.SimpleNamespace(generate_id=lambda: "fake-run-id")
+
+  def init(self, **kwargs):
+    self.inits.append(kwargs)
+    return self
+
+  def log(self, values, step):
+    self.logged.append((step, dict(values)))
+
+  def finish(self):
+    self.finished += 1
