@@ -13,10 +13,10 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 from flax.core.meta import unbox
+from model_helpers import tiny_model_config
 
 from coe_jax import analysis
 from coe_jax.nn.model import CoECausalLM
-from coe_jax.nn.model_config import ModelConfig
 
 N = 6  # routed experts of TINY
 
@@ -25,22 +25,9 @@ N = 6  # routed experts of TINY
 # ----------------------------------------------------------------------------
 
 B, S, V = 2, 8, 40
-TINY = ModelConfig().replace(
+TINY = tiny_model_config(
   vocab_size=V,
-  hidden_size=16,
-  num_layers=2,
-  num_heads=2,
-  kv_lora_rank=8,
-  qk_nope_head_dim=4,
-  qk_rope_head_dim=4,
-  v_head_dim=4,
   n_routed_experts=N,
-  n_shared_experts=1,
-  num_experts_per_tok=2,
-  moe_intermediate_size=8,
-  num_iterations=2,
-  initializer_range=0.2,
-  min_capacity=1,
   capacity_factor_train=0.75,
   capacity_factor_eval=1.0,
   dispatch="capacity",

@@ -9,29 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
 import pytest
+from model_helpers import tiny_model_config
 
 from coe_jax.inference import decoding as gen
 from coe_jax.nn.model import CoECausalLM, init_decode_cache
 from coe_jax.nn.model_config import ModelConfig
 
 V = 48
-TINY = ModelConfig().replace(
-  vocab_size=V,
-  hidden_size=16,
-  num_layers=2,
-  num_heads=2,
-  kv_lora_rank=8,
-  qk_nope_head_dim=4,
-  qk_rope_head_dim=4,
-  v_head_dim=4,
-  n_routed_experts=6,
-  n_shared_experts=1,
-  num_experts_per_tok=2,
-  moe_intermediate_size=8,
-  num_iterations=2,
-  initializer_range=0.2,
-  min_capacity=1,
-)
+TINY = tiny_model_config(vocab_size=V)
 PAD = 0
 # Row 0 left-padded, row 1 right-padded, row 2 unpadded: [b, 6] prompts.
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]]

@@ -10,29 +10,14 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 from flax.core.meta import unbox
+from model_helpers import tiny_model_config
 
 from coe_jax.nn.attention import make_attention_mask
 from coe_jax.nn.model import CoECausalLM, DecoderLayer, stack_layers, unstack_layers
-from coe_jax.nn.model_config import ModelConfig
 
 B, S, V = 2, 8, 48
-TINY = ModelConfig().replace(
-  vocab_size=V,
-  hidden_size=16,
-  num_layers=2,
-  num_heads=2,
-  kv_lora_rank=8,
-  qk_nope_head_dim=4,
-  qk_rope_head_dim=4,
-  v_head_dim=4,
-  n_routed_experts=6,
-  n_shared_experts=1,
-  num_experts_per_tok=2,
-  moe_intermediate_size=8,
-  num_iterations=2,
-  initializer_range=0.2,
-  min_capacity=1,
-  dispatch="capacity",
+TINY = tiny_model_config(
+  vocab_size=V, dispatch="capacity"
 )  # tests of the dropless path set dispatch='dropless'
 # Capacity factors at which the capacity path drops in both modes (capacity 4 in training,
 # 7 in eval for 16 tokens, K=2, N=6); shared by several tests so that compiles are reused.

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
 import pytest
+from model_helpers import tiny_model_config
 
 from coe_jax.data.tokenized import Split
 from coe_jax.nn.model import CoECausalLM
@@ -23,23 +24,7 @@ from coe_jax.nn.model_config import ModelConfig
 from coe_jax.training.train_step import next_token_targets, training_objective
 
 EOS, PAD, V, S = 1, 0, 40, 10
-CONFIG = ModelConfig().replace(
-  vocab_size=V,
-  hidden_size=16,
-  num_layers=2,
-  num_heads=2,
-  kv_lora_rank=8,
-  qk_nope_head_dim=4,
-  qk_rope_head_dim=4,
-  v_head_dim=4,
-  n_routed_experts=6,
-  n_shared_experts=1,
-  num_experts_per_tok=2,
-  moe_intermediate_size=8,
-  num_iterations=2,
-  initializer_range=0.2,
-  dispatch="dropless",
-)
+CONFIG = tiny_model_config(vocab_size=V, min_capacity=4, dispatch="dropless")
 
 
 def _split(texts: list[list[int]], eos_pad_id=EOS) -> Split:
