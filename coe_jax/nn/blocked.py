@@ -3,7 +3,7 @@
 Assignments are sorted by expert and each expert's group runs as whole tiles
 of `tile` rows plus one last tile of the smallest of a few sizes that holds the
 rest; every used tile runs against its expert's weights in one loop per
-size (`blocked_swiglu`, a custom VJP whose backward is loops too). Work and
+size (`blocked_swiglu_threaded`, a custom VJP whose backward is loops too). Work and
 memory grow with tokens x K (at most tokens * K + experts * (widest step between
 sizes - 1) rows, plus one tile of zero rows when several tiles run per step),
 not with tokens x N. Padding rows are exact zeros (never uninitialised memory),
@@ -237,18 +237,6 @@ def _blocked_forward(rows, schedule, gate, up, down, tiles_per_step):
   return _over_tiles(schedule, tiles_per_step, body, init)
 
 
-def blocked_swiglu(
-  rows: Float[Array, "rows hidden"],
-  schedule: TileSchedule,
-  gate: Array,
-  up: Array,
-  down: Array,
-  tiles_per_step: int = 1,
-) -> Float[Array, "rows hidden"]:
-  """Each scheduled tile's rows through its expert's SwiGLU (`blocked_swiglu_threaded`'s output)."""
-  return blocked_swiglu_threaded(rows, schedule, gate, up, down, tiles_per_step)[0]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def blocked_swiglu_threaded(
   rows: Float[Array, "rows hidden"],
@@ -364,7 +352,7 @@ def blocked_dispatch(
   Static shapes: at most tokens * K + N * (widest step between `tile_sizes` - 1)
   rows (`blocked_bounds`; one more tile of zero rows when several tiles run per
   step), filled by the gather in `gather_rows` (padding rows
-  are exact zeros, never uninitialised memory), run by `blocked_swiglu` (only
+  are exact zeros, never uninitialised memory), run by `blocked_swiglu_threaded` (only
   the used tiles), and combined by gather as in the capacity path. An int is
   one tile size; sizes over tokens * K are cut to it.
   """

@@ -17,7 +17,7 @@ Two interchangeable implementations (DESIGN.md 3, config `model.dispatch`):
   - 'blocked' (`coe_jax.nn.blocked`): MegaBlocks' block-sparse layout in plain
     XLA. Assignments sorted by expert, each expert's group padded to whole
     tiles (a smaller last tile on CPU), every used tile run against its
-    expert's weights in a loop (`blocked_swiglu`, a custom VJP). Work and memory
+    expert's weights in a loop (`blocked_swiglu_threaded`, a custom VJP). Work and memory
     grow with tokens x K (at most tokens * K + (experts + 1) * tile rows), not
     with tokens x N.
   - 'ragged_dot': grouped matmuls over expert-sorted rows (`jax.lax.ragged_dot`),
