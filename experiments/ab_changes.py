@@ -1,15 +1,18 @@
-"""A train step against itself with one of PERF.md 30-31's changes undone, round-robin in one process.
+"""A train step against itself with one of PERF.md 30, 31 and 35's changes undone, in one process.
 
     python -m experiments.ab_changes --shapes=narrow --runs=moe_k8,coe_c2 \
-        --variants=current,plain_head,plain_head+optax_loss [--steps=8]
+        --variants=current,logits_loss,logits_loss+plain_head+optax_loss [--steps=8]
 
-Variants (joined with '+'): `current`; `optax_loss` (optax's cross-entropy on
-`logits[:, :-1]`, PERF.md 30's before); `plain_head` (the head's Dense with
-`lax.dot_general`); `unchained` ('blocked' returns no weights, so every CoE pass
+Variants (joined with '+'): `current`; `logits_loss` (the train step's loss
+through the model's logits, `train_step.logits_loss_terms`, PERF.md 35's before);
+`optax_loss` (optax's cross-entropy on `logits[:, :-1]`, PERF.md 30's before:
+on the logits path, so with `logits_loss`); `plain_head` (the head's Dense with
+`lax.dot_general`: also on the logits path); `unchained` ('blocked' returns no weights, so every CoE pass
 accumulates its own weight gradient and the passes' gradients are summed, PERF.md
 31's before). Each variant's programs are traced with the change undone, then
 every program runs round-robin (`bench.run_round_robin`), so the ratios share
-one load. Prints median seconds and writes JSON with `--json`.
+one load. Prints median seconds and writes JSON with `--json`; `--profile=N` then
+traces N more steps of each and prints `experiments.profile_step`'s table by component.
 """
 
 from __future__ import annotations
@@ -28,19 +31,22 @@ from absl import app, flags
 from coe_jax import host_memory
 from coe_jax.nn import blocked, dispatch, model
 from coe_jax.training import train_step
-from experiments import bench
+from experiments import bench, profile_step
 
 FLAGS = flags.FLAGS
-UNDO = ("optax_loss", "plain_head", "unchained")
+UNDO = ("optax_loss", "plain_head", "unchained", "logits_loss")
 
 
 def _define_flags() -> None:
   flags.DEFINE_string("shapes", "narrow", f"One of {sorted(bench.SHAPES)}.")
   flags.DEFINE_list("runs", ["moe_k8", "coe_c2"], "Paper runs (configs/<run>.py).")
-  flags.DEFINE_list("variants", ["current", "plain_head+optax_loss"], f"current or '+' of {UNDO}.")
+  flags.DEFINE_list("variants", ["current", "logits_loss"], f"current or '+' of {UNDO}.")
   flags.DEFINE_integer("steps", 8, "Timed steps of every program.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps of every program first.")
   flags.DEFINE_string("json", "", "Also write the results here.")
+  flags.DEFINE_integer(
+    "profile", 0, "Also trace this many steps of every program: ms by op kind and component."
+  )
 
 
 def optax_cross_entropy_sum(logits, batch):
@@ -65,6 +71,9 @@ def undone(variant: str) -> contextlib.ExitStack:
     original = blocked.blocked_dispatch
     unchained = lambda *a, **k: original(*a, **k).replace(weights=None)
     stack.enter_context(mock.patch.object(dispatch, "blocked_dispatch", unchained))
+  if "logits_loss" in parts:
+    logits_terms = train_step.logits_loss_terms
+    stack.enter_context(mock.patch.object(train_step, "training_loss_terms", logits_terms))
   return stack
 
 
@@ -91,6 +100,14 @@ def main(argv) -> None:
     print(
       f"{s.label} / {run} {FLAGS.variants[0]}: {statistics.median(s.timed.seconds) / base[run]:.2f}x"
     )
+  if FLAGS.profile:
+    profiles = [profile_step.trace_op_times(s.timed.call, FLAGS.profile) for s in steps]
+    for profile, s in zip(profiles, steps):
+      profile["components"] = profile_step.by_component(profile["ops"], s.hlo_text)
+    labels = [s.label for s in steps]
+    print(profile_step.format_kinds(labels, profiles, 20, key="components"))
+    for row, profile in zip(rows, profiles):
+      row["profile"] = profile
   if FLAGS.json:
     Path(FLAGS.json).write_text(json.dumps(dict(shape=FLAGS.shapes, rows=rows), indent=1))
 

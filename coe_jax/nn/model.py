@@ -167,7 +167,11 @@ class CoECausalLM(nn.Module):
     train: bool = False,
     cache: Optional["DecodeCache"] = None,
     logits_index: Optional[Int[Array, "batch"]] = None,
+    features_only: bool = False,
   ) -> tuple[Float[Array, "batch seq vocab"], ModelAux]:
+    """Logits [b, s, vocab] (float32) and the routers' aux; with `features_only` the final
+    normalized hidden states [b, s, hidden] instead (the head not applied: the train step
+    applies `lm_head/kernel` inside its loss, `training.head_loss`)."""
     cfg = self.config
     if self.decode not in DECODE_MODES:
       raise ValueError(f"decode: got {self.decode!r}; allowed values: None, 'prefill', 'step'")
@@ -207,6 +211,8 @@ class CoECausalLM(nn.Module):
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)  # Shape: [b, 1, hidden]
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
+    if features_only:
+      return x, self._aux(layer_aux, None)
     logits = nn.Dense(
       cfg.vocab_size,
       use_bias=False,
@@ -229,13 +235,16 @@ class CoECausalLM(nn.Module):
         key_mask=key_mask,
         index=cache.index + seq,
       )
-    aux = ModelAux(
+    return logits.astype(jnp.float32), self._aux(layer_aux, new_cache)
+
+  @staticmethod
+  def _aux(layer_aux, cache: Optional["DecodeCache"]) -> ModelAux:
+    return ModelAux(
       aux_loss=layer_aux.aux_loss.sum(),
       z_loss=layer_aux.z_loss.sum(),
       layers=layer_aux,
-      cache=new_cache,
+      cache=cache,
     )
-    return logits.astype(jnp.float32), aux
 
   def _layers(self, train: bool):
     """The decoder layers; returns a function `(x, positions, mask, token_mask, layer_caches,

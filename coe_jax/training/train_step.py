@@ -19,9 +19,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from coe_jax.nn.layers import compute_dtype
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.training import sharding
 from coe_jax.training.cross_entropy import shift_left, token_cross_entropy_sum
+from coe_jax.training.head_loss import head_cross_entropy_sum, head_loss_chunks
 from coe_jax.training.optimizer import make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -63,7 +65,7 @@ def cross_entropy_sum(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.A
   return token_cross_entropy_sum(logits, targets, weights), count
 
 
-def _forward(model: CoECausalLM, params, batch: Batch, train: bool):
+def _forward(model: CoECausalLM, params, batch: Batch, train: bool, features_only: bool = False):
   return model.apply(
     {"params": params},
     batch["input_ids"],
@@ -71,7 +73,28 @@ def _forward(model: CoECausalLM, params, batch: Batch, train: bool):
     batch["positions"],
     batch["segment_ids"],
     train=train,
+    features_only=features_only,
   )
+
+
+def training_loss_terms(model: CoECausalLM, params, batch: Batch):
+  """(CE sum, target count, ModelAux) in train mode, the head and the loss fused
+  (`head_loss.head_cross_entropy_sum`: its gradient is made in the forward pass)."""
+  hidden, aux = _forward(model, params, batch, train=True, features_only=True)
+  targets, weights = next_token_targets(batch)
+  count = jnp.sum(weights)
+  targets, weights = shift_left(targets, weights)
+  b, s, d = hidden.shape
+  kernel = params["lm_head"]["kernel"]
+  chunks = head_loss_chunks(b, s, d, kernel.shape[1], model.config.coe.target_platform)
+  dtype = compute_dtype(model.config.dtype)
+  return head_cross_entropy_sum(hidden, kernel, targets, weights, chunks, dtype), count, aux
+
+
+def logits_loss_terms(model: CoECausalLM, params, batch: Batch):
+  """`training_loss_terms` through the model's logits (PERF.md 35's before)."""
+  logits, aux = _forward(model, params, batch, train=True)
+  return (*cross_entropy_sum(logits, batch), aux)
 
 
 def training_objective(
@@ -86,8 +109,7 @@ def training_objective(
   Summed target cross-entropy over `total_tokens` (default: this batch's targets) plus the
   router losses over `grad_accum_steps`. Returns (objective, (CE sum, target count, ModelAux)).
   """
-  logits, aux = _forward(model, params, batch, train=True)
-  ce_sum, count = cross_entropy_sum(logits, batch)
+  ce_sum, count, aux = training_loss_terms(model, params, batch)
   if total_tokens is None:
     total_tokens = jnp.maximum(count, 1.0)
   router = (aux.aux_loss + aux.z_loss) / grad_accum_steps
