@@ -27,5 +27,7 @@ def test_each_variant_undoes_its_change_inside_the_context_only():
 
 
 def test_an_unknown_variant_is_refused_with_the_allowed_ones():
-  with pytest.raises(app.UsageError, match="allowed: current, optax_loss, plain_head, unchained, logits_loss"):
+  with pytest.raises(
+    app.UsageError, match="allowed: current, optax_loss, plain_head, unchained, logits_loss"
+  ):
     ab_changes.undone("faster")
