@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -317,42 +316,3 @@ def test_paired_difference_panel_draws_every_seed(tmp_path, monkeypatch):
   dotted = [line for line in diff_ax.lines if line.get_linestyle() == ":"]
   assert [line.get_ydata()[-1] for line in dotted] == pytest.approx([-0.1, 0.1, -0.1])
   assert [t.get_text() for t in diff_ax.texts] == ["s0", "s1", "s2"]
-
-
-def test_run_lock_refuses_a_live_runner_and_takes_over_a_dead_ones(tmp_path):
-  lock = tmp_path / ablation.LOCK_FILE
-  lock.write_text(f"{socket.gethostname()} {os.getpid()}")  # a live process: this one
-  with pytest.raises(RuntimeError, match="being trained by another runner"):
-    with ablation.run_lock(tmp_path):
-      pass
-  gone = subprocess.run(
-    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
-  )
-  lock.write_text(f"{socket.gethostname()} {int(gone.stdout)}")  # its process has exited
-  with ablation.run_lock(tmp_path):
-    assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}"
-  assert not lock.exists()
-
-
-def test_first_seed_trains_only_the_later_seeds(tmp_path, monkeypatch):
-  commands = []
-
-  def fake_run(command, **kwargs):
-    commands.append(command)
-    assert (
-      Path(kwargs["stdout"].name).parent / ablation.LOCK_FILE
-    ).is_file()  # held while training
-    return subprocess.CompletedProcess(command, 0)
-
-  monkeypatch.setattr(subprocess, "run", fake_run)
-  workdirs = ablation.run_suite(
-    PAIR, 5, ablation.Recipe(), tmp_path, log=lambda _: None, first_seed=3
-  )
-  assert [w.relative_to(tmp_path).as_posix() for w in workdirs] == [
-    "moe_k8/seed3",
-    "coe_c2/seed3",
-    "moe_k8/seed4",
-    "coe_c2/seed4",
-  ]
-  assert [c[c.index("-m") + 1] for c in commands] == ["coe_jax.main"] * 4
-  assert not any((w / ablation.LOCK_FILE).exists() for w in workdirs)
