@@ -80,7 +80,7 @@ def _chunk_loss_and_grads(h, kernel, targets, weights, dtype, with_grads: bool):
   targets, weights = targets.reshape(-1), weights.reshape(-1).astype(f32)
   w = kernel.astype(dtype)
   logits = jnp.dot(h, w, preferred_element_type=f32)
-  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  top = jnp.max(logits, axis=-1, keepdims=True)
   exp = jnp.exp(logits - top)
   total = jnp.sum(exp, axis=-1, keepdims=True)
   lse = (top + jnp.log(total))[:, 0]
@@ -106,10 +106,11 @@ def _scan_chunks(hidden, kernel, targets, weights, chunks, dtype, with_grads: bo
 
   def body(carry, chunk):
     loss, d_kernel = carry
-    part, d_h, d_k = _chunk_loss_and_grads(*chunk[:1], kernel, *chunk[1:], dtype, with_grads)
+    h, t, w = chunk
+    part, d_h, d_k = _chunk_loss_and_grads(h, kernel, t, w, dtype, with_grads)
     if with_grads:
       d_kernel = d_kernel + d_k
-      d_h = d_h.reshape(chunk[0].shape)
+      d_h = d_h.reshape(h.shape)
     return (loss + part, d_kernel), d_h
 
   init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32) if with_grads else None)
