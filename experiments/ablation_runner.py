@@ -229,9 +229,9 @@ def run_suite(
 
   Seeds first_seed .. seeds-1; seed s of every config runs before seed s+1 of
   any, so a partial suite already has a whole table. With `concurrent`, the
-  unfinished configs of a seed train at once, each process pinned to its own
-  share of this process's CPUs (`core_groups`), and the next seed starts when
-  all of them are done: on a 2-core CPU two single-core runs of `narrow` make
+  unfinished configs of a seed train at once (at most one per CPU; more go in
+  turns), each process pinned to its own share of this process's CPUs
+  (`core_groups`), and the next seed starts when all of them are done: on a 2-core CPU two single-core runs of `narrow` make
   about 1.4x the progress of one two-core run after the other (experiments/README.md).
   """
   cache_dir = runs_dir / "data_cache"
@@ -248,17 +248,27 @@ def run_suite(
         log(f"[skip] {name} seed {seed}: finished in {workdir}")
       else:
         todo.append((name, workdir))
-    batches = [todo] if concurrent and todo else [[run] for run in todo]
-    for batch in batches:
-      _train_together(batch, seed, recipe, cache_dir, env, log)
+    width = len(os.sched_getaffinity(0)) if concurrent else 1  # at most one run a CPU
+    for start in range(0, len(todo), width):
+      _train_together(todo[start : start + width], seed, recipe, cache_dir, env, log)
   return workdirs
 
 
+POLL_SECONDS = 1.0
+
+
 def _train_together(runs, seed: int, recipe: Recipe, cache_dir: Path, env, log) -> None:
-  """Trains `runs` [(config name, workdir)] of one seed at once (pinned apart when > 1)."""
+  """Trains `runs` [(config name, workdir)] of one seed at once (pinned apart when > 1).
+
+  Each run's end (or failure) is logged as it happens; after a failure the others
+  go on to their end (their runs stay valid) and then this raises. If the runner
+  itself stops (an exception, Ctrl-C), every run it started is killed before its
+  lock is released, so no trainer outlives the lock that guards its workdir.
+  """
   groups = core_groups(len(runs)) if len(runs) > 1 else [None]
+  failed = []
   with contextlib.ExitStack() as stack:
-    started = []
+    running = []
     for (name, workdir), cpus in zip(runs, groups):
       command = train_command(name, seed, recipe, workdir, cache_dir)
       where = f" on CPUs {sorted(cpus)}" if cpus else ""
@@ -266,18 +276,32 @@ def _train_together(runs, seed: int, recipe: Recipe, cache_dir: Path, env, log) 
       workdir.mkdir(parents=True, exist_ok=True)
       stack.enter_context(run_lock(workdir))
       out = stack.enter_context(open(workdir / "train.log", "a"))
-      pin = (lambda cpus=cpus: os.sched_setaffinity(0, cpus)) if cpus else None
       process = subprocess.Popen(
-        command, cwd=os.getcwd(), env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin
+        command, cwd=os.getcwd(), env=env, stdout=out, stderr=subprocess.STDOUT
       )
-      started.append((name, workdir, process, time.perf_counter()))
-    failed = []
-    for name, workdir, process, start in started:
-      if process.wait() != 0:
-        failed.append(
-          f"{name} seed {seed} (exit {process.returncode}; see {workdir / 'train.log'})"
-        )
-      else:
-        log(f"[done] {name} seed {seed} in {time.perf_counter() - start:.0f} s")
+      stack.callback(_stop, process)  # runs before the lock above is released
+      if cpus:  # pinned from here (no preexec_fn: forking a threaded process); JAX starts later
+        os.sched_setaffinity(process.pid, cpus)
+      running.append((name, workdir, process, time.perf_counter()))
+    while running:
+      for run in [r for r in running if r[2].poll() is not None]:
+        running.remove(run)
+        name, workdir, process, start = run
+        if process.returncode != 0:
+          failed.append(
+            f"{name} seed {seed} (exit {process.returncode}; see {workdir / 'train.log'})"
+          )
+          log(f"[fail] {failed[-1]}")
+        else:
+          log(f"[done] {name} seed {seed} in {time.perf_counter() - start:.0f} s")
+      if running:
+        time.sleep(POLL_SECONDS)
   if failed:
     raise RuntimeError(f"failed: {'; '.join(failed)}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+  """Kills `process` if it is still running, and reaps it."""
+  if process.poll() is None:
+    process.kill()
+  process.wait()

@@ -37,12 +37,16 @@ class _FakeProcess:
   def __init__(self, events, command, **kwargs):
     self.name = Path(kwargs["stdout"].name).parent.as_posix()
     assert (Path(self.name) / ablation.LOCK_FILE).is_file()  # held while training
-    self.pin, self.returncode, self.events = kwargs.get("preexec_fn"), 0, events
+    self.returncode, self.events = 0, events
     events.append(("start", self.name, command))
 
-  def wait(self):
-    self.events.append(("end", self.name, None))
+  def poll(self):  # ends when first asked
+    if not any(e[:2] == ("end", self.name) for e in self.events):
+      self.events.append(("end", self.name, None))
     return self.returncode
+
+  def wait(self):
+    return self.poll()
 
 
 def _fake_popen(monkeypatch) -> list:
@@ -53,6 +57,7 @@ def _fake_popen(monkeypatch) -> list:
     return processes[-1]
 
   monkeypatch.setattr(subprocess, "Popen", popen)
+  monkeypatch.setattr(ablation_runner, "core_groups", lambda n: [None] * n)  # pin nothing
   return events
 
 
@@ -75,7 +80,6 @@ def test_first_seed_trains_only_the_later_seeds(tmp_path, monkeypatch):
 
 def test_concurrent_runs_a_seeds_configs_at_once_and_seeds_in_order(tmp_path, monkeypatch):
   events = _fake_popen(monkeypatch)
-  monkeypatch.setattr(ablation_runner, "core_groups", lambda n: [{i} for i in range(n)])
   ablation.run_suite(PAIR, 2, ablation.Recipe(), tmp_path, log=lambda _: None, concurrent=True)
   runs = [Path(name).relative_to(tmp_path).as_posix() for _, name, _ in events]
   assert [kind for kind, *_ in events] == ["start", "start", "end", "end"] * 2
@@ -119,3 +123,43 @@ def test_concurrent_processes_really_run_pinned_to_disjoint_cpus(tmp_path, monke
   seen = [json.loads((tmp_path / n / "seed0" / "train.log").read_text()) for n in PAIR]
   assert all(seen) and not set(seen[0]) & set(seen[1])
   assert set(seen[0]) | set(seen[1]) == os.sched_getaffinity(0)
+
+
+def test_a_runner_that_stops_kills_the_runs_it_started_before_unlocking(tmp_path, monkeypatch):
+  """coe_c2's run is locked by a live runner: the runner stops, and the moe_k8 trainer it had
+  already started is killed, then its lock released."""
+  sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+  monkeypatch.setattr(ablation_runner, "train_command", lambda *a: sleeper)
+  monkeypatch.setattr(ablation_runner, "core_groups", lambda n: [None] * n)
+  started, real_popen = [], subprocess.Popen
+  monkeypatch.setattr(
+    subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1]
+  )
+  busy = tmp_path / "coe_c2" / "seed0"
+  busy.mkdir(parents=True)
+  (busy / ablation.LOCK_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
+  with pytest.raises(RuntimeError, match="being trained by another runner"):
+    ablation.run_suite(PAIR, 1, ablation.Recipe(), tmp_path, log=lambda _: None, concurrent=True)
+  assert len(started) == 1 and started[0].returncode is not None  # killed and reaped
+  assert not (tmp_path / "moe_k8" / "seed0" / ablation.LOCK_FILE).exists()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_concurrent_runs_log_each_end_as_it_happens(tmp_path, monkeypatch):
+  quick = [sys.executable, "-c", "pass"]
+  slow = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+  monkeypatch.setattr(
+    ablation_runner, "train_command", lambda n, *a: slow if n == "moe_k8" else quick
+  )
+  monkeypatch.setattr(ablation_runner, "POLL_SECONDS", 0.05)
+  lines = []
+  ablation.run_suite(PAIR, 1, ablation.Recipe(), tmp_path, log=lines.append, concurrent=True)
+  ends = [line.split()[1] for line in lines if line.startswith("[done]")]
+  assert ends == ["coe_c2", "moe_k8"]  # the quick run is logged first, not in start order
+
+
+def test_concurrent_runs_at_most_one_run_a_cpu(tmp_path, monkeypatch):
+  events = _fake_popen(monkeypatch)
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one CPU: the runs take turns
+  ablation.run_suite(PAIR, 1, ablation.Recipe(), tmp_path, log=lambda _: None, concurrent=True)
+  assert [kind for kind, *_ in events] == ["start", "end", "start", "end"]

@@ -177,6 +177,8 @@ class CoECausalLM(nn.Module):
       raise ValueError(f"decode: got {self.decode!r}; allowed values: None, 'prefill', 'step'")
     if (self.decode is None) != (cache is None):
       raise ValueError("pass a DecodeCache exactly when decode is 'prefill' or 'step'")
+    if features_only and cache is not None:
+      raise ValueError("features_only is for training (no DecodeCache): decoding needs logits")
     dtype = compute_dtype(cfg.dtype)
     batch, seq = input_ids.shape
     if positions is None:

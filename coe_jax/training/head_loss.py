@@ -17,7 +17,8 @@ The chunks split the sequence axis, so every chunk holds all of the batch rows
 (a data-parallel sharding of the batch stays as it is). Each chunk adds its
 weight gradient [hidden, vocab] into one accumulator, which costs more than it
 saves once the chunks are few tokens against a wide hidden size:
-`head_loss_chunks` picks how many.
+`head_loss_chunks` picks how many. The train step uses this on one device
+only (`train_step.training_loss_terms`, PERF.md 35).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def head_loss_chunks(batch: int, seq: int, hidden: int, vocab: int, platform: st
     most_tokens = TOKENS_PER_HIDDEN * hidden
   else:
     most_tokens = CHUNK_LOGITS_BYTES // (4 * vocab)
-  return next(k for k in range(1, seq + 1) if seq % k == 0 and batch * (seq // k) <= most_tokens)
+  fits = (k for k in range(1, seq + 1) if seq % k == 0 and batch * (seq // k) <= most_tokens)
+  return next(fits, seq)  # a batch too large for the bound: one position a chunk
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -74,7 +76,7 @@ def _chunked(a: Array, chunks: int) -> Array:
 
 
 def _chunk_loss_and_grads(h, kernel, targets, weights, dtype, with_grads: bool):
-  """One chunk [b, c, d]: (loss sum, d_hidden [b, c, d], d_kernel [d, V]); no grads if not asked."""
+  """One chunk [b, c, d]: (loss sum, d_hidden [b * c, d], d_kernel [d, V]); no grads unless asked."""
   f32 = jnp.float32
   h = h.reshape(-1, h.shape[-1]).astype(dtype)
   targets, weights = targets.reshape(-1), weights.reshape(-1).astype(f32)
@@ -128,7 +130,8 @@ def _fwd(hidden, kernel, targets, weights, chunks, dtype):
 
 def _bwd(chunks, dtype, residuals, g):
   del chunks, dtype
-  return tuple(d * g.astype(d.dtype) for d in residuals) + (None, None)
+  # scaled in float32: g (1 / target count in the train step) is not rounded to a bfloat16
+  return tuple((d.astype(jnp.float32) * g).astype(d.dtype) for d in residuals) + (None, None)
 
 
 head_cross_entropy_sum.defvjp(_fwd, _bwd)

@@ -78,21 +78,31 @@ def _forward(model: CoECausalLM, params, batch: Batch, train: bool, features_onl
 
 
 def training_loss_terms(model: CoECausalLM, params, batch: Batch):
-  """(CE sum, target count, ModelAux) in train mode, the head and the loss fused
-  (`head_loss.head_cross_entropy_sum`: its gradient is made in the forward pass)."""
+  """(CE sum, target count, ModelAux) in train mode.
+
+  On one device the head and the loss are fused (`head_loss.head_cross_entropy_sum`: its
+  gradient is made in the forward pass, the logits never held whole). On a mesh of several
+  devices through the logits: there the batch's sharding already divides each device's
+  logits, and in the fused op's chunk loop XLA would all-gather an FSDP-sharded head and
+  reduce-scatter its gradient once a chunk (experiments/PERF.md 35).
+  """
+  mesh = sharding.active_mesh()
+  if mesh is not None and mesh.size > 1:
+    return logits_loss_terms(model, params, batch)
   hidden, aux = _forward(model, params, batch, train=True, features_only=True)
   targets, weights = next_token_targets(batch)
   count = jnp.sum(weights)
   targets, weights = shift_left(targets, weights)
   b, s, d = hidden.shape
   kernel = params["lm_head"]["kernel"]
-  chunks = head_loss_chunks(b, s, d, kernel.shape[1], model.config.coe.target_platform)
+  platform = model.config.coe.target_platform
+  chunks = head_loss_chunks(b, s, d, kernel.shape[1], platform)
   dtype = compute_dtype(model.config.dtype)
   return head_cross_entropy_sum(hidden, kernel, targets, weights, chunks, dtype), count, aux
 
 
 def logits_loss_terms(model: CoECausalLM, params, batch: Batch):
-  """`training_loss_terms` through the model's logits (PERF.md 35's before)."""
+  """`training_loss_terms` through the model's logits (on a mesh; PERF.md 35's before)."""
   logits, aux = _forward(model, params, batch, train=True)
   return (*cross_entropy_sum(logits, batch), aux)
 
