@@ -138,6 +138,9 @@ def _mesh_config() -> ml_collections.ConfigDict:
       coordinator_address="",  # host:port of process 0; '' = env JAX_COORDINATOR_ADDRESS or auto-detect
       num_processes=0,  # 0 = env JAX_NUM_PROCESSES or auto-detect
       process_id=-1,  # -1 = env JAX_PROCESS_ID or auto-detect
+      # CPU only: XLA devices the host is split into, data-parallel (training/host_devices.py);
+      # 0 = auto (narrow models with enough tokens a core, dropless, one process), 1 = one device
+      cpu_devices=0,
     )
   )
 

@@ -11,7 +11,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from coe_jax import cli, host_memory
-from coe_jax.training import multihost, train, train_config
+from coe_jax.training import host_devices, multihost, train, train_config
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a config file (`file.py[:scale]`).", lock_config=True
@@ -24,6 +24,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   train_config.validate_config(config)  # a ConfigError is one line, exit code 2 (coe_jax.cli)
+  devices = host_devices.split_host_for_run(config)  # before anything starts JAX's backend
+  if devices > 1:
+    print(f"CPU host split into {devices} devices, data-parallel (mesh.cpu_devices=1: one).")
   if config.get("mesh") is not None:
     multihost.initialize_distributed(config.mesh)  # several processes: only process 0 prints
   # The model summary is printed by the run once the tokenizer has fixed the vocabulary.

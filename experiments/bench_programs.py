@@ -29,8 +29,9 @@ from coe_jax.nn.coe_layer import CoELayer
 from coe_jax.nn.layers import compute_dtype
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
+from coe_jax.nn.params import param_axes
 from coe_jax.training import metrics as metrics_lib
-from coe_jax.training import train_step
+from coe_jax.training import sharding, train_step
 from experiments.bench_timing import Timed, xla_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,17 +147,30 @@ def build_step_bench(
   seq: int,
   router_fn: Callable[..., router.RouterOutput] = router.route,
   config_name: Optional[str] = None,
+  devices: int = 1,
 ) -> StepBench:
   """Compiles the train step from abstract state: no train state until `allocate()`.
 
-  `router_fn`: every CoE layer's router; `config_name` defaults to `label`.
+  `router_fn`: every CoE layer's router; `config_name` defaults to `label`;
+  `devices` > 1: data-parallel over the first `devices` devices, laid out as the
+  train loop lays out a default mesh (`sharding.Parallelism`).
   """
-  model = CoECausalLM(model_config, router_fn=router_fn)
+  parallel = sharding.Parallelism()
+  if devices > 1:
+    mesh = sharding.make_mesh(devices=jax.devices()[:devices])
+    parallel = sharding.Parallelism(mesh, param_axes(model_config))
+  model = CoECausalLM(model_config, router_fn=router_fn, expert_parallel=parallel.expert_parallel())
   make_state = lambda: train_step.init_train_state(model, config.train, config.seed, seq)
-  data = random_batch(batch, seq, model_config.vocab_size)
+  data = parallel.shard_batch(random_batch(batch, seq, model_config.vocab_size))
   rng = jax.random.key(1)
-  step_fn = jax.jit(train_step.make_train_step(model, 1, log_routing_stats=False), donate_argnums=0)
   abstract_state = jax.eval_shape(make_state)
+  if parallel.mesh is not None:
+    layouts = sharding.state_shardings(abstract_state, parallel.mesh, parallel.axes_tree)
+    abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, layouts
+    )
+  step = train_step.make_train_step(model, 1, log_routing_stats=False)
+  step_fn = parallel.jit_train_step(step, abstract_state)
   t0 = time.perf_counter()
   compiled = step_fn.lower(abstract_state, data, rng).compile()
   compile_seconds = time.perf_counter() - t0
@@ -175,7 +189,8 @@ def build_step_bench(
     compiled_peak_bytes=None if resident is None else resident + temp,
     timed=Timed(label, call),
     last_metrics=holder,
-    make_state=lambda: make_state().replace(tx=abstract_state.tx),  # the compiled pytree's `tx`
+    # the compiled pytree's `tx`
+    make_state=lambda: parallel.init_state(make_state).replace(tx=abstract_state.tx),
     resident_bytes=resident,
     temp_bytes=temp,
     hlo_text=compiled.as_text() or "",

@@ -1,18 +1,22 @@
 """Our train step against the authors' PyTorch step, side by side in one run on one machine.
 
     REF_DIR=... REF_VENV=... python -m experiments.versus_reference \
-        [--shapes=narrow,paper_width] [--runs=moe_k8,coe_c2] [--steps=10] [--warmup=2] \
-        [--json=runs/bench/versus_reference.json]
+        [--shapes=narrow,paper_width] [--runs=moe_k8,coe_c2] [--devices=1,cli] [--steps=10] \
+        [--warmup=2] [--json=runs/bench/versus_reference.json]
 
 `REF_DIR` and `REF_VENV` come from `../shared/tools/ref_torch/setup.sh` (their `modeling_coe.py`,
 loaded from outside the repository; torch CPU + transformers 4.49). Their step runs in a
 server process under that venv (`reference_step_server.py`, built as `ref.py time` builds it,
 2 torch threads); ours is the donated train step the CLI compiles, in this process with the
-CLI's host-allocator settings. Every timed program (each side's step of each run, and the
-matmul probe) runs round-robin, one call each per round, so each ratio compares times taken
-under the same load. Shapes (`SHAPES`): `narrow`, the headline study's scale, and
+CLI's host-allocator settings, on one CPU device and on as many as the CLI splits this host
+into for the run (`--devices`; `coe_jax/training/host_devices.py`: 2 at `narrow` on 2 cores, one
+at paper width, whose one row cannot be split), data-parallel as the CLI lays it out. Every
+timed program (each side's step of each run, and the matmul probe) runs round-robin, one call
+each per round, so each ratio compares times taken under the same load. Shapes (`SHAPES`): `narrow`, the headline study's scale, and
 `paper_width`, the paper's layer width at 2 layers and one 512-token row. Prints a table and
-writes JSON; the speed-up is the authors' median step time over ours.
+writes JSON; the speed-up is the authors' median step time over ours, and "ours CPU s" the CPU
+time our process spent in a step (all threads; under 2 x the wall time on 2 cores, a core sat
+idle for part of the step).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from absl import app, flags
 
 from coe_jax import host_memory
 from coe_jax.nn.model_config import ModelConfig
+from coe_jax.training import host_devices
 from experiments import bench
 
 HARNESS = bench.REPO.parent / "shared" / "tools" / "ref_torch" / "ref.py"
@@ -60,6 +65,12 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
   flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to time: {', '.join(SHAPES)}.")
+  flags.DEFINE_list(
+    "devices",
+    ["1", "cli"],
+    "Our step on this many CPU devices, data-parallel; 'cli': as many as the CLI splits this "
+    "host into for the run (coe_jax/training/host_devices.py).",
+  )
   flags.DEFINE_list("runs", ["moe_k8", "coe_c2"], f"Paper runs (configs/<run>.py): {list(RUNS)}.")
   flags.DEFINE_integer("steps", 10, "Timed steps of every program.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps of every program first.")
@@ -149,10 +160,30 @@ class ReferenceStep:
     self.process.wait(timeout=60)
 
 
-def our_step(run: str, shape: dict) -> bench.StepBench:
+def shape_config(run: str, shape: dict):
+  """The run's config at the shape's scale, batch, length and model overrides."""
   config = bench.load_config(f"configs/{run}.py:{shape['scale']}")
+  config.train.batch_size, config.data.max_length = shape["batch"], shape["seq"]
+  config.model.update(shape["model"])
+  return config
+
+
+def cli_devices(run: str, shape: dict) -> int:
+  """The devices the CLI splits this CPU host into for the run at the shape (`host_devices`)."""
+  return host_devices.requested_cpu_devices(shape_config(run, shape), host_devices.usable_cores())
+
+
+def device_counts(run: str, shape: dict) -> list[int]:
+  """`--devices` for the run at the shape, 'cli' resolved, each count once."""
+  counts = [cli_devices(run, shape) if d == "cli" else int(d) for d in FLAGS.devices]
+  return list(dict.fromkeys(counts))
+
+
+def our_step(run: str, shape: dict, devices: int) -> bench.StepBench:
+  config = shape_config(run, shape)
   cfg = bench.bench_model_config(config, config.model.dispatch, shape["model"])
-  step = bench.build_step_bench(f"ours {RUNS[run]}", config, cfg, shape["batch"], shape["seq"])
+  label = f"ours {RUNS[run]} x{devices}"
+  step = bench.build_step_bench(label, config, cfg, shape["batch"], shape["seq"], devices=devices)
   step.allocate()
   return step
 
@@ -161,31 +192,38 @@ def time_shape(name: str, shape: dict, probe: bench.Timed) -> list[dict]:
   groups = [FLAGS.runs] if shape["together"] else [[run] for run in FLAGS.runs]
   rows = []
   for runs in groups:
-    ours = {run: our_step(run, shape) for run in runs}
+    ours = {(run, d): our_step(run, shape, d) for run in runs for d in device_counts(run, shape)}
+    model_configs = {run: step.model_config for (run, _), step in ours.items()}
     theirs = {
       run: ReferenceStep.start(
         f"authors {RUNS[run]}",
-        reference_args(ours[run].model_config, shape["batch"], shape["seq"], FLAGS.threads),
+        reference_args(model_configs[run], shape["batch"], shape["seq"], FLAGS.threads),
       )
       for run in runs
     }
     try:  # one call of each side of each run, and the probe, per round
-      programs = [p for run in runs for p in (ours[run].timed, theirs[run])]
+      programs = [
+        program
+        for run in runs
+        for program in [s.timed for (r, _), s in ours.items() if r == run] + [theirs[run]]
+      ]
       bench.run_round_robin(programs + [probe], FLAGS.warmup, FLAGS.steps, FLAGS.settle)
     finally:
       for server in theirs.values():
         server.close()
-    for run in runs:
-      mine, reference = ours[run].timed.seconds, theirs[run].seconds
+    for (run, devices), step in ours.items():
+      mine, reference = step.timed.seconds, theirs[run].seconds
       rows.append(
         dict(
           shape=name,
           run=RUNS[run],
-          dispatch=ours[run].model_config.coe.dispatch,
-          dropless_impl=ours[run].model_config.coe.dropless_impl,
+          devices=devices,
+          dispatch=step.model_config.coe.dispatch,
+          dropless_impl=step.model_config.coe.dropless_impl,
           batch=shape["batch"],
           seq=shape["seq"],
           ours_seconds=bench.spread(mine),
+          ours_cpu_seconds=bench.spread(step.timed.cpu_seconds),
           authors_seconds=bench.spread(reference),
           authors_params=theirs[run].params,
           speedup=statistics.median(reference) / statistics.median(mine),
@@ -197,23 +235,30 @@ def time_shape(name: str, shape: dict, probe: bench.Timed) -> list[dict]:
 
 def format_table(rows: list[dict], probe_rate: float) -> str:
   lines = [
-    f"{'shape':<12} {'run':<14} {'authors s':>10} {'ours s':>8} {'speed-up':>9}",
-    "-" * 57,
+    f"{'shape':<12} {'run':<14} {'devices':>7} {'authors s':>10} {'ours s':>8} {'speed-up':>9} "
+    f"{'ours CPU s':>11}",
+    "-" * 77,
   ]
   for row in rows:
     lines.append(
-      f"{row['shape']:<12} {row['run']:<14} {row['authors_seconds']['median']:>10.3f} "
-      f"{row['ours_seconds']['median']:>8.3f} {row['speedup']:>8.2f}x"
+      f"{row['shape']:<12} {row['run']:<14} {row['devices']:>7} "
+      f"{row['authors_seconds']['median']:>10.3f} "
+      f"{row['ours_seconds']['median']:>8.3f} {row['speedup']:>8.2f}x "
+      f"{row['ours_cpu_seconds']['median']:>11.3f}"
     )
   for shape in dict.fromkeys(r["shape"] for r in rows):
-    by_run = {r["run"]: r for r in rows if r["shape"] == shape}
-    if {"MoE(K=8)", "CoE(C=2,K=4)"} <= set(by_run):
-      moe, coe = by_run["MoE(K=8)"], by_run["CoE(C=2,K=4)"]
-      ratio = lambda side: coe[side]["median"] / moe[side]["median"]
-      lines.append(
-        f"{shape}: CoE(C=2,K=4) / MoE(K=8) step time: ours {ratio('ours_seconds'):.2f}x, "
-        f"authors {ratio('authors_seconds'):.2f}x"
-      )
+    authors = {r["run"]: r["authors_seconds"]["median"] for r in rows if r["shape"] == shape}
+    ours = {
+      (r["run"], r["devices"]): r["ours_seconds"]["median"] for r in rows if r["shape"] == shape
+    }
+    if {"MoE(K=8)", "CoE(C=2,K=4)"} <= set(authors):
+      for devices in sorted({d for _, d in ours}):
+        coe, moe = ours.get(("CoE(C=2,K=4)", devices)), ours.get(("MoE(K=8)", devices))
+        if coe and moe:
+          lines.append(
+            f"{shape}: CoE(C=2,K=4) / MoE(K=8) step time: ours on {devices} device(s) "
+            f"{coe / moe:.2f}x, authors {authors['CoE(C=2,K=4)'] / authors['MoE(K=8)']:.2f}x"
+          )
   lines.append(f"matmul probe: {probe_rate / 1e9:.1f} GFLOP/s (2048^2 float32, median)")
   return "\n".join(lines)
 
@@ -223,6 +268,9 @@ def main(argv) -> None:
   unknown = [s for s in FLAGS.shapes if s not in SHAPES] + [r for r in FLAGS.runs if r not in RUNS]
   if unknown:
     raise app.UsageError(f"unknown shape or run {unknown}; allowed: {list(SHAPES)}, {list(RUNS)}")
+  if "cli" in FLAGS.devices:  # before anything starts JAX's backend
+    shapes = [SHAPES[name] for name in FLAGS.shapes]
+    host_devices.split_host(max(cli_devices(run, s) for run in FLAGS.runs for s in shapes))
   probe, probe_flops = bench.matmul_probe(jax.numpy.float32, 2048)
   started = time.time()
   rows = [row for name in FLAGS.shapes for row in time_shape(name, SHAPES[name], probe)]

@@ -41,3 +41,17 @@ def test_reference_args_describe_our_model(run, k, c, shape):
   assert flags["--set"]["rope_scaling"]["original_max_position_embeddings"] == (
     cfg.rope_original_max_position
   )
+
+
+@pytest.mark.parametrize("run", ["moe_k8", "coe_c2"])
+def test_our_side_splits_the_host_as_the_cli_does(run, monkeypatch):
+  monkeypatch.setattr(versus_reference.host_devices, "usable_cores", lambda: 2)
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  assert versus_reference.cli_devices(run, versus_reference.SHAPES["narrow"]) == 2
+  assert versus_reference.cli_devices(run, versus_reference.SHAPES["paper_width"]) == 1  # one row
+  config = versus_reference.shape_config(run, versus_reference.SHAPES["narrow"])
+  assert (config.train.batch_size, config.data.max_length, config.model.vocab_size) == (
+    16,
+    256,
+    5620,
+  )

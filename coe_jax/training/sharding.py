@@ -287,14 +287,13 @@ class Parallelism:
     mesh = mesh_from_config(config)
     if mesh is not None:
       train = config.train
-      validate_for_mesh(
-        mesh,
-        model,
-        {
-          "train.batch_size / grad_accum_steps": train.batch_size // train.grad_accum_steps,
-          "train.eval_batch_size": train.eval_batch_size,
-        },
-      )
+      batch_sizes = {
+        "train.batch_size / grad_accum_steps": train.batch_size // train.grad_accum_steps,
+        "train.eval_batch_size": train.eval_batch_size,
+      }
+      if train.get("paper_val", False):  # the reference's validation batches, sharded too
+        batch_sizes["train.paper_val_batch_size"] = train.paper_val_batch_size
+      validate_for_mesh(mesh, model, batch_sizes)
       return cls(mesh, param_axes(model))
     return cls(mesh)
 
