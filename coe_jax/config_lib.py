@@ -139,7 +139,8 @@ def _mesh_config() -> ml_collections.ConfigDict:
       num_processes=0,  # 0 = env JAX_NUM_PROCESSES or auto-detect
       process_id=-1,  # -1 = env JAX_PROCESS_ID or auto-detect
       # CPU only: XLA devices the host is split into, data-parallel (training/host_devices.py);
-      # 0 = auto (narrow models with enough tokens a core, dropless, one process), 1 = one device
+      # 0 = auto (narrow dropless models, small vocab, enough tokens a core, one process),
+      # 1 = one device, n = n devices
       cpu_devices=0,
     )
   )

@@ -25,10 +25,10 @@ def main(argv):
   config = _CONFIG.value
   train_config.validate_config(config)  # a ConfigError is one line, exit code 2 (coe_jax.cli)
   devices = host_devices.split_host_for_run(config)  # before anything starts JAX's backend
-  if devices > 1:
-    print(f"CPU host split into {devices} devices, data-parallel (mesh.cpu_devices=1: one).")
   if config.get("mesh") is not None:
     multihost.initialize_distributed(config.mesh)  # several processes: only process 0 prints
+  if devices > 1 and multihost.is_primary():
+    print(f"CPU host split into {devices} devices, data-parallel (mesh.cpu_devices=1: one).")
   # The model summary is printed by the run once the tokenizer has fixed the vocabulary.
   train.train_and_evaluate(config, _WORKDIR.value)
 

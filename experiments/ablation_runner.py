@@ -280,7 +280,9 @@ def _train_together(runs, seed: int, recipe: Recipe, cache_dir: Path, env, log) 
         command, cwd=os.getcwd(), env=env, stdout=out, stderr=subprocess.STDOUT
       )
       stack.callback(_stop, process)  # runs before the lock above is released
-      if cpus:  # pinned from here (no preexec_fn: forking a threaded process); JAX starts later
+      # pinned from here (no preexec_fn: forking a threaded process); the run reads its CPUs
+      # (JAX's threads, `host_devices.usable_cores`) after its re-exec and imports, seconds later
+      if cpus:
         os.sched_setaffinity(process.pid, cpus)
       running.append((name, workdir, process, time.perf_counter()))
     while running:

@@ -155,6 +155,8 @@ def build_step_bench(
   `devices` > 1: data-parallel over the first `devices` devices, laid out as the
   train loop lays out a default mesh (`sharding.Parallelism`).
   """
+  if devices > jax.device_count():
+    raise ValueError(f"build_step_bench: {devices} devices asked for, {jax.device_count()} exist")
   parallel = sharding.Parallelism()
   if devices > 1:
     mesh = sharding.make_mesh(devices=jax.devices()[:devices])

@@ -8,7 +8,8 @@
 
 `--time` measures each config's train step at the study's shape (`SHAPES[--scale]`; `narrow`: 16 x
 256 tokens, vocab 5,620, dropless) round-robin in one process with a pause before each call
-(`versus_reference --settle`), so the ratio of the two is taken under one load; a run's own logged
+(`versus_reference --settle`), each on one device, as the studies' runs train (pinned one run a
+CPU: `host_devices` splits nothing), so the ratio of the two is taken under one load; a run's own logged
 step time moves with whatever else shared the machine. The report puts every run's validation
 curve on a time axis, seconds = step x its config's median step time, and reads each seed's
 paired difference CoE - MoE at two times: when the faster config ends (the slower one is then

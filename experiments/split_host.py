@@ -82,13 +82,13 @@ def time_group(run: str, hidden: int, counts: list[int]) -> list[dict]:
 def main(argv) -> None:
   del argv
   counts = [int(d) for d in FLAGS.devices]
-  if min(counts) < 1 or FLAGS.batch % max(counts):
+  if min(counts) < 1 or any(FLAGS.batch % c for c in counts):
     raise app.UsageError(f"--devices={counts}: each >= 1 and dividing --batch={FLAGS.batch}")
   granted = host_devices.split_host(max(counts))  # before anything starts JAX's backend
   if max(counts) > 1 and granted != max(counts):
     raise app.UsageError(
-      f"could not split this host into {max(counts)} devices (XLA_FLAGS sets a count, or "
-      "JAX is not on the CPU)"
+      f"could not split this host into {max(counts)} devices (XLA_FLAGS or JAX_NUM_CPU_DEVICES "
+      "sets a count, or JAX is not on the CPU)"
     )
   rows = [
     row

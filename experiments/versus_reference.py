@@ -268,9 +268,14 @@ def main(argv) -> None:
   unknown = [s for s in FLAGS.shapes if s not in SHAPES] + [r for r in FLAGS.runs if r not in RUNS]
   if unknown:
     raise app.UsageError(f"unknown shape or run {unknown}; allowed: {list(SHAPES)}, {list(RUNS)}")
-  if "cli" in FLAGS.devices:  # before anything starts JAX's backend
-    shapes = [SHAPES[name] for name in FLAGS.shapes]
-    host_devices.split_host(max(cli_devices(run, s) for run in FLAGS.runs for s in shapes))
+  needed = max(
+    d for name in FLAGS.shapes for run in FLAGS.runs for d in device_counts(run, SHAPES[name])
+  )
+  if needed > 1 and host_devices.split_host(needed) != needed:  # before JAX's backend starts
+    raise app.UsageError(
+      f"could not split this host into {needed} devices (XLA_FLAGS or JAX_NUM_CPU_DEVICES sets "
+      "a count, or JAX is not on the CPU)"
+    )
   probe, probe_flops = bench.matmul_probe(jax.numpy.float32, 2048)
   started = time.time()
   rows = [row for name in FLAGS.shapes for row in time_shape(name, SHAPES[name], probe)]

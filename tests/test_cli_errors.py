@@ -42,6 +42,10 @@ def test_an_unknown_config_field_names_the_nearest_before_anything_runs(run_copy
       "error: flag --config.train.steps=abc: invalid literal for int()",
     ),
     (["--config=configs/coe_c2.py:tiny", "extra"], "error: unexpected arguments: ['extra']"),
+    (
+      ["--config=configs/coe_c2.py:tiny", "--config.mesh.cpu_devices=-1"],
+      "error: mesh.cpu_devices: got -1; must be an integer >= 0 (0 = auto",
+    ),
     ([], "error: flag --config=None: Flag --config must have a value other than None."),
   ],
 )

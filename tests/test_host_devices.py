@@ -4,6 +4,8 @@ device does (up to float summation order), resumable across the two."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -18,30 +20,29 @@ NARROW = "configs/coe_c2.py:narrow"
 
 
 @pytest.mark.parametrize(
-  "cores,batch_sizes,seq,hidden,dropless,expected",
+  "cores,batch_sizes,seq,hidden,vocab,dropless,expected",
   [
-    (2, (16, 32), 256, 128, True, 2),  # narrow: 2048 tokens a device, the least that splits
-    (2, (8, 32), 256, 128, True, 1),  # 1024 a device
-    (2, (16, 32), 128, 128, True, 1),
-    (2, (16, 32), 256, 256, True, 2),
-    (2, (16, 32), 256, 512, True, 1),  # wide ops use the cores already
-    (2, (16, 32), 256, 128, False, 1),  # capacity: drops would change per device
-    (1, (16, 32), 256, 128, True, 1),
-    (16, (16, 32), 256, 128, True, 2),  # the most that leave 2048 tokens each
-    (16, (64, 64), 256, 128, True, 8),
-    (3, (24, 24), 256, 128, True, 3),
-    (3, (24, 32), 256, 128, True, 2),  # 3 does not divide the eval batch
-    (2, (15, 32), 256, 128, True, 1),
-    (4, (16, 32, 63), 256, 128, True, 1),  # the reference's validation batch is odd
+    (2, (16, 32), 256, 128, 5620, True, 2),  # narrow: 2048 tokens a device, the least that splits
+    (2, (8, 32), 256, 128, 5620, True, 1),  # 1024 a device
+    (2, (16, 32), 128, 128, 5620, True, 1),
+    (2, (16, 32), 256, 256, 5620, True, 2),
+    (2, (16, 32), 256, 512, 5620, True, 1),  # wide ops use the cores already
+    (2, (16, 32), 256, 128, 5620, False, 1),  # capacity: drops would change per device
+    (1, (16, 32), 256, 128, 5620, True, 1),
+    (16, (16, 32), 256, 128, 5620, True, 2),  # the most that leave 2048 tokens each
+    (16, (64, 64), 256, 128, 5620, True, 8),
+    (3, (24, 24), 256, 128, 5620, True, 3),
+    (3, (24, 32), 256, 128, 5620, True, 2),  # 3 does not divide the eval batch
+    (2, (15, 32), 256, 128, 5620, True, 1),
+    (4, (16, 32, 63), 256, 128, 5620, True, 1),  # the reference's validation batch is odd
+    (2, (16, 32), 256, 128, 16384, True, 2),
+    (2, (16, 32), 256, 128, 102400, True, 1),  # the head's matmul uses the cores already
+    (2, (16, 32), 256, 128, None, True, 1),  # a tokenizer used whole: its size is not known yet
   ],
 )
-def test_auto_cpu_devices(cores, batch_sizes, seq, hidden, dropless, expected):
-  assert (
-    host_devices.auto_cpu_devices(
-      cores=cores, batch_sizes=batch_sizes, seq=seq, hidden=hidden, dropless=dropless
-    )
-    == expected
-  )
+def test_auto_cpu_devices(cores, batch_sizes, seq, hidden, vocab, dropless, expected):
+  kwargs = dict(batch_sizes=batch_sizes, seq=seq, hidden=hidden, vocab=vocab, dropless=dropless)
+  assert host_devices.auto_cpu_devices(cores=cores, **kwargs) == expected
 
 
 def _narrow(**mesh):
@@ -66,6 +67,15 @@ def test_requested_cpu_devices_reads_the_config(monkeypatch):
   odd_reference_batch = _narrow()
   odd_reference_batch.train.paper_val, odd_reference_batch.train.paper_val_batch_size = True, 9
   assert host_devices.requested_cpu_devices(odd_reference_batch, cores=2) == 1
+  assert host_devices.requested_cpu_devices(_narrow(), cores=16) == 2  # MAX_AUTO_DEVICES
+  whole_tokenizer = _narrow()
+  whole_tokenizer.data.tokenizer = "tokenizer.json"  # its size is known only once it loads
+  assert host_devices.requested_cpu_devices(whole_tokenizer, cores=2) == 1
+  whole_tokenizer.data.trim_vocab = 4096  # at most ~8K after trimming
+  assert host_devices.requested_cpu_devices(whole_tokenizer, cores=2) == 2
+  big_head = _narrow()
+  big_head.model.vocab_size = 102400
+  assert host_devices.requested_cpu_devices(big_head, cores=2) == 1
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
   assert host_devices.requested_cpu_devices(_narrow(), cores=2) == 1
 
@@ -87,6 +97,17 @@ def test_split_host_leaves_what_it_cannot_change():
   before = jax.device_count()
   assert host_devices.split_host(before + 1, cpu) == 1
   assert jax.device_count() == before
+
+
+def test_jax_num_cpu_devices_wins():
+  code = (
+    "from coe_jax.training import host_devices; import jax; "
+    "print(host_devices.split_host(2, {'JAX_PLATFORMS': 'cpu'}), jax.device_count())"
+  )
+  env = {"JAX_NUM_CPU_DEVICES": "3", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["1", "3"]
 
 
 # The shrunk test model at 16 x 256 tokens: 2048 tokens a device on two, so auto splits.

@@ -135,7 +135,9 @@ def test_reference_val_batches_are_the_first_rows_of_a_seed_zero_shuffle(tok):
   for b, rows in zip(batches, (order[:64], order[64:128])):
     np.testing.assert_array_equal(b["input_ids"], split.batch(rows)["input_ids"])
   small = Datasets(tok, split, build_split(tok, texts[:70], 24, 0, False, EOS), "", False, 0.0)
-  assert [b["input_ids"].shape[0] for b in small.reference_val_batches(64, 2)] == [64, 6]
+  short = small.reference_val_batches(64, 2)
+  assert [b["input_ids"].shape[0] for b in short] == [64, 64]  # topped up with all-pad rows
+  assert [int((b["attention_mask"].sum(axis=1) > 0).sum()) for b in short] == [64, 6]
 
 
 def test_reference_val_batches_hold_one_example_per_row_when_packed(tok):

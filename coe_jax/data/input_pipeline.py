@@ -127,17 +127,20 @@ class Datasets:
     reference's torch sampler draws another permutation, so the examples differ
     but the protocol is the same), then the first `num_batches` full batches of
     `batch_size` examples, one example per row even when the split is packed
-    for training (fewer when the split is smaller). Score them with
-    `train_step.batch_mean_eval_loss`: the mean of the per-batch mean losses.
+    for training (fewer when the split is smaller; a short last batch is topped
+    up with all-pad rows, which change no batch's mean loss, so that every batch
+    splits over a mesh). Score them with `train_step.batch_mean_eval_loss`: the
+    mean of the per-batch mean losses.
     """
     examples = dataclasses.replace(
       self.val, rows=np.arange(self.val.num_examples + 1, dtype=np.int64), packed=False
     )
     order = np.random.default_rng(seed).permutation(examples.num_rows)
-    return [
-      examples.batch(order[start : start + batch_size])
-      for start in range(0, min(len(order), batch_size * num_batches), batch_size)
-    ]
+    batches = []
+    for start in range(0, min(len(order), batch_size * num_batches), batch_size):
+      rows = order[start : start + batch_size]
+      batches.append(examples.batch(rows, pad_rows=batch_size - len(rows)))
+    return batches
 
 
 def build_datasets(

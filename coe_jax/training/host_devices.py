@@ -8,7 +8,8 @@ the step at once, each on its own rows of the batch: the data parallelism of d
 accelerators (`coe_jax.training.sharding`), with the same result as one device
 up to the order of float sums, because dropless routing is per token and the
 load-balancing loss per sequence. Measured on 2 cores (experiments/PERF.md 37):
-faster at hidden 128 and 256, not at 512, and slower with too few tokens a device.
+faster at hidden 128 and 256 and vocabularies up to 16,384; not at hidden 512 or vocabulary
+102,400, and slower with too few tokens a device.
 
 JAX fixes the CPU's device count when its backend starts, so `split_host_for_run`
 runs before anything touches a device: `coe_jax.main` calls it first. Libraries
@@ -24,11 +25,14 @@ import jax
 import ml_collections
 
 from coe_jax import host_memory
-from coe_jax.errors import ConfigError
+from coe_jax.training import multihost, train_config
 
 AUTO = 0  # mesh.cpu_devices: let `auto_cpu_devices` pick
 MAX_AUTO_HIDDEN = 256  # wider models keep one device: their ops use the cores (512: 1.04x)
+MAX_AUTO_DEVICES = 2  # the most auto splits into: what was measured (on 2 cores)
 MIN_TOKENS_PER_DEVICE = 2048  # at 1024 the split gained nothing (0.95-1.06x), at 512 it lost
+MAX_AUTO_VOCAB = 16384  # 5,620 and 16,384 gained 1.16-1.27x; at 102,400 the head's matmul uses
+# the cores already and a mesh's logits path costs more than the fused head (0.81-1.07x)
 _FORCED_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -38,6 +42,7 @@ def auto_cpu_devices(
   batch_sizes: tuple[int, ...],
   seq: int,
   hidden: int,
+  vocab: Optional[int],
   dropless: bool,
 ) -> int:
   """What `cpu_devices=0` splits a host of `cores` CPUs into for a single-process run.
@@ -45,10 +50,12 @@ def auto_cpu_devices(
   The most devices, at most `cores`, that divide every one of `batch_sizes`
   (the first is the train step's micro-batch) and leave each at least
   `MIN_TOKENS_PER_DEVICE` of its tokens; 1 for models wider than
-  `MAX_AUTO_HIDDEN` and for capacity dispatch (per-device capacity would
-  change which assignments drop).
+  `MAX_AUTO_HIDDEN`, for a vocabulary over `MAX_AUTO_VOCAB` or not known
+  (None), and for capacity dispatch (per-device capacity would change which
+  assignments drop).
   """
-  if not dropless or hidden > MAX_AUTO_HIDDEN or not batch_sizes:
+  small_head = vocab is not None and vocab <= MAX_AUTO_VOCAB
+  if not dropless or hidden > MAX_AUTO_HIDDEN or not small_head or not batch_sizes:
     return 1
   for devices in range(max(cores, 1), 1, -1):
     divides = all(size % devices == 0 for size in batch_sizes)
@@ -60,35 +67,47 @@ def auto_cpu_devices(
 def requested_cpu_devices(config: ml_collections.ConfigDict, cores: int) -> int:
   """The device count `config.mesh.cpu_devices` asks for on a host of `cores` CPUs.
 
-  `n >= 1` is n; `0` (auto) is `auto_cpu_devices` when the mesh is the default
-  one (every device data-parallel) and one process runs, else 1.
+  `n >= 1` is n; `0` (auto) is `auto_cpu_devices` over at most `MAX_AUTO_DEVICES`
+  of the cores when the mesh is the default one (every device data-parallel) and
+  one process runs, else 1.
   """
   mesh = config.get("mesh")
   if mesh is None:
     return 1
+  train_config.validate_mesh_config(mesh)
   value = mesh.get("cpu_devices", AUTO)
-  if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-    raise ConfigError(
-      f"mesh.cpu_devices: got {value!r}; must be an integer >= 0 "
-      "(0 = auto: split a CPU host where that trains faster, 1 = one device, n = n devices)"
-    )
   if value != AUTO:
     return value
   default_mesh = (mesh.get("data", -1), mesh.get("fsdp", 1), mesh.get("expert", 1)) == (-1, 1, 1)
-  if not default_mesh or _distributed(mesh, os.environ):
+  if not default_mesh or multihost.wants_distributed(mesh, os.environ):
     return 1
-  train = config.train
-  batch_sizes = [train.batch_size // max(train.get("grad_accum_steps", 1), 1)]
-  batch_sizes.append(train.eval_batch_size)
-  if train.get("paper_val", False):
-    batch_sizes.append(train.paper_val_batch_size)
   return auto_cpu_devices(
-    cores=cores,
-    batch_sizes=tuple(batch_sizes),
+    cores=min(cores, MAX_AUTO_DEVICES),
+    batch_sizes=tuple(train_config.sharded_batch_sizes(config.train).values()),
     seq=config.data.max_length,
     hidden=config.model.hidden_size,
+    vocab=expected_vocab(config),
     dropless=config.model.get("dispatch", "dropless") == "dropless",
   )
+
+
+def expected_vocab(config: ml_collections.ConfigDict) -> Optional[int]:
+  """The vocabulary as far as the config tells before any tokenizer loads (the split must be
+  decided before JAX starts): `model.vocab_size`, else the trained BPE's `data.vocab_size`,
+  else twice `data.trim_vocab` (a trimmed vocabulary also keeps the pieces its tokens merge
+  from: 4,096 kept of OLMoE's gave 5,620); None for a tokenizer used whole."""
+  model_vocab = config.model.get("vocab_size", 0)
+  if model_vocab:
+    return model_vocab
+  data = config.data
+  if data.get("tokenizer", "bpe") == "bpe":
+    return data.get("vocab_size", 2048)
+  return 2 * data.trim_vocab if data.get("trim_vocab", 0) else None
+
+
+def user_set_cpu_devices() -> bool:
+  """Whether JAX's CPU device count was set before us (`JAX_NUM_CPU_DEVICES` or the config)."""
+  return jax.config.jax_num_cpu_devices >= 0
 
 
 def usable_cores() -> int:
@@ -106,24 +125,18 @@ def split_host_for_run(
 def split_host(devices: int, environ: Optional[Mapping[str, str]] = None) -> int:
   """Makes JAX's CPU backend `devices` devices; returns how many it will have (1: unchanged).
 
-  Nothing changes when JAX will not run on the CPU, when `XLA_FLAGS` already
-  sets the host's device count (that flag wins), or when JAX's backend is
+  Nothing changes when JAX will not run on the CPU, when the user set the
+  host's device count already (`--xla_force_host_platform_device_count` in
+  `XLA_FLAGS`, or `JAX_NUM_CPU_DEVICES`: theirs wins), or when JAX's backend is
   already running (a notebook: it keeps its devices).
   """
   environ = os.environ if environ is None else environ
   if devices == 1 or not host_memory.jax_runs_on_cpu(environ):
     return 1
-  if _FORCED_COUNT_FLAG in environ.get("XLA_FLAGS", ""):
+  if _FORCED_COUNT_FLAG in environ.get("XLA_FLAGS", "") or user_set_cpu_devices():
     return 1
   try:
     jax.config.update("jax_num_cpu_devices", devices)
   except RuntimeError:  # the backend has started: its device count is fixed
     return 1
   return devices
-
-
-def _distributed(mesh: ml_collections.ConfigDict, environ: Mapping[str, str]) -> bool:
-  """Whether several processes will run (`multihost.initialize_distributed`'s test)."""
-  return bool(mesh.get("distributed", False) or mesh.get("coordinator_address", "")) or bool(
-    environ.get("JAX_COORDINATOR_ADDRESS", "")
-  )

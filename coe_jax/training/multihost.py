@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +26,9 @@ def initialize_distributed(mesh_config: ml_collections.ConfigDict) -> bool:
   set. Config fields win over the environment; unset ones are left to JAX's
   cluster auto-detection.
   """
-  address = mesh_config.get("coordinator_address", "") or os.environ.get(
-    "JAX_COORDINATOR_ADDRESS", ""
-  )
-  if not (mesh_config.get("distributed", False) or address):
+  if not wants_distributed(mesh_config, os.environ):
     return False
+  address = _coordinator_address(mesh_config, os.environ)
   num_processes = mesh_config.get("num_processes", 0) or int(os.environ.get("JAX_NUM_PROCESSES", 0))
   process_id = mesh_config.get("process_id", -1)
   if process_id < 0:
@@ -42,6 +41,16 @@ def initialize_distributed(mesh_config: ml_collections.ConfigDict) -> bool:
     process_id=None if process_id < 0 else process_id,
   )
   return True
+
+
+def wants_distributed(mesh_config: ml_collections.ConfigDict, environ: Mapping[str, str]) -> bool:
+  """Whether the run asks for several processes: `mesh.distributed`, or a coordinator address
+  in the config or in `JAX_COORDINATOR_ADDRESS`."""
+  return bool(mesh_config.get("distributed", False) or _coordinator_address(mesh_config, environ))
+
+
+def _coordinator_address(mesh_config: ml_collections.ConfigDict, environ: Mapping[str, str]) -> str:
+  return mesh_config.get("coordinator_address", "") or environ.get("JAX_COORDINATOR_ADDRESS", "")
 
 
 class StopVote:

@@ -57,7 +57,7 @@ from coe_jax.nn import logical_axes as axes
 from coe_jax.nn.expert_parallel import ExpertParallel
 from coe_jax.nn.model_config import ModelConfig
 from coe_jax.nn.params import param_axes
-from coe_jax.training import multihost
+from coe_jax.training import multihost, train_config
 
 MESH_AXES = ("data", "fsdp", "expert")
 BATCH_AXES = MESH_AXES
@@ -135,7 +135,8 @@ def validate_for_mesh(mesh: Mesh, model: ModelConfig, batch_sizes: dict[str, int
   for field, size in batch_sizes.items():
     if size % shards:
       raise ConfigError(
-        f"{field}: got {size}; must be divisible by data x fsdp x expert = {shards}"
+        f"{field}: got {size}; must be divisible by data x fsdp x expert = {shards} "
+        "(the devices: on a CPU host, mesh.cpu_devices)"
       )
 
 
@@ -286,14 +287,7 @@ class Parallelism:
     """The mesh of `config.mesh`, checked against the model and the train batch sizes."""
     mesh = mesh_from_config(config)
     if mesh is not None:
-      train = config.train
-      batch_sizes = {
-        "train.batch_size / grad_accum_steps": train.batch_size // train.grad_accum_steps,
-        "train.eval_batch_size": train.eval_batch_size,
-      }
-      if train.get("paper_val", False):  # the reference's validation batches, sharded too
-        batch_sizes["train.paper_val_batch_size"] = train.paper_val_batch_size
-      validate_for_mesh(mesh, model, batch_sizes)
+      validate_for_mesh(mesh, model, train_config.sharded_batch_sizes(config.train))
       return cls(mesh, param_axes(model))
     return cls(mesh)
 

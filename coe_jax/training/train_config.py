@@ -115,6 +115,31 @@ def profile_window(train: ml_collections.ConfigDict) -> Optional[tuple[int, int]
   return start, stop
 
 
+def sharded_batch_sizes(train: ml_collections.ConfigDict) -> dict[str, int]:
+  """Every batch a mesh splits over its batch axes, by the field that sets it: the train
+  step's micro-batch, the eval batch and, with `paper_val`, the reference's validation batch."""
+  sizes = {
+    "train.batch_size / grad_accum_steps": train.batch_size // train.grad_accum_steps,
+    "train.eval_batch_size": train.eval_batch_size,
+  }
+  if train.get("paper_val", False):
+    sizes["train.paper_val_batch_size"] = train.paper_val_batch_size
+  return sizes
+
+
+def validate_mesh_config(mesh: Optional[ml_collections.ConfigDict]) -> None:
+  """Raises ConfigError for a bad `mesh.cpu_devices` (the mesh axes are checked with the devices)."""
+  if mesh is None:
+    return
+  value = mesh.get("cpu_devices", 0)
+  _require(
+    isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+    "mesh.cpu_devices",
+    f"got {value!r}; must be an integer >= 0 "
+    "(0 = auto: split a CPU host where that trains faster, 1 = one device, n = n devices)",
+  )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """Validates model, data and train sections before anything loads or compiles."""
   for section in ("model", "data", "train"):
@@ -127,4 +152,5 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
   model_config = config_lib.model_config_from(config)
   validate_data_config(config.data)
   validate_train_config(config.train)
+  validate_mesh_config(config.get("mesh"))
   return model_config
