@@ -12,9 +12,9 @@ CLI's host-allocator settings, on one CPU device and on as many as the CLI split
 into for the run (`--devices`; `coe_jax/training/host_devices.py`: 2 at `narrow` on 2 cores, one
 at paper width, whose one row cannot be split), data-parallel as the CLI lays it out. Every
 timed program (each side's step of each run, and the matmul probe) runs round-robin, one call
-each per round, so each ratio compares times taken under the same load. Shapes (`SHAPES`): `narrow`, the headline study's scale, and
-`paper_width`, the paper's layer width at 2 layers and one 512-token row. Prints a table and
-writes JSON; the speed-up is the authors' median step time over ours, and "ours CPU s" the CPU
+each per round, so each ratio compares times taken under the same load. Shapes (`SHAPES`):
+`narrow`, the headline study's scale, and `paper_width`, the paper's layer width at 2 layers and
+one 512-token row. Prints a table and writes JSON; the speed-up is the authors' median step time over ours, and "ours CPU s" the CPU
 time our process spent in a step (all threads; under 2 x the wall time on 2 cores, a core sat
 idle for part of the step).
 """
@@ -180,8 +180,8 @@ def device_counts(run: str, shape: dict) -> list[int]:
 
 
 def our_step(run: str, shape: dict, devices: int) -> bench.StepBench:
-  config = shape_config(run, shape)
-  cfg = bench.bench_model_config(config, config.model.dispatch, shape["model"])
+  config = shape_config(run, shape)  # the shape's model overrides applied already
+  cfg = bench.bench_model_config(config, config.model.dispatch, {})
   label = f"ours {RUNS[run]} x{devices}"
   step = bench.build_step_bench(label, config, cfg, shape["batch"], shape["seq"], devices=devices)
   step.allocate()

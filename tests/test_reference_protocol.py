@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from data_helpers import ROWS, shared_math_qa_config
+from model_helpers import tiny_model_config
 from run_helpers import small_config
 
 from coe_jax.data import tokenizer as tokenizer_lib
 from coe_jax.data.input_pipeline import Datasets, build_datasets, format_example
 from coe_jax.data.tokenized import build_split
+from coe_jax.nn.model import CoECausalLM
 from coe_jax.training.metrics import read_metrics
 from coe_jax.training.train import train_and_evaluate
-from coe_jax.training.train_step import batch_mean_eval_loss, next_token_targets, pooled_eval_loss
+from coe_jax.training.train_step import (
+  batch_mean_eval_loss,
+  make_eval_step,
+  next_token_targets,
+  pooled_eval_loss,
+)
 
 TEXTS = [format_example(r["question"], r["solution"]) for r in ROWS]
 EOS = 1  # train_bpe's <|endoftext|>
@@ -138,6 +147,22 @@ def test_reference_val_batches_are_the_first_rows_of_a_seed_zero_shuffle(tok):
   short = small.reference_val_batches(64, 2)
   assert [b["input_ids"].shape[0] for b in short] == [64, 64]  # topped up with all-pad rows
   assert [int((b["attention_mask"].sum(axis=1) > 0).sum()) for b in short] == [64, 6]
+
+
+@pytest.mark.parametrize("pad_semantics", ["reference", "masked"])
+def test_pad_rows_leave_a_reference_batch_mean_unchanged(tok, pad_semantics):
+  """The all-pad rows a short reference-validation batch is topped up with add no target and
+  move no real row's loss (dropless: each token is routed alone)."""
+  split = build_split(tok, TEXTS, 24, pad_id=0, packing=False, eos_id=EOS)
+  cfg = tiny_model_config(vocab_size=tok.get_vocab_size(), pad_semantics=pad_semantics)
+  model = CoECausalLM(cfg.replace(dispatch="dropless"))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 24), jnp.int32))["params"]
+  eval_step = jax.jit(make_eval_step(model))
+  short, padded = split.batch(range(3)), split.batch(range(3), pad_rows=5)
+  assert batch_mean_eval_loss(eval_step, params, [padded]) == pytest.approx(
+    batch_mean_eval_loss(eval_step, params, [short]), rel=1e-6
+  )
+  assert float(eval_step(params, padded)[1]) == float(eval_step(params, short)[1]) > 0
 
 
 def test_reference_val_batches_hold_one_example_per_row_when_packed(tok):
