@@ -66,13 +66,13 @@ from experiments.ablation_table import (  # noqa: F401
   write_table,
 )
 from experiments.ablation_verdict import (  # noqa: F401
-  _T_975,
   CLAIM_COLUMNS,
   CLAIMS,
   SMALLEST_EFFECT,
   claim_rows,
   paired_verdict,
   seed_sd,
+  t_975,
 )
 
 _SUITE = flags.DEFINE_string(

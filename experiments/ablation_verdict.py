@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import stats
 
 from experiments.ablation_results import RunResult, paired_differences
 
@@ -99,19 +100,12 @@ CLAIM_COLUMNS = (
   "verdict (pre-registered rule)",
 )
 
-# Two-sided 95% critical values of Student's t by degrees of freedom (standard table).
-_T_975 = {
-  1: 12.706,
-  2: 4.303,
-  3: 3.182,
-  4: 2.776,
-  5: 2.571,
-  6: 2.447,
-  7: 2.365,
-  8: 2.306,
-  9: 2.262,
-  10: 2.228,
-}
+
+def t_975(df: int) -> float:
+  """The two-sided 95% critical value of Student's t with `df` degrees of freedom."""
+  return float(stats.t.ppf(0.975, df))
+
+
 SMALLEST_EFFECT = 0.01  # nats: the smallest A - B difference of interest (experiments/README.md)
 
 
@@ -128,7 +122,7 @@ def paired_verdict(
   n = diffs.size
   if n < 2:
     return float("nan"), float("nan"), "undecided (1 seed)"
-  half = _T_975.get(n - 1, 1.96) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+  half = t_975(n - 1) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
   low, high = float(np.mean(diffs)) - half, float(np.mean(diffs)) + half
   if low * high > 0:
     verdict = "reproduced" if np.sign(low) == np.sign(paper_sign) else "reversed"

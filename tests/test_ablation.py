@@ -293,7 +293,15 @@ def test_pre_registered_verdict(diffs, paper_sign, expected):
   assert verdict == expected
   if len(diffs) == 3:  # mean -+ t(0.975, 2) * sd / sqrt(3), t = 4.303
     half = 4.303 * np.std(diffs, ddof=1) / np.sqrt(3)
-    assert (low, high) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
+    assert (low, high) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half), rel=2e-4)
+
+
+@pytest.mark.parametrize("n, t", [(3, 4.303), (5, 2.776), (10, 2.262), (15, 2.145), (30, 2.045)])
+def test_verdict_interval_uses_t_with_n_minus_1_degrees_of_freedom(n, t):
+  # standard-table quantiles; 15 is the two headline studies pooled (not the normal 1.96)
+  diffs = np.linspace(-0.03, 0.01, n)
+  low, high, _ = ablation.paired_verdict(diffs, -1)
+  assert (high - low) / 2 == pytest.approx(t * np.std(diffs, ddof=1) / np.sqrt(n), rel=2e-4)
 
 
 def test_paired_difference_panel_draws_every_seed(tmp_path, monkeypatch):

@@ -11,9 +11,9 @@ from experiments import ablation, equal_time, power
 def test_the_power_calculation_gives_ten_seeds_for_the_registered_numbers():
   assert power.seeds_for_half_width(0.016, 0.012) == 10
   assert power.half_width(0.016, 9) > 0.012 >= power.half_width(0.016, 10)
-  # the same t quantiles as paired_verdict's table
-  for n in (3, 5, 10):
-    assert power.half_width(1.0, n) * np.sqrt(n) == pytest.approx(ablation._T_975[n - 1], abs=1e-3)
+  # the same t quantiles as paired_verdict's
+  for n in (3, 5, 10, 15):
+    assert power.half_width(1.0, n) * np.sqrt(n) == pytest.approx(ablation.t_975(n - 1))
   with pytest.raises(ValueError, match="half_width > 0"):
     power.seeds_for_half_width(0.016, 0.0)
 
