@@ -246,3 +246,26 @@ class FakeWandb(types.ModuleType):
 
   def finish(self):
     self.finished += 1
+
+
+def fake_run_result(name: str, seeds: list[int], losses: list[float], paper_val_loss: float = 1.0):
+  """An `experiments.ablation` RunResult of `name` with these final losses and nothing else."""
+  from experiments.ablation_results import RunResult
+
+  return RunResult(
+    name=name,
+    paper_name=name,
+    c=1,
+    k=8,
+    n=64,
+    layers=4,
+    paper_val_loss=paper_val_loss,
+    seeds=seeds,
+    val_losses=losses,
+    params_total=1,
+    params_active=1,
+    peak_bytes=None,
+    step_seconds=1.0,
+    tokens_per_sec=1.0,
+    curves=[],
+  )

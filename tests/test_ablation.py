@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import fake_run_result
 
 from experiments import ablation
 
@@ -216,29 +217,9 @@ def test_recipe_becomes_config_overrides():
   assert not any("batch_size" in f or "max_length" in f for f in flags)  # 0 keeps the config's
 
 
-def _result(name: str, seeds: list[int], losses: list[float]) -> ablation.RunResult:
-  return ablation.RunResult(
-    name=name,
-    paper_name=name,
-    c=1,
-    k=8,
-    n=64,
-    layers=4,
-    paper_val_loss=1.0,
-    seeds=seeds,
-    val_losses=losses,
-    params_total=1,
-    params_active=1,
-    peak_bytes=None,
-    step_seconds=1.0,
-    tokens_per_sec=1.0,
-    curves=[],
-  )
-
-
 def test_paired_differences_match_seeds():
-  base = _result("moe_k8", [0, 1], [7.0, 7.5])
-  other = _result("x", [1, 2], [7.25, 9.0])  # seed 2 has no baseline partner
+  base = fake_run_result("moe_k8", [0, 1], [7.0, 7.5])
+  other = fake_run_result("x", [1, 2], [7.25, 9.0])  # seed 2 has no baseline partner
   assert ablation.paired_differences(other, base).tolist() == [-0.25]
 
 
@@ -257,7 +238,7 @@ def test_runs_dir_refuses_a_second_recipe(tmp_path):
 
 def test_claim_verdicts_compare_every_seed_with_the_papers_sign():
   def run(name, paper, losses):
-    return dataclasses.replace(_result(name, [0, 1], losses), paper_val_loss=paper)
+    return dataclasses.replace(fake_run_result(name, [0, 1], losses), paper_val_loss=paper)
 
   results = {
     "coe_c2": run("coe_c2", 1.121, [7.0, 7.1]),
@@ -307,11 +288,11 @@ def test_verdict_interval_uses_t_with_n_minus_1_degrees_of_freedom(n, t):
 def test_paired_difference_panel_draws_every_seed(tmp_path, monkeypatch):
   steps = np.array([100.0, 200.0])
   base = dataclasses.replace(
-    _result("moe_k8", [0, 1, 2], [2.0, 2.1, 2.2]),
+    fake_run_result("moe_k8", [0, 1, 2], [2.0, 2.1, 2.2]),
     curves=[(steps, np.array([3.0, 2.0 + 0.1 * s])) for s in range(3)],
   )
   other = dataclasses.replace(
-    _result("coe_c2", [0, 1, 2], [1.9, 2.2, 2.1]),
+    fake_run_result("coe_c2", [0, 1, 2], [1.9, 2.2, 2.1]),
     curves=[(steps, np.array([3.0, v])) for v in (1.9, 2.2, 2.1)],
   )
   import matplotlib.pyplot as plt
