@@ -13,6 +13,8 @@
 # 3. Equal training time: both configs' step times side by side on this machine (skipped if
 #    $RESULTS/step_seconds.json exists; needs a quiet machine) and the equal-time readings
 #    (experiments.equal_time) under $RESULTS/equal_time.
+# 4. Both studies read together (experiments.pool_studies, from the two committed claims tables):
+#    each on its own, all fifteen seeds pooled as the registered secondary reading, $RESULTS/pooled.
 # Every stage skips finished runs and resumes unfinished ones: rerun after any stop.
 # Environment: N [10], FIRST_SEED [10], STEPS [2000], LR [4e-3, the first study's pilot],
 # DATA [../shared/data/math_qa], TOKENIZER [../shared/data/tokenizer/olmoe/tokenizer.json],
@@ -48,3 +50,6 @@ if [[ "${TIME:-1}" != 0 ]]; then
   "$PYTHON" -m experiments.equal_time --runs_dir="$RUNS/pair" --seeds="$LAST" --scale=narrow \
     --step_seconds="$RESULTS/step_seconds.json" --results_dir="$RESULTS/equal_time"
 fi
+"$PYTHON" -m experiments.pool_studies --claim="coe_c2 - moe_k8" --out="$RESULTS/pooled" \
+  --study="first (seeds 0-4)=experiments/results/headline/pair_5seeds/table.md" \
+  --study="second (seeds $FIRST_SEED-$((LAST - 1)))=$RESULTS/pair/table.md"
