@@ -28,7 +28,7 @@ def main(argv):
   if config.get("mesh") is not None:
     multihost.initialize_distributed(config.mesh)  # several processes: only process 0 prints
   if devices > 1 and multihost.is_primary():
-    print(f"CPU host split into {devices} devices, data-parallel (mesh.cpu_devices=1: one).")
+    print(host_devices.split_message(config, devices))
   # The model summary is printed by the run once the tokenizer has fixed the vocabulary.
   train.train_and_evaluate(config, _WORKDIR.value)
 

@@ -80,6 +80,15 @@ def test_requested_cpu_devices_reads_the_config(monkeypatch):
   assert host_devices.requested_cpu_devices(_narrow(), cores=2) == 1
 
 
+def test_the_split_line_says_capacity_drops_per_device():
+  assert "Capacity" not in host_devices.split_message(_narrow(), 2)
+  capacity = _narrow(cpu_devices=2)
+  capacity.model.dispatch = "capacity"
+  assert "each device drops against the capacity of its own tokens" in (
+    host_devices.split_message(capacity, 2)
+  )
+
+
 @pytest.mark.parametrize("value", [-1, "2", 1.5, True])
 def test_bad_cpu_devices_names_the_field(value):
   config = ml_collections.ConfigDict({"mesh": {"cpu_devices": value}})  # no type checks

@@ -122,6 +122,14 @@ def split_host_for_run(
   return split_host(requested_cpu_devices(config, usable_cores()), environ)
 
 
+def split_message(config: ml_collections.ConfigDict, devices: int) -> str:
+  """The line a run prints when its host was split into `devices` devices."""
+  line = f"CPU host split into {devices} devices, data-parallel (mesh.cpu_devices=1: one)."
+  if config.model.get("dispatch", "dropless") != "dropless":
+    line += " Capacity dispatch: each device drops against the capacity of its own tokens."
+  return line
+
+
 def split_host(devices: int, environ: Optional[Mapping[str, str]] = None) -> int:
   """Makes JAX's CPU backend `devices` devices; returns how many it will have (1: unchanged).
 
