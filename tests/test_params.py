@@ -11,25 +11,15 @@ import jax.numpy as jnp
 import numpy_reference as ref
 import pytest
 from jax.sharding import PartitionSpec as P
+from model_helpers import tiny_model_config
 
 from coe_jax.nn import logical_axes
 from coe_jax.nn.model import CoECausalLM
 from coe_jax.nn.model_config import ModelConfig
 from coe_jax.nn.params import count_params, format_counts, param_axes, tree_size
 
-SMALL = ModelConfig().replace(
-  vocab_size=50,
-  hidden_size=16,
-  num_layers=2,
-  num_heads=2,
-  kv_lora_rank=8,
-  qk_nope_head_dim=4,
-  qk_rope_head_dim=4,
-  v_head_dim=6,
-  n_routed_experts=7,
-  n_shared_experts=1,
-  num_experts_per_tok=2,
-  moe_intermediate_size=12,
+SMALL = tiny_model_config(
+  vocab_size=50, v_head_dim=6, n_routed_experts=7, moe_intermediate_size=12, num_iterations=1
 )
 
 CONFIGS = {
