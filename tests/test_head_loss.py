@@ -1,5 +1,6 @@
 """The fused head + cross-entropy against the logits path: value and both gradients."""
 
+import functools
 import types
 
 import flax.linen as nn
@@ -93,7 +94,9 @@ def test_head_loss_chunks(batch, seq, hidden, vocab, platform, want):
 
 
 @pytest.mark.parametrize("chunks", [None, 4])  # None: the policy's (1 at this size)
-def test_the_train_objective_matches_the_logits_path_on_a_padded_batch(chunks, monkeypatch):
+def test_the_train_objective_matches_the_logits_path_on_a_padded_batch(
+  chunks, monkeypatch, fast_compilation
+):
   """The model's training terms, fused and through the logits: one value, one gradient."""
   if chunks:
     monkeypatch.setattr(train_step, "head_loss_chunks", lambda *_: chunks)
@@ -112,10 +115,11 @@ def test_the_train_objective_matches_the_logits_path_on_a_padded_batch(chunks, m
     ce_sum, count, aux = terms(model, p, batch)
     return ce_sum / count + aux.aux_loss + aux.z_loss
 
-  value, grads = jax.value_and_grad(lambda p: objective(train_step.training_loss_terms, p))(params)
-  want, want_grads = jax.value_and_grad(lambda p: objective(train_step.logits_loss_terms, p))(
-    params
-  )
+  def value_and_grad(terms):  # jitted: op by op, the model's backward takes 10x longer
+    return jax.jit(jax.value_and_grad(functools.partial(objective, terms)))(params)
+
+  value, grads = value_and_grad(train_step.training_loss_terms)
+  want, want_grads = value_and_grad(train_step.logits_loss_terms)
   np.testing.assert_allclose(value, want, rtol=1e-6)
   for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     scale = float(np.abs(np.asarray(g0)).max()) or 1.0

@@ -94,7 +94,9 @@ def results(tmp_path_factory):
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    # 4 devices; compiled without XLA's slow passes: the snippets' values, not their speed, count
+    XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    " --xla_llvm_disable_expensive_passes=true",
     PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
   )
   proc = subprocess.run(
