@@ -9,7 +9,8 @@ through the model's logits, `train_step.logits_loss_terms`, PERF.md 35's before)
 on the logits path, so with `logits_loss`); `plain_head` (the head's Dense with
 `lax.dot_general`: also on the logits path); `unchained` ('blocked' returns no weights, so every CoE pass
 accumulates its own weight gradient and the passes' gradients are summed, PERF.md
-31's before). Each variant's programs are traced with the change undone, then
+31's before); `undeferred` (each CoE pass's weight gradient in its own tile loop, PERF.md
+39's before). Each variant's programs are traced with the change undone, then
 every program runs round-robin (`bench.run_round_robin`), so the ratios share
 one load. Prints median seconds and writes JSON with `--json`; `--profile=N` then
 traces N more steps of each and prints `experiments.profile_step`'s table by component.
@@ -34,7 +35,7 @@ from coe_jax.training import train_step
 from experiments import bench, profile_step
 
 FLAGS = flags.FLAGS
-UNDO = ("optax_loss", "plain_head", "unchained", "logits_loss")
+UNDO = ("optax_loss", "plain_head", "unchained", "logits_loss", "undeferred")
 
 
 def _define_flags() -> None:
@@ -71,6 +72,10 @@ def undone(variant: str) -> contextlib.ExitStack:
     original = blocked.blocked_dispatch
     unchained = lambda *a, **k: original(*a, **k).replace(weights=None)
     stack.enter_context(mock.patch.object(dispatch, "blocked_dispatch", unchained))
+  if "undeferred" in parts:
+    stack.enter_context(
+      mock.patch.object(dispatch, "chain_weights", lambda weights, *a, **k: weights)
+    )
   if "logits_loss" in parts:
     logits_terms = train_step.logits_loss_terms
     stack.enter_context(mock.patch.object(train_step, "training_loss_terms", logits_terms))

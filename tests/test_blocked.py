@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
+import pytest
 
 from coe_jax.nn import blocked, tuning
 from coe_jax.nn import dispatch as dispatch_lib
@@ -368,3 +369,86 @@ def test_blocked_backward_gives_each_weight_gradient_its_own_zeros():
   hlo = jax.jit(jax.grad(loss)).lower(weights, jnp.asarray(x), routes).compile().as_text()
   shape = ",".join(str(n) for n in weights.gate.shape)
   assert len(re.findall(rf"= f32\[{shape}\]\S* copy\(", hlo)) == 0
+
+
+def _chain(x, ids_per_pass, cw, weights, token_mask, defer: bool):
+  """Passes of 'blocked' dispatch, each on the last one's output, the weights threaded."""
+  num_tokens, k = ids_per_pass[0].shape
+  threaded = weights
+  if defer:
+    threaded = dispatch_lib.chain_weights(weights, len(ids_per_pass), num_tokens * k)
+    assert isinstance(threaded, blocked.DeferredWeights)
+  u = x
+  for ids in ids_per_pass:
+    out = dispatch_to_experts(
+      u,
+      jnp.asarray(ids),
+      cw,
+      threaded,
+      mode="dropless",
+      capacity=0,
+      dropless_impl="blocked",
+      token_mask=token_mask,
+    )
+    u, threaded = u + out.output, out.weights
+  return u
+
+
+@pytest.mark.parametrize(
+  "passes,k,masked", [(2, 2, False), (3, 2, True), (2, 1, True), (2, 4, False)]
+)
+def test_deferred_weight_grads_equal_the_per_pass_accumulation(passes, k, masked):
+  # Each expert's rows of every pass side by side in one weight-gradient loop: the same
+  # gradient as one accumulation per pass, up to float32 summation order. Expert 1 gets no
+  # row in any pass, expert 4 only in the last; K = N = 4 leaves no expert idle.
+  num_tokens, num_experts = 11, 4 if k == 4 else 6
+  rng = np.random.default_rng(50 + passes)
+  x, _, cw, weights, probe = _random_problem(50, num_tokens, num_experts, k)
+  busy = [e for e in range(num_experts) if k == 4 or e not in (1, 4)]
+  ids_per_pass = [
+    np.stack([rng.permutation(busy)[:k] for _ in range(num_tokens)]).astype(np.int32)
+    for _ in range(passes)
+  ]
+  if k < 4:
+    ids_per_pass[-1][0, 0] = 4
+  mask = jnp.asarray(np.arange(num_tokens) < 8) if masked else None
+
+  def loss(x, cw, weights, defer):
+    return jnp.sum(_chain(x, ids_per_pass, cw, weights, mask, defer) * probe)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  args = (jnp.asarray(x), jnp.asarray(cw), jax.tree.map(jnp.asarray, weights))
+  (value, grads), (want_value, want_grads) = grad(*args, True), grad(*args, False)
+  np.testing.assert_allclose(float(value), float(want_value), rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+  assert float(np.abs(np.asarray(grads[2].gate[1])).max()) == 0.0 or k == 4  # idle expert
+
+
+def test_chain_weights_defers_only_a_chain_of_swiglu_passes():
+  weights = SwiGLUWeights(*(jnp.zeros(s) for s in [(6, 8, 4), (6, 8, 4), (6, 4, 8)]))
+  assert dispatch_lib.chain_weights(weights, 1, 20) is weights
+  assert dispatch_lib.chain_weights({"w": weights.gate}, 2, 20) == {"w": weights.gate}
+  deferred = dispatch_lib.chain_weights(weights, 3, 20)
+  assert isinstance(deferred, blocked.DeferredWeights) and deferred.rows.x.shape[0] == 3
+  x = jnp.zeros((7, 8))  # 14 assignments, not the 20 the rows were sized for
+  with pytest.raises(ValueError, match="made for .* rows a pass"):
+    dispatch_to_experts(
+      x,
+      jnp.zeros((7, 2), jnp.int32),
+      jnp.ones((7, 2)),
+      deferred,
+      mode="dropless",
+      capacity=0,
+      dropless_impl="blocked",
+    )
+  with pytest.raises(ValueError, match="deferred weight gradients are for dropless_impl='blocked'"):
+    dispatch_to_experts(
+      x,
+      jnp.zeros((7, 2), jnp.int32),
+      jnp.ones((7, 2)),
+      deferred,
+      mode="dropless",
+      capacity=0,
+      dropless_impl="gather",
+    )

@@ -13,6 +13,8 @@ import numpy_reference as ref
 import pytest
 from flax.core.meta import unbox
 
+from coe_jax.nn import dispatch as dispatch_lib
+from coe_jax.nn.blocked import DeferredWeights
 from coe_jax.nn.coe_config import CoEConfig
 from coe_jax.nn.coe_layer import CoELayer, expert_pass
 from coe_jax.nn.dispatch import expert_capacity
@@ -167,19 +169,28 @@ def test_layer_matches_numpy_spec(index):
   _check_against_numpy(BASE.replace(**COMBOS[index]), seed=index)
 
 
+@pytest.mark.parametrize("defer", [True, False])
 @pytest.mark.parametrize("chain,shared", [(2, 0), (3, 1)])
-def test_blocked_chain_matches_numpy_spec(chain, shared):
-  # 'blocked' threads the expert weights from pass to pass, so every pass's weight gradient
-  # lands in one accumulator (DispatchOutput.weights): checked for C > 1.
+def test_blocked_chain_matches_numpy_spec(chain, shared, defer):
+  # 'blocked' with C > 1 builds the weight gradient once from every pass's rows
+  # (defer_weight_grads, the default) or threads the expert weights from pass to pass, so
+  # every pass's weight gradient lands in one accumulator (DispatchOutput.weights).
   cfg = BASE.replace(
-    num_iterations=chain, n_shared_experts=shared, dispatch="dropless", dropless_impl="blocked"
+    num_iterations=chain,
+    n_shared_experts=shared,
+    dispatch="dropless",
+    dropless_impl="blocked",
+    defer_weight_grads=defer,
   )
   _check_against_numpy(cfg, seed=40 + chain)
 
 
-def test_blocked_chain_gradients_equal_gather_leaf_by_leaf():
+@pytest.mark.parametrize("defer", [True, False])
+def test_blocked_chain_gradients_equal_gather_leaf_by_leaf(defer):
   params, h = _params(BASE.replace(num_iterations=3), 7), jnp.asarray(_h(7))
-  cfg = lambda impl: BASE.replace(num_iterations=3, dispatch="dropless", dropless_impl=impl)
+  cfg = lambda impl: BASE.replace(
+    num_iterations=3, dispatch="dropless", dropless_impl=impl, defer_weight_grads=defer
+  )
   grads = {impl: _value_and_grad_fn(cfg(impl))(params, h) for impl in ("blocked", "gather")}
   for a, b in zip(jax.tree.leaves(grads["blocked"]), jax.tree.leaves(grads["gather"])):
     a, b = np.asarray(a), np.asarray(b)  # float32 sums in another order: 1e-5 of the leaf's scale
@@ -397,3 +408,28 @@ def test_param_shapes_and_router_init():
   experts = np.asarray(params["routed_experts"]["gate_proj"])
   np.testing.assert_allclose(experts.std(), cfg.initializer_range, rtol=0.1)  # N(0, std)
   np.testing.assert_array_equal(np.asarray(params["norm"]["scale"]), np.ones(64))
+
+
+@pytest.mark.parametrize(
+  "changes, deferred",
+  [
+    (dict(dropless_impl="blocked"), True),
+    (dict(dropless_impl="blocked", defer_weight_grads=False), False),
+    (dict(dropless_impl="blocked", num_iterations=1), False),  # one pass: nothing to defer
+    (dict(dropless_impl="gather"), False),
+    (dict(dispatch="capacity"), False),
+  ],
+)
+def test_the_layer_defers_weight_gradients_only_for_a_blocked_chain(changes, deferred, monkeypatch):
+  made = []
+  original = dispatch_lib.chain_weights
+
+  def recording(weights, passes, *args, **kwargs):
+    out = original(weights, passes, *args, **kwargs)
+    made.append(isinstance(out, DeferredWeights))
+    return out
+
+  monkeypatch.setattr(dispatch_lib, "chain_weights", recording)
+  cfg = BASE.replace(**{"num_iterations": 2, "dispatch": "dropless", **changes})
+  jax.eval_shape(lambda: CoELayer(cfg).init(jax.random.key(0), jnp.zeros((2, 4, cfg.hidden_size))))
+  assert any(made) == deferred

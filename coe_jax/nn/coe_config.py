@@ -76,6 +76,10 @@ class CoEConfig:
   # How many tile sizes 'blocked' picks each expert's last tile from, evenly spaced up to
   # dropless_tile (1 = whole tiles only); 0 = the target's default (nn.tuning).
   dropless_tile_sizes: int = _execution(0)
+  # 'blocked' with C > 1: each expert's weight gradient from all C passes' rows in one loop,
+  # at C times the tile heights (experiments/PERF.md 39); False: one per pass. Same gradient
+  # up to float rounding.
+  defer_weight_grads: bool = _execution(True)
   # '' | 'cpu' | 'gpu' | 'tpu': the platform dropless_impl='auto' and the tilings are chosen for.
   # '' = the devices the program is compiled for: the mesh's (jax.set_mesh), else the default
   # device (nn.tuning.target_platform); set it when tracing for devices other than those.
@@ -146,7 +150,13 @@ def validate_coe(config: Any, prefix: str) -> None:
     ("target_platform", TARGET_PLATFORMS),
   ):
     require_choice(getattr(config, field), f"{prefix}.{field}", allowed)
-  for field in ("independent_gates", "inner_residual", "outer_residual", "norm_topk_prob"):
+  for field in (
+    "independent_gates",
+    "inner_residual",
+    "outer_residual",
+    "norm_topk_prob",
+    "defer_weight_grads",
+  ):
     value = getattr(config, field)
     check(isinstance(value, bool), field, f"got {value!r}; allowed values: True, False")
   for field in ("capacity_factor_train", "capacity_factor_eval"):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from coe_jax.nn import dispatch as dispatch_lib
+from coe_jax.nn import tuning
 from coe_jax.nn.coe_config import CoEConfig
 from coe_jax.nn.expert_parallel import ExpertParallel
 from coe_jax.nn.experts import RoutedExperts, SharedExperts, swiglu
@@ -160,6 +161,18 @@ class CoELayer(nn.Module):
       )()
       shared = jax.tree.map(lambda w: w.astype(dtype), shared)
 
+    parallel = self.expert_parallel
+    if cfg.dispatch == "dropless" and cfg.defer_weight_grads and self.expert_fn is swiglu:
+      if parallel is None or not parallel.applies_to(batch):
+        if tuning.resolve_dropless_impl(cfg.dropless_impl, cfg.target_platform) == "blocked":
+          routed = dispatch_lib.chain_weights(
+            routed,
+            chain,
+            batch * seq * cfg.num_experts_per_tok,
+            dropless_tile=cfg.dropless_tile,
+            dropless_tile_sizes=cfg.dropless_tile_sizes,
+            target_platform=cfg.target_platform,
+          )
     capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
     sow_probs = self.is_mutable_collection("intermediates")
     real = jnp.ones((batch, seq), bool) if token_mask is None else token_mask > 0

@@ -38,10 +38,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from coe_jax.nn import tuning
-from coe_jax.nn.blocked import blocked_dispatch
+from coe_jax.nn.blocked import DeferredWeights, blocked_dispatch, blocked_rows, defer_weight_grads
 from coe_jax.nn.coe_config import DISPATCHES
 from coe_jax.nn.expert_exchange import exchange_dispatch
-from coe_jax.nn.experts import swiglu, swiglu_grouped, swiglu_per_expert
+from coe_jax.nn.experts import SwiGLUWeights, swiglu, swiglu_grouped, swiglu_per_expert
 from coe_jax.nn.grouped import grouped_dispatch, kernel_config
 from coe_jax.nn.token_rows import DispatchOutput, combine_rows, expert_order, gather_rows
 from coe_jax.nn.tuning import blocked_tiles_per_step, default_tiling, expert_weight_bytes
@@ -299,10 +299,11 @@ def dispatch_to_experts(
         "custom expert_fn: 'auto' (= 'gather'), 'gather'"
       )
   if impl == "blocked":
+    base = weights.weights if isinstance(weights, DeferredWeights) else weights
     sizes = default_tiling(
       expert_ids.size,
       num_experts,
-      expert_weight_bytes(weights),
+      expert_weight_bytes(base),
       dropless_tile,
       dropless_tile_sizes,
       platform,
@@ -313,9 +314,11 @@ def dispatch_to_experts(
       combine_weights,
       weights,
       sizes,
-      blocked_tiles_per_step(weights, sizes[-1], platform),
+      blocked_tiles_per_step(base, sizes[-1], platform),
       token_mask,
     )
+  if isinstance(weights, DeferredWeights):
+    raise ValueError(f"deferred weight gradients are for dropless_impl='blocked'; got {impl!r}")
   if impl == "grouped":
     cfg = kernel_config(expert_ids.size, num_experts, dropless_tile, platform)
     return grouped_dispatch(x, expert_ids, combine_weights, weights, cfg, token_mask)
@@ -337,3 +340,34 @@ def dispatch_to_experts(
     num_tokens,
     token_mask,
   )
+
+
+def chain_weights(
+  weights: Any,
+  passes: int,
+  num_assignments: int,
+  *,
+  dropless_tile: int = 0,
+  dropless_tile_sizes: int = 0,
+  target_platform: str = "",
+) -> Any:
+  """The routed weights a chain of `passes` dropless dispatches of `num_assignments`
+  (tokens x K) each should thread through its passes: `DeferredWeights` where they run
+  'blocked' (one weight-gradient loop over all passes' rows, at `passes` times the tile
+  heights: experiments/PERF.md 39), `weights` as they are otherwise."""
+  platform = tuning.target_platform(target_platform)
+  if passes < 2 or not isinstance(weights, SwiGLUWeights):
+    return weights
+  num_experts = weights.gate.shape[0]
+  expert_bytes = expert_weight_bytes(weights)
+  sizes = default_tiling(
+    num_assignments, num_experts, expert_bytes, dropless_tile, dropless_tile_sizes, platform
+  )
+  rows, _ = blocked_rows(
+    num_assignments, num_experts, sizes, blocked_tiles_per_step(weights, sizes[-1], platform)
+  )
+  grad_sizes = default_tiling(
+    passes * num_assignments, num_experts, expert_bytes, 0, dropless_tile_sizes, platform
+  )
+  _, grad_sizes = blocked_rows(passes * num_assignments, num_experts, grad_sizes)
+  return defer_weight_grads(weights, passes, rows, grad_sizes)
