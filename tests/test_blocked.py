@@ -287,6 +287,7 @@ def test_blocked_swiglu_runs_only_the_used_tiles():
       expert=(jnp.asarray([1, 2], jnp.int32), jnp.asarray([0, 1], jnp.int32)),
       start=(jnp.asarray([4, 12], jnp.int32), jnp.asarray([0, 6], jnp.int32)),
       used=jnp.asarray([1, 2], jnp.int32),
+      expert_rows=jnp.asarray([4, 6, 0], jnp.int32),
       sizes=(2, 4),
     )
     padded = jnp.concatenate([rows, jnp.zeros((4, D), rows.dtype)]) if per_step > 1 else rows
@@ -432,23 +433,14 @@ def test_chain_weights_defers_only_a_chain_of_swiglu_passes():
   deferred = dispatch_lib.chain_weights(weights, 3, 20)
   assert isinstance(deferred, blocked.DeferredWeights) and deferred.rows.x.shape[0] == 3
   x = jnp.zeros((7, 8))  # 14 assignments, not the 20 the rows were sized for
+
+  def dispatch(impl):
+    ids, ones = jnp.zeros((7, 2), jnp.int32), jnp.ones((7, 2))
+    return dispatch_to_experts(
+      x, ids, ones, deferred, mode="dropless", capacity=0, dropless_impl=impl
+    )
+
   with pytest.raises(ValueError, match="made for .* rows a pass"):
-    dispatch_to_experts(
-      x,
-      jnp.zeros((7, 2), jnp.int32),
-      jnp.ones((7, 2)),
-      deferred,
-      mode="dropless",
-      capacity=0,
-      dropless_impl="blocked",
-    )
+    dispatch("blocked")
   with pytest.raises(ValueError, match="deferred weight gradients are for dropless_impl='blocked'"):
-    dispatch_to_experts(
-      x,
-      jnp.zeros((7, 2), jnp.int32),
-      jnp.ones((7, 2)),
-      deferred,
-      mode="dropless",
-      capacity=0,
-      dropless_impl="gather",
-    )
+    dispatch("gather")

@@ -305,6 +305,23 @@ def _blocked_swiglu_bwd(tiles_per_step, residuals, cotangents):
     return _blocked_swiglu_bwd_loops(tiles_per_step, residuals, *cotangents)
 
 
+def _tile_backward(dy, g, u, gate, up, down, e, dtype):
+  """A tile's backward through its expert's SwiGLU but the weight gradients:
+  (d_x float32, d_g, d_u, h = silu(g) * u), from the output cotangent and the saved
+  gate and up activations."""
+  f32 = jnp.float32
+  g, u = g.astype(f32), u.astype(f32)
+  sig = jax.nn.sigmoid(g)
+  silu_g = g * sig
+  d_h = jnp.einsum("gwd,gfd->gwf", dy, _take_experts(down, e), preferred_element_type=f32)
+  d_u = (d_h * silu_g).astype(dtype)
+  d_g = (d_h * u * sig * (1 + g * (1 - sig))).astype(dtype)
+  dx = jnp.einsum(
+    "gwf,gdf->gwd", d_g, _take_experts(gate, e), preferred_element_type=f32
+  ) + jnp.einsum("gwf,gdf->gwd", d_u, _take_experts(up, e), preferred_element_type=f32)
+  return dx, d_g, d_u, (silu_g * u).astype(dtype)
+
+
 def _blocked_swiglu_bwd_loops(tiles_per_step, residuals, d_y, d_gate_in, d_up_in, d_down_in):
   rows, schedule, gate, up, down, g_all, u_all = residuals
   d_y = d_y.astype(rows.dtype)
@@ -313,19 +330,8 @@ def _blocked_swiglu_bwd_loops(tiles_per_step, residuals, d_y, d_gate_in, d_up_in
   def body(carry, size, e, starts):
     d_x, d_gate, d_up, d_down = carry
     x, dy = _read_tiles(rows, starts, size), _read_tiles(d_y, starts, size)
-    g, u = (
-      _read_tiles(g_all, starts, size).astype(f32),
-      _read_tiles(u_all, starts, size).astype(f32),
-    )
-    sig = jax.nn.sigmoid(g)
-    silu_g = g * sig
-    h = (silu_g * u).astype(x.dtype)
-    d_h = jnp.einsum("gwd,gfd->gwf", dy, _take_experts(down, e), preferred_element_type=f32)
-    d_u = (d_h * silu_g).astype(x.dtype)
-    d_g = (d_h * u * sig * (1 + g * (1 - sig))).astype(x.dtype)
-    dx = jnp.einsum(
-      "gwf,gdf->gwd", d_g, _take_experts(gate, e), preferred_element_type=f32
-    ) + jnp.einsum("gwf,gdf->gwd", d_u, _take_experts(up, e), preferred_element_type=f32)
+    g, u = _read_tiles(g_all, starts, size), _read_tiles(u_all, starts, size)
+    dx, d_g, d_u, h = _tile_backward(dy, g, u, gate, up, down, e, x.dtype)
     return (
       _write_tiles(d_x, starts, dx),
       _add_to_experts(d_gate, e, jnp.einsum("gwd,gwf->gdf", x, d_g, preferred_element_type=f32)),
@@ -556,23 +562,12 @@ blocked_swiglu_deferred.defvjp(_blocked_swiglu_deferred_fwd, _blocked_swiglu_def
 def _blocked_swiglu_bwd_rows(tiles_per_step, rows, schedule, gate, up, down, g_all, u_all, d_y):
   """The backward's loops without weight gradients: (d_x, d_g, d_u), each per row."""
   d_y = d_y.astype(rows.dtype)
-  f32 = jnp.float32
 
   def body(carry, size, e, starts):
     d_x, d_g_all, d_u_all = carry
     dy = _read_tiles(d_y, starts, size)
-    g, u = (
-      _read_tiles(g_all, starts, size).astype(f32),
-      _read_tiles(u_all, starts, size).astype(f32),
-    )
-    sig = jax.nn.sigmoid(g)
-    silu_g = g * sig
-    d_h = jnp.einsum("gwd,gfd->gwf", dy, _take_experts(down, e), preferred_element_type=f32)
-    d_u = (d_h * silu_g).astype(rows.dtype)
-    d_g = (d_h * u * sig * (1 + g * (1 - sig))).astype(rows.dtype)
-    dx = jnp.einsum(
-      "gwf,gdf->gwd", d_g, _take_experts(gate, e), preferred_element_type=f32
-    ) + jnp.einsum("gwf,gdf->gwd", d_u, _take_experts(up, e), preferred_element_type=f32)
+    g, u = _read_tiles(g_all, starts, size), _read_tiles(u_all, starts, size)
+    dx, d_g, d_u, _ = _tile_backward(dy, g, u, gate, up, down, e, rows.dtype)
     return (
       _write_tiles(d_x, starts, dx),
       _write_tiles(d_g_all, starts, d_g),
