@@ -202,6 +202,7 @@ def test_every_model_config_field_is_classified():
     "dropless_impl",
     "dropless_tile",
     "dropless_tile_sizes",
+    "defer_weight_grads",
     "target_platform",
     "capacity_factor_train",
     "capacity_factor_eval",
