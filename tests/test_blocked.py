@@ -454,3 +454,4 @@ def test_chain_weights_defers_only_a_chain_of_swiglu_passes():
     dispatch("blocked")
   with pytest.raises(ValueError, match="deferred weight gradients are for dropless_impl='blocked'"):
     dispatch("gather")
+  assert dispatch_lib.chain_weights(weights, 3, 20, target_platform="gpu") is weights

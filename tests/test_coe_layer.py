@@ -427,5 +427,9 @@ def test_the_layer_defers_weight_gradients_only_for_a_blocked_chain(changes, def
 
   monkeypatch.setattr(dispatch_lib, "chain_weights", recording)
   cfg = BASE.replace(**{"num_iterations": 2, "dispatch": "dropless", **changes})
-  jax.eval_shape(lambda: CoELayer(cfg).init(jax.random.key(0), jnp.zeros((2, 4, cfg.hidden_size))))
+  x = jnp.zeros((2, 4, cfg.hidden_size))
+  jax.eval_shape(lambda: CoELayer(cfg).init(jax.random.key(0), x, train=True))
   assert any(made) == deferred
+  made.clear()
+  jax.eval_shape(lambda: CoELayer(cfg).init(jax.random.key(0), x, train=False))
+  assert not any(made)  # no backward to defer to

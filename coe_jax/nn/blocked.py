@@ -389,7 +389,9 @@ class DeferredWeights:
   tokens * K / N rows an expert); over all passes' rows at once it is C times taller and
   runs faster (experiments/PERF.md 38-39). `blocked_dispatch` runs the forward as usual and
   leaves each pass's rows in `rows` (`WeightGradRows`); `next_pass` is the slot the next
-  pass fills. Made by `defer_weight_grads`.
+  pass fills. Made by `defer_weight_grads` for exactly C passes, each reading the one the
+  previous returned (`DispatchOutput.weights`): one more pass would overwrite the last slot,
+  and a copy used twice would add two passes' rows into one slot.
   """
 
   weights: SwiGLUWeights
@@ -525,11 +527,11 @@ def blocked_swiglu_deferred(
 
 def _blocked_swiglu_deferred_fwd(rows, schedule, gate, up, down, grad_rows, pass_index, per_step):
   y, g_all, u_all = _blocked_forward(rows, schedule, gate, up, down, per_step)
-  return (y, grad_rows), (rows, schedule, gate, up, down, g_all, u_all, pass_index, grad_rows)
+  return (y, grad_rows), (rows, schedule, gate, up, down, g_all, u_all, pass_index)
 
 
 def _blocked_swiglu_deferred_bwd(tiles_per_step, residuals, cotangents):
-  rows, schedule, gate, up, down, g_all, u_all, pass_index, grad_rows = residuals
+  rows, schedule, gate, up, down, g_all, u_all, pass_index = residuals
   d_y, d_grad_rows = cotangents
   with jax.named_scope(TILES_BWD_SCOPE):
     d_x, d_g, d_u = _blocked_swiglu_bwd_rows(
@@ -545,11 +547,11 @@ def _blocked_swiglu_deferred_bwd(tiles_per_step, residuals, cotangents):
       d_u=d_u,
       expert_rows=schedule.expert_rows.astype(jnp.float32),
     )
-    if d_grad_rows is None or isinstance(d_grad_rows, jax.custom_derivatives.SymbolicZero):
-      d_grad_rows = jax.tree.map(jnp.zeros_like, grad_rows)
     d_grad_rows = d_grad_rows.replace(
       **{
-        name: jax.lax.dynamic_update_index_in_dim(getattr(d_grad_rows, name), value, pass_index, 0)
+        name: jax.lax.dynamic_update_index_in_dim(
+          getattr(d_grad_rows, name), value.astype(getattr(d_grad_rows, name).dtype), pass_index, 0
+        )
         for name, value in mine.items()
       }
     )

@@ -76,9 +76,9 @@ class CoEConfig:
   # How many tile sizes 'blocked' picks each expert's last tile from, evenly spaced up to
   # dropless_tile (1 = whole tiles only); 0 = the target's default (nn.tuning).
   dropless_tile_sizes: int = _execution(0)
-  # 'blocked' with C > 1: each expert's weight gradient from all C passes' rows in one loop,
-  # at C times the tile heights (experiments/PERF.md 39); False: one per pass. Same gradient
-  # up to float rounding.
+  # 'blocked' on CPU with C > 1, training: each expert's weight gradient from all C passes'
+  # rows in one loop, at C times the tile heights (experiments/PERF.md 39); False: one per
+  # pass. Same gradient up to float rounding.
   defer_weight_grads: bool = _execution(True)
   # '' | 'cpu' | 'gpu' | 'tpu': the platform dropless_impl='auto' and the tilings are chosen for.
   # '' = the devices the program is compiled for: the mesh's (jax.set_mesh), else the default

@@ -162,7 +162,8 @@ class CoELayer(nn.Module):
       shared = jax.tree.map(lambda w: w.astype(dtype), shared)
 
     parallel = self.expert_parallel
-    if cfg.dispatch == "dropless" and cfg.defer_weight_grads and self.expert_fn is swiglu:
+    defer = train and cfg.defer_weight_grads and cfg.dispatch == "dropless"
+    if defer and self.expert_fn is swiglu:
       if parallel is None or not parallel.applies_to(batch):
         if tuning.resolve_dropless_impl(cfg.dropless_impl, cfg.target_platform) == "blocked":
           routed = dispatch_lib.chain_weights(

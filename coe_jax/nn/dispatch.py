@@ -236,6 +236,10 @@ def dispatch_to_experts(
   num_experts = jax.tree.leaves(weights)[0].shape[0]
   platform = tuning.target_platform(target_platform)
   if expert_axis is not None:
+    if isinstance(weights, DeferredWeights):
+      raise ValueError(
+        "deferred weight gradients run on one device's experts, not under expert_axis"
+      )
     if mode not in DISPATCHES:
       raise ValueError(f"dispatch mode: got {mode!r}; allowed values: capacity, dropless")
     if mode == "dropless" and expert_fn is swiglu:
@@ -353,10 +357,12 @@ def chain_weights(
 ) -> Any:
   """The routed weights a chain of `passes` dropless dispatches of `num_assignments`
   (tokens x K) each should thread through its passes: `DeferredWeights` where they run
-  'blocked' (one weight-gradient loop over all passes' rows, at `passes` times the tile
-  heights: experiments/PERF.md 39), `weights` as they are otherwise."""
+  'blocked' on CPU (one weight-gradient loop over all passes' rows, at `passes` times the tile
+  heights: experiments/PERF.md 39, measured there only), `weights` as they are otherwise. The
+  weight-gradient loop's tiles are sized for the passes' rows together (`default_tiling`'s own
+  choice: a set `dropless_tile` sizes the passes' tiles only)."""
   platform = tuning.target_platform(target_platform)
-  if passes < 2 or not isinstance(weights, SwiGLUWeights):
+  if passes < 2 or not isinstance(weights, SwiGLUWeights) or platform != "cpu":
     return weights
   num_experts = weights.gate.shape[0]
   expert_bytes = expert_weight_bytes(weights)
