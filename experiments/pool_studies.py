@@ -10,7 +10,8 @@ Each study's per-seed paired differences are read from the claims table its
 the reading needs only committed files. Every study gets `paired_verdict` on
 its own seeds; the pooled row applies the same statistic to all of them at
 once (the second headline protocol's secondary reading: it never replaces a
-study's own verdict). Writes `table.md` and `pooled.json` under --out.
+study's own verdict). The studies must have disjoint seeds (the tables do not
+say which seeds they hold, so this is not checked). Writes `table.md` and `pooled.json` under --out.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def claim_row(table: Path, claim: str) -> dict[str, str]:
   raise app.UsageError(f"--claim: {table} has no row {claim!r}; it has {found}")
 
 
+def _per_seed(cell: str, table: Path) -> np.ndarray:
+  try:
+    return np.asarray([float(d) for d in cell.split(" / ")])
+  except ValueError:
+    raise app.UsageError(
+      f"--study: {table}: 'ours per seed' is {cell!r}; expected numbers joined by ' / '"
+    ) from None
+
+
 def reading(label: str, diffs: np.ndarray, paper: float) -> dict:
   """`paired_verdict` of one set of per-seed differences, with what the table reports."""
   low, high, verdict = paired_verdict(diffs, paper)
@@ -79,7 +89,7 @@ def pool(studies: Sequence[tuple[str, Path]], claim: str) -> dict:
   if len(papers) != 1:
     raise app.UsageError(f"--study: the tables disagree on the paper's difference: {papers}")
   paper = float(papers.pop())
-  per_study = [np.asarray([float(d) for d in row["ours per seed"].split(" / ")]) for row in rows]
+  per_study = [_per_seed(row["ours per seed"], path) for row, (_, path) in zip(rows, studies)]
   readings = [reading(label, d, paper) for (label, _), d in zip(studies, per_study)]
   readings.append(reading(POOLED, np.concatenate(per_study), paper))
   return dict(claim=claim, paper=paper, readings=readings)

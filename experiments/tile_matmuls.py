@@ -126,7 +126,12 @@ def format_table(results: dict) -> str:
 
 def main(argv) -> None:
   del argv
-  rows = [int(r) for r in FLAGS.rows]
+  try:
+    rows = [int(r) for r in FLAGS.rows]
+  except ValueError:
+    raise app.UsageError(f"--rows: got {FLAGS.rows}; expected positive integers") from None
+  if min(rows) < 1:
+    raise app.UsageError(f"--rows: got {FLAGS.rows}; expected positive integers")
   progs = programs(FLAGS.experts, FLAGS.hidden, FLAGS.inter, rows)
   probe, probe_flops = bench_timing.matmul_probe(jnp.float32, FLAGS.probe)
   bench_timing.run_round_robin([p["timed"] for p in progs] + [probe], FLAGS.warmup, FLAGS.steps)

@@ -54,6 +54,10 @@ def test_bad_inputs_name_the_file_and_what_is_allowed(tmp_path):
   (tmp_path / "plain.md").write_text("no table here\n")
   with pytest.raises(app.UsageError, match="has no claims table"):
     pool_studies.pool([("a", table), ("b", tmp_path / "plain.md")], "coe_c2 - moe_k8")
+  bad = tmp_path / "bad.md"
+  bad.write_text(table.read_text().replace("-0.1000 / -0.1000", "n/a"))
+  with pytest.raises(app.UsageError, match="expected numbers joined by ' / '"):
+    pool_studies.pool([("a", table), ("b", bad)], "coe_c2 - moe_k8")
   with pytest.raises(app.UsageError, match="expected label=path"):
     pool_studies._parse_study("just/a/path.md")
 

@@ -340,16 +340,12 @@ def _blocked_swiglu_bwd_loops(tiles_per_step, residuals, d_y, d_gate_in, d_up_in
     )
 
   # The weight gradients accumulate onto the cotangents of the passed-through weights: the
-  # later passes' gradients in a chain, zeros otherwise. A zero of JAX's (a symbolic zero made
-  # a constant broadcast) would be merged by XLA with every other identical broadcast and then
-  # copied into each loop's state, a read and a write of [E, d, f] float32 where one write does
-  # (experiments/PERF.md 18): so each starts from 0.0 times a number that differs per
-  # accumulator and call.
-  used_tiles = jnp.sum(schedule.used)
-  zeros = (used_tiles + jnp.arange(3, dtype=used_tiles.dtype)).astype(f32) * 0.0
+  # later passes' gradients in a chain, fresh zeros otherwise (not JAX's: `_fresh_zeros`).
   accumulators = tuple(
-    _accumulator(incoming, w, zero)
-    for incoming, w, zero in zip((d_gate_in, d_up_in, d_down_in), (gate, up, down), zeros)
+    _fresh_zeros(w, schedule.used, salt)
+    if isinstance(incoming, jax.custom_derivatives.SymbolicZero)
+    else incoming.astype(f32)
+    for salt, (incoming, w) in enumerate(zip((d_gate_in, d_up_in, d_down_in), (gate, up, down)))
   )
   init = jax.tree.map(lambda z: varying_like(z, rows), (jnp.zeros_like(rows), *accumulators))
   d_x, d_gate, d_up, d_down = _over_tiles(schedule, tiles_per_step, body, init)
@@ -498,8 +494,9 @@ def weight_grads_over_passes(
 
 
 def _fresh_zeros(weight: Array, used: Array, salt: int) -> Array:
-  """A float32 zero accumulator of `weight`'s shape that XLA will not merge with another
-  (see `_blocked_swiglu_bwd_loops`)."""
+  """A float32 zero accumulator of `weight`'s shape, 0.0 times a number that differs per
+  `salt` and call: XLA would merge identical zero broadcasts and then copy the merged one into
+  each loop's state, a read and a write of [E, d, f] where one write does (PERF.md 18)."""
   zero = (jnp.sum(used) + salt).astype(jnp.float32) * 0.0
   return jnp.broadcast_to(zero, weight.shape)
 
@@ -578,13 +575,6 @@ def _blocked_swiglu_bwd_rows(tiles_per_step, rows, schedule, gate, up, down, g_a
 
   zeros = lambda a: varying_like(jnp.zeros_like(a), rows)
   return _over_tiles(schedule, tiles_per_step, body, (zeros(rows), zeros(g_all), zeros(u_all)))
-
-
-def _accumulator(incoming, weight: Array, zero: Array) -> Array:
-  """A float32 [E, d, f] accumulator starting at `incoming` (a cotangent; zeros if symbolic)."""
-  if isinstance(incoming, jax.custom_derivatives.SymbolicZero):
-    return jnp.broadcast_to(zero, weight.shape)
-  return incoming.astype(jnp.float32)
 
 
 def blocked_dispatch(

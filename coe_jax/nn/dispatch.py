@@ -304,23 +304,10 @@ def dispatch_to_experts(
       )
   if impl == "blocked":
     base = weights.weights if isinstance(weights, DeferredWeights) else weights
-    sizes = default_tiling(
-      expert_ids.size,
-      num_experts,
-      expert_weight_bytes(base),
-      dropless_tile,
-      dropless_tile_sizes,
-      platform,
+    sizes, per_step = blocked_tiling(
+      base, expert_ids.size, dropless_tile, dropless_tile_sizes, platform
     )
-    return blocked_dispatch(
-      x,
-      expert_ids,
-      combine_weights,
-      weights,
-      sizes,
-      blocked_tiles_per_step(base, sizes[-1], platform),
-      token_mask,
-    )
+    return blocked_dispatch(x, expert_ids, combine_weights, weights, sizes, per_step, token_mask)
   if isinstance(weights, DeferredWeights):
     raise ValueError(f"deferred weight gradients are for dropless_impl='blocked'; got {impl!r}")
   if impl == "grouped":
@@ -365,15 +352,29 @@ def chain_weights(
   if passes < 2 or not isinstance(weights, SwiGLUWeights) or platform != "cpu":
     return weights
   num_experts = weights.gate.shape[0]
-  expert_bytes = expert_weight_bytes(weights)
-  sizes = default_tiling(
-    num_assignments, num_experts, expert_bytes, dropless_tile, dropless_tile_sizes, platform
+  sizes, per_step = blocked_tiling(
+    weights, num_assignments, dropless_tile, dropless_tile_sizes, platform
   )
-  rows, _ = blocked_rows(
-    num_assignments, num_experts, sizes, blocked_tiles_per_step(weights, sizes[-1], platform)
-  )
-  grad_sizes = default_tiling(
-    passes * num_assignments, num_experts, expert_bytes, 0, dropless_tile_sizes, platform
+  rows, _ = blocked_rows(num_assignments, num_experts, sizes, per_step)
+  grad_sizes, _ = blocked_tiling(
+    weights, passes * num_assignments, 0, dropless_tile_sizes, platform
   )
   _, grad_sizes = blocked_rows(passes * num_assignments, num_experts, grad_sizes)
   return defer_weight_grads(weights, passes, rows, grad_sizes)
+
+
+def blocked_tiling(
+  weights: Any, num_assignments: int, dropless_tile: int, dropless_tile_sizes: int, platform: str
+) -> tuple[tuple[int, ...], int]:
+  """(tile sizes, tiles per step) 'blocked' runs for `num_assignments` rows of `weights`'
+  experts on `platform` (`tuning.default_tiling`, `tuning.blocked_tiles_per_step`)."""
+  num_experts = jax.tree.leaves(weights)[0].shape[0]
+  sizes = default_tiling(
+    num_assignments,
+    num_experts,
+    expert_weight_bytes(weights),
+    dropless_tile,
+    dropless_tile_sizes,
+    platform,
+  )
+  return sizes, blocked_tiles_per_step(weights, sizes[-1], platform)
