@@ -161,19 +161,17 @@ class CoELayer(nn.Module):
       )()
       shared = jax.tree.map(lambda w: w.astype(dtype), shared)
 
-    parallel = self.expert_parallel
     defer = train and cfg.defer_weight_grads and cfg.dispatch == "dropless"
-    if defer and self.expert_fn is swiglu:
-      if parallel is None or not parallel.applies_to(batch):
-        if tuning.resolve_dropless_impl(cfg.dropless_impl, cfg.target_platform) == "blocked":
-          routed = dispatch_lib.chain_weights(
-            routed,
-            chain,
-            batch * seq * cfg.num_experts_per_tok,
-            dropless_tile=cfg.dropless_tile,
-            dropless_tile_sizes=cfg.dropless_tile_sizes,
-            target_platform=cfg.target_platform,
-          )
+    if defer and self.expert_fn is swiglu and self._runs_locally(batch):
+      if tuning.resolve_dropless_impl(cfg.dropless_impl, cfg.target_platform) == "blocked":
+        routed = dispatch_lib.chain_weights(
+          routed,
+          chain,
+          batch * seq * cfg.num_experts_per_tok,
+          dropless_tile=cfg.dropless_tile,
+          dropless_tile_sizes=cfg.dropless_tile_sizes,
+          target_platform=cfg.target_platform,
+        )
     capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
     sow_probs = self.is_mutable_collection("intermediates")
     real = jnp.ones((batch, seq), bool) if token_mask is None else token_mask > 0
@@ -223,6 +221,11 @@ class CoELayer(nn.Module):
     )
     return out, aux
 
+  def _runs_locally(self, batch: int) -> bool:
+    """Whether the routed passes run as plain JAX on this layer's whole batch (no
+    `expert_parallel`, or one that does not apply to `batch` rows)."""
+    return self.expert_parallel is None or not self.expert_parallel.applies_to(batch)
+
   def _expert_pass(self, shared, capacity_factor: float, token_mask, real):
     """`(u, router_weight, routed) -> (m, routing, kept, routed)`, per device under
     `expert_parallel` (whose passes return `routed` as given)."""
@@ -250,11 +253,11 @@ class CoELayer(nn.Module):
         self.router_fn,
       )
 
-    parallel = self.expert_parallel
-    if parallel is None or not parallel.applies_to(real.shape[0]):
+    if self._runs_locally(real.shape[0]):
       return lambda u, router_weight, routed: local_pass(
         u, router_weight, routed, shared, token_mask
       )
+    parallel = self.expert_parallel
     if cfg.n_routed_experts % parallel.expert_shards:
       raise ValueError(
         f"expert_parallel: n_routed_experts={cfg.n_routed_experts} does not split "
