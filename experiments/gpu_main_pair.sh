@@ -23,8 +23,9 @@
 # TOKENIZER [../shared/data/tokenizer/olmoe/tokenizer.json if present, else the config's],
 # RUNS_DIR [runs/ablation/$SCALE], RESULTS_DIR [experiments/results/$SCALE],
 # DISPATCH [dropless: every chosen expert sees its token, as in the reference (SPEC 3); on a
-# GPU this is the grouped Pallas kernel (`dropless_impl=auto`, experiments/PERF.md 25); 'capacity' drops over-capacity tokens
-# and is the fallback if the dropless backward needs too much memory].
+# GPU this is the grouped Pallas kernel (`dropless_impl=auto`, experiments/PERF.md 25);
+# 'capacity' drops over-capacity tokens and is the fallback if the dropless backward needs too
+# much memory].
 # Any further arguments go to experiments.ablation unchanged (e.g. --eval_batches=4).
 # Finished runs are skipped and unfinished ones resume, so the script can be rerun after a stop.
 set -euo pipefail
