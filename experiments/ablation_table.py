@@ -22,10 +22,10 @@ BASELINE = "moe_k8"  # the paired differences are taken against this run
 COLUMNS = (
   "config",
   "paper run",
-  "C",
-  "K",
-  "N",
-  "layers",
+  "paper C",  # the paper run's C, K, N and layers; a scale's own are in the recipe line
+  "paper K",
+  "paper N",
+  "paper layers",
   "seeds",
   "val loss mean",
   "val loss sd",

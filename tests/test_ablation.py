@@ -115,6 +115,9 @@ def test_table_csv_has_one_row_per_config_with_measured_values(suite):
   paired = float(rows["coe_c2"]["val loss mean"]) - float(rows["moe_k8"]["val loss mean"])
   assert float(rows["coe_c2"]["paired diff vs moe_k8"]) == pytest.approx(paired, abs=2e-4)
   assert rows["moe_k8"]["paired diff vs moe_k8"] == "+0.0000"
+  # The setting columns are the paper run's (C, K, N, layers), whatever scale trained.
+  paper_settings = [rows["coe_c2"][f"paper {c}"] for c in ("C", "K", "N", "layers")]
+  assert paper_settings == ["2", "4", "64", "4"]
   # CoE(C=2) adds exactly one router [routed, hidden] per layer to MoE(K=8).
   extra = int(rows["coe_c2"]["params total"]) - int(rows["moe_k8"]["params total"])
   assert extra == LAYERS * ROUTED * HIDDEN
