@@ -161,17 +161,17 @@ class CoELayer(nn.Module):
       )()
       shared = jax.tree.map(lambda w: w.astype(dtype), shared)
 
-    defer = train and cfg.defer_weight_grads and cfg.dispatch == "dropless"
+    blocked = tuning.resolve_dropless_impl(cfg.dropless_impl, cfg.target_platform) == "blocked"
+    defer = train and cfg.defer_weight_grads and cfg.dispatch == "dropless" and blocked
     if defer and self.expert_fn is swiglu and self._runs_locally(batch):
-      if tuning.resolve_dropless_impl(cfg.dropless_impl, cfg.target_platform) == "blocked":
-        routed = dispatch_lib.chain_weights(
-          routed,
-          chain,
-          batch * seq * cfg.num_experts_per_tok,
-          dropless_tile=cfg.dropless_tile,
-          dropless_tile_sizes=cfg.dropless_tile_sizes,
-          target_platform=cfg.target_platform,
-        )
+      routed = dispatch_lib.chain_weights(
+        routed,
+        chain,
+        batch * seq * cfg.num_experts_per_tok,
+        dropless_tile=cfg.dropless_tile,
+        dropless_tile_sizes=cfg.dropless_tile_sizes,
+        target_platform=cfg.target_platform,
+      )
     capacity_factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
     sow_probs = self.is_mutable_collection("intermediates")
     real = jnp.ones((batch, seq), bool) if token_mask is None else token_mask > 0
