@@ -43,7 +43,7 @@ def test_gating_notebook_executes(tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   for name in ("GATING_COE_RUN", "GATING_MOE_RUN"):
     monkeypatch.delenv(name, raising=False)
-  monkeypatch.setenv("GATING_TRAIN_STEPS", "30")  # every cell runs the same code at 120 steps
+  monkeypatch.setenv("GATING_TRAIN_STEPS", "30")  # the default 120 runs the same cells, slower
   monkeypatch.setenv("COE_JAX_CACHE", str(tmp_path / "cache"))  # nothing shared with other runs
   monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook trains in tempfile.mkdtemp()
 
